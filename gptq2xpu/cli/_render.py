@@ -1,0 +1,59 @@
+"""Human renderings of plans and results (the JSON forms are the dicts themselves)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from ._output import human_bytes
+
+_ACTION_STYLE = {"convert": "green", "passthrough": "cyan", "refuse": "red"}
+
+
+def render_plan(console, data: dict) -> None:
+    q = data["quantization"]
+    console.print(f"[bold]{data['source']}[/]  family [bold]{data['family']}[/]  "
+                  f"{q['quant_method']} {q['bits']}-bit group {q['group_size']} ({q['checkpoint_format']}, from {q['found_in']})")
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("MoE layer", "action", "kind", "E", "K", "N", "group in->out", "scales", "reason / notes"):
+        table.add_column(col, overflow="fold")
+    for l in data["layers"]:
+        groups = ""
+        if "source_group_size" in l:
+            src = l["source_group_size"]
+            src_txt = "/".join(str(src[r]) for r in ("gate", "up", "down")) if len(set(src.values())) > 1 else str(next(iter(src.values())))
+            groups = src_txt + (f" -> {l['w13_group_size']}/{l['w2_group_size']}" if "w13_group_size" in l else "")
+        scales = l.get("scale_dtype", "") or ""
+        why = l["reason"] + ("; " + "; ".join(l["notes"]) if l.get("notes") else "")
+        style = _ACTION_STYLE.get(l["action"], "")
+        table.add_row(l["prefix"], f"[{style}]{l['action']}[/]", l["kind"], str(l.get("experts", "")),
+                      str(l.get("hidden_size", "")), str(l.get("intermediate_size", "")), groups, scales, why)
+    console.print(table)
+    routers = data.get("routers_excluded", [])
+    console.print(f"routers kept out of the expert path: {len(routers)}"
+                  + (f" ({routers[0]} ...)" if routers else ""))
+    console.print(f"layers: {data['converted_layers']} converted, {data['passthrough_layers']} passed through, "
+                  f"{data['refused_layers']} refused; other tensors passed through: {data['passthrough_tensors']}")
+    console.print(f"bytes in {human_bytes(data['bytes_in'])}, out {human_bytes(data['bytes_out'])} "
+                  f"in {len(data['shards'])} shard(s)")
+    if data.get("tp"):
+        console.print("tensor parallel: " + ", ".join(
+            f"T={t['tp_size']} {t['how']}" + (f" (+{human_bytes(t['extra_bytes'])})" if t["extra_bytes"] else "")
+            for t in data["tp"]))
+    for w in data.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+    for r in data.get("refusals", []):
+        console.print(f"[red]refused:[/] {r}")
+
+
+def render_convert(console, data: dict) -> None:
+    if data.get("dry_run"):
+        render_plan(console, data)
+        console.print("[bold]dry run[/]: nothing written")
+        return
+    where = data["output"] + (f" (part {data['part']})" if data.get("part") else "")
+    console.print(f"[green]converted[/] {data['converted_layers']} MoE layer(s) of {data['source']} -> {where}")
+    console.print(f"{data['files']} files, {human_bytes(data['bytes_written'])} written in {data['seconds']} s "
+                  f"with {data['jobs']} job(s); {data['passthrough_layers']} MoE layer(s) passed through, "
+                  f"{data['passthrough_tensors']} other tensors byte-identical")
+    for w in data.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")

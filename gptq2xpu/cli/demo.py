@@ -1,0 +1,1 @@
+"""``gptq2xpu demo`` (filled in with the synthetic checkpoint builder)."""

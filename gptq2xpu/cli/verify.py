@@ -1,0 +1,1 @@
+"""``gptq2xpu verify`` (filled in with the verifier)."""

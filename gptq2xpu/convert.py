@@ -1,0 +1,75 @@
+"""The conversion as a library call: resolve -> open -> plan -> audit -> write.
+
+>>> from gptq2xpu.convert import convert
+>>> result = convert("Qwen/Qwen3-30B-A3B-GPTQ-Int4", "qwen3-xpu")      # doctest: +SKIP
+>>> result["converted_layers"]                                          # doctest: +SKIP
+48
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from .plan import ConvertOptions, Plan, audit, build_plan
+from .source import Checkpoint, open_checkpoint
+from .source.hub import resolve_source
+from .writer import write_checkpoint, write_part
+
+
+def default_jobs() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def open_source(source: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> Checkpoint:
+    folder, trusted, origin = resolve_source(str(source), revision=revision, token=token)
+    return open_checkpoint(folder, origin, trusted_root=trusted, revision=revision)
+
+
+def make_plan(ckpt: Checkpoint, options: ConvertOptions) -> Plan:
+    plan = build_plan(ckpt, options)
+    plan.fingerprint = ckpt.fingerprint()
+    return plan
+
+
+def convert(source, output, *, options: ConvertOptions | None = None, jobs: int | None = None,
+            overwrite: bool = False, dry_run: bool = False, part: tuple[int, int] | None = None,
+            revision: str | None = None, token: str | None = None,
+            progress: Callable[[int, int], None] | None = None) -> dict:
+    """Convert SOURCE into OUTPUT.  Returns a summary dict (the same one ``--json`` prints)."""
+    options = options or ConvertOptions()
+    jobs = jobs or default_jobs()
+    t0 = time.perf_counter()
+    with open_source(source, revision=revision, token=token) as ckpt:
+        plan = make_plan(ckpt, options)
+        summary = plan.to_dict()
+        summary["output"] = str(output)
+        if dry_run:
+            summary["dry_run"] = True
+            return summary
+        plan.raise_refusals()
+        plan.warnings.extend(audit(plan, ckpt, jobs))
+        total = plan.bytes_out
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], total)
+
+        if part is None:
+            files = write_checkpoint(plan, ckpt, Path(output), jobs=jobs, overwrite=overwrite, progress=tick)
+        else:
+            files = write_part(plan, ckpt, Path(output), part[0], part[1], jobs=jobs, progress=tick)
+            summary["part"] = f"{part[0]}/{part[1]}"
+        summary["warnings"] = list(plan.warnings)
+        summary["files"] = len(files)
+        summary["bytes_written"] = sum(f["size"] for f in files.values())
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        summary["jobs"] = jobs
+        return summary

@@ -1,0 +1,177 @@
+"""Which tensor is what: MoE experts, routers, shared experts, and everything else.
+
+Experts are found by name, generically: ``<prefix>.experts.<e>.<proj>.<field>`` where ``<prefix>``
+is the module that holds the experts (``model.layers.3.mlp``, ``model.layers.0.block_sparse_moe``,
+``model.language_model.layers.5.mlp``, ``mtp.layers.0.mlp``...).  ``<proj>`` maps to a role through
+:data:`PROJECTION_ROLES`; transformers' fused float experts (``<prefix>.experts.gate_up_proj``,
+``<prefix>.experts.down_proj``) are recognised too.
+
+What can never be an expert, by construction of the pattern and checked explicitly for reporting:
+
+* the router ``<prefix>.gate.*`` (any field: ``weight``, ``qweight``, ``e_score_correction_bias``);
+* shared experts ``<prefix>.shared_expert.*`` / ``<prefix>.shared_experts.*`` and
+  ``<prefix>.shared_expert_gate.*``;
+* a dense layer's ``mlp.gate_proj`` (no ``experts.<e>`` component), vision towers, attention.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+#: Source projection name -> role.  gate and up form w13 (gate rows first), down is w2.
+PROJECTION_ROLES: dict[str, str] = {
+    "gate_proj": "gate",  # Qwen2/3/3.5/3.6-MoE, Qwen3-Next, DeepSeek-V2/V3, GLM-4.5
+    "up_proj": "up",
+    "down_proj": "down",
+    "w1": "gate",  # Mixtral (block_sparse_moe): w1 = gate, w3 = up, w2 = down
+    "w3": "up",
+    "w2": "down",
+}
+ROLES = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    description: str
+
+
+#: Model families gptq2xpu knows by config.  Detection only labels the report; expert discovery is
+#: name-driven and works for any family using the patterns above.
+FAMILIES: tuple[Family, ...] = (
+    Family("qwen2_moe", ("qwen2_moe",), "Qwen2-MoE / Qwen1.5-MoE (mlp.experts, shared_expert + shared_expert_gate)"),
+    Family("qwen3_moe", ("qwen3_moe", "qwen3_vl_moe", "qwen3_vl_moe_text"), "Qwen3-MoE (mlp.experts, no shared expert)"),
+    Family("qwen3_5_moe", ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_6_moe", "qwen3_6_moe_text"),
+           "Qwen3.5/3.6-MoE (model.language_model.*, shared_expert, MTP layers)"),
+    Family("qwen3_next", ("qwen3_next",), "Qwen3-Next (shared_expert + shared_expert_gate, MTP layers)"),
+    Family("mixtral", ("mixtral",), "Mixtral (block_sparse_moe, w1/w3/w2)"),
+    Family("deepseek_v2", ("deepseek_v2",), "DeepSeek-V2 (dense first layers, shared_experts)"),
+    Family("deepseek_v3", ("deepseek_v3", "kimi_k2"), "DeepSeek-V3 (dense first layers, shared_experts, e_score_correction_bias)"),
+    Family("glm4_moe", ("glm4_moe",), "GLM-4.5 MoE (dense first layers, shared_experts, e_score_correction_bias)"),
+)
+
+_EXPERT = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)\.(?P<field>[^.]+)$")
+_FUSED = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<what>gate_up_proj|down_proj|gate_proj|up_proj)(?P<suffix>_bias|_blocks|_scales)?$")
+_ROUTER = re.compile(r"^(?P<prefix>.+)\.(gate|router)\.(?P<field>[^.]+)$")
+_SHARED = re.compile(r"^(?P<prefix>.+)\.(shared_experts?|shared_expert_gate)\.")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def nested_text_config(config: dict) -> dict:
+    """The dict that holds the language model's parameters (``text_config`` for wrappers)."""
+    for key in ("text_config", "language_config", "llm_config", "thinker_config"):
+        sub = config.get(key)
+        if isinstance(sub, dict) and ("hidden_size" in sub or "num_hidden_layers" in sub):
+            return sub
+    return config
+
+
+def detect_family(config: dict, names) -> str:
+    """Label the checkpoint's family from its config (model_type), else from tensor names."""
+    types = {str(config.get("model_type", "")).lower(), str(nested_text_config(config).get("model_type", "")).lower()}
+    for fam in FAMILIES:
+        if types & set(fam.model_types):
+            return fam.name
+    names = list(names)
+    if any(".block_sparse_moe.experts." in n for n in names):
+        return "mixtral"
+    if any(".shared_experts." in n for n in names):
+        return "deepseek-like"
+    if any(".experts." in n for n in names):
+        return "generic-moe"
+    return "unknown"
+
+
+@dataclass
+class RoutingParams:
+    """How the model routes tokens (used by the reference MoE in ``verify``)."""
+
+    top_k: int
+    scoring: str = "softmax"
+    renormalize: bool = True
+    routed_scaling_factor: float = 1.0
+
+    def to_dict(self) -> dict:
+        return dict(top_k=self.top_k, scoring=self.scoring, renormalize=self.renormalize,
+                    routed_scaling_factor=self.routed_scaling_factor)
+
+
+def routing_params(config: dict, family: str, num_experts: int) -> RoutingParams:
+    cfg = nested_text_config(config)
+    top_k = cfg.get("num_experts_per_tok") or cfg.get("moe_top_k") or cfg.get("top_k") or min(2, num_experts)
+    scoring = str(cfg.get("scoring_func", "sigmoid" if family in ("deepseek_v3", "glm4_moe") else "softmax"))
+    default_norm = family not in ("qwen2_moe", "deepseek_v2")
+    if family == "mixtral":
+        default_norm = True
+    renorm = cfg.get("norm_topk_prob", default_norm)
+    scale = cfg.get("routed_scaling_factor", 1.0) if family in ("deepseek_v2", "deepseek_v3", "glm4_moe") else 1.0
+    return RoutingParams(int(min(top_k, num_experts)), scoring, bool(renorm), float(scale or 1.0))
+
+
+@dataclass
+class ExpertGroup:
+    """All tensors under one ``<prefix>.experts``."""
+
+    prefix: str
+    experts: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)  # e -> proj -> field -> tensor name
+    fused: dict[str, str] = field(default_factory=dict)  # fused 3-D float tensors: what -> tensor name
+    names: list[str] = field(default_factory=list)  # every tensor under <prefix>.experts
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+
+@dataclass
+class TensorMap:
+    """The checkpoint's tensor names sorted into the roles conversion cares about."""
+
+    moe: dict[str, ExpertGroup]
+    routers: dict[str, list[str]]      # MoE prefix -> router tensor names
+    shared: dict[str, list[str]]       # MoE prefix -> shared expert / shared gate tensor names
+    other: list[str]                   # everything else (passes through byte-identical)
+
+    def router_names(self) -> list[str]:
+        return sorted((n for v in self.routers.values() for n in v), key=natural_key)
+
+
+def classify(names) -> TensorMap:
+    """Sort tensor names into expert groups, routers, shared experts and the rest."""
+    moe: dict[str, ExpertGroup] = {}
+    rest = []
+    for name in names:
+        m = _EXPERT.match(name)
+        if m:
+            grp = moe.setdefault(m["prefix"], ExpertGroup(m["prefix"]))
+            grp.experts.setdefault(int(m["e"]), {}).setdefault(m["proj"], {})[m["field"]] = name
+            grp.names.append(name)
+            continue
+        m = _FUSED.match(name)
+        if m:
+            grp = moe.setdefault(m["prefix"], ExpertGroup(m["prefix"]))
+            grp.fused[m["what"] + (m["suffix"] or "")] = name
+            grp.names.append(name)
+            continue
+        rest.append(name)
+    routers: dict[str, list[str]] = {}
+    shared: dict[str, list[str]] = {}
+    other = []
+    for name in rest:
+        m = _ROUTER.match(name)
+        if m and m["prefix"] in moe:
+            routers.setdefault(m["prefix"], []).append(name)
+            continue
+        m = _SHARED.match(name)
+        if m and m["prefix"] in moe:
+            shared.setdefault(m["prefix"], []).append(name)
+            continue
+        other.append(name)
+    for grp in moe.values():
+        grp.names.sort(key=natural_key)
+    return TensorMap(moe=moe, routers=routers, shared=shared, other=other)

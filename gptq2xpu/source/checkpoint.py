@@ -1,0 +1,304 @@
+"""Open a checkpoint folder lazily: configs, index and safetensors headers, validated; no tensor data.
+
+A :class:`Checkpoint` knows where every tensor's bytes lie (:class:`TensorRef`) and reads them on
+demand with ``pread`` (thread-safe, no memory maps, so reading a tensor never keeps pages of the
+source resident in this process).  Everything read here is untrusted and checked:
+
+* the index is a JSON object whose ``weight_map`` maps names to shard files that stay inside the
+  checkpoint folder (no absolute paths, no ``..``, no symlink pointing outside the trusted root);
+* every index entry is found in its shard, and every shard tensor is listed in the index;
+* each safetensors header is validated by :func:`gptq2xpu.safetensors_io.read_header`;
+* pickle weights (``*.bin``, ``*.pt``...) are never opened: they can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..safetensors_io import (
+    NUMPY_DTYPES,
+    SafetensorsHeader,
+    TensorEntry,
+    read_header,
+    read_into,
+)
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one source tensor lives: shard file name (relative to the root) and header entry."""
+
+    file: str
+    entry: TensorEntry
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def dtype(self) -> str:
+        return self.entry.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.nbytes
+
+
+def load_json_file(path: Path, what: str | None = None) -> dict:
+    """Read a JSON object from an untrusted file, with a size cap and a one-line error."""
+    label = what or path.name
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise InputError(f"{label}: {size} bytes is too large for a JSON config")
+        text = path.read_bytes().decode("utf-8")
+        doc = json.loads(text)
+    except InputError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"{label}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{label}: expected a JSON object, found {type(doc).__name__}")
+    return doc
+
+
+def _inside(root_real: str, path: Path) -> bool:
+    real = os.path.realpath(path)
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def check_member_name(name: object, what: str) -> str:
+    """A file name from an untrusted index: relative, no ``..``, no drive/backslash tricks."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise InputError(f"{what}: bad shard file name {name!r}")
+    if name.startswith(("/", "\\")) or os.path.isabs(name) or "\\" in name or ":" in name:
+        raise InputError(f"{what}: shard file {name!r} is an absolute path; it must stay inside the checkpoint folder")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise InputError(f"{what}: shard file {name!r} leaves the checkpoint folder")
+    return name
+
+
+@dataclass
+class Checkpoint:
+    """A source checkpoint opened from its headers; tensors are read on demand."""
+
+    root: Path
+    origin: str
+    config: dict
+    shards: dict[str, SafetensorsHeader]
+    tensors: dict[str, TensorRef]
+    index_file: str | None = None
+    trusted_root: Path | None = None
+    revision: str | None = None
+    _stats: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    _fds: dict[str, int] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # ------------------------------------------------------------------ reading tensor data
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    try:
+                        fd = os.open(self.root / file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    except OSError as exc:
+                        raise InputError(f"{file}: cannot open ({exc.strerror or exc})") from None
+                    self._fds[file] = fd
+        return fd
+
+    def ref(self, name: str) -> TensorRef:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise InputError(f"tensor {name!r} is missing from the checkpoint") from None
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a numpy array (BF16/float8 come back as raw uint8 bytes)."""
+        ref = self.ref(name)
+        buf = np.empty(ref.nbytes, dtype=np.uint8)
+        self.read_into(ref, buf)
+        dt = NUMPY_DTYPES.get(ref.dtype)
+        return buf if dt is None else buf.view(dt).reshape(ref.shape)
+
+    def read_into(self, ref: TensorRef, out: np.ndarray, *, offset: int = 0) -> None:
+        """Fill contiguous ``out`` with the tensor's bytes starting ``offset`` bytes into it."""
+        read_into(self._fd(ref.file), ref.entry.start + offset, out, f"{ref.file}: tensor {ref.name!r}")
+
+    def fd_for(self, ref: TensorRef) -> int:
+        return self._fd(ref.file)
+
+    # ------------------------------------------------------------------ integrity over a run
+    def check_unchanged(self) -> None:
+        """Raise if any shard's size or mtime changed since the checkpoint was opened."""
+        for file, (size, mtime) in self._stats.items():
+            try:
+                st = os.stat(self.root / file)
+            except OSError as exc:
+                raise InputError(f"{file}: source file vanished during the run ({exc.strerror})") from None
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                raise InputError(f"{file}: source file changed during the run (size or mtime differs); re-run on a stable copy")
+
+    def fingerprint(self) -> str:
+        """sha256 over every shard's name, size and header bytes: identifies the source cheaply."""
+        h = hashlib.sha256()
+        for file in sorted(self.shards):
+            hdr = self.shards[file]
+            h.update(file.encode() + b"\0" + str(hdr.file_size).encode() + b"\0")
+            with open(self.root / file, "rb") as fh:
+                h.update(fh.read(hdr.data_start))
+        return "sha256:" + h.hexdigest()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(h.file_size for h in self.shards.values())
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def find_shards(root: Path, trusted_root: Path) -> tuple[list[str], dict[str, str] | None, str | None]:
+    """Decide which safetensors files make up the checkpoint.
+
+    Returns (shard files, weight_map or None, index file name or None).
+    """
+    root_real = os.path.realpath(trusted_root)
+    index_files = sorted(p.name for p in root.glob("*.safetensors.index.json") if p.is_file())
+    if INDEX_NAME in index_files:
+        index_files = [INDEX_NAME]
+    if len(index_files) > 1:
+        raise InputError(f"{root}: several safetensors index files ({', '.join(index_files)}); keep one")
+    if index_files:
+        name = index_files[0]
+        doc = load_json_file(root / name)
+        wm = doc.get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise InputError(f"{name}: 'weight_map' must be a non-empty object of tensor name -> shard file")
+        files = set()
+        for tensor, file in wm.items():
+            check_member_name(file, f"{name}: tensor {tensor!r}")
+            files.add(file)
+        for file in sorted(files):
+            path = root / file
+            if not _inside(root_real, path):
+                raise InputError(f"{name}: shard {file!r} is a link pointing outside the checkpoint folder")
+            if not path.is_file():
+                raise InputError(f"{name}: shard {file!r} named in the index does not exist")
+        return sorted(files), wm, name
+
+    candidates = []
+    for p in sorted(root.glob("*.safetensors")):
+        if not p.is_file():
+            continue
+        if not _inside(root_real, p):
+            raise InputError(f"{p.name}: is a link pointing outside the checkpoint folder")
+        candidates.append(p.name)
+    if not candidates:
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise InputError(
+                f"{root}: only pickle weights found ({', '.join(pickles[:3])}); gptq2xpu never loads "
+                "pickles (they can run code when opened): convert them to safetensors first"
+            )
+        raise InputError(f"{root}: no *.safetensors files and no {INDEX_NAME}")
+    # Without an index, loaders read model.safetensors, or AutoGPTQ's model_file_base_name.
+    files = _single_file_choice(root, candidates)
+    return files, None, None
+
+
+def _single_file_choice(root: Path, candidates: list[str]) -> list[str]:
+    if "model.safetensors" in candidates:
+        return ["model.safetensors"]
+    qc = root / "quantize_config.json"
+    if qc.is_file():
+        base = load_json_file(qc).get("model_file_base_name")
+        if isinstance(base, str) and f"{base}.safetensors" in candidates:
+            return [f"{base}.safetensors"]
+    if len(candidates) == 1:
+        return candidates
+    raise InputError(
+        f"{root}: several safetensors files ({', '.join(candidates[:4])}) and no {INDEX_NAME}; "
+        "cannot tell which hold the model"
+    )
+
+
+def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path | None = None,
+                    revision: str | None = None) -> Checkpoint:
+    """Open the checkpoint folder ``root`` (headers only).  See :func:`gptq2xpu.source.hub.resolve_source`."""
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise InputError(f"{root}: SOURCE must be a checkpoint folder, not a file")
+    trusted = Path(trusted_root) if trusted_root else root
+    cfg_path = root / "config.json"
+    config = load_json_file(cfg_path) if cfg_path.is_file() else {}
+
+    files, weight_map, index_file = find_shards(root, trusted)
+    shards: dict[str, SafetensorsHeader] = {}
+    tensors: dict[str, TensorRef] = {}
+    stats: dict[str, tuple[int, int]] = {}
+    for file in files:
+        hdr = read_header(root / file)
+        hdr.path = file
+        shards[file] = hdr
+        st = os.stat(root / file)
+        stats[file] = (st.st_size, st.st_mtime_ns)
+        for name, entry in hdr.tensors.items():
+            if name in tensors:
+                raise InputError(f"tensor {name!r} appears in both {tensors[name].file} and {file}")
+            if weight_map is not None and weight_map.get(name) != file:
+                where = weight_map.get(name)
+                raise InputError(
+                    f"{file}: tensor {name!r} is not listed in {index_file}"
+                    if where is None
+                    else f"{index_file}: tensor {name!r} is mapped to {where} but stored in {file}"
+                )
+            tensors[name] = TensorRef(file, entry)
+    if weight_map is not None:
+        for name, file in weight_map.items():
+            if name not in tensors:
+                raise InputError(f"{index_file}: tensor {name!r} is not in shard {file}")
+    return Checkpoint(
+        root=root,
+        origin=origin or str(root),
+        config=config,
+        shards=shards,
+        tensors=tensors,
+        index_file=index_file,
+        trusted_root=trusted,
+        revision=revision,
+        _stats=stats,
+    )

@@ -234,8 +234,11 @@ class Plan:
             "layers": {l.prefix: _layer_block(l) for l in conv},
             "passthrough_layers": {l.prefix: {"kind": l.kind, "reason": l.reason} for l in self.layers if l.action == "passthrough" and l.kind != "unsupported"},
             "unconverted_layers": {l.prefix: {"kind": l.kind, "reason": l.reason} for l in self.layers if l.kind == "unsupported"},
-            "routers": sorted({r for l in self.layers for r in l.routers}, key=natural_key),
-            "dequantized_routers": [f"{l.prefix}.gate.weight" for l in self.layers if l.router_quantized and self.options.dequantize_router],
+            "routers": sorted((r for l in self.layers if not l.router_quantized for r in l.routers), key=natural_key),
+            "quantized_routers": sorted((r for l in self.layers if l.router_quantized and not (l.converts and self.options.dequantize_router)
+                                         for r in l.routers), key=natural_key),
+            "dequantized_routers": [f"{l.prefix}.gate.weight" for l in self.layers
+                                    if l.router_quantized and l.converts and self.options.dequantize_router],
             "source": {
                 "origin": self.origin,
                 "family": self.family,

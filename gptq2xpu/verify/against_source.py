@@ -1,0 +1,373 @@
+"""Prove a converted checkpoint computes what its source computes.
+
+Bit-exact, for every expert of every converted layer (written from the format definitions, not
+from the converter's code):
+
+* GPTQ word ``qweight[r, n]`` holds inputs ``8r..8r+7`` of output ``n``, input ``8r+j`` in bits
+  ``4j..4j+3``; as little-endian bytes, byte ``b`` holds inputs ``8r+2b`` (low nibble) and
+  ``8r+2b+1`` (high).  The XPU row ``n`` byte ``j`` holds inputs ``2j`` (low) and ``2j+1`` (high).
+  So XPU byte ``[n, 4r+b]`` must equal GPTQ byte ``b`` of word ``[r, n]`` -- both nibbles at once
+  (``^ 0x88`` for the s4 encoding).  compressed-tensors rows are already XPU rows.
+* the source's zero points, unpacked nibble by nibble, must all be 8 after the format's offset
+  (v1 stores zero-1), and ``g_idx`` must be ``arange(K)//g``;
+* scales: XPU ``[n, j]`` must equal the source scale of the group that holds input ``j*g_out``,
+  cast to the recorded dtype by torch (round to nearest even);
+* padding rows/columns (tensor-parallel padding) must be code 8 with scale 0;
+* a sample of experts is also decoded nibble by nibble through :mod:`.unpack` (``--exhaustive``:
+  every expert) and the codes compared;
+* every other tensor must be byte-identical to the source tensor of the same name.
+
+Numerical, per layer: a seeded batch of tokens is routed with the checkpoint's own router and run
+through the reference MoE (:mod:`.reference`) once with the source experts dequantized by the GPTQ
+formula and once with the converted bytes dequantized directly; then every expert once more on
+its own (so experts the router did not pick are covered too).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import Gptq2XpuError
+from ..source.checkpoint import Checkpoint
+
+ROLES = ("gate", "up", "down")
+_SYM_ZERO = 8
+
+
+def _np_read(ckpt: Checkpoint, name: str) -> np.ndarray:
+    return ckpt.read(name)
+
+
+def _read_slice(ckpt: Checkpoint, name: str, index: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Row ``index`` of the leading dim of a U8 tensor, as ``shape``."""
+    ref = ckpt.ref(name)
+    size = int(np.prod(shape))
+    buf = np.empty(size, dtype=np.uint8)
+    ckpt.read_into(ref, buf, offset=index * size)
+    return buf.reshape(shape)
+
+
+def _scales_f32(ckpt: Checkpoint, name: str) -> np.ndarray:
+    import torch
+
+    ref = ckpt.ref(name)
+    raw = ckpt.read(name)
+    if ref.dtype == "BF16":
+        return torch.from_numpy(raw.view(np.int16).reshape(ref.shape).copy()).view(torch.bfloat16).float().numpy()
+    return raw.astype(np.float32)
+
+
+def _cast_bits(values_f32: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values -> the 16-bit patterns torch produces for ``dtype`` (F16/BF16)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(values_f32))
+    t = t.to(torch.float16 if dtype == "F16" else torch.bfloat16)
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+class LayerBits:
+    """Bit-exact comparison of one converted layer against its source tensors."""
+
+    def __init__(self, src: Checkpoint, out: Checkpoint, prefix: str, info: dict, block: dict):
+        self.src, self.out, self.prefix, self.info = src, out, prefix, info
+        self.e = int(info["experts"])
+        self.k = int(info["hidden_size"])
+        self.n = int(info["intermediate_size"])
+        self.p = int(info["padded_intermediate_size"])
+        self.g13 = int(info["w13_group_size"])
+        self.g2 = int(info["w2_group_size"])
+        self.fmt = info.get("source_format", "gptq")
+        self.proj = info["source_projections"]
+        self.xor = 0x88 if block["nibble_encoding"] == "s4" else 0
+        self.ckpt_format = block.get("source", {}).get("checkpoint_format", "gptq")
+        self.scale_dtype = {"float16": "F16", "bfloat16": "BF16"}.get(info["scale_dtype"], info["scale_dtype"])
+        self.problems: list[str] = []
+
+    def name(self, e: int, role: str, field: str) -> str:
+        return f"{self.prefix}.experts.{e}.{self.proj[role]}.{field}"
+
+    def bad(self, msg: str) -> None:
+        if len(self.problems) < 20:
+            self.problems.append(f"{self.prefix}: {msg}")
+
+    # --- codes ----------------------------------------------------------------------
+    def expected_rows(self, e: int, role: str) -> np.ndarray:
+        """XPU bytes [out, in/2] derived from the source's own bit layout."""
+        if self.fmt == "compressed-tensors":
+            wp = _np_read(self.src, self.name(e, role, "weight_packed"))
+            rows = wp.view(np.uint8).reshape(wp.shape[0], wp.shape[1] * 4)
+        else:
+            q = _np_read(self.src, self.name(e, role, "qweight"))          # [in/8, out] int32
+            by = q.view(np.uint8).reshape(q.shape[0], q.shape[1], 4)      # byte b of word [r, n]
+            rows = by.transpose(1, 0, 2).reshape(q.shape[1], q.shape[0] * 4)  # [n, 4r+b]
+        return rows ^ np.uint8(self.xor) if self.xor else rows
+
+    def check_codes(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        k, n, p = self.k, self.n, self.p
+        w13 = _read_slice(self.out, f"{self.prefix}.experts.w13_qweight", e, (2 * p, k // 2))
+        w2 = _read_slice(self.out, f"{self.prefix}.experts.w2_qweight", e, (k, p // 2))
+        pad = np.uint8(0x88 ^ self.xor)
+        for role, got in (("gate", w13[:n]), ("up", w13[p : p + n]), ("down", w2[:, : n // 2])):
+            want = self.expected_rows(e, role)
+            if want.shape != got.shape:
+                self.bad(f"expert {e} {role}: shape {got.shape} vs source {want.shape}")
+                continue
+            if not np.array_equal(want, got):
+                r, c = np.argwhere(want != got)[0]
+                self.bad(f"expert {e} {role}: byte [{r}, {c}] is 0x{int(got[r, c]):02X}, source says 0x{int(want[r, c]):02X}")
+        if p > n:
+            if not ((w13[n:p] == pad).all() and (w13[p + n :] == pad).all() and (w2[:, n // 2 :] == pad).all()):
+                self.bad(f"expert {e}: padding is not code 8 (weight 0)")
+        return w13, w2
+
+    def check_zero_points(self, e: int) -> None:
+        if self.fmt != "gptq":
+            return
+        offset = 1 if self.ckpt_format == "gptq" else 0
+        for role in ROLES:
+            zname = self.name(e, role, "qzeros")
+            if zname in self.src.tensors:
+                z = _np_read(self.src, zname).view(np.uint32)
+                nib = np.stack([(z >> (4 * j)) & 0xF for j in range(8)], axis=-1)
+                if not (nib.astype(np.int64) + offset == _SYM_ZERO).all():
+                    self.bad(f"{zname}: zero points are not the symmetric 8 ({self.ckpt_format})")
+            gname = self.name(e, role, "g_idx")
+            if gname in self.src.tensors:
+                gi = _np_read(self.src, gname).astype(np.int64)
+                k_in = gi.shape[0]
+                groups = self.info["source_group_size"][role]
+                if not np.array_equal(gi, np.arange(k_in) // groups):
+                    self.bad(f"{gname}: rows reordered; cannot be converted")
+
+    # --- scales ---------------------------------------------------------------------
+    def check_scales(self) -> None:
+        s13 = self.out.read(f"{self.prefix}.experts.w13_scales")
+        s2 = self.out.read(f"{self.prefix}.experts.w2_scales")
+        s13 = s13.view(np.uint16).reshape(self.out.ref(f"{self.prefix}.experts.w13_scales").shape)
+        s2 = s2.view(np.uint16).reshape(self.out.ref(f"{self.prefix}.experts.w2_scales").shape)
+        field = "weight_scale" if self.fmt == "compressed-tensors" else "scales"
+        n, p = self.n, self.p
+        for e in range(self.e):
+            for role, got, g_out, cols in (("gate", s13[e, :n], self.g13, self.k), ("up", s13[e, p : p + n], self.g13, self.k),
+                                           ("down", s2[e, :, : n // self.g2], self.g2, n)):
+                src = _scales_f32(self.src, self.name(e, role, field))
+                per_out = src if self.fmt == "compressed-tensors" else src.T      # [out, groups_in]
+                g_in = cols // per_out.shape[1]
+                # XPU group j starts at input j*g_out, which lies in source group (j*g_out)//g_in
+                idx = (np.arange(cols // g_out) * g_out) // g_in
+                want = _cast_bits(per_out[:, idx], self.scale_dtype)
+                if not np.array_equal(want, got):
+                    r, c = np.argwhere(want != got)[0]
+                    self.bad(f"expert {e} {role} scales [{r}, {c}]: 0x{int(got[r, c]):04X}, source gives 0x{int(want[r, c]):04X}")
+            if p > n and ((s13[e, n:p] != 0).any() or (s13[e, p + n :] != 0).any() or (s2[e, :, n // self.g2 :] != 0).any()):
+                self.bad(f"expert {e}: padding scales are not 0")
+
+    def cross_check_nibbles(self, e: int, w13: np.ndarray, w2: np.ndarray, encoding: str) -> None:
+        """Decode expert ``e`` nibble by nibble on both sides (independent unpack path)."""
+        import torch
+
+        from .unpack import gptq_codes, xpu_codes
+
+        n, p = self.n, self.p
+        for role, got in (("gate", w13[:n]), ("up", w13[p : p + n]), ("down", w2[:, : n // 2])):
+            conv = xpu_codes(torch.from_numpy(np.ascontiguousarray(got)), encoding)  # [out, in]
+            if self.fmt == "compressed-tensors":
+                src = xpu_codes(torch.from_numpy(_np_read(self.src, self.name(e, role, "weight_packed")).view(np.uint8).copy()), "u4b8")
+            else:
+                src = gptq_codes(torch.from_numpy(_np_read(self.src, self.name(e, role, "qweight")))).T  # [out, in]
+            if not torch.equal(conv, src):
+                r, c = (conv != src).nonzero()[0].tolist()
+                self.bad(f"expert {e} {role}: code [{r}, {c}] decodes to {int(conv[r, c])}, source {int(src[r, c])}")
+
+
+def sample_experts(num: int, count: int = 4) -> list[int]:
+    """A deterministic spread of expert ids: first, last and evenly spaced ones between."""
+    if num <= count:
+        return list(range(num))
+    return sorted({round(i * (num - 1) / (count - 1)) for i in range(count)})
+
+
+def check_layer_bits(src, out, prefix, info, block, *, exhaustive=False) -> list[str]:
+    lb = LayerBits(src, out, prefix, info, block)
+    sampled = set(range(lb.e)) if exhaustive else set(sample_experts(lb.e))
+    for e in range(lb.e):
+        lb.check_zero_points(e)
+        w13, w2 = lb.check_codes(e)
+        if e in sampled:
+            lb.cross_check_nibbles(e, w13, w2, block["nibble_encoding"])
+    lb.check_scales()
+    return lb.problems
+
+
+def check_passthrough(src: Checkpoint, out: Checkpoint, block: dict) -> list[str]:
+    """Every tensor outside the converted experts: present in both, byte-identical."""
+    layers = block.get("layers", {})
+    converted_out = {f"{p}.experts.{w}" for p in layers for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales")}
+    dequantized = set(block.get("dequantized_routers", []))
+    dequant_prefixes = {d.rsplit(".", 1)[0] + "." for d in dequantized}
+    expert_prefixes = tuple(f"{p}.experts." for p in layers)
+    problems = []
+    for name in src.tensors:
+        if name.startswith(expert_prefixes) or any(name.startswith(d) for d in dequant_prefixes):
+            continue
+        if name not in out.tensors:
+            problems.append(f"{name}: in the source but missing from the output")
+    for name, ref in out.tensors.items():
+        if name in converted_out or name in dequantized:
+            continue
+        sref = src.tensors.get(name)
+        if sref is None:
+            problems.append(f"{name}: in the output but not in the source")
+            continue
+        if (sref.dtype, sref.shape) != (ref.dtype, ref.shape):
+            problems.append(f"{name}: {ref.dtype}{list(ref.shape)} but the source has {sref.dtype}{list(sref.shape)}")
+            continue
+        if not _same_bytes(src, sref, out, ref):
+            problems.append(f"{name}: bytes differ from the source")
+    return problems
+
+
+def _same_bytes(src, sref, out, ref, chunk: int = 8 << 20) -> bool:
+    a = np.empty(min(chunk, max(sref.nbytes, 1)), dtype=np.uint8)
+    b = np.empty_like(a)
+    for off in range(0, sref.nbytes, chunk):
+        size = min(chunk, sref.nbytes - off)
+        src.read_into(sref, a[:size], offset=off)
+        out.read_into(ref, b[:size], offset=off)
+        if not np.array_equal(a[:size], b[:size]):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- numerical
+
+
+def _torch_tensor(ckpt: Checkpoint, name: str):
+    import torch
+
+    ref = ckpt.ref(name)
+    raw = ckpt.read(name)
+    if ref.dtype == "BF16":
+        return torch.from_numpy(raw.view(np.int16).reshape(ref.shape).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(raw))
+
+
+def _stack(ckpt: Checkpoint, names: list[str]):
+    import torch
+
+    return torch.stack([_torch_tensor(ckpt, n) for n in names])
+
+
+def source_weights(src: Checkpoint, prefix: str, info: dict, block: dict, dtype, device):
+    """Source experts dequantized with the GPTQ formula: w13 [E, 2N, K], w2 [E, K, N]."""
+    import torch
+
+    from .unpack import gptq_dequant, xpu_dequant
+
+    e = int(info["experts"])
+    proj = info["source_projections"]
+    fmt = info.get("source_format", "gptq")
+    offset = 1 if block.get("source", {}).get("checkpoint_format", "gptq") == "gptq" else 0
+    out = {}
+    for role in ROLES:
+        base = [f"{prefix}.experts.{i}.{proj[role]}." for i in range(e)]
+        if fmt == "compressed-tensors":
+            wp = _stack(src, [b + "weight_packed" for b in base]).to(device)
+            sc = _stack(src, [b + "weight_scale" for b in base]).to(device)
+            out[role] = xpu_dequant(wp.view(torch.uint8), sc, "u4b8", dtype)
+            continue
+        qw = _stack(src, [b + "qweight" for b in base]).to(device)
+        sc = _stack(src, [b + "scales" for b in base]).to(device)
+        qz = _stack(src, [b + "qzeros" for b in base]).to(device) if base[0] + "qzeros" in src.tensors else None
+        gi = _stack(src, [b + "g_idx" for b in base]).to(device).long() if base[0] + "g_idx" in src.tensors else None
+        out[role] = gptq_dequant(qw, sc, qz, gi, zero_offset=offset, dtype=dtype)
+    return torch.cat([out["gate"], out["up"]], dim=1), out["down"]
+
+
+def converted_weights(out: Checkpoint, prefix: str, block: dict, dtype, device, raw: bool = False):
+    from .unpack import xpu_dequant
+
+    enc = block["nibble_encoding"]
+    w13 = _torch_tensor(out, f"{prefix}.experts.w13_qweight").to(device)
+    s13 = _torch_tensor(out, f"{prefix}.experts.w13_scales").to(device)
+    w2 = _torch_tensor(out, f"{prefix}.experts.w2_qweight").to(device)
+    s2 = _torch_tensor(out, f"{prefix}.experts.w2_scales").to(device)
+    if raw:
+        return w13, s13, w2, s2
+    return xpu_dequant(w13, s13, enc, dtype), xpu_dequant(w2, s2, enc, dtype)
+
+
+def router_weight(out: Checkpoint, src: Checkpoint, prefix: str, block: dict, device):
+    """The layer's router as float32 [E, K] (dequantized if it is GPTQ-quantized)."""
+    import torch
+
+    from .unpack import gptq_dequant
+
+    name = f"{prefix}.gate.weight"
+    if name in out.tensors:
+        return _torch_tensor(out, name).to(device=device, dtype=torch.float32)
+    base = f"{prefix}.gate."
+    if base + "qweight" in src.tensors:
+        offset = 1 if block.get("source", {}).get("checkpoint_format", "gptq") == "gptq" else 0
+        qz = _torch_tensor(src, base + "qzeros") if base + "qzeros" in src.tensors else None
+        gi = _torch_tensor(src, base + "g_idx").long() if base + "g_idx" in src.tensors else None
+        return gptq_dequant(_torch_tensor(src, base + "qweight"), _torch_tensor(src, base + "scales"), qz, gi,
+                            zero_offset=offset, dtype=torch.float32).to(device)
+    raise Gptq2XpuError(f"{prefix}: no router weight ({name}) to route tokens with")
+
+
+def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, block: dict, *, device, dtype,
+                  tokens: int, seed: int, kernel: bool = False) -> dict:
+    import torch
+
+    from .reference import compare, moe_forward, route, within_kernel_tolerance, within_tolerance
+
+    routing = block.get("routing") or {}
+    e = int(info["experts"])
+    k = int(info["hidden_size"])
+    top_k = int(routing.get("top_k", min(2, e)))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(tokens, k, generator=gen).to(device)
+    x_cov = torch.randn(e, k, generator=gen).to(device)
+    router = router_weight(out, src, prefix, block, device)
+    bias_name = f"{prefix}.gate.e_score_correction_bias"
+    bias = _torch_tensor(out, bias_name).to(device=device, dtype=torch.float32) if bias_name in out.tensors else None
+    tw, tid = route(x, router, top_k, scoring=routing.get("scoring", "softmax"),
+                    renormalize=bool(routing.get("renormalize", True)), correction_bias=bias,
+                    routed_scaling_factor=float(routing.get("routed_scaling_factor", 1.0)))
+    cov_w = torch.ones(e, 1, device=device)
+    cov_id = torch.arange(e, device=device).unsqueeze(1)
+
+    sw13, sw2 = source_weights(src, prefix, info, block, dtype, device)
+    y_src = moe_forward(x.to(dtype), sw13, sw2, tw, tid)
+    c_src = moe_forward(x_cov.to(dtype), sw13, sw2, cov_w, cov_id)
+    del sw13, sw2
+    cw13, cw2 = converted_weights(out, prefix, block, dtype, device)
+    y_conv = moe_forward(x.to(dtype), cw13, cw2, tw, tid)
+    c_conv = moe_forward(x_cov.to(dtype), cw13, cw2, cov_w, cov_id)
+    del cw13, cw2
+    routed = compare(y_conv, y_src)
+    every = compare(c_conv, c_src)
+    result = {
+        "prefix": prefix,
+        "tokens": tokens,
+        "top_k": top_k,
+        "experts_hit": int(torch.unique(tid).numel()),
+        "max_abs": routed["max_abs"],
+        "rel": routed["rel"],
+        "cosine": routed["cosine"],
+        "every_expert_rel": every["rel"],
+        "every_expert_cosine": every["cosine"],
+        "ok": within_tolerance(routed, dtype) and within_tolerance(every, dtype),
+    }
+    if kernel:
+        from .xpu_kernels import run_xpu_fused_moe
+
+        w13, s13, w2, s2 = converted_weights(out, prefix, block, dtype, device, raw=True)
+        y_k = run_xpu_fused_moe(x.to(dtype), w13, s13.to(dtype), w2, s2.to(dtype), tw, tid, None, top_k=top_k,
+                                renormalize=bool(routing.get("renormalize", True)), encoding=block["nibble_encoding"])
+        kstats = compare(y_k.float(), y_conv.float())
+        result["kernel"] = {**kstats, "ok": within_kernel_tolerance(y_k, y_conv, dtype)}
+        result["ok"] = result["ok"] and result["kernel"]["ok"]
+    return result

@@ -1,0 +1,145 @@
+"""``verify`` as a library call: standalone checks, then (with a source) bit-exact and numerical.
+
+>>> from gptq2xpu.verify.runner import verify
+>>> report = verify("qwen3-xpu", source="Qwen/Qwen3-30B-A3B-GPTQ-Int4")   # doctest: +SKIP
+>>> report["status"]                                                       # doctest: +SKIP
+'pass'
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from ..errors import UsageError
+from .standalone import Findings, verify_standalone
+
+
+def select_layers(prefixes: list[str], spec: str | None) -> list[str]:
+    """``None``/"all" -> all; "0,3,10-12" -> by index (negative counts from the end); "sample:N"."""
+    if not spec or spec == "all":
+        return list(prefixes)
+    m = re.fullmatch(r"sample:(\d+)", spec)
+    if m:
+        from .against_source import sample_experts
+
+        return [prefixes[i] for i in sample_experts(len(prefixes), max(1, int(m[1])))]
+    chosen = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if re.fullmatch(r"-?\d+", part):
+                chosen.append(prefixes[int(part)])
+            elif re.fullmatch(r"\d+-\d+", part):
+                a, b = map(int, part.split("-"))
+                chosen.extend(prefixes[a : b + 1])
+            elif part in prefixes:
+                chosen.append(part)
+            else:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise UsageError(f"--layers {spec!r}: {part!r} is not a layer index (0..{len(prefixes) - 1}), range or prefix") from None
+    return list(dict.fromkeys(chosen))
+
+
+def verify(output, source=None, *, revision=None, token=None, device: str = "auto", dtype: str = "auto",
+           backend: str = "auto", layers: str | None = None, tokens: int = 64, seed: int = 0,
+           numeric: bool = True, exhaustive: bool = False, jobs: int = 2) -> dict:
+    t0 = time.perf_counter()
+    if backend not in ("auto", "reference", "xpu-kernels"):
+        raise UsageError(f"--backend {backend!r}: choose auto, reference or xpu-kernels")
+    if dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise UsageError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
+    findings = Findings()
+    out, block = verify_standalone(Path(output), findings, jobs)
+    report: dict = {"output": str(output), "source": str(source) if source else None}
+    layer_rows: list[dict] = []
+    try:
+        if source is not None and out is not None:
+            layer_rows = _against_source(out, block, source, findings, revision=revision, token=token, device=device,
+                                         dtype=dtype, backend=backend, layers=layers, tokens=tokens, seed=seed,
+                                         numeric=numeric, exhaustive=exhaustive, report=report)
+    finally:
+        if out is not None:
+            out.close()
+    report.update(
+        status="pass" if findings.ok else "fail",
+        checks=findings.checks,
+        layers=layer_rows,
+        failures=findings.failures,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    return report
+
+
+def _against_source(out, block, source, findings: Findings, *, revision, token, device, dtype, backend, layers,
+                    tokens, seed, numeric, exhaustive, report) -> list[dict]:
+    from ..convert import open_source
+    from .against_source import check_layer_bits, check_passthrough
+
+    rows: list[dict] = []
+    prefixes = list(block.get("layers", {}))
+    chosen = select_layers(prefixes, layers)
+    with open_source(source, revision=revision, token=token) as src:
+        fp = block.get("source", {}).get("fingerprint")
+        if fp and fp != src.fingerprint():
+            findings.add("source fingerprint", False, f"the source's headers differ from the ones converted ({fp[:23]}...)")
+        t_bits = time.perf_counter()
+        bit_problems = []
+        for prefix in prefixes:
+            bit_problems += check_layer_bits(src, out, prefix, block["layers"][prefix], block, exhaustive=exhaustive)
+        findings.add("bit-exact experts", not bit_problems,
+                     "; ".join(bit_problems[:10]) if bit_problems else
+                     f"{len(prefixes)} layers: codes, zero points, row order, scales equal the source "
+                     f"({'every' if exhaustive else 'sampled'} expert also decoded nibble by nibble)")
+        pt = check_passthrough(src, out, block)
+        findings.add("pass-through tensors", not pt, "; ".join(pt[:10]) if pt else "every other tensor byte-identical to the source")
+        report["bit_exact_seconds"] = round(time.perf_counter() - t_bits, 3)
+        if not numeric:
+            report["numeric"] = "skipped (--no-numeric)"
+            return rows
+        import torch
+
+        from .device import import_ipex, runtime_info, select_device, synchronize
+        from .xpu_kernels import kernels_status
+
+        import_ipex()
+        dev = select_device(device)
+        tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+        if tdtype is None:
+            tdtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        available, why = kernels_status(dev)
+        run_kernel = backend != "reference" and available
+        if backend == "xpu-kernels" and not available:
+            raise UsageError(f"--backend xpu-kernels: {why}")
+        report["device"] = runtime_info(dev)
+        report["dtype"] = str(tdtype).replace("torch.", "")
+        report["backend"] = {"requested": backend, "kernel_ran": run_kernel,
+                             "detail": "vllm_xpu_kernels XpuFusedMoe compared with the reference" if run_kernel
+                             else f"kernel run skipped: {why}" if backend != "reference" else "reference only (--backend reference)"}
+        t_num = time.perf_counter()
+        for i, prefix in enumerate(chosen):
+            synchronize(dev)
+            t = time.perf_counter()
+            row = numeric_layer_safe(src, out, prefix, block, dev, tdtype, tokens, seed + i, run_kernel)
+            synchronize(dev)
+            row["seconds"] = round(time.perf_counter() - t, 4)
+            rows.append(row)
+        bad = [r for r in rows if not r["ok"]]
+        findings.add("reference MoE", not bad,
+                     "; ".join(f"{r['prefix']}: rel {r['rel']:.3g}, cosine {r['cosine']:.6f}" for r in bad[:5]) if bad else
+                     f"{len(rows)} layer(s) within {report['dtype']} tolerance on {dev.type}")
+        report["numeric_seconds"] = round(time.perf_counter() - t_num, 3)
+    return rows
+
+
+def numeric_layer_safe(src, out, prefix, block, dev, tdtype, tokens, seed, run_kernel) -> dict:
+    from .against_source import numeric_layer
+
+    try:
+        return numeric_layer(src, out, prefix, block["layers"][prefix], block, device=dev, dtype=tdtype,
+                             tokens=tokens, seed=seed, kernel=run_kernel)
+    except (ValueError, RuntimeError, KeyError) as exc:  # shapes a planted defect broke
+        return {"prefix": prefix, "ok": False, "error": " ".join(str(exc).split()), "rel": float("nan"),
+                "cosine": float("nan"), "max_abs": float("nan")}

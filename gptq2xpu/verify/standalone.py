@@ -1,0 +1,217 @@
+"""Checks a converted checkpoint on its own (what CI pipelines run on shards they receive).
+
+* every file in ``gptq2xpu-manifest.json`` exists with its size and sha256, and no other file is there;
+* the index and the shards agree (no tensor missing or extra; headers validated as untrusted input);
+* every converted MoE layer named in the config block has exactly its four tensors, with the
+  contract's dtypes and shapes, group sizes the kernel runs (32/64/128/256), the recorded scale
+  dtype and finite scales, and no per-expert leftovers;
+* routers named in the block are present, and float unless recorded as passed-through quantized.
+
+Nothing here imports the converter's repack code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import CONFIG_BLOCK, FORMAT_VERSION, MANIFEST_NAME
+from ..errors import Gptq2XpuError, InputError
+from ..source.checkpoint import Checkpoint, load_json_file, open_checkpoint
+
+KERNEL_GROUPS = (32, 64, 128, 256)
+ENCODINGS = ("u4b8", "s4")
+FLOAT = {"F16", "BF16", "F32", "F64"}
+_SCALE_NAMES = {"float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclass
+class Findings:
+    """Results of named checks; a failure never stops the other checks."""
+
+    checks: list[dict] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append({"check": name, "ok": bool(ok), "detail": detail})
+        return ok
+
+    def fail(self, name: str, detail: str) -> bool:
+        return self.add(name, False, detail)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{c['check']}: {c['detail']}" for c in self.checks if not c["ok"]]
+
+    @property
+    def ok(self) -> bool:
+        return all(c["ok"] for c in self.checks)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def check_manifest(folder: Path, findings: Findings, jobs: int = 2) -> dict | None:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        findings.fail("manifest", f"{MANIFEST_NAME} is missing: not a gptq2xpu output, or an incomplete one")
+        return None
+    try:
+        doc = load_json_file(path)
+        files = doc["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not an object")
+        for name, rec in files.items():
+            if not isinstance(name, str) or "/" in name or name.startswith(".") or not isinstance(rec, dict):
+                raise TypeError(f"bad entry {name!r}")
+            if not isinstance(rec.get("sha256"), str) or type(rec.get("size")) is not int:
+                raise TypeError(f"entry {name!r} needs sha256 and size")
+    except (Gptq2XpuError, KeyError, TypeError) as exc:
+        findings.fail("manifest", f"{MANIFEST_NAME} is malformed ({exc})")
+        return None
+
+    def one(item):
+        name, rec = item
+        p = folder / name
+        if not p.is_file():
+            return f"{name}: listed in the manifest but missing"
+        size = p.stat().st_size
+        if size != rec["size"]:
+            return f"{name}: size {size}, manifest says {rec['size']}"
+        digest = sha256_file(p)
+        if digest != rec["sha256"]:
+            return f"{name}: sha256 {digest[:16]}..., manifest says {rec['sha256'][:16]}..."
+        return None
+
+    items = sorted(files.items(), key=lambda kv: -kv[1]["size"])  # biggest first keeps the pool busy
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        problems = [p for p in pool.map(one, items) if p]
+    extra = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST_NAME and p.name not in files)
+    problems += [f"{name}: present but not listed in the manifest" for name in extra]
+    findings.add("manifest", not problems, "; ".join(problems) if problems else f"{len(files)} files, sizes and sha256 match")
+    return doc
+
+
+def _scales_finite(ckpt: Checkpoint, name: str) -> bool:
+    ref = ckpt.ref(name)
+    raw = ckpt.read(name)
+    if ref.dtype == "BF16":
+        u = raw.view(np.uint16)
+        return not bool(((u & 0x7F80) == 0x7F80).any())
+    return bool(np.isfinite(raw).all())
+
+
+def check_layout(ckpt: Checkpoint, block: dict, findings: Findings) -> None:
+    """The converted tensors against the contract and the config block."""
+    enc = block.get("nibble_encoding")
+    findings.add("config block", block.get("format_version") == FORMAT_VERSION and enc in ENCODINGS,
+                 f"format_version {block.get('format_version')}, nibble_encoding {enc}")
+    layers = block.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        findings.fail("layout", "the config block lists no converted MoE layers")
+        return
+    problems = []
+    for prefix, info in layers.items():
+        problems += _check_layer(ckpt, prefix, info)
+    shown = "; ".join(problems[:20]) + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else "")
+    findings.add("layout", not problems, shown if problems else
+                 f"{len(layers)} layers: dtypes, shapes, groups, scale dtype, finite scales")
+
+    leftovers = []
+    for prefix in layers:
+        pat = re.compile(re.escape(prefix) + r"\.experts\.\d+\.")
+        leftovers += [n for n in ckpt.tensors if pat.match(n)]
+    findings.add("no leftovers", not leftovers,
+                 f"per-expert tensors left in converted layers: {', '.join(leftovers[:5])}" if leftovers
+                 else "no per-expert tensors in converted layers")
+
+    bad = []
+    for name in block.get("routers", []):
+        ref = ckpt.tensors.get(name)
+        if ref is None:
+            bad.append(f"{name} missing")
+        elif name.endswith(".weight") and ref.dtype not in FLOAT:
+            bad.append(f"{name} is {ref.dtype}, not float")
+    for name in block.get("quantized_routers", []):
+        if name not in ckpt.tensors:
+            bad.append(f"{name} (quantized router, passed through) missing")
+    for name in block.get("dequantized_routers", []):
+        ref = ckpt.tensors.get(name)
+        if ref is None or ref.dtype not in FLOAT:
+            bad.append(f"{name} (dequantized router) missing or not float")
+    n_routers = len(block.get("routers", [])) + len(block.get("dequantized_routers", []))
+    findings.add("routers", not bad, "; ".join(bad) if bad else f"{n_routers} router tensors present and float")
+
+
+def _check_layer(ckpt: Checkpoint, prefix: str, info: dict) -> list[str]:
+    out = []
+    try:
+        e, k, p = int(info["experts"]), int(info["hidden_size"]), int(info["padded_intermediate_size"])
+        g13, g2 = int(info["w13_group_size"]), int(info["w2_group_size"])
+        sd = _SCALE_NAMES.get(info["scale_dtype"], info["scale_dtype"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return [f"{prefix}: config block entry incomplete ({exc})"]
+    for g, what in ((g13, "w13"), (g2, "w2")):
+        if g not in KERNEL_GROUPS:
+            out.append(f"{prefix}: {what} group size {g} is not one the kernel runs {KERNEL_GROUPS}")
+    if sd not in ("F16", "BF16"):
+        out.append(f"{prefix}: scale dtype {sd} is not float16/bfloat16")
+    want = {
+        "w13_qweight": ("U8", (e, 2 * p, k // 2)),
+        "w13_scales": (sd, (e, 2 * p, k // g13 if g13 else -1)),
+        "w2_qweight": ("U8", (e, k, p // 2)),
+        "w2_scales": (sd, (e, k, p // g2 if g2 else -1)),
+    }
+    for what, (dtype, shape) in want.items():
+        name = f"{prefix}.experts.{what}"
+        ref = ckpt.tensors.get(name)
+        if ref is None:
+            out.append(f"{name}: missing")
+            continue
+        if ref.dtype != dtype or tuple(ref.shape) != shape:
+            out.append(f"{name}: {ref.dtype}{list(ref.shape)}, contract says {dtype}{list(shape)}")
+            continue
+        if what.endswith("scales") and not _scales_finite(ckpt, name):
+            out.append(f"{name}: non-finite scales")
+    return out
+
+
+def open_output(folder: Path) -> tuple[Checkpoint | None, dict | None, str | None]:
+    """Open a converted folder (validated like any untrusted checkpoint) and its config block."""
+    try:
+        ckpt = open_checkpoint(folder)
+    except InputError as exc:
+        return None, None, str(exc)
+    block = ckpt.config.get(CONFIG_BLOCK)
+    if not isinstance(block, dict):
+        ckpt.close()
+        return None, None, f"config.json has no '{CONFIG_BLOCK}' block: not a gptq2xpu output"
+    return ckpt, block, None
+
+
+def verify_standalone(folder: Path, findings: Findings, jobs: int = 2) -> tuple[Checkpoint | None, dict | None]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder")
+    check_manifest(folder, findings, jobs)
+    ckpt, block, err = open_output(folder)
+    if err:
+        findings.fail("index and shards", err)
+        return None, None
+    findings.add("index and shards", True, f"{len(ckpt.shards)} shard(s), {len(ckpt.tensors)} tensors, headers valid, index agrees")
+    check_layout(ckpt, block, findings)
+    return ckpt, block

@@ -62,6 +62,7 @@ class ConvertOptions:
     keep_unsupported: bool = False
     dequantize_router: bool = False
     tp_size: int = 1
+    emit_ranks: bool = False
 
     def __post_init__(self):
         if self.scale_dtype not in ("keep", "float16", "bfloat16"):
@@ -70,6 +71,8 @@ class ConvertOptions:
             raise UsageError(f"--nibble-encoding {self.nibble_encoding!r}: choose u4b8 or s4")
         if self.tp_size < 1:
             raise UsageError(f"--tp-size {self.tp_size}: must be at least 1")
+        if self.emit_ranks and self.tp_size < 2:
+            raise UsageError("--emit-ranks needs --tp-size 2 or more")
 
 
 @dataclass
@@ -230,6 +233,8 @@ class Plan:
             "w2_group_sizes": groups2,
             "scale_dtype": {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(scale_dtypes[0]) if len(scale_dtypes) == 1 else None,
             "tp_size": self.options.tp_size,
+            "tp_ranks": ([f"tp-ranks/rank-{r:03d}-of-{self.options.tp_size:03d}" for r in range(self.options.tp_size)]
+                         if self.options.emit_ranks else []),
             "routing": dict(self.routing),
             "layers": {l.prefix: _layer_block(l) for l in conv},
             "passthrough_layers": {l.prefix: {"kind": l.kind, "reason": l.reason} for l in self.layers if l.action == "passthrough" and l.kind != "unsupported"},

@@ -44,6 +44,7 @@ def convert(
     nibble_encoding: EncodingOpt = "u4b8",
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB (the default, as Hugging Face saves), 500MB, 2GiB.")] = "5GB",
     tp_size: TpOpt = 1,
+    emit_ranks: Annotated[bool, typer.Option("--emit-ranks", help="Also write tp-ranks/rank-XXX-of-YYY/ folders holding each rank's expert slices (needs --tp-size).")] = False,
     keep_unsupported: KeepOpt = False,
     dequantize_router: RouterOpt = False,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Worker threads (default: the cores available). Output is byte-identical for every value.")] = None,
@@ -64,7 +65,9 @@ def convert(
     out = Output(json_out, quiet)
     options = ConvertOptions(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding,
                              max_shard_size=parse_size(max_shard_size), keep_unsupported=keep_unsupported,
-                             dequantize_router=dequantize_router, tp_size=tp_size)
+                             dequantize_router=dequantize_router, tp_size=tp_size, emit_ranks=emit_ranks)
+    if emit_ranks and part:
+        raise UsageError("--emit-ranks cannot be combined with --part (rank folders are cut from the finished shards)")
     with out.progress("converting") as update:
         result = run(source, output, options=options, jobs=jobs, overwrite=overwrite, dry_run=dry_run,
                      part=parse_part(part), revision=revision, token=token, progress=update)

@@ -347,6 +347,11 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
     y_conv = moe_forward(x.to(dtype), cw13, cw2, tw, tid)
     c_conv = moe_forward(x_cov.to(dtype), cw13, cw2, cov_w, cov_id)
     del cw13, cw2
+    tp = int(block.get("tp_size", 1))
+    tp_stats = None
+    if tp > 1:
+        y_ranks = rank_sum(out, prefix, info, block, tp, x.to(dtype), tw, tid, dtype, device)
+        tp_stats = compare(y_ranks, y_conv)
     routed = compare(y_conv, y_src)
     every = compare(c_conv, c_src)
     result = {
@@ -361,6 +366,9 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
         "every_expert_cosine": every["cosine"],
         "ok": within_tolerance(routed, dtype) and within_tolerance(every, dtype),
     }
+    if tp_stats is not None:
+        result["tp_sum_rel"] = tp_stats["rel"]
+        result["ok"] = result["ok"] and within_tolerance(tp_stats, dtype)
     if kernel:
         from .xpu_kernels import run_xpu_fused_moe
 
@@ -371,3 +379,27 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
         result["kernel"] = {**kstats, "ok": within_kernel_tolerance(y_k, y_conv, dtype)}
         result["ok"] = result["ok"] and result["kernel"]["ok"]
     return result
+
+
+def rank_sum(out: Checkpoint, prefix: str, info: dict, block: dict, tp: int, x, tw, tid, dtype, device):
+    """Sum over tensor-parallel ranks of each rank's partial MoE output, every rank dequantized
+    from its own slice of the packed bytes and scales (as a runtime holding one rank would)."""
+    import torch
+
+    from .reference import moe_forward
+    from .unpack import xpu_dequant
+
+    enc = block["nibble_encoding"]
+    p = int(info["padded_intermediate_size"])
+    pt = p // tp
+    g2 = int(info["w2_group_size"])
+    w13, s13, w2, s2 = converted_weights(out, prefix, block, dtype, device, raw=True)
+    total = None
+    for r in range(tp):
+        rows = torch.cat([torch.arange(r * pt, (r + 1) * pt), torch.arange(p + r * pt, p + (r + 1) * pt)]).to(w13.device)
+        r13 = xpu_dequant(w13.index_select(1, rows), s13.index_select(1, rows), enc, dtype)
+        r2 = xpu_dequant(w2[:, :, r * pt // 2 : (r + 1) * pt // 2].contiguous(),
+                         s2[:, :, r * pt // g2 : (r + 1) * pt // g2].contiguous(), enc, dtype)
+        y = moe_forward(x, r13, r2, tw, tid).float()
+        total = y if total is None else total + y
+    return total

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import CONFIG_BLOCK, FORMAT_VERSION, MANIFEST_NAME
 from ..errors import Gptq2XpuError, InputError
-from ..source.checkpoint import Checkpoint, load_json_file, open_checkpoint
+from ..source.checkpoint import Checkpoint, check_member_name, load_json_file, open_checkpoint
 
 KERNEL_GROUPS = (32, 64, 128, 256)
 ENCODINGS = ("u4b8", "s4")
@@ -76,11 +76,12 @@ def check_manifest(folder: Path, findings: Findings, jobs: int = 2) -> dict | No
         if not isinstance(files, dict):
             raise TypeError("'files' is not an object")
         for name, rec in files.items():
-            if not isinstance(name, str) or "/" in name or name.startswith(".") or not isinstance(rec, dict):
+            if not isinstance(rec, dict):
                 raise TypeError(f"bad entry {name!r}")
+            check_member_name(name, MANIFEST_NAME)
             if not isinstance(rec.get("sha256"), str) or type(rec.get("size")) is not int:
                 raise TypeError(f"entry {name!r} needs sha256 and size")
-    except (Gptq2XpuError, KeyError, TypeError) as exc:
+    except (Gptq2XpuError, KeyError, TypeError, AttributeError) as exc:
         findings.fail("manifest", f"{MANIFEST_NAME} is malformed ({exc})")
         return None
 
@@ -100,7 +101,8 @@ def check_manifest(folder: Path, findings: Findings, jobs: int = 2) -> dict | No
     items = sorted(files.items(), key=lambda kv: -kv[1]["size"])  # biggest first keeps the pool busy
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         problems = [p for p in pool.map(one, items) if p]
-    extra = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST_NAME and p.name not in files)
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+    extra = sorted(present - set(files) - {MANIFEST_NAME})
     problems += [f"{name}: present but not listed in the manifest" for name in extra]
     findings.add("manifest", not problems, "; ".join(problems) if problems else f"{len(files)} files, sizes and sha256 match")
     return doc
@@ -155,6 +157,51 @@ def check_layout(ckpt: Checkpoint, block: dict, findings: Findings) -> None:
             bad.append(f"{name} (dequantized router) missing or not float")
     n_routers = len(block.get("routers", [])) + len(block.get("dequantized_routers", []))
     findings.add("routers", not bad, "; ".join(bad) if bad else f"{n_routers} router tensors present and float")
+
+
+def check_ranks(folder: Path, ckpt: Checkpoint, block: dict, findings: Findings) -> None:
+    """Each tensor-parallel rank folder holds exactly its slice of the full tensors."""
+    ranks = block.get("tp_ranks") or []
+    if not ranks:
+        return
+    t = int(block.get("tp_size", 1))
+    problems = []
+    if len(ranks) != t:
+        problems.append(f"{len(ranks)} rank folders for tp_size {t}")
+    for r, rel in enumerate(ranks):
+        try:
+            rk = open_checkpoint(folder / check_member_name(rel, "tp_ranks"))
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        with rk:
+            for prefix, info in block["layers"].items():
+                p = int(info["padded_intermediate_size"])
+                pt = p // t
+                for what in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales"):
+                    name = f"{prefix}.experts.{what}"
+                    if name not in rk.tensors or name not in ckpt.tensors:
+                        problems.append(f"{rel}: {name} missing")
+                        continue
+                    whole = _as_words(ckpt, name)
+                    part = _as_words(rk, name)
+                    if what.startswith("w13"):
+                        rows = part.shape[1] // 2
+                        want = np.concatenate([whole[:, r * rows : (r + 1) * rows], whole[:, p + r * rows : p + (r + 1) * rows]], axis=1)
+                        ok = rows * t == p and np.array_equal(want, part)
+                    else:
+                        cols = part.shape[2]
+                        ok = cols * t == whole.shape[2] and np.array_equal(whole[:, :, r * cols : (r + 1) * cols], part)
+                    if not ok:
+                        problems.append(f"{rel}: {name} is not rank {r}'s slice of the full tensor (N slice {r * pt}..{(r + 1) * pt})")
+    findings.add("tensor-parallel ranks", not problems, "; ".join(problems[:10]) if problems else
+                 f"{t} rank folders, each exactly its slice of every converted tensor")
+
+
+def _as_words(ckpt: Checkpoint, name: str) -> np.ndarray:
+    ref = ckpt.ref(name)
+    raw = ckpt.read(name)
+    return raw.view(np.uint16).reshape(ref.shape) if ref.dtype in ("F16", "BF16") else raw.reshape(ref.shape)
 
 
 def _check_layer(ckpt: Checkpoint, prefix: str, info: dict) -> list[str]:
@@ -214,4 +261,5 @@ def verify_standalone(folder: Path, findings: Findings, jobs: int = 2) -> tuple[
         return None, None
     findings.add("index and shards", True, f"{len(ckpt.shards)} shard(s), {len(ckpt.tensors)} tensors, headers valid, index agrees")
     check_layout(ckpt, block, findings)
+    check_ranks(folder, ckpt, block, findings)
     return ckpt, block

@@ -1,1 +1,84 @@
-"""``gptq2xpu demo`` (filled in with the synthetic checkpoint builder)."""
+"""``gptq2xpu demo``: make a small GPTQ MoE checkpoint, convert it, verify it, print a summary.
+
+Needs no download: the checkpoint is synthetic (random int4 experts with real GPTQ packing, an
+AutoRound-style config, float router, attention and norms), written to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UsageError, VerificationError
+from . import app
+from ._output import Output, human_bytes
+from .convert import JsonOpt
+
+
+def _render(console, d: dict) -> None:
+    console.print(f"[bold]gptq2xpu demo[/]: {d['family']} model, {d['moe_layers']} MoE layers x {d['experts']} experts "
+                  f"(K={d['hidden_size']}, N={d['intermediate_size']}, group {d['group_size']})")
+    console.print(f"  source  {d['source']}  ({human_bytes(d['source_bytes'])}, GPTQ int4)")
+    console.print(f"  convert -> {d['output']}  {d['converted_layers']} layers converted in {d['convert_seconds']} s")
+    for c in d["checks"]:
+        console.print(f"  verify  {'[green]ok[/]  ' if c['ok'] else '[red]FAIL[/]'} {c['check']}: {c['detail']}")
+    worst = max((r["rel"] for r in d["layers"]), default=0.0)
+    console.print(f"  reference MoE: {len(d['layers'])} layers, worst relative error {worst:.3g} "
+                  f"({d['device']}, {d['dtype']}); {d['kernel']}")
+    verdict = "[green]PASS[/]" if d["status"] == "pass" else "[red]FAIL[/]"
+    console.print(f"{verdict}  next: gptq2xpu inspect <your GPTQ MoE checkpoint>, then gptq2xpu convert SOURCE OUTPUT")
+
+
+@app.command()
+def demo(
+    family: Annotated[str, typer.Option(help="Model family of the synthetic checkpoint (qwen3_moe, qwen2_moe, qwen3_5_moe, qwen3_next, mixtral, deepseek_v2, deepseek_v3, glm4_moe).")] = "qwen3_moe",
+    keep: Annotated[Optional[Path], typer.Option(help="Keep the source and converted folders under this folder instead of a temporary one.")] = None,
+    device: Annotated[str, typer.Option(help="Device for the reference MoE: auto, xpu, cuda, cpu.")] = "auto",
+    json_out: JsonOpt = False,
+):
+    """Make a small GPTQ MoE checkpoint, convert it, verify it, and print a summary (no download)."""
+    from ..convert import convert
+    from ..synth import FAMILIES, make_checkpoint
+    from ..verify.runner import verify
+
+    if family not in FAMILIES:
+        raise UsageError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
+    out = Output(json_out)
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="gptq2xpu-demo-"))
+    try:
+        if keep and (root / "source").exists():
+            raise UsageError(f"{root}/source exists; choose an empty --keep folder")
+        spec = dict(family=family, hidden=512, moe_intermediate=256, num_experts=16, top_k=4, num_layers=3, group_size=128)
+        info = make_checkpoint(root / "source", **spec)
+        result = convert(root / "source", root / "converted", jobs=None, progress=None)
+        report = verify(root / "converted", root / "source", device=device)
+        data = {
+            "family": family,
+            "moe_layers": len(info.moe_layers),
+            "experts": spec["num_experts"],
+            "hidden_size": spec["hidden"],
+            "intermediate_size": spec["moe_intermediate"],
+            "group_size": spec["group_size"],
+            "source": str(root / "source"),
+            "source_bytes": result["bytes_in"],
+            "output": str(root / "converted"),
+            "converted_layers": result["converted_layers"],
+            "convert_seconds": result["seconds"],
+            "status": report["status"],
+            "checks": report["checks"],
+            "layers": report["layers"],
+            "device": report.get("device", {}).get("device_type"),
+            "dtype": report.get("dtype"),
+            "kernel": report.get("backend", {}).get("detail", ""),
+            "kept": bool(keep),
+        }
+        out.result(data, _render)
+        if report["status"] != "pass":
+            raise VerificationError(f"demo conversion failed verification: {report['failures'][0]}")
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)

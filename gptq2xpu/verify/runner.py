@@ -110,6 +110,8 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
         if tdtype is None:
             tdtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
         available, why = kernels_status(dev)
+        if available and tdtype == torch.float32:
+            available, why = False, "the kernel runs bfloat16/float16 activations only (--dtype float32 asked)"
         run_kernel = backend != "reference" and available
         if backend == "xpu-kernels" and not available:
             raise UsageError(f"--backend xpu-kernels: {why}")

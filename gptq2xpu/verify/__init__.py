@@ -1,0 +1,1 @@
+"""Standalone checks of a converted checkpoint: independent unpack path, reference MoE, devices."""

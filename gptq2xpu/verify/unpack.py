@@ -1,0 +1,236 @@
+"""The verifier's own unpacking of int4 weights: GPTQ on one side, the XPU layout on the other.
+
+This is the second, independent path of gptq2xpu: it is written from the layout contract
+(``shared/docs/xpu-int4-contract.md``) alone and never imports the converter's repack code, so a
+mistake in one path shows up as a disagreement with the other.
+
+Every function takes torch tensors with any number of leading dimensions (usually experts) and
+works on whatever device they live on.
+
+Layouts, for one linear layer with input size K and output size N:
+
+* **GPTQ** ``qweight`` is int32 ``[K/8, N]``: input row ``8r+j`` is bits ``4j..4j+3`` of row r.
+  ``qzeros`` is int32 ``[G, N/8]`` packed the same way along N; ``scales`` is ``[G, N]``.
+  Weight ``W[n, k] = (code[k, n] - zero[g_idx[k], n]) * scales[g_idx[k], n]``.
+* **XPU** packed bytes are uint8 ``[R, C/2]`` (output-major: R outputs, C inputs): byte j holds
+  column ``2j`` in its low nibble and ``2j+1`` in its high nibble. Code q (0..15) means
+  ``(q - 8) * scale``; ``scales`` is ``[R, C/group]``. The *encoding* says how nibbles are
+  stored: ``"u4b8"`` stores q itself, ``"s4"`` stores the signed two's-complement nibble of
+  ``q - 8``, which per byte is ``u4b8_byte ^ 0x88`` (what the kernel's ``implement_zp`` does).
+
+Exactness: the dequantized value is computed so that it is the exact product rounded once to
+the requested dtype. ``(q - zero)`` is an integer of at most 5 bits and an fp16/bf16 scale has at
+most 11 significant bits, so the product is exact in float32; it is then rounded once. Both
+dequantizers below follow that rule, so for the same codes and scales they agree bit for bit
+(float32 scales are the one case where the float32 product itself rounds, identically on both).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ENCODINGS = ("u4b8", "s4")
+
+# Bit offsets of the 8 nibbles of an int32 word, lowest first.
+_SHIFTS_32 = tuple(range(0, 32, 4))
+
+
+def _nibbles_int32(words: torch.Tensor, dim: int) -> torch.Tensor:
+    """Split each int32 into its 8 nibbles (lowest first), inserting the new axis after ``dim``.
+
+    The input is read as unsigned bits. ``>>`` on int32 is an arithmetic shift (the sign bit is
+    copied in from the left), but masking with ``0xF`` afterwards keeps exactly bits
+    ``4j..4j+3`` of the original word, so the sign never leaks into a code.
+    """
+    if words.dtype != torch.int32:
+        raise ValueError(f"packed GPTQ tensor must be int32, got {words.dtype}")
+    shifts = torch.tensor(_SHIFTS_32, dtype=torch.int32, device=words.device)
+    dim = dim % words.dim()
+    w = words.unsqueeze(dim + 1)  # [..., X, 1, ...]
+    view = [1] * w.dim()
+    view[dim + 1] = 8
+    return ((w >> shifts.view(view)) & 0xF).to(torch.uint8)
+
+
+def gptq_codes(qweight: torch.Tensor) -> torch.Tensor:
+    """Unpack GPTQ ``qweight`` int32 ``[..., K/8, N]`` into uint8 codes ``[..., K, N]`` (0..15).
+
+    Input row ``8r+j`` of the result is bits ``4j..4j+3`` of packed row r.
+
+    Example, one word (K = 8, N = 1)::
+
+        >>> gptq_codes(torch.tensor([[0x76543210]], dtype=torch.int32)).flatten().tolist()
+        [0, 1, 2, 3, 4, 5, 6, 7]
+        >>> # 0xFEDCBA98 is negative as int32; its bits still unpack as unsigned nibbles
+        >>> gptq_codes(torch.tensor([[0xFEDCBA98 - 2**32]], dtype=torch.int32)).flatten().tolist()
+        [8, 9, 10, 11, 12, 13, 14, 15]
+    """
+    if qweight.dim() < 2:
+        raise ValueError(f"qweight must be at least 2-D [..., K/8, N], got shape {tuple(qweight.shape)}")
+    nib = _nibbles_int32(qweight, dim=-2)  # [..., K/8, 8, N]
+    *lead, rows, eight, n = nib.shape
+    return nib.reshape(*lead, rows * eight, n)
+
+
+def gptq_zeros(qzeros: torch.Tensor, zero_offset: int) -> torch.Tensor:
+    """Unpack GPTQ ``qzeros`` int32 ``[..., G, N/8]`` into int32 zero points ``[..., G, N]``.
+
+    Column ``8c+j`` is bits ``4j..4j+3`` of packed column c; ``zero_offset`` is added to every
+    value: checkpoints in the v1 ``"gptq"`` format store ``zero - 1`` (offset 1), ``"gptq_v2"``
+    stores the zero itself (offset 0).
+
+    Example: a symmetric v1 checkpoint stores ``0x77777777``, which is zero 8 in every column::
+
+        >>> gptq_zeros(torch.tensor([[0x77777777]], dtype=torch.int32), 1).tolist()
+        [[8, 8, 8, 8, 8, 8, 8, 8]]
+    """
+    if qzeros.dim() < 2:
+        raise ValueError(f"qzeros must be at least 2-D [..., G, N/8], got shape {tuple(qzeros.shape)}")
+    nib = _nibbles_int32(qzeros, dim=-1)  # [..., G, N/8, 8]
+    return nib.flatten(-2).to(torch.int32) + int(zero_offset)
+
+
+def gptq_dequant(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None = None,
+    g_idx: torch.Tensor | None = None,
+    *,
+    zero_offset: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dequantize a GPTQ layer into an output-major weight ``[..., N, K]`` (like ``nn.Linear.weight``).
+
+    ``W[..., n, k] = (code[k, n] - zero[g_idx[k], n]) * scales[g_idx[k], n]``, computed exactly in
+    float32 and rounded once to ``dtype``.
+
+    - ``qweight`` int32 ``[..., K/8, N]``; ``scales`` ``[..., G, N]`` (any float dtype);
+    - ``qzeros`` int32 ``[..., G, N/8]``, or None for a symmetric layer with zero 8 everywhere;
+    - ``g_idx`` ``[K]`` or ``[..., K]`` (the group of each input row), or None for
+      ``arange(K) // (K / G)``; G = 1 is the "group -1" case (one group spanning all of K);
+    - ``zero_offset``: added to the unpacked ``qzeros`` (1 for v1 "gptq", 0 for "gptq_v2").
+
+    Example, one word with zero 8 and scale 0.5 (K = 8, N = 1)::
+
+        >>> gptq_dequant(torch.tensor([[0x76543210]], dtype=torch.int32),
+        ...              torch.tensor([[0.5]], dtype=torch.float16)).tolist()
+        [[-4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5]]
+    """
+    codes = gptq_codes(qweight)  # [..., K, N]
+    k, n = codes.shape[-2], codes.shape[-1]
+    if scales.dim() < 2 or scales.shape[-1] != n:
+        raise ValueError(f"scales must be [..., G, {n}], got shape {tuple(scales.shape)}")
+    groups = scales.shape[-2]
+    if g_idx is None:
+        if groups == 0 or k % groups:
+            raise ValueError(f"K={k} is not a multiple of the {groups} scale groups")
+        g_idx = torch.arange(k, device=codes.device) // (k // groups)
+    else:
+        if g_idx.shape[-1] != k:
+            raise ValueError(f"g_idx must have {k} entries along its last dim, got shape {tuple(g_idx.shape)}")
+        g_idx = g_idx.to(device=codes.device, dtype=torch.int64)
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise ValueError(f"g_idx values must lie in [0, {groups}), got {int(g_idx.min())}..{int(g_idx.max())}")
+
+    # Work output-major: [..., N, K].
+    codes_t = codes.transpose(-1, -2).to(torch.int32)
+    scales_t = scales.transpose(-1, -2).to(torch.float32)  # [..., N, G]
+    if qzeros is None:
+        zeros_t = None
+    else:
+        zeros = gptq_zeros(qzeros, zero_offset)  # [..., G, N]
+        if zeros.shape[-2:] != scales.shape[-2:]:
+            raise ValueError(
+                f"qzeros unpack to {tuple(zeros.shape[-2:])} but scales are {tuple(scales.shape[-2:])}"
+            )
+        zeros_t = zeros.transpose(-1, -2)  # [..., N, G]
+
+    def per_k(t: torch.Tensor) -> torch.Tensor:  # [..., N, G] -> [..., N, K]
+        if g_idx.dim() == 1:
+            return t.index_select(-1, g_idx)
+        idx = g_idx.unsqueeze(-2).expand(*t.shape[:-1], k)
+        return torch.gather(t, -1, idx)
+
+    centred = codes_t - (8 if zeros_t is None else per_k(zeros_t))
+    return (centred.to(torch.float32) * per_k(scales_t)).to(dtype)
+
+
+def _check_encoding(encoding: str) -> None:
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown int4 encoding {encoding!r}; expected one of {ENCODINGS}")
+
+
+def _signed_nibbles(packed: torch.Tensor, encoding: str) -> torch.Tensor:
+    """XPU bytes ``[..., R, C/2]`` -> int8 ``q - 8`` values ``[..., R, C]`` (-8..7)."""
+    _check_encoding(encoding)
+    if packed.dtype not in (torch.uint8, torch.int8):
+        raise ValueError(f"packed XPU weights must be uint8, got {packed.dtype}")
+    if packed.dim() < 2:
+        raise ValueError(f"packed XPU weights must be at least 2-D [..., R, C/2], got {tuple(packed.shape)}")
+    b = packed.view(torch.uint8)
+    if encoding == "u4b8":
+        b = b ^ 0x88  # offset-8 nibbles -> two's-complement nibbles of q - 8
+    s = b.view(torch.int8)
+    hi = s >> 4  # arithmetic shift: sign-extends the high nibble
+    lo = (s << 4) >> 4  # move the low nibble up, then sign-extend it back down
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+def xpu_codes(packed: torch.Tensor, encoding: str) -> torch.Tensor:
+    """Unpack XPU bytes uint8 ``[..., R, C/2]`` into uint8 codes ``[..., R, C]`` (u4b8: 0..15).
+
+    Byte j holds column ``2j`` in its low nibble and ``2j+1`` in its high nibble. Whatever the
+    stored ``encoding`` ("u4b8" or "s4"), the result is in the u4b8 convention (value ``q - 8``).
+
+    Example::
+
+        >>> xpu_codes(torch.tensor([[0x21, 0xF0]], dtype=torch.uint8), "u4b8").tolist()
+        [[1, 2, 0, 15]]
+        >>> # the same codes stored as signed nibbles: 0x21 ^ 0x88 = 0xA9, 0xF0 ^ 0x88 = 0x78
+        >>> xpu_codes(torch.tensor([[0xA9, 0x78]], dtype=torch.uint8), "s4").tolist()
+        [[1, 2, 0, 15]]
+    """
+    _check_encoding(encoding)
+    if packed.dtype not in (torch.uint8, torch.int8):
+        raise ValueError(f"packed XPU weights must be uint8, got {packed.dtype}")
+    b = packed.view(torch.uint8)
+    if encoding == "s4":
+        b = b ^ 0x88
+    return torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
+
+
+def xpu_dequant(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    encoding: str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dequantize XPU bytes uint8 ``[..., R, C/2]`` with ``scales`` ``[..., R, C/group]`` to ``[..., R, C]``.
+
+    Value ``(q - 8) * scale`` with group ``C / scales.shape[-1]``, rounded once to ``dtype``.
+    When ``scales`` already has ``dtype`` the product is formed directly in that dtype (torch
+    multiplies 16-bit floats in float32 and rounds once, so this is the same single rounding of
+    the exact product, without a float32 intermediate); otherwise it goes through float32.
+
+    Example, one byte, scale 0.25::
+
+        >>> xpu_dequant(torch.tensor([[0x9F]], dtype=torch.uint8),
+        ...             torch.tensor([[0.25]], dtype=torch.float16), "u4b8").tolist()
+        [[1.75, 0.25]]
+    """
+    vals = _signed_nibbles(packed, encoding)  # int8 [..., R, C]
+    c = vals.shape[-1]
+    if scales.dim() != vals.dim() or scales.shape[:-1] != vals.shape[:-1]:
+        raise ValueError(
+            f"scales {tuple(scales.shape)} do not match packed weights {tuple(packed.shape)}: "
+            f"expected [..., {vals.shape[-2]}, C/group]"
+        )
+    groups = scales.shape[-1]
+    if groups == 0 or c % groups:
+        raise ValueError(f"C={c} is not a multiple of the {groups} scale groups")
+    grouped = vals.unflatten(-1, (groups, c // groups))  # [..., R, G, group]
+    if scales.dtype == dtype:
+        out = grouped * scales.unsqueeze(-1)
+    else:
+        out = (grouped * scales.to(torch.float32).unsqueeze(-1)).to(dtype)
+    return out.flatten(-2)

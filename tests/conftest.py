@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -19,3 +20,24 @@ def synth(tmp_path):
         return make_checkpoint(tmp_path / f"synth{next(counter)}", **spec_overrides)
 
     return make
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "qwen3moe-g128"
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: ``cli("convert", src, out, "--json") -> (exit_code, stdout, stderr)``."""
+    from gptq2xpu.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

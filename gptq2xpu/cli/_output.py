@@ -22,8 +22,10 @@ class Output:
     def __init__(self, json_mode: bool = False, quiet: bool = False):
         self.json_mode = json_mode
         self.quiet = quiet
-        self.out = Console(highlight=False, soft_wrap=True)
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        # piped / CI output is read by people in logs: do not fold tables to 80 columns
+        wide = None if sys.stdout.isatty() else max(int(os.environ.get("COLUMNS") or 0), 200)
+        self.out = Console(highlight=False, soft_wrap=True, width=wide)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True, width=wide)
 
     def result(self, data: dict, render=None) -> None:
         """Print the command's result: JSON, or ``render(console, data)`` for people."""

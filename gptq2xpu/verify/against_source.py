@@ -25,6 +25,8 @@ its own (so experts the router did not pick are covered too).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..errors import Gptq2XpuError
@@ -32,6 +34,7 @@ from ..source.checkpoint import Checkpoint
 
 ROLES = ("gate", "up", "down")
 _SYM_ZERO = 8
+_SCALE_NAMES = {"float16": "F16", "bfloat16": "BF16"}
 
 
 def _np_read(ckpt: Checkpoint, name: str) -> np.ndarray:
@@ -259,30 +262,44 @@ def _stack(ckpt: Checkpoint, names: list[str]):
     return torch.stack([_torch_tensor(ckpt, n) for n in names])
 
 
-def source_weights(src: Checkpoint, prefix: str, info: dict, block: dict, dtype, device):
+def load_source(src: Checkpoint, prefix: str, info: dict, device) -> dict:
+    """The layer's source expert tensors, stacked over experts and moved to ``device`` (packed)."""
+    e = int(info["experts"])
+    proj = info["source_projections"]
+    fields = ("weight_packed", "weight_scale") if info.get("source_format") == "compressed-tensors" \
+        else ("qweight", "scales", "qzeros", "g_idx")
+    loaded = {}
+    for role in ROLES:
+        base = [f"{prefix}.experts.{i}.{proj[role]}." for i in range(e)]
+        loaded[role] = {f: _stack(src, [b + f for b in base]).to(device) for f in fields if base[0] + f in src.tensors}
+    return loaded
+
+
+def dequant_source(loaded: dict, info: dict, block: dict, dtype):
     """Source experts dequantized with the GPTQ formula: w13 [E, 2N, K], w2 [E, K, N]."""
     import torch
 
     from .unpack import gptq_dequant, xpu_dequant
 
-    e = int(info["experts"])
-    proj = info["source_projections"]
-    fmt = info.get("source_format", "gptq")
     offset = 1 if block.get("source", {}).get("checkpoint_format", "gptq") == "gptq" else 0
+    # --scale-dtype asked the converter to store the scales in another dtype: that cast (round to
+    # nearest even, proven bit for bit by check_scales) is part of the conversion, so the source
+    # side takes its scales through the same cast, and the tolerances stay those of execution noise.
+    cast = {"F16": torch.float16, "BF16": torch.bfloat16}.get(_SCALE_NAMES.get(info.get("scale_dtype"), info.get("scale_dtype")))
     out = {}
-    for role in ROLES:
-        base = [f"{prefix}.experts.{i}.{proj[role]}." for i in range(e)]
-        if fmt == "compressed-tensors":
-            wp = _stack(src, [b + "weight_packed" for b in base]).to(device)
-            sc = _stack(src, [b + "weight_scale" for b in base]).to(device)
-            out[role] = xpu_dequant(wp.view(torch.uint8), sc, "u4b8", dtype)
-            continue
-        qw = _stack(src, [b + "qweight" for b in base]).to(device)
-        sc = _stack(src, [b + "scales" for b in base]).to(device)
-        qz = _stack(src, [b + "qzeros" for b in base]).to(device) if base[0] + "qzeros" in src.tensors else None
-        gi = _stack(src, [b + "g_idx" for b in base]).to(device).long() if base[0] + "g_idx" in src.tensors else None
-        out[role] = gptq_dequant(qw, sc, qz, gi, zero_offset=offset, dtype=dtype)
+    for role, t in loaded.items():
+        if "weight_packed" in t:
+            sc = t["weight_scale"] if cast is None else t["weight_scale"].to(cast)
+            out[role] = xpu_dequant(t["weight_packed"].view(torch.uint8), sc, "u4b8", dtype)
+        else:
+            g_idx = t["g_idx"].long() if "g_idx" in t else None
+            sc = t["scales"] if cast is None else t["scales"].to(cast)
+            out[role] = gptq_dequant(t["qweight"], sc, t.get("qzeros"), g_idx, zero_offset=offset, dtype=dtype)
     return torch.cat([out["gate"], out["up"]], dim=1), out["down"]
+
+
+def source_weights(src: Checkpoint, prefix: str, info: dict, block: dict, dtype, device):
+    return dequant_source(load_source(src, prefix, info, device), info, block, dtype)
 
 
 def converted_weights(out: Checkpoint, prefix: str, block: dict, dtype, device, raw: bool = False):
@@ -321,7 +338,9 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
                   tokens: int, seed: int, kernel: bool = False) -> dict:
     import torch
 
+    from .device import synchronize
     from .reference import compare, moe_forward, route, within_kernel_tolerance, within_tolerance
+    from .unpack import xpu_dequant
 
     routing = block.get("routing") or {}
     e = int(info["experts"])
@@ -339,14 +358,28 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
     cov_w = torch.ones(e, 1, device=device)
     cov_id = torch.arange(e, device=device).unsqueeze(1)
 
-    sw13, sw2 = source_weights(src, prefix, info, block, dtype, device)
+    # load: read the packed tensors of both sides and move them to the device
+    synchronize(device)
+    t0 = time.perf_counter()
+    src_packed = load_source(src, prefix, info, device)
+    w13, s13, w2, s2 = converted_weights(out, prefix, block, dtype, device, raw=True)
+    synchronize(device)
+    t1 = time.perf_counter()
+    # compute: dequantize both sides, run the reference MoE on routed tokens and on every expert
+    enc = block["nibble_encoding"]
+    sw13, sw2 = dequant_source(src_packed, info, block, dtype)
     y_src = moe_forward(x.to(dtype), sw13, sw2, tw, tid)
     c_src = moe_forward(x_cov.to(dtype), sw13, sw2, cov_w, cov_id)
     del sw13, sw2
-    cw13, cw2 = converted_weights(out, prefix, block, dtype, device)
+    cw13, cw2 = xpu_dequant(w13, s13, enc, dtype), xpu_dequant(w2, s2, enc, dtype)
     y_conv = moe_forward(x.to(dtype), cw13, cw2, tw, tid)
     c_conv = moe_forward(x_cov.to(dtype), cw13, cw2, cov_w, cov_id)
     del cw13, cw2
+    synchronize(device)
+    t2 = time.perf_counter()
+    packed_bytes = sum(t.numel() * t.element_size() for r in src_packed.values() for t in r.values()) + \
+        sum(t.numel() * t.element_size() for t in (w13, s13, w2, s2))
+    del src_packed
     tp = int(block.get("tp_size", 1))
     tp_stats = None
     if tp > 1:
@@ -365,6 +398,9 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
         "every_expert_rel": every["rel"],
         "every_expert_cosine": every["cosine"],
         "ok": within_tolerance(routed, dtype) and within_tolerance(every, dtype),
+        "load_seconds": round(t1 - t0, 5),
+        "compute_seconds": round(t2 - t1, 5),
+        "packed_bytes": packed_bytes,
     }
     if tp_stats is not None:
         result["tp_sum_rel"] = tp_stats["rel"]
@@ -372,7 +408,6 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
     if kernel:
         from .xpu_kernels import run_xpu_fused_moe
 
-        w13, s13, w2, s2 = converted_weights(out, prefix, block, dtype, device, raw=True)
         y_k = run_xpu_fused_moe(x.to(dtype), w13, s13.to(dtype), w2, s2.to(dtype), tw, tid, None, top_k=top_k,
                                 renormalize=bool(routing.get("renormalize", True)), encoding=block["nibble_encoding"])
         kstats = compare(y_k.float(), y_conv.float())

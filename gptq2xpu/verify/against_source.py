@@ -256,10 +256,39 @@ def _torch_tensor(ckpt: Checkpoint, name: str):
     return torch.from_numpy(np.ascontiguousarray(raw))
 
 
-def _stack(ckpt: Checkpoint, names: list[str]):
-    import torch
+_TORCH_DTYPES = {"U8": "uint8", "I8": "int8", "I32": "int32", "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
-    return torch.stack([_torch_tensor(ckpt, n) for n in names])
+
+def _stack(ckpt: Checkpoint, names: list[str], device=None):
+    """``torch.stack`` of same-shaped tensors, read straight into one (pinned, for a GPU) buffer
+    by parallel ``pread``s, then moved to ``device``."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    refs = [ckpt.ref(n) for n in names]
+    r0 = refs[0]
+    if any((r.dtype, r.shape) != (r0.dtype, r0.shape) for r in refs):
+        raise ValueError(f"{names[0]}: experts' tensors differ in dtype or shape")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    pin = dev.type == "cuda" and torch.cuda.is_available()
+    buf = torch.empty(len(refs) * r0.nbytes, dtype=torch.uint8, pin_memory=pin)
+    arr = buf.numpy().reshape(len(refs), r0.nbytes)
+
+    piece = 32 << 20
+    tasks = [(i, off) for i in range(len(refs)) for off in range(0, r0.nbytes, piece)]
+
+    def one(task):
+        i, off = task
+        ckpt.read_into(refs[i], arr[i, off : off + piece], offset=off)
+
+    if len(tasks) > 1:
+        with ThreadPoolExecutor(min(8, len(tasks))) as pool:
+            list(pool.map(one, tasks))
+    else:
+        for task in tasks:
+            one(task)
+    t = buf.view(getattr(torch, _TORCH_DTYPES[r0.dtype])).reshape((len(refs),) + tuple(r0.shape))
+    return t.to(dev, non_blocking=pin) if device is not None else t
 
 
 def load_source(src: Checkpoint, prefix: str, info: dict, device) -> dict:
@@ -271,7 +300,7 @@ def load_source(src: Checkpoint, prefix: str, info: dict, device) -> dict:
     loaded = {}
     for role in ROLES:
         base = [f"{prefix}.experts.{i}.{proj[role]}." for i in range(e)]
-        loaded[role] = {f: _stack(src, [b + f for b in base]).to(device) for f in fields if base[0] + f in src.tensors}
+        loaded[role] = {f: _stack(src, [b + f for b in base], device) for f in fields if base[0] + f in src.tensors}
     return loaded
 
 
@@ -306,10 +335,8 @@ def converted_weights(out: Checkpoint, prefix: str, block: dict, dtype, device, 
     from .unpack import xpu_dequant
 
     enc = block["nibble_encoding"]
-    w13 = _torch_tensor(out, f"{prefix}.experts.w13_qweight").to(device)
-    s13 = _torch_tensor(out, f"{prefix}.experts.w13_scales").to(device)
-    w2 = _torch_tensor(out, f"{prefix}.experts.w2_qweight").to(device)
-    s2 = _torch_tensor(out, f"{prefix}.experts.w2_scales").to(device)
+    w13, s13, w2, s2 = (_stack(out, [f"{prefix}.experts.{w}"], device)[0]
+                        for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales"))
     if raw:
         return w13, s13, w2, s2
     return xpu_dequant(w13, s13, enc, dtype), xpu_dequant(w2, s2, enc, dtype)
@@ -371,8 +398,12 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
     y_src = moe_forward(x.to(dtype), sw13, sw2, tw, tid)
     c_src = moe_forward(x_cov.to(dtype), sw13, sw2, cov_w, cov_id)
     del sw13, sw2
+    synchronize(device)
+    t_mid = time.perf_counter()
     cw13, cw2 = xpu_dequant(w13, s13, enc, dtype), xpu_dequant(w2, s2, enc, dtype)
     y_conv = moe_forward(x.to(dtype), cw13, cw2, tw, tid)
+    synchronize(device)
+    t_conv = time.perf_counter()
     c_conv = moe_forward(x_cov.to(dtype), cw13, cw2, cov_w, cov_id)
     del cw13, cw2
     synchronize(device)
@@ -400,6 +431,8 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
         "ok": within_tolerance(routed, dtype) and within_tolerance(every, dtype),
         "load_seconds": round(t1 - t0, 5),
         "compute_seconds": round(t2 - t1, 5),
+        "source_side_seconds": round(t_mid - t1, 5),           # GPTQ dequant + routed and every-expert MoE
+        "converted_dequant_moe_seconds": round(t_conv - t_mid, 5),  # XPU bytes dequant + routed MoE
         "packed_bytes": packed_bytes,
     }
     if tp_stats is not None:

@@ -132,6 +132,11 @@ def gptq_dequant(
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
             raise ValueError(f"g_idx values must lie in [0, {groups}), got {int(g_idx.min())}..{int(g_idx.max())}")
 
+    natural = g_idx.dim() == 1 and k % groups == 0 and torch.equal(
+        g_idx, torch.arange(k, device=codes.device) // (k // groups))
+    if natural:
+        return _dequant_grouped(codes, scales, None if qzeros is None else gptq_zeros(qzeros, zero_offset), dtype)
+
     # Work output-major: [..., N, K].
     codes_t = codes.transpose(-1, -2).to(torch.int32)
     scales_t = scales.transpose(-1, -2).to(torch.float32)  # [..., N, G]
@@ -153,6 +158,21 @@ def gptq_dequant(
 
     centred = codes_t - (8 if zeros_t is None else per_k(zeros_t))
     return (centred.to(torch.float32) * per_k(scales_t)).to(dtype)
+
+
+def _dequant_grouped(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Fast path of :func:`gptq_dequant` for rows in natural order (``g_idx == arange(K)//g``).
+
+    The same exact float32 product ``(code - zero) * scale``, rounded once to ``dtype``, formed on
+    a ``[..., N, G, g]`` view instead of gathering per-row scales: no index tensors, in-place ops.
+    """
+    groups = scales.shape[-2]
+    grouped = codes.transpose(-1, -2).unflatten(-1, (groups, codes.shape[-2] // groups))  # [..., N, G, g]
+    out = grouped.to(torch.float32)
+    out -= 8.0 if zeros is None else zeros.transpose(-1, -2).unsqueeze(-1).to(torch.float32)
+    out *= scales.transpose(-1, -2).unsqueeze(-1).to(torch.float32)
+    return out.to(dtype).flatten(-2)
 
 
 def _check_encoding(encoding: str) -> None:

@@ -50,7 +50,7 @@ def verify(
     seed: Annotated[int, typer.Option(help="Seed of the token batch.")] = 0,
     numeric: Annotated[bool, typer.Option("--numeric/--no-numeric", help="Run the reference MoE (with --source).")] = True,
     exhaustive: Annotated[bool, typer.Option("--exhaustive", help="Decode every expert nibble by nibble, not a sample (bytes are always compared in full).")] = False,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Threads for hashing.")] = 2,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Threads for hashing and the bit-exact checks (default: the cores available).")] = None,
     json_out: JsonOpt = False,
 ):
     """Check converted shards: manifest, index, layout contract, config block; with --source, bit

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import UsageError
@@ -45,8 +46,12 @@ def select_layers(prefixes: list[str], spec: str | None) -> list[str]:
 
 def verify(output, source=None, *, revision=None, token=None, device: str = "auto", dtype: str = "auto",
            backend: str = "auto", layers: str | None = None, tokens: int = 64, seed: int = 0,
-           numeric: bool = True, exhaustive: bool = False, jobs: int = 2) -> dict:
+           numeric: bool = True, exhaustive: bool = False, jobs: int | None = None) -> dict:
     t0 = time.perf_counter()
+    if not jobs:
+        from ..convert import default_jobs
+
+        jobs = default_jobs()
     if backend not in ("auto", "reference", "xpu-kernels"):
         raise UsageError(f"--backend {backend!r}: choose auto, reference or xpu-kernels")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -87,8 +92,14 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
             findings.add("source fingerprint", False, f"the source's headers differ from the ones converted ({fp[:23]}...)")
         t_bits = time.perf_counter()
         bit_problems = []
-        for prefix in prefixes:
-            bit_problems += check_layer_bits(src, out, prefix, block["layers"][prefix], block, exhaustive=exhaustive)
+
+        def bits(prefix):
+            return check_layer_bits(src, out, prefix, block["layers"][prefix], block, exhaustive=exhaustive)
+
+        # layers are independent; numpy, pread and torch release the GIL
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            for problems in pool.map(bits, prefixes):
+                bit_problems += problems
         findings.add("bit-exact experts", not bit_problems,
                      "; ".join(bit_problems[:10]) if bit_problems else
                      f"{len(prefixes)} layers: codes, zero points, row order, scales equal the source "

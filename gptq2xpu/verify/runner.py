@@ -64,7 +64,7 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
         if source is not None and out is not None:
             layer_rows = _against_source(out, block, source, findings, revision=revision, token=token, device=device,
                                          dtype=dtype, backend=backend, layers=layers, tokens=tokens, seed=seed,
-                                         numeric=numeric, exhaustive=exhaustive, report=report)
+                                         numeric=numeric, exhaustive=exhaustive, report=report, jobs=jobs)
     finally:
         if out is not None:
             out.close()
@@ -79,7 +79,7 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
 
 
 def _against_source(out, block, source, findings: Findings, *, revision, token, device, dtype, backend, layers,
-                    tokens, seed, numeric, exhaustive, report) -> list[dict]:
+                    tokens, seed, numeric, exhaustive, report, jobs) -> list[dict]:
     from ..convert import open_source
     from .against_source import check_layer_bits, check_passthrough
 

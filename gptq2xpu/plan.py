@@ -626,9 +626,13 @@ def audit(plan: Plan, ckpt: Checkpoint, jobs: int = 1) -> list[str]:
 
     warnings: list[str] = []
     if jobs > 1 and len(tasks) > 1:
-        with ThreadPoolExecutor(jobs) as pool:
+        pool = ThreadPoolExecutor(jobs)
+        try:
             for w in pool.map(one, tasks):
                 warnings.extend(w)
+        finally:
+            # on an error or Ctrl-C, drop the queued checks instead of running them all first
+            pool.shutdown(wait=True, cancel_futures=True)
     else:
         for t in tasks:
             warnings.extend(one(t))

@@ -39,8 +39,6 @@ def render_plan(console, data: dict) -> None:
         console.print("tensor parallel: " + ", ".join(
             f"T={t['tp_size']} {t['how']}" + (f" (+{human_bytes(t['extra_bytes'])})" if t["extra_bytes"] else "")
             for t in data["tp"]))
-    for w in data.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}")
     for r in data.get("refusals", []):
         console.print(f"[red]refused:[/] {r}")
 
@@ -55,5 +53,3 @@ def render_convert(console, data: dict) -> None:
     console.print(f"{data['files']} files, {human_bytes(data['bytes_written'])} written in {data['seconds']} s "
                   f"with {data['jobs']} job(s); {data['passthrough_layers']} MoE layer(s) passed through, "
                   f"{data['passthrough_tensors']} other tensors byte-identical")
-    for w in data.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}")

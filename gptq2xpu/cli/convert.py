@@ -71,6 +71,8 @@ def convert(
     with out.progress("converting") as update:
         result = run(source, output, options=options, jobs=jobs, overwrite=overwrite, dry_run=dry_run,
                      part=parse_part(part), revision=revision, token=token, progress=update)
+    for w in result.get("warnings", []):
+        out.warn(w)
     out.result(result, render_convert)
 
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import EXIT_INPUT
+from ..errors import InputError
 from ..plan import ConvertOptions
 from . import app
 from ._output import Output
@@ -38,6 +38,10 @@ def inspect(
                              keep_unsupported=keep_unsupported, dequantize_router=dequantize_router)
     with open_source(source, revision=revision, token=token) as ckpt:
         data = make_plan(ckpt, options).to_dict()
-    Output(json_out).result(data, render_plan)
+    out = Output(json_out)
+    for w in data["warnings"]:
+        out.warn(w)
+    out.result(data, render_plan)
     if data["refusals"]:
-        raise typer.Exit(EXIT_INPUT)
+        more = f" (and {len(data['refusals']) - 1} more)" if len(data["refusals"]) > 1 else ""
+        raise InputError(f"convert would refuse {data['refusals'][0]}{more}")

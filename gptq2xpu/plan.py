@@ -516,20 +516,11 @@ def _plan_layer(ckpt: Checkpoint, group: ExpertGroup, routers, shared, quant: Qu
     if g13 is None:
         return _refuse(p, "unsupported", f"group size {src_groups['gate']} along K={k} cannot be expressed as groups of {'/'.join(map(str, sorted(SUPPORTED_GROUPS)))} (the only sizes the kernel runs)", **info)
     tp = options.tp_size
-    padded = n
-    g2 = largest_group([src_groups["down"]], divides=[n // tp] if n % tp == 0 else [n, 10**9 + 7])
-    if g2 is None and tp > 1:
-        best = None
-        for g in SUPPORTED_GROUPS:
-            if src_groups["down"] % g == 0:
-                cand = math.ceil(n / (tp * g)) * tp * g
-                if best is None or cand < best[0]:
-                    best = (cand, g)
-        if best is not None:
-            padded, g2 = best
-            notes.append(f"N padded {n} -> {padded} with zero rows so each of {tp} ranks holds whole groups of {g2}")
+    padded, g2 = choose_w2_groups(n, src_groups["down"], tp)
     if g2 is None:
         return _refuse(p, "unsupported", f"group size {src_groups['down']} along N={n} cannot be expressed as groups of {'/'.join(map(str, sorted(SUPPORTED_GROUPS)))}" + (f" split over {tp} ranks" if tp > 1 else ""), **info)
+    if padded != n:
+        notes.append(f"N padded {n} -> {padded} with zero rows so each of {tp} ranks holds whole groups of {g2}")
     for role, g_out in (("gate", g13), ("up", g13), ("down", g2)):
         if src_groups[role] != g_out:
             label = "per-channel" if specs[role].groups == 1 else f"group {src_groups[role]}"
@@ -567,35 +558,51 @@ def _float_reason(prefix: str, quant: QuantConfig, module: str, what: str) -> st
 # ----------------------------------------------------------------------------- tensor parallel
 
 
+def choose_w2_groups(n: int, g_down: int, tp: int) -> tuple[int, int | None]:
+    """(padded N, w2 group size) for ``tp`` ranks: the largest supported group that divides the
+    source group and every rank's slice; only when none does, the smallest zero-padded N that
+    works (ties: the larger group)."""
+    if n % tp == 0:
+        g = largest_group([g_down], divides=[n // tp])
+        if g is not None:
+            return n, g
+    if tp == 1:
+        return n, None
+    best = None
+    for g in SUPPORTED_GROUPS:
+        if g_down % g == 0:
+            cand = math.ceil(n / (tp * g)) * tp * g
+            if best is None or cand < best[0]:
+                best = (cand, g)
+    return best if best is not None else (n, None)
+
+
 def tp_report(plan: Plan, sizes=(1, 2, 4, 8, 16)) -> list[dict]:
-    """Which tensor-parallel sizes work as-is, by regrouping, or only by padding (and the cost)."""
+    """Which tensor-parallel sizes work as-is, by regrouping, or only by padding, and what each
+    costs: the exact extra bytes of the converted tensors against ``--tp-size 1``."""
     out = []
     for t in sizes:
-        worst = "as-is"
-        extra = 0
+        how, extra = "as-is", 0
         for l in plan.converted:
-            n, g = l.intermediate, l.source_groups["down"]
-            if n % t == 0 and (n // t) % min(g, n) == 0 and largest_group([g], divides=[n // t]) == largest_group([g]):
-                continue
-            if n % t == 0 and largest_group([g], divides=[n // t]):
-                if worst == "as-is":
-                    worst = "regroup"
-                gs = largest_group([g], divides=[n // t])
-                extra += l.experts * l.hidden * (n // gs - n // largest_group([g])) * DTYPE_SIZES[l.scale_dtype]
-                continue
-            best = None
-            for gg in SUPPORTED_GROUPS:
-                if g % gg == 0:
-                    cand = math.ceil(n / (t * gg)) * t * gg
-                    best = cand if best is None else min(best, cand)
-            if best is None:
-                worst = "impossible"
+            base = l.geometry
+            padded, g2 = choose_w2_groups(l.intermediate, l.source_groups["down"], t)
+            if g2 is None:
+                how = "impossible"
                 break
-            worst = "pad"
-            # extra bytes: padded rows of w13 (2 x) and columns of w2, codes + scales
-            extra += l.experts * (best - n) * (l.hidden // 2 * 2 + l.hidden // 2 + 2 * (l.hidden // l.geometry.g13) * 2)
-        out.append({"tp_size": t, "how": worst, "extra_bytes": int(extra)})
+            geo = LayerGeometry(base.experts, base.hidden, base.intermediate, padded, base.g13, g2)
+            extra += _layer_bytes(geo, l.scale_dtype) - _layer_bytes(base, l.scale_dtype)
+            if padded != base.padded:
+                how = "pad"
+            elif g2 != base.g2 and how == "as-is":
+                how = "regroup"
+        out.append({"tp_size": t, "how": how, "extra_bytes": int(extra)})
     return out
+
+
+def _layer_bytes(geo: LayerGeometry, scale_dtype: str) -> int:
+    s = DTYPE_SIZES[scale_dtype]
+    return (math.prod(geo.w13_shape) + math.prod(geo.w2_shape)
+            + s * (math.prod(geo.w13_scales_shape) + math.prod(geo.w2_scales_shape)))
 
 
 # ---------------------------------------------------------------------------------- the audit

@@ -25,7 +25,18 @@ import click
 import typer
 
 from .. import __version__
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, Gptq2XpuError, Interrupted
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, Gptq2XpuError, Interrupted, UsageError
+
+# typer >= 0.20 vendors click as ``typer._click``: its exceptions are not click's, so catch both.
+try:
+    from typer._click import exceptions as _tclick
+except ImportError:  # older typer: plain click
+    _tclick = click.exceptions
+_CLICK_ERRORS = tuple({click.ClickException, _tclick.ClickException})
+_NO_ARGS_HELP = tuple(c for c in {getattr(click.exceptions, "NoArgsIsHelpError", None),
+                                  getattr(_tclick, "NoArgsIsHelpError", None)} if c is not None)
+_EXITS = tuple({click.exceptions.Exit, typer.Exit, getattr(_tclick, "Exit", click.exceptions.Exit)})
+_ABORTS = tuple({click.exceptions.Abort, typer.Abort, getattr(_tclick, "Abort", click.exceptions.Abort)})
 
 app = typer.Typer(
     name="gptq2xpu",
@@ -64,6 +75,11 @@ def _on_sigterm(signum, frame):
     raise Interrupted("terminated by SIGTERM")
 
 
+def _on_sigint(signum, frame):
+    # Not KeyboardInterrupt: typer turns that into a silent ``return 130``; this reaches main().
+    raise Interrupted("stopped by SIGINT (Ctrl-C)")
+
+
 def _error_line(exc: Gptq2XpuError) -> str:
     line = f"gptq2xpu: {exc.kind}: {exc.message}"
     if exc.hint:
@@ -75,8 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app and turns every expected failure into one line + exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _state["debug"] = "--debug" in argv or os.environ.get("GPTQ2XPU_DEBUG") == "1"
+    saved = {}
     try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        saved[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            saved[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # not the main thread (embedded use)
         pass
     code = 0
@@ -84,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         rv = app(args=argv, prog_name="gptq2xpu", standalone_mode=False)
         if isinstance(rv, int):
             code = rv
+            if code == EXIT_INTERRUPTED:  # typer turned a KeyboardInterrupt into this return value
+                sys.stderr.write("gptq2xpu: interrupted; partial output removed\n")
     except Gptq2XpuError as exc:
         if _state["debug"]:
             import traceback
@@ -91,13 +112,20 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         sys.stderr.write(_error_line(exc) + "\n")
         code = exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *_ABORTS):
         sys.stderr.write("gptq2xpu: interrupted; partial output removed\n")
         code = EXIT_INTERRUPTED
-    except click.exceptions.Exit as exc:
+    except _EXITS as exc:
         code = exc.exit_code
-    except click.ClickException as exc:
+    except _NO_ARGS_HELP as exc:  # bare `gptq2xpu` / `gptq2xpu convert`: the help was printed
         exc.show()
+        code = EXIT_USAGE
+    except _CLICK_ERRORS as exc:  # bad option / missing argument: one line, like every other error
+        if _state["debug"]:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(_error_line(UsageError(exc.format_message())) + "\n")
         code = exc.exit_code if exc.exit_code else EXIT_USAGE
     except BrokenPipeError:
         code = 0
@@ -109,5 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())
         sys.stderr.write(f"gptq2xpu: internal error: {detail} (re-run with --debug and report it)\n")
         code = EXIT_INTERNAL
+    for sig, handler in saved.items():  # embedded callers (tests) get their handlers back
+        signal.signal(sig, handler)
     sys.stdout.flush()
     raise SystemExit(code)

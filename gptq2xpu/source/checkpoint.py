@@ -89,6 +89,10 @@ def check_member_name(name: object, what: str) -> str:
     """A file name from an untrusted index: relative, no ``..``, no drive/backslash tricks."""
     if not isinstance(name, str) or not name or "\x00" in name:
         raise InputError(f"{what}: bad shard file name {name!r}")
+    try:
+        os.fsencode(name)
+    except UnicodeError:  # e.g. a lone surrogate from a JSON \ud800 escape
+        raise InputError(f"{what}: shard file name {name!r} cannot be a file name on this system") from None
     if name.startswith(("/", "\\")) or os.path.isabs(name) or "\\" in name or ":" in name:
         raise InputError(f"{what}: shard file {name!r} is an absolute path; it must stay inside the checkpoint folder")
     parts = name.split("/")
@@ -212,10 +216,13 @@ def find_shards(root: Path, trusted_root: Path) -> tuple[list[str], dict[str, st
             files.add(file)
         for file in sorted(files):
             path = root / file
-            if not _inside(root_real, path):
-                raise InputError(f"{name}: shard {file!r} is a link pointing outside the checkpoint folder")
-            if not path.is_file():
-                raise InputError(f"{name}: shard {file!r} named in the index does not exist")
+            try:
+                if not _inside(root_real, path):
+                    raise InputError(f"{name}: shard {file!r} is a link pointing outside the checkpoint folder")
+                if not path.is_file():
+                    raise InputError(f"{name}: shard {file!r} named in the index does not exist")
+            except OSError as exc:  # ENAMETOOLONG, EACCES...: is_file() only hides ENOENT-like errors
+                raise InputError(f"{name}: shard {file!r} cannot be checked ({exc.strerror or exc})") from None
         return sorted(files), wm, name
 
     candidates = []
@@ -264,6 +271,9 @@ def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path
         raise InputError(f"{root}: SOURCE must be a checkpoint folder, not a file")
     trusted = Path(trusted_root) if trusted_root else root
     cfg_path = root / "config.json"
+    if cfg_path.is_file() and not _inside(os.path.realpath(trusted), cfg_path):
+        # its content goes into OUTPUT's config.json: never follow a link out of the checkpoint
+        raise InputError("config.json: is a link pointing outside the checkpoint folder; replace the link with the file itself")
     config = load_json_file(cfg_path) if cfg_path.is_file() else {}
 
     files, weight_map, index_file = find_shards(root, trusted)

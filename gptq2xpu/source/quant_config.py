@@ -107,9 +107,53 @@ def _compile(pattern: str, where: str) -> re.Pattern:
     if len(pattern) > MAX_PATTERN_LEN:
         raise InputError(f"{where}: pattern longer than {MAX_PATTERN_LEN} characters")
     try:
-        return re.compile(pattern)
-    except re.error as exc:
+        compiled = re.compile(pattern)
+        if _nested_repeat(_sre_parse(pattern)):
+            raise InputError(f"{where}: regular expression {pattern!r} repeats a repeated group (like '(a+)+'), "
+                             "which can take exponential time to match; write it without nested repeats")
+        return compiled
+    except (re.error, OverflowError, ValueError) as exc:  # OverflowError: a{99999999999}
         raise InputError(f"{where}: invalid regular expression {pattern!r} ({exc})") from None
+    except RecursionError:  # thousands of nested groups
+        raise InputError(f"{where}: regular expression nested too deeply") from None
+
+
+def _sre_parse(pattern: str):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from re import _parser as sre_parse  # Python >= 3.11
+        except ImportError:  # pragma: no cover
+            import sre_parse
+    return sre_parse.parse(pattern)
+
+
+def _nested_repeat(items, inside_repeat: bool = False) -> bool:
+    """True when an unbounded-ish repeat (max > 1) contains another one: star height > 1, the
+    shape behind catastrophic backtracking ('(a+)+', '(a|aa)*b')... untrusted configs must not
+    be able to hang a conversion."""
+    from re import _constants as c  # noqa: PLC2701  (3.11+; the parser's own node names)
+
+    for op, av in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            lo, hi, sub = av
+            repeats = hi is c.MAXREPEAT or hi > 1
+            if repeats and inside_repeat:
+                return True
+            if _nested_repeat(sub, inside_repeat or repeats):
+                return True
+        elif op == c.SUBPATTERN:
+            if _nested_repeat(av[-1], inside_repeat):
+                return True
+        elif op == c.BRANCH:
+            if any(_nested_repeat(b, inside_repeat) for b in av[1]):
+                return True
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            if _nested_repeat(av[1], inside_repeat):
+                return True
+    return False
 
 
 def _locate(root: Path, config: dict) -> tuple[dict, str] | None:
@@ -221,7 +265,10 @@ def _read_compressed_tensors(raw: dict, where: str) -> QuantConfig:
         found_in=where,
         raw=raw,
     )
-    for item in raw.get("ignore") or []:
+    ignore = raw.get("ignore") or []
+    if not isinstance(ignore, list):
+        raise InputError(f"{where}: 'ignore' must be a list of module names or re: patterns")
+    for item in ignore:
         if not isinstance(item, str):
             raise InputError(f"{where}: ignore entries must be strings, found {item!r}")
         if item.startswith("re:"):

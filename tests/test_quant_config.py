@@ -1,0 +1,51 @@
+"""The quantization-config reader: locations, dynamic rules, and hostile regular expressions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gptq2xpu.errors import InputError
+from gptq2xpu.source.quant_config import read_quant_config
+
+REAL_PATTERNS = [
+    r"-:.*model\.layers\.0\.mlp\.gate.*",          # AutoRound (the shared fixture)
+    r"+:.*\.(\d+)\.mlp\.experts\..*",
+    r"model\.layers\.[0-9]+\.self_attn\..*",
+    r"-:.*(shared_expert|gate)$",
+    r".*layers\.(1|2)\.mlp\.experts\.(?:\d+)\.down_proj",
+]
+
+
+def cfg(dynamic):
+    return {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "dynamic": dynamic}}
+
+
+def test_real_world_rules_are_accepted_and_applied(tmp_path):
+    qc = read_quant_config(tmp_path, cfg({p: ({} if p.startswith("-:") else {"group_size": 64}) for p in REAL_PATTERNS}))
+    assert not qc.module("model.layers.0.mlp.gate").quantized
+    assert qc.module("model.layers.3.mlp.experts.7.up_proj").group_size == 64
+    assert qc.module("lm_head").quantized and qc.module("lm_head").group_size == 128
+
+
+@pytest.mark.parametrize("pattern", [r"(a+)+b", r"-:(.*a){2,}x", r"+:((ab)+)+$", r"(?:x|(y+))*z", r"-:(\w*)*\."])
+def test_patterns_that_can_backtrack_exponentially_are_refused(tmp_path, pattern):
+    with pytest.raises(InputError, match="nested repeats"):
+        read_quant_config(tmp_path, cfg({pattern: {}}))
+
+
+def test_first_match_wins_and_exclusion(tmp_path):
+    qc = read_quant_config(tmp_path, cfg({r"-:.*layers\.1\..*": {}, r".*layers\..*": {"bits": 8}}))
+    assert not qc.module("model.layers.1.mlp.experts.0.w1").quantized
+    assert qc.module("model.layers.2.mlp.experts.0.w1").bits == 8
+
+
+def test_nested_text_config_and_separate_files(tmp_path):
+    qc = read_quant_config(tmp_path, {"text_config": {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32}}})
+    assert qc.group_size == 32 and qc.found_in == "config.json:text_config.quantization_config"
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 64, "desc_act": False}))
+    qc = read_quant_config(tmp_path, {})
+    assert qc.group_size == 64 and qc.found_in == "quantize_config.json" and qc.checkpoint_format == "gptq"
+    with pytest.raises(InputError, match="no quantization config"):
+        read_quant_config(tmp_path / "nowhere", {})

@@ -113,6 +113,23 @@ class LayerGeometry:
         return (self.experts, self.hidden, self.padded // self.g2)
 
 
+def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src.T`` for a 2-D ``src``, copied in bands of source rows.
+
+    Same bytes as ``np.copyto(dst, src.T)``, 2-5x faster on GPTQ shapes: a plain transposed copy
+    reads one element from every source row in turn, and rows a multiple of 4 KiB apart (K = 2048
+    int32 words: 8 KiB) all land in the same L1 sets and evict each other.  A band of 8 such rows
+    (16 otherwise) stays in L1 while its columns are written out.
+    """
+    rows = src.shape[0]
+    band = 8 if (src.strides[0] % 4096) == 0 else 16
+    if rows <= band:
+        np.copyto(dst, src.T)
+        return
+    for r in range(0, rows, band):
+        np.copyto(dst[:, r : r + band], src[r : r + band].T)
+
+
 def encode_words(words: np.ndarray, encoding: str) -> None:
     """Re-encode u4b8 int32 words in place (s4: every nibble ``(q - 8) & 0xF``)."""
     if encoding == "s4":
@@ -163,6 +180,9 @@ def layer_scales(per_expert, geo: LayerGeometry, *, roles: tuple[str, ...], src_
     """
     w13 = roles != ("down",)
     shape = geo.w13_scales_shape if w13 else geo.w2_scales_shape
+    if src_dtype == dst_dtype and src_dtype in ("F16", "BF16") and all(
+            src_groups[r] == (geo.g13 if w13 else geo.g2) for r in roles):
+        return _stack_stored_scales(per_expert, geo, roles, shape, w13, src_dtype)
     out = np.zeros(shape, dtype=np.float32)
     for e in range(geo.experts):
         for i, role in enumerate(roles):
@@ -175,3 +195,28 @@ def layer_scales(per_expert, geo: LayerGeometry, *, roles: tuple[str, ...], src_
             else:
                 out[e, :, : s.shape[1]] = s
     return from_float32(out, dst_dtype)
+
+
+def _stack_stored_scales(per_expert, geo: LayerGeometry, roles, shape, w13: bool, dtype: str) -> np.ndarray:
+    """:func:`layer_scales` when nothing is regrouped or cast: the stored bits are placed directly.
+
+    The float32 round trip it skips is the identity on every F16 bit pattern and on every BF16
+    pattern but signalling NaNs, which :func:`from_float32` makes quiet (``| 0x40``); so does this.
+    Padding is 0 bits, as ``from_float32(0.0)`` gives.
+    """
+    out = None
+    for e in range(geo.experts):
+        for i, role in enumerate(roles):
+            s = per_expert(e, role)
+            if out is None:
+                out = np.zeros(shape, dtype=s.dtype)
+            if w13:
+                out[e, i * geo.padded : i * geo.padded + geo.intermediate] = s
+            else:
+                out[e, :, : s.shape[1]] = s
+    if dtype == "BF16":
+        u = out.view(np.uint16)
+        nan = ((u & 0x7F80) == 0x7F80) & ((u & 0x7F) != 0)
+        if nan.any():
+            u[nan] |= 0x40
+    return out

@@ -4,11 +4,12 @@ How bytes move
 --------------
 Each output shard is a fixed sequence of chunks (its header, then every tensor in planned order).
 A chunk is produced by a small task: copy a slice of a source tensor, build one expert's w13 or w2
-rows, or a layer's scales.  Up to ``jobs`` worker threads run tasks ahead (numpy, ``pread`` and
-hashing release the GIL); the writing thread takes the results strictly in file order, feeds them
-to sha256 and ``write``s them, so files and hashes are identical whatever ``jobs`` is.  Buffers are
-pooled and reused, so memory stays at a few chunks (a few MB for real models) whatever the model
-size: nothing holds a layer, a shard or a model, and no source file is memory-mapped.
+rows, or a layer's scales.  Up to ``jobs`` worker threads run tasks ahead (numpy, ``pread``,
+``pwrite`` and hashing release the GIL) and ``pwrite`` each chunk at its planned offset; the main
+thread takes the chunks strictly in file order and feeds them to sha256 (the one serial step), so
+files and hashes are identical whatever ``jobs`` is.  Buffers are pooled and reused, so memory
+stays at a few chunks (a few MB for real models) whatever the model size: nothing holds a layer, a
+shard or a model, and no source file is memory-mapped.
 
 Atomicity
 ---------
@@ -21,6 +22,7 @@ A split run (``--part i/n``) writes each of its shards to a temporary name and r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -51,7 +53,7 @@ from .repack import (
     to_float32,
 )
 from .source import Checkpoint
-from .source.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
+from .source.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, _inside
 
 COPY_CHUNK = 16 * 1024 * 1024
 PARTS_DIR = ".gptq2xpu-parts"
@@ -101,25 +103,28 @@ class ShardSource:
         self.pool = pool
         self._scales_lock = threading.Lock()
 
-    def tasks(self, shard: ShardPlan) -> list[Callable[[], Chunk]]:
-        out: list[Callable[[], Chunk]] = [lambda h=shard.layout.header: Chunk(memoryview(h))]
+    def tasks(self, shard: ShardPlan) -> list[tuple[int, Callable[[], Chunk]]]:
+        """``(file offset, task)`` pairs in file order; each task's chunk starts at its offset."""
+        out: list[tuple[int, Callable[[], Chunk]]] = [(0, lambda h=shard.layout.header: Chunk(memoryview(h)))]
         for item in shard.items:
             kind = item.source
+            start = shard.layout.offsets[item.tensor.name][0]
             if kind == "copy":
-                out.extend(self._copy_tasks(item.ref))
+                out.extend(self._copy_tasks(item.ref, start))
             elif kind in ("w13_qweight", "w2_qweight"):
                 layer = self.plan.layer(item.ref)
                 fn = self._w13 if kind == "w13_qweight" else self._w2
-                out.extend((lambda e=e, l=layer, f=fn: f(l, e)) for e in range(layer.experts))
+                step = item.tensor.nbytes // layer.experts
+                out.extend((start + e * step, lambda e=e, l=layer, f=fn: f(l, e)) for e in range(layer.experts))
             elif kind in ("w13_scales", "w2_scales"):
-                out.append(lambda l=self.plan.layer(item.ref), k=kind: self._scales(l, k))
+                out.append((start, lambda l=self.plan.layer(item.ref), k=kind: self._scales(l, k)))
             elif kind == "router":
-                out.append(lambda l=self.plan.layer(item.ref), t=item.tensor: self._router(l, t))
+                out.append((start, lambda l=self.plan.layer(item.ref), t=item.tensor: self._router(l, t)))
             else:  # pragma: no cover - plan and writer are built together
                 raise AssertionError(kind)
         return out
 
-    def _copy_tasks(self, name: str):
+    def _copy_tasks(self, name: str, start: int):
         ref = self.ckpt.ref(name)
         for off in range(0, ref.nbytes, COPY_CHUNK):
             size = min(COPY_CHUNK, ref.nbytes - off)
@@ -129,7 +134,7 @@ class ShardSource:
                 self.ckpt.read_into(ref, buf, offset=off)
                 return Chunk(memoryview(buf), lambda: self.pool.put(buf))
 
-            yield task
+            yield start + off, task
 
     def _rows_reader(self, layer, e, role, scratch):
         fmt = FORMATS[layer.format]
@@ -208,18 +213,25 @@ def dequantize_gptq_linear(ckpt: Checkpoint, fields: dict[str, str], checkpoint_
 # ------------------------------------------------------------------------------ shard writing
 
 
-def _write_all(fd: int, data: memoryview, path) -> None:
+def _write_all(fd: int, data: memoryview, path, offset: int) -> None:
     view = data.cast("B") if data.format != "B" else data
     while len(view):
         try:
-            n = os.write(fd, view)
+            n = os.pwrite(fd, view, offset)
         except OSError as exc:
             raise io_error("cannot write", path, exc) from None
         view = view[n:]
+        offset += n
 
 
 class ShardWriter:
-    """Writes shards in file order, hashing as it goes, with a bounded look-ahead of worker tasks."""
+    """Writes shards with a bounded look-ahead of worker tasks, hashing in file order.
+
+    Every chunk's place in the file is known from the plan, so the worker that builds a chunk also
+    writes it (``pwrite`` at its offset: the copy into the page cache runs in parallel), and this
+    thread only feeds the chunks to sha256 strictly in file order -- the one serial step -- and
+    recycles their buffers.  Bytes and hashes are the same whatever ``jobs`` is.
+    """
 
     def __init__(self, plan: Plan, ckpt: Checkpoint, jobs: int = 1, progress: Callable[[int], None] | None = None):
         self.plan = plan
@@ -238,30 +250,38 @@ class ShardWriter:
             raise io_error("cannot create", path, exc) from None
         size = 0
         try:
-            for chunk in self._run(tasks):
-                digest.update(chunk.data)
-                _write_all(fd, chunk.data, path)
-                size += chunk.data.nbytes
-                if chunk.release:
-                    chunk.release()
-                self.progress(chunk.data.nbytes)
+            # closing() stops the workers (and waits for running ones) before fd is closed
+            with contextlib.closing(self._run(tasks, fd, path)) as chunks:
+                for offset, chunk in chunks:
+                    if offset != size:  # pragma: no cover - guards the planner/writer contract
+                        raise AssertionError(f"{shard.name}: chunk at {offset}, expected {size}")
+                    digest.update(chunk.data)
+                    size += chunk.data.nbytes
+                    if chunk.release:
+                        chunk.release()
+                    self.progress(chunk.data.nbytes)
         finally:
             os.close(fd)
         if size != shard.layout.file_size:  # pragma: no cover - guards the planner/writer contract
             raise AssertionError(f"{shard.name}: wrote {size} bytes, planned {shard.layout.file_size}")
         return {"sha256": digest.hexdigest(), "size": size}
 
-    def _run(self, tasks):
+    @staticmethod
+    def _produce(offset: int, task, fd: int, path) -> tuple[int, Chunk]:
+        chunk = task()
+        _write_all(fd, chunk.data, path, offset)
+        return offset, chunk
+
+    def _run(self, tasks, fd: int, path):
         if self.jobs == 1:
-            for t in tasks:
-                yield t()
+            for offset, t in tasks:
+                yield self._produce(offset, t, fd, path)
             return
         window: deque = deque()
-        it = iter(tasks)
         with ThreadPoolExecutor(self.jobs, thread_name_prefix="gptq2xpu") as ex:
             try:
-                for t in it:
-                    window.append(ex.submit(t))
+                for offset, t in tasks:
+                    window.append(ex.submit(self._produce, offset, t, fd, path))
                     if len(window) >= self.jobs * 3:
                         yield window.popleft().result()
                 while window:
@@ -274,9 +294,13 @@ class ShardWriter:
 # ------------------------------------------------------------------------------ side documents
 
 
-def side_files(root: Path) -> list[str]:
+def side_files(root: Path, trusted_root: Path | None = None) -> list[str]:
     """Top-level files copied unchanged: tokenizer, generation, chat template, README, licence,
-    other configs.  Weights (safetensors, pickles...), the index, config.json and hidden files are not."""
+    other configs.  Weights (safetensors, pickles...), the index, config.json and hidden files are not.
+
+    A file that is a link pointing outside ``trusted_root`` (default ``root``) is refused: copying it
+    would put an arbitrary file of this machine (``tokenizer.json -> ~/.ssh/id_rsa``) into OUTPUT."""
+    root_real = os.path.realpath(trusted_root or root)
     out = []
     for p in sorted(root.iterdir()):
         name = p.name
@@ -284,6 +308,9 @@ def side_files(root: Path) -> list[str]:
             continue
         if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".safetensors.index.json"):
             continue
+        if not _inside(root_real, p):
+            raise InputError(f"{name}: is a link pointing outside the checkpoint folder; it would be copied "
+                             "into OUTPUT: replace the link with the file itself")
         out.append(name)
     return out
 
@@ -452,6 +479,7 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, output: Path, *, jobs: int = 
     """Write the whole converted checkpoint at ``output`` (atomically).  Returns the manifest files."""
     output = Path(output)
     check_output(output, ckpt.root, overwrite=overwrite)
+    side_files(ckpt.root, ckpt.trusted_root)  # refuse escaping links before writing anything
     remove_stale(output)
     stage = output.parent / f".{output.name}{STAGE_TAG}{os.getpid()}"
     try:
@@ -489,7 +517,7 @@ def _write_parts(plan, ckpt, folder: Path, indices, jobs, progress) -> dict:
 
 def _write_documents(plan, ckpt, folder: Path, shard_files: dict) -> dict:
     files = {}
-    for name in side_files(ckpt.root):
+    for name in side_files(ckpt.root, ckpt.trusted_root):
         files[name] = _copy_file(ckpt.root / name, folder, name)
     files[INDEX_NAME] = _write_doc(folder, INDEX_NAME, index_bytes(plan))
     files["config.json"] = _write_doc(folder, "config.json", config_bytes(plan, ckpt))
@@ -604,6 +632,7 @@ def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int
     """Write this part's shards into the shared OUTPUT folder, plus what ``finalize`` needs."""
     output = Path(output)
     check_output(output, ckpt.root, overwrite=False, part=True)
+    side_files(ckpt.root, ckpt.trusted_root)  # refuse escaping links before writing anything
     if (output / MANIFEST_NAME).exists():
         raise UsageError(f"{output}: already finalized (it has {MANIFEST_NAME}); use a new OUTPUT")
     pdir = output / PARTS_DIR
@@ -629,7 +658,7 @@ def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int
             raise UsageError(f"{output}: holds parts of a different conversion (source, options or part count differ)")
     _write_doc(pdir, "plan.json", json.dumps(docs, indent=1).encode())
     files = _write_parts(plan, ckpt, output, part_shards(plan, part, parts), jobs, progress)
-    for name in side_files(ckpt.root):
+    for name in side_files(ckpt.root, ckpt.trusted_root):
         files[name] = _copy_file(ckpt.root / name, output, name)
     ckpt.check_unchanged()
     _write_doc(pdir, f"part-{part}-of-{parts}.json", json.dumps({"files": files}, indent=1).encode())

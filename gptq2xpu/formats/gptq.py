@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
+from ..repack import transpose_into
 from .base import ProjSpec, QuantFormat
 
 _SYMMETRIC_WORD = {"gptq": 0x77777777, "gptq_v2": 0x88888888}
@@ -98,7 +99,7 @@ class GptqFormat(QuantFormat):
         ref = ckpt.ref(fields["qweight"])
         src = scratch[: ref.entry.numel].reshape(ref.shape)
         ckpt.read_into(ref, src)
-        np.copyto(out_words, src.T)
+        transpose_into(out_words, src)
 
     def read_scales(self, ckpt, fields, spec):
         sc = ckpt.read(fields["scales"])

@@ -55,7 +55,7 @@ class Findings:
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as fh:
-        buf = bytearray(8 << 20)
+        buf = bytearray(1 << 20)  # stays in L2/L3 between the read and the hash (8 MiB: ~10 % slower)
         view = memoryview(buf)
         while True:
             n = fh.readinto(buf)

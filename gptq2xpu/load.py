@@ -15,7 +15,11 @@ Nibble encoding: the kernel rewrites offset-8 (u4b8) nibbles into signed ones on
 making a second copy of every expert weight on the device, unless the w13 tensor carries the
 attribute ``xpu_fused_moe``.  With ``signed=True`` (or an ``s4`` checkpoint) the loader hands over
 signed nibbles (converted on the host if needed) and sets that attribute, so the kernel skips the
-rewrite.
+rewrite.  Signed bytes come as ``torch.int8`` by default: that is the buffer the kernel's own
+rewrite produces, and current ``XpuFusedMoe`` versions recognise packed int4 in the grouped GEMM by
+``B dtype == int8`` (a pre-converted ``uint8`` buffer would skip the rewrite yet not be read as
+int4).  Pass ``signed_dtype=torch.uint8`` for older versions that take an explicit ``is_int4=True``
+and keep uint8 buffers.
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ class MoELayerWeights:
     """One MoE layer's expert weights in the XPU layout (one rank's slice when tensor-parallel)."""
 
     prefix: str
-    w13: torch.Tensor            # uint8 [E, 2*N_rank, K/2]
+    w13: torch.Tensor            # uint8 [E, 2*N_rank, K/2] (int8 when signed, see signed_dtype)
     w13_scales: torch.Tensor     # [E, 2*N_rank, K/g13]
-    w2: torch.Tensor             # uint8 [E, K, N_rank/2]
+    w2: torch.Tensor             # uint8 [E, K, N_rank/2] (int8 when signed, see signed_dtype)
     w2_scales: torch.Tensor      # [E, K, N_rank/g2]
     encoding: str                # "u4b8" or "s4" (what the bytes hold now)
     experts: int
@@ -88,13 +92,17 @@ class ConvertedCheckpoint:
         return _to_torch(self._ckpt, name).to(device)
 
     def layer(self, prefix: str, *, device="cpu", dtype: torch.dtype = torch.bfloat16, tp_rank: int = 0,
-              tp_size: int = 1, signed: bool | None = None, pin_memory: bool = False) -> MoELayerWeights:
+              tp_size: int = 1, signed: bool | None = None, signed_dtype: torch.dtype = torch.int8,
+              pin_memory: bool = False) -> MoELayerWeights:
         """The tensors XpuFusedMoe takes for layer ``prefix``.
 
         ``dtype`` is the activation dtype: scales are handed over in it (the kernel reads them so).
         ``signed``: None keeps the stored encoding; True hands over s4 nibbles marked so the kernel
-        skips its conversion; False hands over u4b8.
+        skips its conversion; False hands over u4b8.  ``signed_dtype``: the dtype signed bytes are
+        handed over in (int8, what current kernels read as int4; uint8 for explicit-flag versions).
         """
+        if signed_dtype not in (torch.int8, torch.uint8):
+            raise UsageError(f"signed_dtype {signed_dtype}: choose torch.int8 or torch.uint8")
         info = self.block["layers"].get(prefix)
         if info is None:
             raise UsageError(f"{prefix}: not a converted MoE layer of {self.path}")
@@ -123,6 +131,8 @@ class ConvertedCheckpoint:
             if want_signed != (encoding == "s4"):
                 t.bitwise_xor_(0x88)  # u4b8 <-> s4 on the host, in place
         encoding = "s4" if want_signed else "u4b8"
+        if want_signed:
+            w13, w2 = w13.view(signed_dtype), w2.view(signed_dtype)
         s13, s2 = s13.to(dtype), s2.to(dtype)
         if pin_memory and torch.device(device).type != "cpu":
             w13, s13, w2, s2 = (t.pin_memory() for t in (w13, s13, w2, s2))

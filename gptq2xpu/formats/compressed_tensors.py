@@ -63,9 +63,18 @@ class CompressedTensorsFormat(QuantFormat):
             if shape != [spec.out_features, spec.in_features]:
                 raise InputError(f"{fields['weight_shape']}: says {shape}, tensors say [{spec.out_features}, {spec.in_features}]")
         if "weight_zero_point" in fields:
-            zp = ckpt.read(fields["weight_zero_point"])
-            if zp.dtype == np.uint8 or np.any(zp != 0):
-                raise InputError(f"{fields['weight_zero_point']}: asymmetric zero points; the XPU kernel runs symmetric int4 only")
+            name = fields["weight_zero_point"]
+            zp = ckpt.read(name)
+            if zp.dtype == np.uint8:
+                raise InputError(f"{name}: asymmetric zero points; the XPU kernel runs symmetric int4 only")
+            if zp.dtype == np.int32 and zp.ndim == 2 and zp.shape[0] * 32 // spec.bits == spec.out_features:
+                # packed along N like the weights (pack_to_int32(zp, packed_dim=0)): value + 8 per
+                # field, so a zero point of 0 is stored as 8 and 0x00000000 means -8 everywhere
+                u = zp.view(np.uint32)
+                per, mask = 32 // spec.bits, (1 << spec.bits) - 1
+                zp = np.stack([(u >> (spec.bits * j)) & mask for j in range(per)], axis=1).astype(np.int64) - (1 << (spec.bits - 1))
+            if np.any(zp != 0):
+                raise InputError(f"{name}: asymmetric zero points; the XPU kernel runs symmetric int4 only")
         if "weight_g_idx" in fields:
             gi = ckpt.read(fields["weight_g_idx"])
             if not np.array_equal(gi, np.arange(spec.in_features) // spec.group_size):

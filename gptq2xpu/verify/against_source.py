@@ -25,6 +25,8 @@ its own (so experts the router did not pick are covered too).
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 
 import numpy as np
@@ -48,6 +50,21 @@ def _read_slice(ckpt: Checkpoint, name: str, index: int, shape: tuple[int, ...])
     buf = np.empty(size, dtype=np.uint8)
     ckpt.read_into(ref, buf, offset=index * size)
     return buf.reshape(shape)
+
+
+def _transpose_words(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src.T`` in bands of source rows: a plain transposed copy reads a word from every
+    source row in turn, and rows 4 KiB apart (K = 2048: 8 KiB) evict each other from L1."""
+    band = 8 if src.strides[0] % 4096 == 0 else 16
+    for r in range(0, src.shape[0], band):
+        np.copyto(dst[:, r : r + band], src[r : r + band].T)
+
+
+def _same_bytes_2d(a: np.ndarray, b: np.ndarray) -> bool:
+    """``np.array_equal`` of two uint8 matrices, four bytes at a time where the rows allow it."""
+    if a.shape == b.shape and a.shape[1] % 4 == 0 and a.strides[1] == 1 and b.strides[1] == 1:
+        return np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    return np.array_equal(a, b)
 
 
 def _scales_f32(ckpt: Checkpoint, name: str) -> np.ndarray:
@@ -86,6 +103,7 @@ class LayerBits:
         self.ckpt_format = block.get("source", {}).get("checkpoint_format", "gptq")
         self.scale_dtype = {"float16": "F16", "bfloat16": "BF16"}.get(info["scale_dtype"], info["scale_dtype"])
         self.problems: list[str] = []
+        self._words: dict[tuple[int, int], np.ndarray] = {}   # expected-rows buffers, by shape
 
     def name(self, e: int, role: str, field: str) -> str:
         return f"{self.prefix}.experts.{e}.{self.proj[role]}.{field}"
@@ -95,13 +113,22 @@ class LayerBits:
             self.problems.append(f"{self.prefix}: {msg}")
 
     # --- codes ----------------------------------------------------------------------
-    def expected_rows(self, e: int, role: str) -> np.ndarray:
-        """XPU bytes [out, in/2] derived from the source's own bit layout."""
+    def expected_rows(self, e: int, role: str, out: np.ndarray | None = None) -> np.ndarray:
+        """XPU bytes [out, in/2] derived from the source's own bit layout (into ``out`` when given:
+        a uint32 buffer of the transposed shape, reused across experts)."""
         if self.fmt == "compressed-tensors":
             wp = _np_read(self.src, self.name(e, role, "weight_packed"))
             rows = wp.view(np.uint8).reshape(wp.shape[0], wp.shape[1] * 4)
         else:
             q = _np_read(self.src, self.name(e, role, "qweight"))          # [in/8, out] int32
+            if q.ndim == 2 and q.dtype.itemsize == 4:
+                # byte b of word [r, n] goes to [n, 4r+b]: the four bytes of a word move together,
+                # so as little-endian words the XPU row n is column n of the source words
+                words = out if out is not None and out.shape == q.shape[::-1] else np.empty(q.shape[::-1], np.uint32)
+                _transpose_words(words, q.view(np.uint32))
+                if self.xor:
+                    np.bitwise_xor(words, np.uint32(self.xor * 0x01010101), out=words)
+                return words.view(np.uint8).reshape(q.shape[1], q.shape[0] * 4)
             by = q.view(np.uint8).reshape(q.shape[0], q.shape[1], 4)      # byte b of word [r, n]
             rows = by.transpose(1, 0, 2).reshape(q.shape[1], q.shape[0] * 4)  # [n, 4r+b]
         return rows ^ np.uint8(self.xor) if self.xor else rows
@@ -112,11 +139,14 @@ class LayerBits:
         w2 = _read_slice(self.out, f"{self.prefix}.experts.w2_qweight", e, (k, p // 2))
         pad = np.uint8(0x88 ^ self.xor)
         for role, got in (("gate", w13[:n]), ("up", w13[p : p + n]), ("down", w2[:, : n // 2])):
-            want = self.expected_rows(e, role)
+            buf = self._words.get(got.shape)
+            if buf is None and got.shape[1] % 4 == 0:
+                buf = self._words[got.shape] = np.empty((got.shape[0], got.shape[1] // 4), np.uint32)
+            want = self.expected_rows(e, role, buf)
             if want.shape != got.shape:
                 self.bad(f"expert {e} {role}: shape {got.shape} vs source {want.shape}")
                 continue
-            if not np.array_equal(want, got):
+            if not _same_bytes_2d(want, got):
                 r, c = np.argwhere(want != got)[0]
                 self.bad(f"expert {e} {role}: byte [{r}, {c}] is 0x{int(got[r, c]):02X}, source says 0x{int(want[r, c]):02X}")
         if p > n:
@@ -125,17 +155,24 @@ class LayerBits:
         return w13, w2
 
     def check_zero_points(self, e: int) -> None:
-        if self.fmt != "gptq":
+        ct = self.fmt == "compressed-tensors"
+        if self.fmt != "gptq" and not ct:
             return
         offset = 1 if self.ckpt_format == "gptq" else 0
         for role in ROLES:
-            zname = self.name(e, role, "qzeros")
+            zname = self.name(e, role, "weight_zero_point" if ct else "qzeros")
             if zname in self.src.tensors:
-                z = _np_read(self.src, zname).view(np.uint32)
+                z = _np_read(self.src, zname)
+                if ct and z.dtype != np.int32:  # unpacked: the zero point itself, symmetric = 0
+                    if z.dtype == np.uint8 or (z != 0).any():
+                        self.bad(f"{zname}: zero points are not the symmetric 0 (compressed-tensors)")
+                    continue
+                z = z.view(np.uint32)
                 nib = np.stack([(z >> (4 * j)) & 0xF for j in range(8)], axis=-1)
-                if not (nib.astype(np.int64) + offset == _SYM_ZERO).all():
+                # GPTQ: v1 stores zero - 1; compressed-tensors packs zero + 8 (symmetric zero 0 -> 8)
+                if not (nib.astype(np.int64) + (0 if ct else offset) == _SYM_ZERO).all():
                     self.bad(f"{zname}: zero points are not the symmetric 8 ({self.ckpt_format})")
-            gname = self.name(e, role, "g_idx")
+            gname = self.name(e, role, "weight_g_idx" if ct else "g_idx")
             if gname in self.src.tensors:
                 gi = _np_read(self.src, gname).astype(np.int64)
                 k_in = gi.shape[0]
@@ -191,14 +228,50 @@ def sample_experts(num: int, count: int = 4) -> list[int]:
     return sorted({round(i * (num - 1) / (count - 1)) for i in range(count)})
 
 
+_torch_prefetch = threading.Lock()
+
+
+def _import_torch_in_background() -> None:
+    """Start importing torch (about a second) while the numpy byte checks run."""
+    if "torch" in sys.modules or not _torch_prefetch.acquire(blocking=False):
+        return  # imported, or already being imported; the lock is never released: once is enough
+
+    def run():
+        try:
+            import torch  # noqa: F401
+        except Exception:  # pragma: no cover - the foreground import raises it where torch is used
+            pass
+
+    threading.Thread(target=run, name="gptq2xpu-import-torch", daemon=True).start()
+
+
 def check_layer_bits(src, out, prefix, info, block, *, exhaustive=False) -> list[str]:
     lb = LayerBits(src, out, prefix, info, block)
-    sampled = set(range(lb.e)) if exhaustive else set(sample_experts(lb.e))
+    if exhaustive:
+        for e in range(lb.e):
+            lb.check_zero_points(e)
+            w13, w2 = lb.check_codes(e)
+            lb.cross_check_nibbles(e, w13, w2, block["nibble_encoding"])
+        lb.check_scales()
+        return lb.problems
+    # The few sampled experts are decoded (torch) after every expert's bytes are compared (numpy),
+    # so the torch import overlaps the byte checks.  Messages keep the per-expert order (and the
+    # first-20 cap) of checking each expert completely in turn.
+    _import_torch_in_background()
+    sampled = set(sample_experts(lb.e))
+    per_expert: list[list[str]] = []
+    kept = {}
     for e in range(lb.e):
+        lb.problems = per_expert_msgs = []
         lb.check_zero_points(e)
         w13, w2 = lb.check_codes(e)
+        per_expert.append(per_expert_msgs)
         if e in sampled:
-            lb.cross_check_nibbles(e, w13, w2, block["nibble_encoding"])
+            kept[e] = (w13, w2)
+    for e, (w13, w2) in kept.items():
+        lb.problems = per_expert[e]
+        lb.cross_check_nibbles(e, w13, w2, block["nibble_encoding"])
+    lb.problems = [m for msgs in per_expert for m in msgs][:20]
     lb.check_scales()
     return lb.problems
 

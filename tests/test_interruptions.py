@@ -1,0 +1,269 @@
+"""Interrupted runs and hostile file systems: OUTPUT appears only when complete, nothing is lost.
+
+* SIGKILL mid-write leaves no OUTPUT (only the hidden partial folder, which the next run removes);
+  a killed ``--overwrite`` run leaves the previous OUTPUT intact.
+* SIGINT (Ctrl-C) and SIGTERM: exit 130 promptly, one line, no OUTPUT, no partial folder.
+* ENOSPC for real (a small tmpfs), a read-only OUTPUT parent (a read-only tmpfs / bind mount when
+  running as root, since root ignores permission bits; ``chmod 555`` otherwise): exit 5, one line.
+* SOURCE changing during the run (size/mtime re-checked before OUTPUT is published): exit 3.
+
+The mount-based tests need CAP_SYS_ADMIN; where ``mount`` is refused they skip and say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _hostile import (
+    REPO,
+    SHARD,
+    assert_clean_failure,
+    cli,
+    fixture_copy,
+    leftovers,
+    tree_hashes,
+)
+
+STAGE_TAG = ".gptq2xpu-partial-"
+
+
+# ------------------------------------------------------------------------------ a slow-enough source
+
+
+@pytest.fixture(scope="module")
+def big_source(tmp_path_factory):
+    """A synthetic GPTQ MoE checkpoint of ~210 MB: converting it takes about a second here, long
+    enough to signal a run while it is writing (``wait_mid_write`` polls every 2 ms)."""
+    from gptq2xpu.synth import make_checkpoint
+
+    root = tmp_path_factory.mktemp("big") / "src"
+    make_checkpoint(root, hidden=1024, moe_intermediate=512, num_experts=64, num_layers=4,
+                    fast=True, attention=False, vocab=64)
+    stats = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir()}
+    yield root
+    # nothing in this module may modify the source (mtime is restored where a test touches it)
+    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir()} == stats
+
+
+def start_convert(src: Path, out: Path, *extra) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop("GPTQ2XPU_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-m", "gptq2xpu", "convert", str(src), str(out), *map(str, extra)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_mid_write(proc: subprocess.Popen, out: Path, timeout: float = 60) -> Path:
+    """Block until the run is writing: its hidden partial folder holds a shard being filled."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"convert ended (exit {proc.returncode}) before it could be interrupted: "
+                                 f"{proc.stderr.read()}")
+        for stage in out.parent.glob(f".{out.name}{STAGE_TAG}*"):
+            with contextlib.suppress(OSError):
+                if any(p.stat().st_size > 0 for p in stage.iterdir() if p.name.endswith(f".tmp-{proc.pid}")):
+                    return stage
+        time.sleep(0.002)
+    proc.kill()
+    raise AssertionError("the partial folder never appeared")
+
+
+def check_output_manifest(out: Path) -> dict:
+    v = cli("verify", out)
+    assert v.returncode == 0, v.stdout + v.stderr
+    return tree_hashes(out)
+
+
+# ------------------------------------------------------------------------------ SIGKILL
+
+
+def test_sigkill_mid_run_then_clean_rerun(big_source, tmp_path):
+    out = tmp_path / "out"
+    proc = start_convert(big_source, out, "--jobs", "1")
+    stage = wait_mid_write(proc, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "a killed run must leave no OUTPUT"
+    assert stage.is_dir(), "expected the killed run's hidden partial folder (nothing else could remove it)"
+
+    rerun = cli("convert", big_source, out, "--jobs", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Traceback" not in rerun.stderr
+    assert not stage.exists(), "the stale partial folder of the killed run was not removed"
+    assert leftovers(out) == []
+    check_output_manifest(out)
+
+
+def test_sigkill_during_overwrite_keeps_old_output(big_source, tmp_path):
+    out = tmp_path / "out"
+    first = cli("convert", fixture_copy(tmp_path / "small"), out)  # an existing converted OUTPUT
+    assert first.returncode == 0, first.stderr
+    before = tree_hashes(out)
+
+    proc = start_convert(big_source, out, "--overwrite", "--jobs", "1")
+    wait_mid_write(proc, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert tree_hashes(out) == before, "a killed --overwrite run touched the previous OUTPUT"
+    check_output_manifest(out)
+
+
+# ------------------------------------------------------------------------------ SIGINT / SIGTERM
+
+
+@pytest.mark.parametrize("sig,jobs", [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGTERM, 2)],
+                         ids=["sigint-jobs1", "sigint-jobs2", "sigterm-jobs2"])
+def test_signal_mid_run_exits_130_and_cleans_up(big_source, tmp_path, sig, jobs):
+    out = tmp_path / "out"
+    proc = start_convert(big_source, out, "--jobs", jobs)
+    wait_mid_write(proc, out)
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        stdout, stderr = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{sig.name}: the run did not exit within 5 s")
+    elapsed = time.monotonic() - t0
+    assert elapsed < 5
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert_clean_failure(result, 130, out, "interrupted", "SIGINT" if sig == signal.SIGINT else "SIGTERM")
+
+
+# ------------------------------------------------------------------------------ mounts
+
+
+def _mount(args: list[str], target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    if not shutil.which("mount"):
+        pytest.skip("no mount(8) on this system: cannot build a small/read-only file system for the test")
+    proc = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"mounting is not permitted here (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def tmpfs(target: Path, options: str):
+    _mount(["-t", "tmpfs", "-o", options, "tmpfs"], target)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_disk_full_enospc(tmp_path):
+    """A real ENOSPC: a 3 MiB tmpfs takes one converted fixture (2.4 MB) but not a second one."""
+    src = fixture_copy(tmp_path / "src", side_files=True)
+    before = tree_hashes(src)
+    with tmpfs(tmp_path / "small", "size=3m") as small:
+        out = small / "out"
+        ok = cli("convert", src, out)
+        assert ok.returncode == 0, ok.stderr
+        kept = tree_hashes(out)
+
+        # --overwrite on a full disk: I/O error, the previous OUTPUT untouched, nothing left behind
+        proc = cli("convert", src, out, "--overwrite", "--scale-dtype", "bfloat16")
+        assert proc.returncode == 5, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert "no space left on device" in proc.stderr
+        assert tree_hashes(out) == kept and leftovers(out) == []
+
+        # a fresh OUTPUT on the full disk: nothing at OUTPUT, no partial folder
+        out2 = small / "out2"
+        proc = cli("convert", src, out2)
+        assert_clean_failure(proc, 5, out2, "no space left on device", str(small))
+        assert sorted(p.name for p in small.iterdir()) == ["out"]
+    assert tree_hashes(src) == before
+
+
+def test_read_only_output_parent(tmp_path):
+    src = fixture_copy(tmp_path / "src")
+    before = tree_hashes(src)
+    ro = tmp_path / "ro"
+    if os.geteuid() != 0:  # permission bits are enough for an ordinary user
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            out = ro / "out"
+            proc = cli("convert", src, out)
+            assert_clean_failure(proc, 5, out, "permission denied")
+        finally:
+            ro.chmod(0o755)
+        return
+    # root ignores permission bits: use a read-only tmpfs, and remount a used one read-only
+    with tmpfs(ro, "size=8m") as mnt:
+        out = mnt / "out"
+        assert cli("convert", src, out).returncode == 0
+        kept = tree_hashes(out)
+        r = subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot remount read-only: {r.stderr.strip()}")
+        proc = cli("convert", src, mnt / "new")
+        assert_clean_failure(proc, 5, mnt / "new", "read-only file system")
+        proc = cli("convert", src, out, "--overwrite")
+        assert proc.returncode == 5 and "read-only file system" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert tree_hashes(out) == kept
+        # a missing parent on a read-only file system cannot be created either
+        proc = cli("convert", src, mnt / "a" / "b" / "out")
+        assert_clean_failure(proc, 5, mnt / "a" / "b" / "out", "read-only file system")
+    assert tree_hashes(src) == before
+
+
+# ------------------------------------------------------------------------------ source changes
+
+
+def test_source_changed_during_run_in_process(tmp_path, monkeypatch, capsys):
+    """Deterministic: the source shard grows right after the first output shard is written."""
+    from gptq2xpu import writer
+    from gptq2xpu.cli import main
+
+    src = fixture_copy(tmp_path / "src")
+    out = tmp_path / "out"
+    real_write = writer.ShardWriter.write
+    calls = []
+
+    def write_then_modify_source(self, shard, path):
+        rv = real_write(self, shard, path)
+        if not calls:
+            with open(src / SHARD, "ab") as fh:
+                fh.write(b"\0" * 8)
+        calls.append(shard.name)
+        return rv
+
+    monkeypatch.setattr(writer.ShardWriter, "write", write_then_modify_source)
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(src), str(out), "--max-shard-size", "1MB", "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 3, err
+    assert len(calls) >= 2, "expected a multi-shard run"
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert SHARD in lines[0] and "changed during the run" in lines[0]
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_source_touched_during_real_run(big_source, tmp_path):
+    """A real run whose source shard's mtime changes while it writes: exit 3, nothing published."""
+    out = tmp_path / "out"
+    shard = big_source / SHARD
+    st = shard.stat()
+    proc = start_convert(big_source, out, "--jobs", "1")
+    try:
+        wait_mid_write(proc, out)
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert_clean_failure(result, 3, out, SHARD, "changed during the run")

@@ -1,0 +1,526 @@
+"""Tensor-parallel-ready output (``convert --tp-size/--emit-ranks``) and the runtime loader
+``gptq2xpu.load`` (issue 5, parts 1 and 3).
+
+The source is shaped like Qwen3-30B-A3B's problem case, scaled down: N = 192 with group 64.
+T = 2 gives 96 per rank, which holds whole groups only of 32: w2's scales are regrouped to 32.
+T = 4 gives 48 per rank, which no supported group size divides: N is zero-padded to 256 (64 per
+rank, groups of 64).  T = 1 converts as-is.
+
+The loader is checked against slices of the full tensors read straight from the shards, and fed
+to a fake ``vllm_xpu_kernels.fused_moe_interface.XpuFusedMoe`` that behaves like the upstream class
+(dtype inference, the one-time ``implement_zp`` rewrite into an int8 buffer unless w13 carries
+``xpu_fused_moe``, a grouped GEMM that reads packed int4 only from int8).  No Intel GPU exists here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptq2xpu.errors import EXIT_VERIFY, UsageError
+from gptq2xpu.load import SKIP_CONVERSION_ATTR, open_converted
+from gptq2xpu.synth import make_checkpoint
+from gptq2xpu.verify.reference import moe_forward, route
+from gptq2xpu.verify.unpack import xpu_dequant
+
+from _planting import (
+    cli,
+    convert,
+    copy_output,
+    failed_checks,
+    patch_tensor,
+    read_tensor,
+    reseal,
+    shard_of,
+    verify_json,
+)
+
+K, N, E, G = 128, 192, 4, 64
+PREFIXES = ("model.layers.0.mlp", "model.layers.1.mlp")
+SPEC = dict(family="qwen3_moe", hidden=K, moe_intermediate=N, num_experts=E, top_k=2, group_size=G,
+            num_layers=2, attention=False, vocab=32)
+WHAT = ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales")
+
+
+@pytest.fixture(scope="module")
+def tp(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    info = make_checkpoint(root / "src", **SPEC)
+    outs = {
+        "t1": root / "t1",
+        "t2": root / "t2",      # regrouped, rank folders
+        "t4": root / "t4",      # padded, rank folders, s4
+        "t4n": root / "t4n",    # padded, no rank folders
+    }
+    summaries = {
+        "t1": convert(info.path, outs["t1"]),
+        "t2": convert(info.path, outs["t2"], "--tp-size", "2", "--emit-ranks"),
+        "t4": convert(info.path, outs["t4"], "--tp-size", "4", "--emit-ranks", "--nibble-encoding", "s4"),
+        "t4n": convert(info.path, outs["t4n"], "--tp-size", "4"),
+    }
+    return types.SimpleNamespace(info=info, out=outs, summary=summaries, root=root)
+
+
+def full(out: Path, prefix: str, what: str) -> np.ndarray:
+    """A converted tensor read straight from its shard (not through the loader)."""
+    name = f"{prefix}.experts.{what}"
+    return read_tensor(shard_of(out, name), name)
+
+
+def block(out: Path) -> dict:
+    return json.loads((out / "config.json").read_text())["gptq2xpu"]
+
+
+def rank_slice(arr: np.ndarray, what: str, r: int, t: int, p: int, g2: int) -> np.ndarray:
+    pt = p // t
+    if what.startswith("w13"):
+        return np.concatenate([arr[:, r * pt:(r + 1) * pt], arr[:, p + r * pt:p + (r + 1) * pt]], axis=1)
+    if what == "w2_qweight":
+        return arr[:, :, r * pt // 2:(r + 1) * pt // 2]
+    return arr[:, :, r * pt // g2:(r + 1) * pt // g2]
+
+
+def as_np(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.int8:
+        return t.numpy().view(np.uint8)
+    return t.numpy()
+
+
+# ----------------------------------------------------------------------------- inspect and plan
+
+
+def _inspect(src, *opts) -> dict:
+    code, stdout, stderr = cli("inspect", src, "--json", *opts)
+    assert code == 0, stderr
+    return json.loads(stdout)
+
+
+def test_inspect_reports_how_each_tp_size_works(tp):
+    report = {row["tp_size"]: row for row in _inspect(tp.info.path)["tp"]}
+    assert report[1]["how"] == "as-is" and report[1]["extra_bytes"] == 0
+    assert report[2]["how"] == "regroup" and report[2]["extra_bytes"] > 0
+    assert report[4]["how"] == "pad" and report[4]["extra_bytes"] > report[2]["extra_bytes"]
+    assert report[8]["how"] == "pad"
+
+
+def _tensor_bytes(out: Path) -> int:
+    return json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+
+
+def test_inspect_regroup_cost_is_the_real_cost(tp):
+    report = {row["tp_size"]: row for row in _inspect(tp.info.path)["tp"]}
+    assert report[2]["extra_bytes"] == _tensor_bytes(tp.out["t2"]) - _tensor_bytes(tp.out["t1"])
+
+
+def test_inspect_pad_cost_is_the_real_cost(tp):
+    report = {row["tp_size"]: row for row in _inspect(tp.info.path)["tp"]}
+    assert report[4]["extra_bytes"] == _tensor_bytes(tp.out["t4"]) - _tensor_bytes(tp.out["t1"])
+
+
+def test_config_block_records_regrouping_and_padding(tp):
+    b1, b2, b4 = block(tp.out["t1"]), block(tp.out["t2"]), block(tp.out["t4"])
+    for prefix in PREFIXES:
+        l1, l2, l4 = b1["layers"][prefix], b2["layers"][prefix], b4["layers"][prefix]
+        assert (l1["padded_intermediate_size"], l1["w2_group_size"]) == (N, 64)
+        assert (l2["padded_intermediate_size"], l2["w2_group_size"]) == (N, 32)
+        assert (l4["padded_intermediate_size"], l4["w2_group_size"]) == (256, 64)
+        assert l4["intermediate_size"] == N and l4["source_group_size"]["down"] == G
+        assert l2["w13_group_size"] == l4["w13_group_size"] == 64  # w13's groups run along K
+    assert (b2["tp_size"], b4["tp_size"], b1["tp_size"]) == (2, 4, 1)
+    assert b4["tp_ranks"] == [f"tp-ranks/rank-{r:03d}-of-004" for r in range(4)]
+    assert b1["tp_ranks"] == [] and block(tp.out["t4n"])["tp_ranks"] == []
+    notes = [n for l in tp.summary["t4"]["layers"] for n in l.get("notes", [])]
+    assert any("padded 192 -> 256" in n for n in notes)
+    assert any("re-expressed as groups of 32" in n for l in tp.summary["t2"]["layers"] for n in l.get("notes", []))
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+@pytest.mark.parametrize("which", ["t1", "t2", "t4", "t4n"])
+def test_verify_source_passes(tp, which):
+    code, report = verify_json(tp.out[which], "--source", tp.info.path)
+    assert code == 0 and report["status"] == "pass", report["failures"]
+    if which != "t1":
+        assert all(r["tp_sum_rel"] <= 1e-5 for r in report["layers"]), report["layers"]
+    names = {c["check"] for c in report["checks"]}
+    assert ("tensor-parallel ranks" in names) == (which in ("t2", "t4"))
+
+
+def test_regrouped_scales_expand_exactly(tp):
+    """w2 scales at group 32 are the source's group-64 scales, each repeated twice, bit for bit."""
+    for layer in tp.info.moe_layers:
+        src = layer.scales["down"].astype(np.float16)                   # [E, K, N/64], exact copies
+        got = full(tp.out["t2"], layer.prefix, "w2_scales")              # [E, K, N/32]
+        assert np.array_equal(got.view(np.uint16), np.repeat(src, 2, axis=2).view(np.uint16))
+        padded = full(tp.out["t4"], layer.prefix, "w2_scales")           # [E, K, 256/64]
+        assert np.array_equal(padded[:, :, :3].view(np.uint16), src.view(np.uint16))
+        assert (padded[:, :, 3:] == 0).all()
+
+
+def test_padding_adds_exactly_nothing(tp):
+    """The reference MoE on the padded converted weights equals the source MoE (float32)."""
+    out = tp.out["t4"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(24, K, generator=gen)
+    for layer in tp.info.moe_layers:
+        prefix = layer.prefix
+        w13 = torch.from_numpy(full(out, prefix, "w13_qweight"))
+        s13 = torch.from_numpy(full(out, prefix, "w13_scales"))
+        w2 = torch.from_numpy(full(out, prefix, "w2_qweight"))
+        s2 = torch.from_numpy(full(out, prefix, "w2_scales"))
+        c13, c2 = xpu_dequant(w13, s13, "s4"), xpu_dequant(w2, s2, "s4")   # [E, 512, K], [E, K, 256]
+        # padding is code 8 (weight 0 whatever the scale: s4 byte 0x00) with scale 0
+        assert (w13[:, N:256] == 0).all() and (w13[:, 256 + N:] == 0).all() and (w2[:, :, N // 2:] == 0).all()
+        assert (s13[:, N:256] == 0).all() and (s13[:, 256 + N:] == 0).all() and (s2[:, :, N // 64:] == 0).all()
+        # the padding dequantizes to exact zeros
+        assert (c13[:, N:256] == 0).all() and (c13[:, 256 + N:] == 0).all() and (c2[:, :, N:] == 0).all()
+        g13 = torch.from_numpy(np.concatenate([layer.dequant("gate"), layer.dequant("up")], axis=1))
+        g2 = torch.from_numpy(layer.dequant("down"))
+        assert torch.equal(torch.cat([c13[:, :N], c13[:, 256:256 + N]], 1), g13) and torch.equal(c2[:, :, :N], g2)
+        router = torch.from_numpy(read_tensor(shard_of(out, f"{prefix}.gate.weight"), f"{prefix}.gate.weight")
+                                  .astype(np.uint32) << 16).view(torch.float32)
+        tw, ti = route(x, router, 2)
+        want = moe_forward(x, g13, g2, tw, ti)
+        got = moe_forward(x, c13, c2, tw, ti)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        # every expert, once each
+        ones, ids = torch.ones(E, 1), torch.arange(E).unsqueeze(1)
+        xe = torch.randn(E, K, generator=gen)
+        torch.testing.assert_close(moe_forward(xe, c13, c2, ones, ids), moe_forward(xe, g13, g2, ones, ids),
+                                   rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- rank folders
+
+
+@pytest.mark.parametrize("which,t", [("t2", 2), ("t4", 4)])
+def test_emit_ranks_writes_byte_exact_slices(tp, which, t):
+    out = tp.out[which]
+    b = block(out)
+    manifest = json.loads((out / "gptq2xpu-manifest.json").read_text())["files"]
+    for r in range(t):
+        folder = out / "tp-ranks" / f"rank-{r:03d}-of-{t:03d}"
+        assert (folder / "model.safetensors").is_file() and (folder / "rank.json").is_file()
+        rel = f"tp-ranks/rank-{r:03d}-of-{t:03d}/model.safetensors"
+        assert rel in manifest
+        doc = json.loads((folder / "rank.json").read_text())
+        assert (doc["tp_rank"], doc["tp_size"]) == (r, t)
+        for prefix in PREFIXES:
+            info = b["layers"][prefix]
+            p, g2 = info["padded_intermediate_size"], info["w2_group_size"]
+            assert doc["layers"][prefix]["intermediate_slice"] == [r * p // t, (r + 1) * p // t]
+            for what in WHAT:
+                name = f"{prefix}.experts.{what}"
+                part = read_tensor(folder / "model.safetensors", name)
+                want = rank_slice(full(out, prefix, what), what, r, t, p, g2)
+                assert part.dtype == want.dtype and np.array_equal(part, want), (r, name)
+
+
+@pytest.mark.parametrize("what", ["w13_qweight", "w2_scales"])
+def test_planted_rank_defect_fails_verify(tp, tmp_path, what):
+    out = copy_output(tp.out["t2"], tmp_path / "out")
+    rel = "tp-ranks/rank-001-of-002/model.safetensors"
+    name = f"{PREFIXES[1]}.experts.{what}"
+
+    def fn(a):
+        a[2, 0] = a[2, 0] ^ np.array(0x11, dtype=a.dtype) if a.dtype == np.uint8 else a[2, 0] * np.float16(2)
+        return a
+
+    before, after = patch_tensor(out / rel, name, fn)
+    assert not np.array_equal(before, after)
+    reseal(out, rel)
+    code, report = verify_json(out)                   # standalone: the rank check
+    assert code == EXIT_VERIFY
+    assert failed_checks(report) == {"tensor-parallel ranks"}, report["failures"]
+    assert "rank-001-of-002" in report["failures"][0] and name in report["failures"][0]
+
+
+def test_missing_rank_folder_fails_verify(tp, tmp_path):
+    import shutil
+
+    out = copy_output(tp.out["t4"], tmp_path / "out")
+    shutil.rmtree(out / "tp-ranks" / "rank-003-of-004")
+    code, report = verify_json(out)
+    assert code == EXIT_VERIFY
+    assert {"manifest", "tensor-parallel ranks"} <= failed_checks(report)
+
+
+# ----------------------------------------------------------------------------- the loader
+
+
+CASES = [("t1", 1), ("t1", 3), ("t2", 1), ("t2", 2), ("t2", 3), ("t2", 6), ("t4", 4), ("t4", 2), ("t4n", 4), ("t4n", 1)]
+
+
+@pytest.mark.parametrize("which,t", CASES)
+def test_loader_slices_equal_full_tensors(tp, which, t):
+    out = tp.out[which]
+    enc = block(out)["nibble_encoding"]
+    with open_converted(out) as ck:
+        assert ck.layers == list(PREFIXES)
+        for prefix in PREFIXES:
+            info = block(out)["layers"][prefix]
+            p, g2 = info["padded_intermediate_size"], info["w2_group_size"]
+            for r in range(t):
+                lw = ck.layer(prefix, tp_rank=r, tp_size=t, dtype=torch.float16, signed=False)
+                assert (lw.tp_rank, lw.tp_size, lw.intermediate_size, lw.encoding) == (r, t, p // t, "u4b8")
+                assert lw.w13.dtype == lw.w2.dtype == torch.uint8 and not hasattr(lw.w13, SKIP_CONVERSION_ATTR)
+                assert lw.w13_scales.dtype == lw.w2_scales.dtype == torch.float16
+                for what, got in zip(WHAT, (lw.w13, lw.w13_scales, lw.w2, lw.w2_scales)):
+                    want = rank_slice(full(out, prefix, what), what, r, t, p, g2)
+                    if what.endswith("qweight") and enc == "s4":
+                        want = want ^ np.uint8(0x88)
+                    assert got.is_contiguous() and np.array_equal(as_np(got), want), (prefix, r, what)
+
+
+def test_loader_signed_hands_over_s4_marked(tp):
+    out = tp.out["t2"]
+    with open_converted(out) as ck:
+        for r in range(2):
+            lw = ck.layer(PREFIXES[0], tp_rank=r, tp_size=2, dtype=torch.bfloat16, signed=True)
+            u13 = rank_slice(full(out, PREFIXES[0], "w13_qweight"), "w13_qweight", r, 2, N, 32)
+            u2 = rank_slice(full(out, PREFIXES[0], "w2_qweight"), "w2_qweight", r, 2, N, 32)
+            assert lw.encoding == "s4" and lw.w13.dtype == lw.w2.dtype == torch.int8
+            assert getattr(lw.w13, SKIP_CONVERSION_ATTR) is True
+            assert np.array_equal(as_np(lw.w13), u13 ^ np.uint8(0x88)) and np.array_equal(as_np(lw.w2), u2 ^ np.uint8(0x88))
+            s = full(out, PREFIXES[0], "w13_scales")
+            want = torch.from_numpy(rank_slice(s, "w13_scales", r, 2, N, 32)).to(torch.bfloat16)
+            assert lw.w13_scales.dtype == lw.w2_scales.dtype == torch.bfloat16 and torch.equal(lw.w13_scales, want)
+            old = ck.layer(PREFIXES[0], tp_rank=r, tp_size=2, signed=True, signed_dtype=torch.uint8)
+            assert old.w13.dtype == torch.uint8 and getattr(old.w13, SKIP_CONVERSION_ATTR) is True
+            assert np.array_equal(old.w13.numpy(), u13 ^ np.uint8(0x88))
+    # an s4 checkpoint: signed by default, u4b8 on request
+    out = tp.out["t4"]
+    with open_converted(out) as ck:
+        lw = ck.layer(PREFIXES[1], tp_rank=3, tp_size=4, dtype=torch.float32)
+        s4 = rank_slice(full(out, PREFIXES[1], "w13_qweight"), "w13_qweight", 3, 4, 256, 64)
+        assert lw.encoding == "s4" and hasattr(lw.w13, SKIP_CONVERSION_ATTR) and np.array_equal(as_np(lw.w13), s4)
+        assert lw.w2_scales.dtype == torch.float32
+        lw = ck.layer(PREFIXES[1], tp_rank=3, tp_size=4, signed=False)
+        assert lw.encoding == "u4b8" and not hasattr(lw.w13, SKIP_CONVERSION_ATTR)
+        assert np.array_equal(lw.w13.numpy(), s4 ^ np.uint8(0x88))
+
+
+def _count_reads(ckpt_obj):
+    """Wrap a Checkpoint's read_into, recording (tensor name, bytes)."""
+    calls = []
+    orig = ckpt_obj.read_into
+
+    def spy(ref, out, offset=0):
+        calls.append((ref.name, out.nbytes))
+        return orig(ref, out, offset=offset)
+
+    ckpt_obj.read_into = spy
+    return calls
+
+
+def test_loader_reads_rank_folder_and_only_needed_bytes(tp, tmp_path):
+    # with rank folders: nothing is read from the full shards
+    with open_converted(tp.out["t2"]) as ck:
+        calls = _count_reads(ck._ckpt)
+        ck.layer(PREFIXES[0], tp_rank=1, tp_size=2)
+        assert calls == []
+        assert 1 in ck._ranks and 0 not in ck._ranks
+    # the rank folder is what is read: a byte planted there comes back
+    out = copy_output(tp.out["t2"], tmp_path / "out")
+    name = f"{PREFIXES[0]}.experts.w13_qweight"
+
+    def fn(a):
+        a[0, 0, 0] ^= 0xFF
+        return a
+
+    patch_tensor(out / "tp-ranks/rank-001-of-002/model.safetensors", name, fn)
+    with open_converted(out) as ck:
+        lw = ck.layer(PREFIXES[0], tp_rank=1, tp_size=2, signed=False)
+        want = rank_slice(full(out, PREFIXES[0], "w13_qweight"), "w13_qweight", 1, 2, N, 32)
+        assert int(lw.w13[0, 0, 0]) == int(want[0, 0, 0]) ^ 0xFF
+    # without rank folders: w13 and its scales read only this rank's rows
+    with open_converted(tp.out["t4n"]) as ck:
+        calls = _count_reads(ck._ckpt)
+        ck.layer(PREFIXES[0], tp_rank=2, tp_size=4)
+        w13_bytes = sum(n for name, n in calls if name.endswith("w13_qweight"))
+        s13_bytes = sum(n for name, n in calls if name.endswith("w13_scales"))
+        assert w13_bytes == E * 2 * 64 * (K // 2)
+        assert s13_bytes == E * 2 * 64 * (K // 64) * 2
+
+
+@pytest.mark.parametrize("which,t,match", [
+    ("t1", 2, "whole groups of 64"),      # 96 per rank is 1.5 groups of 64
+    ("t1", 4, "whole groups of 64"),
+    ("t1", 5, "cannot be split over 5"),  # 192 / 5
+    ("t2", 4, "whole groups of 32"),      # 48 per rank
+    ("t4", 3, "cannot be split over 3"),
+])
+def test_loader_refuses_split_without_whole_groups(tp, which, t, match):
+    with open_converted(tp.out[which]) as ck:
+        with pytest.raises(UsageError, match=match) as exc:
+            ck.layer(PREFIXES[0], tp_rank=0, tp_size=t)
+        assert f"--tp-size {t}" in str(exc.value)
+
+
+def test_loader_usage_errors(tp):
+    with open_converted(tp.out["t2"]) as ck:
+        with pytest.raises(UsageError, match="tp_rank 2 is not in 0..1"):
+            ck.layer(PREFIXES[0], tp_rank=2, tp_size=2)
+        with pytest.raises(UsageError, match="not a converted MoE layer"):
+            ck.layer("model.layers.7.mlp")
+        with pytest.raises(UsageError, match="signed_dtype"):
+            ck.layer(PREFIXES[0], signed=True, signed_dtype=torch.int16)
+
+
+# ----------------------------------------------------------------------------- a fake XpuFusedMoe
+
+
+def _signed_dequant(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Two's-complement nibble bytes [E, R, C/2] times scales [E, R, C/g] -> float32 [E, R, C]."""
+    b = packed.view(torch.uint8).to(torch.int16)
+    vals = torch.stack((b & 0xF, b >> 4), -1).flatten(-2)
+    vals = torch.where(vals >= 8, vals - 16, vals).to(torch.float32)
+    return vals * scales.float().repeat_interleave(vals.shape[-1] // scales.shape[-1], -1)
+
+
+class FakeXpuFusedMoe:
+    """Behaves like upstream ``XpuFusedMoe`` (the dtype-inferring generation): int4 iff w13 is
+    uint8/int8 with scales; at construction the offset-8 bytes are rewritten into an int8 buffer
+    (``implement_zp``, i.e. ``byte ^ 0x88``) unless w13 carries ``xpu_fused_moe``; the grouped GEMM
+    recognises packed int4 only in an int8 buffer."""
+
+    instances: list = []
+
+    def __init__(self, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, n_experts_per_token, activation,
+                 num_experts, ep_rank=0, ep_size=1, expert_map=None, is_fp8=None, is_int4=None, is_mxfp4=None,
+                 is_mxfp8=None, is_block_fp8=None, gemm1_clamp_limit=None):
+        inferred = w13.dtype in (torch.uint8, torch.int8) and w13_scales is not None
+        self.is_int4 = inferred if is_int4 is None else is_int4
+        assert self.is_int4 and activation == "silu"
+        self.given = (w13, w2)
+        self.rewrote = False
+        if not hasattr(w13, "xpu_fused_moe"):
+            w13.data = (w13.view(torch.uint8) ^ 0x88).view(torch.int8)
+            w2.data = (w2.view(torch.uint8) ^ 0x88).view(torch.int8)
+            w13.xpu_fused_moe = True
+            self.rewrote = True
+        assert w13.dtype == torch.int8 and w2.dtype == torch.int8, "the grouped GEMM would not read int4"
+        assert w13.is_contiguous() and w2.is_contiguous()
+        e, two_n, half_k = w13.shape
+        assert e == num_experts and w2.shape == (e, 2 * half_k, two_n // 4)
+        for s, cols in ((w13_scales, 2 * half_k), (w2_scales, two_n // 2)):
+            assert s.dim() == 3 and s.is_contiguous() and cols // s.shape[-1] in (32, 64, 128, 256)
+        self.w13, self.w2, self.s13, self.s2, self.top_k = w13, w2, w13_scales, w2_scales, n_experts_per_token
+        type(self).instances.append(self)
+
+    def apply(self, output, hidden_states, topk_weights, topk_ids, expert_map=None):
+        assert self.s13.dtype == self.s2.dtype == hidden_states.dtype, "scales are read as the activation dtype"
+        assert topk_ids.shape == (hidden_states.shape[0], self.top_k)
+        y = moe_forward(hidden_states.float(), _signed_dequant(self.w13, self.s13), _signed_dequant(self.w2, self.s2),
+                        topk_weights.float(), topk_ids.long())
+        output.copy_(y.to(output.dtype))
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch):
+    FakeXpuFusedMoe.instances = []
+    pkg = types.ModuleType("vllm_xpu_kernels")
+    pkg.__path__ = []
+    mod = types.ModuleType("vllm_xpu_kernels.fused_moe_interface")
+    mod.XpuFusedMoe = FakeXpuFusedMoe
+    pkg.fused_moe_interface = mod
+    monkeypatch.setitem(sys.modules, "vllm_xpu_kernels", pkg)
+    monkeypatch.setitem(sys.modules, "vllm_xpu_kernels.fused_moe_interface", mod)
+    return FakeXpuFusedMoe
+
+
+#: The README's example, verbatim (the test swaps the path and the device only).
+README_EXAMPLE = '''\
+import torch
+from gptq2xpu.load import open_converted
+from vllm_xpu_kernels.fused_moe_interface import XpuFusedMoe
+
+ckpt = open_converted("qwen3-xpu")            # lazy: headers only; each layer reads only its own bytes
+top_k = ckpt.routing["top_k"]
+moe = {w.prefix: XpuFusedMoe(w13=w.w13, w13_scales=w.w13_scales, w13_bias=None, w2=w.w2,
+                             w2_scales=w.w2_scales, w2_bias=None, n_experts_per_token=top_k,
+                             activation="silu", num_experts=w.experts)
+       for w in ckpt.iter_layers(device="xpu", dtype=torch.bfloat16, signed=True)}  # tp_rank=r, tp_size=T: one rank
+# in layer `prefix`'s forward, x [tokens, hidden] bf16 on xpu (Qwen3-MoE routing: softmax, top-k, renormalise):
+weights, ids = (x.float() @ ckpt.tensor(f"{prefix}.gate.weight", "xpu").float().T).softmax(-1).topk(top_k)
+out = torch.empty_like(x)
+moe[prefix].apply(output=out, hidden_states=x, topk_weights=weights / weights.sum(-1, keepdim=True), topk_ids=ids)
+'''
+
+
+def _run_example(out: Path, prefix: str, x: torch.Tensor, replace=()) -> dict:
+    code = README_EXAMPLE.replace('"qwen3-xpu"', repr(str(out))).replace('"xpu"', '"cpu"')
+    for a, b in replace:
+        assert a in code
+        code = code.replace(a, b)
+    env = {"prefix": prefix, "x": x}
+    exec(compile(code, "README example", "exec"), env)
+    return env
+
+
+def _reference(out: Path, prefix: str, x: torch.Tensor, tp_size: int = 1) -> torch.Tensor:
+    """The MoE from the full tensors read straight from the shards, scales in x's dtype."""
+    enc = block(out)["nibble_encoding"]
+    t = [torch.from_numpy(full(out, prefix, w)) for w in WHAT]
+    w13 = xpu_dequant(t[0], t[1].to(x.dtype), enc)
+    w2 = xpu_dequant(t[2], t[3].to(x.dtype), enc)
+    router = torch.from_numpy(read_tensor(shard_of(out, f"{prefix}.gate.weight"), f"{prefix}.gate.weight")
+                              .astype(np.uint32) << 16).view(torch.float32)
+    tw, ti = route(x, router, 2)
+    return moe_forward(x.float(), w13, w2, tw, ti)
+
+
+@pytest.mark.parametrize("which", ["t1", "t4"])
+def test_readme_example_runs_with_fake_kernel(tp, fake_kernel, which):
+    out = tp.out[which]
+    x = (torch.randn(16, K, generator=torch.Generator().manual_seed(1)) / 4).to(torch.bfloat16)
+    env = _run_example(out, PREFIXES[1], x)
+    assert len(fake_kernel.instances) == len(PREFIXES)
+    for inst in fake_kernel.instances:
+        assert not inst.rewrote, "the kernel's one-time rewrite was not skipped"
+        assert inst.w13 is inst.given[0] and inst.w13.dtype == torch.int8
+    y = env["out"]
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    want = _reference(out, PREFIXES[1], x)
+    torch.testing.assert_close(y.float(), want, rtol=1.6e-2, atol=1e-4)
+    assert float((y.float() - want).norm() / want.norm()) < 8e-3
+    env["ckpt"].close()
+
+
+def test_loader_u4b8_handover_lets_the_kernel_convert(tp, fake_kernel):
+    x = (torch.randn(8, K, generator=torch.Generator().manual_seed(2)) / 4).to(torch.float16)
+    env = _run_example(tp.out["t1"], PREFIXES[0], x, replace=[("signed=True", "signed=False"),
+                                                               ("torch.bfloat16", "torch.float16")])
+    assert all(inst.rewrote for inst in fake_kernel.instances)
+    torch.testing.assert_close(env["out"].float(), _reference(tp.out["t1"], PREFIXES[0], x), rtol=2e-3, atol=1e-4)
+    env["ckpt"].close()
+
+
+@pytest.mark.parametrize("which,t", [("t2", 2), ("t4", 4), ("t4n", 4), ("t1", 3)])
+def test_ranks_through_fake_kernel_sum_to_full_layer(tp, fake_kernel, which, t):
+    """One XpuFusedMoe per rank, each built from that rank's loader slice: the partial outputs sum
+    to the full layer's output (what a tensor-parallel runtime all-reduces)."""
+    out = tp.out[which]
+    x = (torch.randn(12, K, generator=torch.Generator().manual_seed(3)) / 4).to(torch.float16)
+    with open_converted(out) as ck:
+        router = ck.tensor(f"{PREFIXES[0]}.gate.weight").float()
+        tw, ti = route(x, router, 2)
+        total = torch.zeros(x.shape, dtype=torch.float32)
+        for r in range(t):
+            w = ck.layer(PREFIXES[0], tp_rank=r, tp_size=t, dtype=torch.float16, signed=True)
+            moe = FakeXpuFusedMoe(w.w13, w.w13_scales, None, w.w2, w.w2_scales, None, 2, "silu", w.experts)
+            assert not moe.rewrote
+            part = torch.empty_like(x)
+            moe.apply(part, x, tw, ti)
+            total += part.float()
+    full_out = _reference(out, PREFIXES[0], x)
+    torch.testing.assert_close(total, full_out, rtol=2e-3, atol=2e-4)

@@ -611,24 +611,13 @@ def _layer_bytes(geo: LayerGeometry, scale_dtype: str) -> int:
 def audit(plan: Plan, ckpt: Checkpoint, jobs: int = 1) -> list[str]:
     """Check what only the data tells, for every converted layer: symmetric zero points, natural
     row order, finite scales.  Raises InputError; returns warnings (all-zero scale groups)."""
-    tasks = [(l, e) for l in plan.converted for e in range(l.experts)]
+    # one task per layer: per-expert checks are too small to pay for a thread hand-off each
+    tasks = plan.converted
 
-    def one(task):
-        l, e = task
-        fmt = FORMATS[l.format]
+    def one(l):
         warn = []
-        for role in ROLES:
-            fields = l.fields(e, role)
-            fmt.check(ckpt, fields, l.specs[role], plan.quant.checkpoint_format, l.prefix)
-            s = to_float32(fmt.read_scales(ckpt, fields, l.specs[role]), l.specs[role].scale_dtype)
-            if not np.isfinite(s).all():
-                bad = np.argwhere(~np.isfinite(s))[0]
-                name = fields.get("scales") or fields.get("weight_scale")
-                raise InputError(f"{name}: non-finite scale {s[tuple(bad)]} at output {bad[0]}, group {bad[1]}")
-            zero = s == 0
-            if zero.any():
-                name = fields.get("scales") or fields.get("weight_scale")
-                warn.append(f"{name}: {int(zero.sum())} scale(s) are exactly zero (those weight groups are all zero)")
+        for e in range(l.experts):
+            warn.extend(_audit_expert(plan, ckpt, l, e))
         return warn
 
     warnings: list[str] = []
@@ -644,3 +633,21 @@ def audit(plan: Plan, ckpt: Checkpoint, jobs: int = 1) -> list[str]:
         for t in tasks:
             warnings.extend(one(t))
     return warnings
+
+
+def _audit_expert(plan: Plan, ckpt: Checkpoint, l: LayerPlan, e: int) -> list[str]:
+    fmt = FORMATS[l.format]
+    warn = []
+    for role in ROLES:
+        fields = l.fields(e, role)
+        fmt.check(ckpt, fields, l.specs[role], plan.quant.checkpoint_format, l.prefix)
+        s = to_float32(fmt.read_scales(ckpt, fields, l.specs[role]), l.specs[role].scale_dtype)
+        if not np.isfinite(s).all():
+            bad = np.argwhere(~np.isfinite(s))[0]
+            name = fields.get("scales") or fields.get("weight_scale")
+            raise InputError(f"{name}: non-finite scale {s[tuple(bad)]} at output {bad[0]}, group {bad[1]}")
+        zero = s == 0
+        if zero.any():
+            name = fields.get("scales") or fields.get("weight_scale")
+            warn.append(f"{name}: {int(zero.sum())} scale(s) are exactly zero (those weight groups are all zero)")
+    return warn

@@ -13,8 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import UsageError
-from .standalone import Findings, verify_standalone
+from ..errors import InputError, UsageError
+from .standalone import Findings, check_manifest, verify_standalone
 
 
 def select_layers(prefixes: list[str], spec: str | None) -> list[str]:
@@ -56,18 +56,27 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
         raise UsageError(f"--backend {backend!r}: choose auto, reference or xpu-kernels")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise UsageError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
+    folder = Path(output)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder")
     findings = Findings()
-    out, block = verify_standalone(Path(output), findings, jobs)
+    manifest = Findings()
     report: dict = {"output": str(output), "source": str(source) if source else None}
     layer_rows: list[dict] = []
-    try:
-        if source is not None and out is not None:
-            layer_rows = _against_source(out, block, source, findings, revision=revision, token=token, device=device,
-                                         dtype=dtype, backend=backend, layers=layers, tokens=tokens, seed=seed,
-                                         numeric=numeric, exhaustive=exhaustive, report=report, jobs=jobs)
-    finally:
-        if out is not None:
-            out.close()
+    # hashing every file is one long serial read per file: overlap it with everything else
+    with ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-hash") as bg:
+        hashing = bg.submit(check_manifest, folder, manifest, max(1, jobs - 1))
+        out, block = verify_standalone(folder, findings, jobs, skip_manifest=True)
+        try:
+            if source is not None and out is not None:
+                layer_rows = _against_source(out, block, source, findings, revision=revision, token=token, device=device,
+                                             dtype=dtype, backend=backend, layers=layers, tokens=tokens, seed=seed,
+                                             numeric=numeric, exhaustive=exhaustive, report=report, jobs=jobs)
+        finally:
+            if out is not None:
+                out.close()
+            hashing.result()
+    findings.checks[:0] = manifest.checks
     report.update(
         status="pass" if findings.ok else "fail",
         checks=findings.checks,

@@ -250,11 +250,15 @@ def open_output(folder: Path) -> tuple[Checkpoint | None, dict | None, str | Non
     return ckpt, block, None
 
 
-def verify_standalone(folder: Path, findings: Findings, jobs: int = 2) -> tuple[Checkpoint | None, dict | None]:
+def verify_standalone(folder: Path, findings: Findings, jobs: int = 2, *,
+                      skip_manifest: bool = False) -> tuple[Checkpoint | None, dict | None]:
+    """All standalone checks; ``skip_manifest`` when the caller hashes the manifest files itself
+    (``runner.verify`` does, in the background, overlapping the hashing with the other checks)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
-    check_manifest(folder, findings, jobs)
+    if not skip_manifest:
+        check_manifest(folder, findings, jobs)
     ckpt, block, err = open_output(folder)
     if err:
         findings.fail("index and shards", err)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -53,20 +54,37 @@ def convert(source, output, *, options: ConvertOptions | None = None, jobs: int 
             summary["dry_run"] = True
             return summary
         plan.raise_refusals()
-        plan.warnings.extend(audit(plan, ckpt, jobs))
         total = plan.bytes_out
         done = [0]
+        # The audit (zero points, row order, finite scales: small metadata reads) runs beside the
+        # writing; a failure stops the writing at the next chunk, and nothing is published before
+        # the audit has passed.  Either way a failed run leaves nothing at OUTPUT.
+        # Split runs write into a shared folder without a staging area: audit them first.
+        bg = ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-audit")
+        audited = bg.submit(audit, plan, ckpt, 1)
+        if part is not None:
+            audited.result()
 
         def tick(n: int) -> None:
+            if audited.done() and audited.exception() is not None:
+                raise audited.exception()
             done[0] += n
             if progress:
                 progress(done[0], total)
 
-        if part is None:
-            files = write_checkpoint(plan, ckpt, Path(output), jobs=jobs, overwrite=overwrite, progress=tick)
-        else:
-            files = write_part(plan, ckpt, Path(output), part[0], part[1], jobs=jobs, progress=tick)
-            summary["part"] = f"{part[0]}/{part[1]}"
+        def before_publish() -> None:
+            plan.warnings.extend(audited.result())
+
+        try:
+            if part is None:
+                files = write_checkpoint(plan, ckpt, Path(output), jobs=jobs, overwrite=overwrite, progress=tick,
+                                         before_publish=before_publish)
+            else:
+                files = write_part(plan, ckpt, Path(output), part[0], part[1], jobs=jobs, progress=tick,
+                                   before_publish=before_publish)
+                summary["part"] = f"{part[0]}/{part[1]}"
+        finally:
+            bg.shutdown(wait=True, cancel_futures=True)
         summary["warnings"] = list(plan.warnings)
         summary["files"] = len(files)
         summary["bytes_written"] = sum(f["size"] for f in files.values())

@@ -475,9 +475,10 @@ def _publish(stage: Path, output: Path, overwrite: bool) -> None:
 
 
 def write_checkpoint(plan: Plan, ckpt: Checkpoint, output: Path, *, jobs: int = 1, overwrite: bool = False,
-                     progress: Callable[[int], None] | None = None) -> dict:
+                     progress: Callable[[int], None] | None = None,
+                     before_publish: Callable[[], None] | None = None) -> dict:
     """Write the whole converted checkpoint at ``output`` (atomically).  Returns the manifest files."""
-    output = Path(output)
+    output = Path(os.path.abspath(output))  # "." or "out/.." must name the folder, not the cwd entry
     check_output(output, ckpt.root, overwrite=overwrite)
     side_files(ckpt.root, ckpt.trusted_root)  # refuse escaping links before writing anything
     remove_stale(output)
@@ -490,6 +491,8 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, output: Path, *, jobs: int = 
         files = _write_parts(plan, ckpt, stage, range(len(plan.shards)), jobs, progress)
         files.update(_write_documents(plan, ckpt, stage, files))
         ckpt.check_unchanged()
+        if before_publish is not None:
+            before_publish()
         _publish(stage, output, overwrite)
         return files
     except BaseException:
@@ -505,6 +508,7 @@ def _write_parts(plan, ckpt, folder: Path, indices, jobs, progress) -> dict:
         tmp = folder / f".{shard.name}.tmp-{os.getpid()}"
         try:
             files[shard.name] = writer.write(shard, tmp)
+            ckpt.check_unchanged()  # a few stats per shard: catch a changing source early
             os.replace(tmp, folder / shard.name)
         except BaseException:
             try:
@@ -628,9 +632,10 @@ def part_shards(plan: Plan, part: int, parts: int) -> list[int]:
 
 
 def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int, *, jobs: int = 1,
-               progress: Callable[[int], None] | None = None) -> dict:
+               progress: Callable[[int], None] | None = None,
+               before_publish: Callable[[], None] | None = None) -> dict:
     """Write this part's shards into the shared OUTPUT folder, plus what ``finalize`` needs."""
-    output = Path(output)
+    output = Path(os.path.abspath(output))
     check_output(output, ckpt.root, overwrite=False, part=True)
     side_files(ckpt.root, ckpt.trusted_root)  # refuse escaping links before writing anything
     if (output / MANIFEST_NAME).exists():
@@ -661,6 +666,8 @@ def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int
     for name in side_files(ckpt.root, ckpt.trusted_root):
         files[name] = _copy_file(ckpt.root / name, output, name)
     ckpt.check_unchanged()
+    if before_publish is not None:
+        before_publish()
     _write_doc(pdir, f"part-{part}-of-{parts}.json", json.dumps({"files": files}, indent=1).encode())
     return files
 

@@ -51,7 +51,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 _MAX_DIMS = 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     """One tensor's header entry.  ``start``/``end`` are absolute file offsets."""
 
@@ -208,7 +208,7 @@ def read_into(fd: int, offset: int, out: np.ndarray, what: str = "") -> None:
 # ----------------------------------------------------------------------------------- writing
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlannedTensor:
     """A tensor to be written: name, dtype name and shape (its size follows from them)."""
 

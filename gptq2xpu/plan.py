@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import CONFIG_BLOCK, FORMAT_VERSION, __version__
+from . import FORMAT_VERSION, __version__
 from .errors import InputError, UsageError
 from .formats import FORMATS, ProjSpec, format_for_fields
 from .naming import (

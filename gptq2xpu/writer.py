@@ -23,13 +23,11 @@ A split run (``--part i/n``) writes each of its shards to a temporary name and r
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
 import shutil
 import threading
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,13 +37,12 @@ from typing import Callable
 import numpy as np
 
 from . import CONFIG_BLOCK, FORMAT_VERSION, MANIFEST_NAME, __version__
-from .errors import Gptq2XpuError, InputError, Interrupted, OutputError, UsageError, io_error
+from .errors import InputError, UsageError, io_error
 from .formats import FORMATS
 from .naming import natural_key
 from .plan import Plan, ShardPlan
 from .safetensors_io import ShardLayout
 from .repack import (
-    cast_scales,
     fill_w13,
     fill_w2,
     from_float32,
@@ -101,7 +98,6 @@ class ShardSource:
         self.plan = plan
         self.ckpt = ckpt
         self.pool = pool
-        self._scales_lock = threading.Lock()
 
     def tasks(self, shard: ShardPlan) -> list[tuple[int, Callable[[], Chunk]]]:
         """``(file offset, task)`` pairs in file order; each task's chunk starts at its offset."""
@@ -358,42 +354,36 @@ def manifest_bytes(base: dict, files: dict[str, dict]) -> bytes:
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
 
-def _write_doc(folder: Path, name: str, data: bytes) -> dict:
-    tmp = folder / f".{name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, folder / name)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise io_error("cannot write", folder / name, exc) from None
-    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-
-
-def _copy_file(src: Path, folder: Path, name: str) -> dict:
+def _atomic_write(folder: Path, name: str, blocks, action: str) -> dict:
+    """Write ``blocks`` (bytes) to ``folder/name`` through a temporary name; sha256 and size."""
     digest = hashlib.sha256()
     size = 0
     tmp = folder / f".{name}.tmp-{os.getpid()}"
     try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            while True:
-                block = fi.read(1 << 20)
-                if not block:
-                    break
+        with open(tmp, "wb") as fh:
+            for block in blocks:
                 digest.update(block)
-                fo.write(block)
+                fh.write(block)
                 size += len(block)
         os.replace(tmp, folder / name)
     except OSError as exc:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
-        raise io_error("cannot copy into", folder / name, exc) from None
+        raise io_error(action, folder / name, exc) from None
     return {"sha256": digest.hexdigest(), "size": size}
+
+
+def _write_doc(folder: Path, name: str, data: bytes) -> dict:
+    return _atomic_write(folder, name, [data], "cannot write")
+
+
+def _copy_file(src: Path, folder: Path, name: str) -> dict:
+    def blocks():
+        with open(src, "rb") as fi:
+            while block := fi.read(1 << 20):
+                yield block
+
+    return _atomic_write(folder, name, blocks(), "cannot copy into")
 
 
 # ------------------------------------------------------------------------------ output folder safety

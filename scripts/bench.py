@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def targets(report: dict) -> dict:
     """The issue's targets (for the default 4-layer Qwen3-30B-A3B shape on a 2-core machine)."""
-    h, v = report["headline"], report["variants"]
+    h = report["headline"]
     t = {
         "convert_le_2x_copy": {"value": h["convert_vs_copy"], "limit": "<= 2.0", "ok": h["convert_vs_copy"] <= 2.0},
         "convert_rss_le_800MiB": {"value": h["convert_peak_rss_mib"], "limit": "<= 800", "ok": h["convert_peak_rss_mib"] <= 800},

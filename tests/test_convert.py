@@ -8,7 +8,6 @@ converter's repack code nor the verifier's unpack code is involved in the compar
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from conftest import FIXTURE
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gptq2xpu import synth as S
-from gptq2xpu.synth import FAMILIES, ROLES
+from gptq2xpu.synth import FAMILIES
 
 NP = {"I32": "<i4", "I64": "<i8", "F16": "<f2", "F32": "<f4", "BF16": "<u2", "U8": "u1"}
 

@@ -2,14 +2,14 @@
 
 How bytes move
 --------------
-Each output shard is a fixed sequence of chunks (its header, then every tensor in planned order).
-A chunk is produced by a small task: copy a slice of a source tensor, build one expert's w13 or w2
-rows, or a layer's scales.  Up to ``jobs`` worker threads run tasks ahead (numpy, ``pread``,
-``pwrite`` and hashing release the GIL) and ``pwrite`` each chunk at its planned offset; the main
-thread takes the chunks strictly in file order and feeds them to sha256 (the one serial step), so
-files and hashes are identical whatever ``jobs`` is.  Buffers are pooled and reused, so memory
-stays at a few chunks (a few MB for real models) whatever the model size: nothing holds a layer, a
-shard or a model, and no source file is memory-mapped.
+Each output shard is a fixed sequence of chunks (its header, then every tensor in planned order),
+and the plan fixes every chunk's offset.  A chunk is produced by a small task: copy a slice of a
+source tensor, build one expert's w13 or w2 rows, or a layer's scales.  Up to ``jobs`` worker
+threads run tasks ahead and ``pwrite`` each chunk at its offset (numpy, ``pread``/``pwrite`` and
+hashing release the GIL); one thread feeds the chunks to sha256 strictly in file order, so files
+and hashes are identical whatever ``jobs`` is.  Buffers are pooled and reused, so memory stays at
+a few chunks (a few MB for real models) whatever the model size: nothing holds a layer, a shard or
+a model, and no source file is memory-mapped.
 
 Atomicity
 ---------

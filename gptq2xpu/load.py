@@ -34,6 +34,7 @@ import torch
 from . import CONFIG_BLOCK
 from .errors import InputError, UsageError
 from .source.checkpoint import Checkpoint, check_member_name, open_checkpoint
+from .torch_io import read_tensor, torch_dtype
 
 #: The attribute vllm_xpu_kernels' XpuFusedMoe checks on w13 to skip its one-time u4b8 -> s4 rewrite.
 SKIP_CONVERSION_ATTR = "xpu_fused_moe"
@@ -89,7 +90,7 @@ class ConvertedCheckpoint:
 
     def tensor(self, name: str, device="cpu") -> torch.Tensor:
         """Any other tensor of the checkpoint (router, norms...) as torch."""
-        return _to_torch(self._ckpt, name).to(device)
+        return read_tensor(self._ckpt, name, device)
 
     def layer(self, prefix: str, *, device="cpu", dtype: torch.dtype = torch.bfloat16, tp_rank: int = 0,
               tp_size: int = 1, signed: bool | None = None, signed_dtype: torch.dtype = torch.int8,
@@ -119,7 +120,7 @@ class ConvertedCheckpoint:
         names = {w: f"{prefix}.experts.{w}" for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales")}
         if tp_size == 1 or source is not None:
             ck = source or self._ckpt
-            w13, s13, w2, s2 = (_to_torch(ck, names[w]) for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales"))
+            w13, s13, w2, s2 = (read_tensor(ck, names[w]) for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales"))
         else:
             w13 = _rows(self._ckpt, names["w13_qweight"], e, p, tp_rank, pt)
             s13 = _rows(self._ckpt, names["w13_scales"], e, p, tp_rank, pt)
@@ -173,20 +174,6 @@ def open_converted(path: str | os.PathLike) -> ConvertedCheckpoint:
     return ConvertedCheckpoint(path)
 
 
-_TORCH = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-          "I32": torch.int32, "I64": torch.int64}
-
-
-def _to_torch(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    ref = ckpt.ref(name)
-    buf = torch.empty(ref.nbytes, dtype=torch.uint8)
-    ckpt.read_into(ref, buf.numpy())
-    dt = _TORCH.get(ref.dtype)
-    if dt is None:
-        raise InputError(f"{name}: dtype {ref.dtype} is not loadable")
-    return buf.view(dt).reshape(ref.shape)
-
-
 def _rows(ckpt: Checkpoint, name: str, e: int, p: int, rank: int, pt: int) -> torch.Tensor:
     """Rank rows of a [E, 2P, C] tensor: gate rows then up rows, two contiguous reads per expert."""
     ref = ckpt.ref(name)
@@ -197,7 +184,7 @@ def _rows(ckpt: Checkpoint, name: str, e: int, p: int, rank: int, pt: int) -> to
         base = ex * 2 * p * cols_bytes
         for half, row0 in ((0, rank * pt), (1, p + rank * pt)):
             ckpt.read_into(ref, arr[ex, half * pt : (half + 1) * pt], offset=base + row0 * cols_bytes)
-    return out.view(_TORCH[ref.dtype]).reshape(e, 2 * pt, -1)
+    return out.view(torch_dtype(ref.dtype, name)).reshape(e, 2 * pt, -1)
 
 
 def _cols(ckpt: Checkpoint, name: str, e: int, rank: int, size: int) -> torch.Tensor:
@@ -211,4 +198,4 @@ def _cols(ckpt: Checkpoint, name: str, e: int, rank: int, size: int) -> torch.Te
     for ex in range(e):
         ckpt.read_into(ref, block, offset=ex * block.nbytes)
         out[ex] = block[:, rank * cr * isz : (rank + 1) * cr * isz]
-    return torch.from_numpy(out).view(_TORCH[ref.dtype]).reshape(e, k, cr)
+    return torch.from_numpy(out).view(torch_dtype(ref.dtype, name)).reshape(e, k, cr)

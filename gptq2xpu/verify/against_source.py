@@ -39,10 +39,6 @@ _SYM_ZERO = 8
 _SCALE_NAMES = {"float16": "F16", "bfloat16": "BF16"}
 
 
-def _np_read(ckpt: Checkpoint, name: str) -> np.ndarray:
-    return ckpt.read(name)
-
-
 def _read_slice(ckpt: Checkpoint, name: str, index: int, shape: tuple[int, ...]) -> np.ndarray:
     """Row ``index`` of the leading dim of a U8 tensor, as ``shape``."""
     ref = ckpt.ref(name)
@@ -117,20 +113,17 @@ class LayerBits:
         """XPU bytes [out, in/2] derived from the source's own bit layout (into ``out`` when given:
         a uint32 buffer of the transposed shape, reused across experts)."""
         if self.fmt == "compressed-tensors":
-            wp = _np_read(self.src, self.name(e, role, "weight_packed"))
+            wp = self.src.read(self.name(e, role, "weight_packed"))
             rows = wp.view(np.uint8).reshape(wp.shape[0], wp.shape[1] * 4)
         else:
-            q = _np_read(self.src, self.name(e, role, "qweight"))          # [in/8, out] int32
-            if q.ndim == 2 and q.dtype.itemsize == 4:
-                # byte b of word [r, n] goes to [n, 4r+b]: the four bytes of a word move together,
-                # so as little-endian words the XPU row n is column n of the source words
-                words = out if out is not None and out.shape == q.shape[::-1] else np.empty(q.shape[::-1], np.uint32)
-                _transpose_words(words, q.view(np.uint32))
-                if self.xor:
-                    np.bitwise_xor(words, np.uint32(self.xor * 0x01010101), out=words)
-                return words.view(np.uint8).reshape(q.shape[1], q.shape[0] * 4)
-            by = q.view(np.uint8).reshape(q.shape[0], q.shape[1], 4)      # byte b of word [r, n]
-            rows = by.transpose(1, 0, 2).reshape(q.shape[1], q.shape[0] * 4)  # [n, 4r+b]
+            q = self.src.read(self.name(e, role, "qweight"))          # [in/8, out] int32 (the planner's check)
+            # byte b of word [r, n] goes to [n, 4r+b]: the four bytes of a word move together,
+            # so as little-endian words the XPU row n is column n of the source words
+            words = out if out is not None and out.shape == q.shape[::-1] else np.empty(q.shape[::-1], np.uint32)
+            _transpose_words(words, q.view(np.uint32))
+            if self.xor:
+                np.bitwise_xor(words, np.uint32(self.xor * 0x01010101), out=words)
+            return words.view(np.uint8).reshape(q.shape[1], q.shape[0] * 4)
         return rows ^ np.uint8(self.xor) if self.xor else rows
 
     def check_codes(self, e: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +155,7 @@ class LayerBits:
         for role in ROLES:
             zname = self.name(e, role, "weight_zero_point" if ct else "qzeros")
             if zname in self.src.tensors:
-                z = _np_read(self.src, zname)
+                z = self.src.read(zname)
                 if ct and z.dtype != np.int32:  # unpacked: the zero point itself, symmetric = 0
                     if z.dtype == np.uint8 or (z != 0).any():
                         self.bad(f"{zname}: zero points are not the symmetric 0 (compressed-tensors)")
@@ -174,7 +167,7 @@ class LayerBits:
                     self.bad(f"{zname}: zero points are not the symmetric 8 ({self.ckpt_format})")
             gname = self.name(e, role, "weight_g_idx" if ct else "g_idx")
             if gname in self.src.tensors:
-                gi = _np_read(self.src, gname).astype(np.int64)
+                gi = self.src.read(gname).astype(np.int64)
                 k_in = gi.shape[0]
                 groups = self.info["source_group_size"][role]
                 if not np.array_equal(gi, np.arange(k_in) // groups):
@@ -213,9 +206,9 @@ class LayerBits:
         for role, got in (("gate", w13[:n]), ("up", w13[p : p + n]), ("down", w2[:, : n // 2])):
             conv = xpu_codes(torch.from_numpy(np.ascontiguousarray(got)), encoding)  # [out, in]
             if self.fmt == "compressed-tensors":
-                src = xpu_codes(torch.from_numpy(_np_read(self.src, self.name(e, role, "weight_packed")).view(np.uint8).copy()), "u4b8")
+                src = xpu_codes(torch.from_numpy(self.src.read(self.name(e, role, "weight_packed")).view(np.uint8).copy()), "u4b8")
             else:
-                src = gptq_codes(torch.from_numpy(_np_read(self.src, self.name(e, role, "qweight")))).T  # [out, in]
+                src = gptq_codes(torch.from_numpy(self.src.read(self.name(e, role, "qweight")))).T  # [out, in]
             if not torch.equal(conv, src):
                 r, c = (conv != src).nonzero()[0].tolist()
                 self.bad(f"expert {e} {role}: code [{r}, {c}] decodes to {int(conv[r, c])}, source {int(src[r, c])}")
@@ -319,53 +312,9 @@ def _same_bytes(src, sref, out, ref, chunk: int = 8 << 20) -> bool:
 # ----------------------------------------------------------------------------- numerical
 
 
-def _torch_tensor(ckpt: Checkpoint, name: str):
-    import torch
-
-    ref = ckpt.ref(name)
-    raw = ckpt.read(name)
-    if ref.dtype == "BF16":
-        return torch.from_numpy(raw.view(np.int16).reshape(ref.shape).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(raw))
-
-
-_TORCH_DTYPES = {"U8": "uint8", "I8": "int8", "I32": "int32", "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32"}
-
-
-def _stack(ckpt: Checkpoint, names: list[str], device=None):
-    """``torch.stack`` of same-shaped tensors, read straight into one (pinned, for a GPU) buffer
-    by parallel ``pread``s, then moved to ``device``."""
-    import torch
-    from concurrent.futures import ThreadPoolExecutor
-
-    refs = [ckpt.ref(n) for n in names]
-    r0 = refs[0]
-    if any((r.dtype, r.shape) != (r0.dtype, r0.shape) for r in refs):
-        raise ValueError(f"{names[0]}: experts' tensors differ in dtype or shape")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    pin = dev.type == "cuda" and torch.cuda.is_available()
-    buf = torch.empty(len(refs) * r0.nbytes, dtype=torch.uint8, pin_memory=pin)
-    arr = buf.numpy().reshape(len(refs), r0.nbytes)
-
-    piece = 32 << 20
-    tasks = [(i, off) for i in range(len(refs)) for off in range(0, r0.nbytes, piece)]
-
-    def one(task):
-        i, off = task
-        ckpt.read_into(refs[i], arr[i, off : off + piece], offset=off)
-
-    if len(tasks) > 1:
-        with ThreadPoolExecutor(min(8, len(tasks))) as pool:
-            list(pool.map(one, tasks))
-    else:
-        for task in tasks:
-            one(task)
-    t = buf.view(getattr(torch, _TORCH_DTYPES[r0.dtype])).reshape((len(refs),) + tuple(r0.shape))
-    return t.to(dev, non_blocking=pin) if device is not None else t
-
-
 def load_source(src: Checkpoint, prefix: str, info: dict, device) -> dict:
     """The layer's source expert tensors, stacked over experts and moved to ``device`` (packed)."""
+    from ..torch_io import read_stacked
     e = int(info["experts"])
     proj = info["source_projections"]
     fields = ("weight_packed", "weight_scale") if info.get("source_format") == "compressed-tensors" \
@@ -373,7 +322,7 @@ def load_source(src: Checkpoint, prefix: str, info: dict, device) -> dict:
     loaded = {}
     for role in ROLES:
         base = [f"{prefix}.experts.{i}.{proj[role]}." for i in range(e)]
-        loaded[role] = {f: _stack(src, [b + f for b in base], device) for f in fields if base[0] + f in src.tensors}
+        loaded[role] = {f: read_stacked(src, [b + f for b in base], device) for f in fields if base[0] + f in src.tensors}
     return loaded
 
 
@@ -400,15 +349,12 @@ def dequant_source(loaded: dict, info: dict, block: dict, dtype):
     return torch.cat([out["gate"], out["up"]], dim=1), out["down"]
 
 
-def source_weights(src: Checkpoint, prefix: str, info: dict, block: dict, dtype, device):
-    return dequant_source(load_source(src, prefix, info, device), info, block, dtype)
-
-
 def converted_weights(out: Checkpoint, prefix: str, block: dict, dtype, device, raw: bool = False):
+    from ..torch_io import read_tensor
     from .unpack import xpu_dequant
 
     enc = block["nibble_encoding"]
-    w13, s13, w2, s2 = (_stack(out, [f"{prefix}.experts.{w}"], device)[0]
+    w13, s13, w2, s2 = (read_tensor(out, f"{prefix}.experts.{w}", device)
                         for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales"))
     if raw:
         return w13, s13, w2, s2
@@ -419,17 +365,18 @@ def router_weight(out: Checkpoint, src: Checkpoint, prefix: str, block: dict, de
     """The layer's router as float32 [E, K] (dequantized if it is GPTQ-quantized)."""
     import torch
 
+    from ..torch_io import read_tensor
     from .unpack import gptq_dequant
 
     name = f"{prefix}.gate.weight"
     if name in out.tensors:
-        return _torch_tensor(out, name).to(device=device, dtype=torch.float32)
+        return read_tensor(out, name).to(device=device, dtype=torch.float32)
     base = f"{prefix}.gate."
     if base + "qweight" in src.tensors:
         offset = 1 if block.get("source", {}).get("checkpoint_format", "gptq") == "gptq" else 0
-        qz = _torch_tensor(src, base + "qzeros") if base + "qzeros" in src.tensors else None
-        gi = _torch_tensor(src, base + "g_idx").long() if base + "g_idx" in src.tensors else None
-        return gptq_dequant(_torch_tensor(src, base + "qweight"), _torch_tensor(src, base + "scales"), qz, gi,
+        qz = read_tensor(src, base + "qzeros") if base + "qzeros" in src.tensors else None
+        gi = read_tensor(src, base + "g_idx").long() if base + "g_idx" in src.tensors else None
+        return gptq_dequant(read_tensor(src, base + "qweight"), read_tensor(src, base + "scales"), qz, gi,
                             zero_offset=offset, dtype=torch.float32).to(device)
     raise Gptq2XpuError(f"{prefix}: no router weight ({name}) to route tokens with")
 
@@ -438,8 +385,15 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
                   tokens: int, seed: int, kernel: bool = False) -> dict:
     import torch
 
+    from ..torch_io import read_tensor
     from .device import synchronize
-    from .reference import compare, moe_forward, route, within_kernel_tolerance, within_tolerance
+    from .reference import (
+        compare,
+        moe_forward,
+        route,
+        within_kernel_tolerance,
+        within_tolerance,
+    )
     from .unpack import xpu_dequant
 
     routing = block.get("routing") or {}
@@ -451,7 +405,7 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
     x_cov = torch.randn(e, k, generator=gen).to(device)
     router = router_weight(out, src, prefix, block, device)
     bias_name = f"{prefix}.gate.e_score_correction_bias"
-    bias = _torch_tensor(out, bias_name).to(device=device, dtype=torch.float32) if bias_name in out.tensors else None
+    bias = read_tensor(out, bias_name).to(device=device, dtype=torch.float32) if bias_name in out.tensors else None
     tw, tid = route(x, router, top_k, scoring=routing.get("scoring", "softmax"),
                     renormalize=bool(routing.get("renormalize", True)), correction_bias=bias,
                     routed_scaling_factor=float(routing.get("routed_scaling_factor", 1.0)))

@@ -179,44 +179,30 @@ def layer_scales(per_expert, geo: LayerGeometry, *, roles: tuple[str, ...], src_
     ``[E, K, padded/g2]``.
     """
     w13 = roles != ("down",)
+    g_out = geo.g13 if w13 else geo.g2
     shape = geo.w13_scales_shape if w13 else geo.w2_scales_shape
-    if src_dtype == dst_dtype and src_dtype in ("F16", "BF16") and all(
-            src_groups[r] == (geo.g13 if w13 else geo.g2) for r in roles):
-        return _stack_stored_scales(per_expert, geo, roles, shape, w13, src_dtype)
-    out = np.zeros(shape, dtype=np.float32)
-    for e in range(geo.experts):
-        for i, role in enumerate(roles):
-            s = to_float32(per_expert(e, role), src_dtype)
-            factor = src_groups[role] // (geo.g13 if w13 else geo.g2)
-            if factor > 1:
-                s = np.repeat(s, factor, axis=1)
-            if w13:
-                out[e, i * geo.padded : i * geo.padded + geo.intermediate] = s
-            else:
-                out[e, :, : s.shape[1]] = s
-    return from_float32(out, dst_dtype)
-
-
-def _stack_stored_scales(per_expert, geo: LayerGeometry, roles, shape, w13: bool, dtype: str) -> np.ndarray:
-    """:func:`layer_scales` when nothing is regrouped or cast: the stored bits are placed directly.
-
-    The float32 round trip it skips is the identity on every F16 bit pattern and on every BF16
-    pattern but signalling NaNs, which :func:`from_float32` makes quiet (``| 0x40``); so does this.
-    Padding is 0 bits, as ``from_float32(0.0)`` gives.
-    """
+    # Nothing regrouped or cast: place the stored bits directly.  The float32 round trip this skips
+    # is the identity on every F16 pattern and on every BF16 pattern but signalling NaNs, which
+    # from_float32 makes quiet (| 0x40): so does the end of this path.  Padding is 0 bits either way.
+    stored = src_dtype == dst_dtype and src_dtype in ("F16", "BF16") and all(src_groups[r] == g_out for r in roles)
     out = None
     for e in range(geo.experts):
         for i, role in enumerate(roles):
             s = per_expert(e, role)
+            if not stored:
+                s = to_float32(s, src_dtype)
+                if src_groups[role] > g_out:
+                    s = np.repeat(s, src_groups[role] // g_out, axis=1)
             if out is None:
                 out = np.zeros(shape, dtype=s.dtype)
             if w13:
                 out[e, i * geo.padded : i * geo.padded + geo.intermediate] = s
             else:
                 out[e, :, : s.shape[1]] = s
-    if dtype == "BF16":
+    if not stored:
+        return from_float32(out, dst_dtype)
+    if dst_dtype == "BF16":
         u = out.view(np.uint16)
         nan = ((u & 0x7F80) == 0x7F80) & ((u & 0x7F) != 0)
-        if nan.any():
-            u[nan] |= 0x40
+        u[nan] |= 0x40
     return out

@@ -14,22 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from .parallel import default_jobs
 from .plan import ConvertOptions, Plan, audit, build_plan
-from .source import Checkpoint, open_checkpoint
-from .source.hub import resolve_source
+from .read import Checkpoint, open_source
 from .writer import write_checkpoint, write_part
-
-
-def default_jobs() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def open_source(source: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> Checkpoint:
-    folder, trusted, origin = resolve_source(str(source), revision=revision, token=token)
-    return open_checkpoint(folder, origin, trusted_root=trusted, revision=revision)
 
 
 def make_plan(ckpt: Checkpoint, options: ConvertOptions) -> Plan:

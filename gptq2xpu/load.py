@@ -33,7 +33,7 @@ import torch
 
 from . import CONFIG_BLOCK
 from .errors import InputError, UsageError
-from .source.checkpoint import Checkpoint, check_member_name, open_checkpoint
+from .read.checkpoint import Checkpoint, check_member_name, open_checkpoint
 from .torch_io import read_tensor, torch_dtype
 
 #: The attribute vllm_xpu_kernels' XpuFusedMoe checks on w13 to skip its one-time u4b8 -> s4 rewrite.

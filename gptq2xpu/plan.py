@@ -31,7 +31,7 @@ from .naming import (
 )
 from .repack import DTYPE_NAMES, SUPPORTED_GROUPS, LayerGeometry, largest_group, to_float32
 from .safetensors_io import DTYPE_SIZES, PlannedTensor, ShardLayout
-from .source import Checkpoint, QuantConfig, read_quant_config
+from .read import Checkpoint, QuantConfig, read_quant_config
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 OUTPUT_FIELDS = ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales")

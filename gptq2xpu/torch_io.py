@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .errors import InputError
-from .source.checkpoint import Checkpoint
+from .read.checkpoint import Checkpoint
 
 #: safetensors dtype name -> torch dtype (the ones converted and source checkpoints carry).
 TORCH_DTYPES = {

@@ -49,8 +49,8 @@ from .repack import (
     layer_scales,
     to_float32,
 )
-from .source import Checkpoint
-from .source.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, _inside
+from .read import Checkpoint
+from .read.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, _inside
 
 COPY_CHUNK = 16 * 1024 * 1024
 PARTS_DIR = ".gptq2xpu-parts"
@@ -538,7 +538,7 @@ def write_ranks(plan: Plan, folder: Path) -> dict:
     as the full checkpoint.  The bytes are sliced from the full tensors just written, so each rank
     file is exactly a slice of the verified whole.
     """
-    from .source.checkpoint import open_checkpoint
+    from .read.checkpoint import open_checkpoint
 
     t = plan.options.tp_size
     files: dict[str, dict] = {}

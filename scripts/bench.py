@@ -193,7 +193,7 @@ def measure(variants: list[Variant], reps: int, logdir: Path, say, sync: bool = 
 
 
 def make_source(path: Path, args, layers: int) -> dict:
-    from gptq2xpu.synth import make_checkpoint
+    from gptq2xpu.testing.synth import make_checkpoint
 
     t0 = time.perf_counter()
     info = make_checkpoint(path, family="qwen3_moe", hidden=args.hidden, moe_intermediate=args.intermediate,

@@ -4,7 +4,7 @@
     python3 scripts/gpu_e2e.py --layers 48 --workdir /tmp/g --json-out $OUT/gpu_e2e.json
 
 Steps, each timed: (1) a Qwen3-30B-A3B-shaped GPTQ checkpoint (128 experts, hidden 2048,
-moe_intermediate 768, group 128, top-8) written by ``gptq2xpu.synth`` (fast mode); (2) ``gptq2xpu
+moe_intermediate 768, group 128, top-8) written by ``gptq2xpu.testing.synth`` (fast mode); (2) ``gptq2xpu
 convert``; (3) ``gptq2xpu verify --source --device cuda`` over every layer (bit-exact part and the
 reference MoE: per layer, the time to load both sides' packed bytes to the device and the time
 to dequantize and run the MoE there); (4) the same numerical work on the CPU for ``--cpu-layers``
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
 
-    from gptq2xpu.synth import make_checkpoint
+    from gptq2xpu.testing.synth import make_checkpoint
 
     src, out = args.workdir / "src", args.workdir / "out"
     res: dict = {"layers": args.layers}

@@ -74,7 +74,7 @@ def run(only: set[str] | None) -> dict[str, dict[str, str]]:
     try:
         from gptq2xpu.testing.synth import make_checkpoint
     except ImportError:  # layouts before the synthetic generator moved
-        from gptq2xpu.synth import make_checkpoint
+        from gptq2xpu.testing.synth import make_checkpoint
     from gptq2xpu.convert import convert
     try:
         from gptq2xpu.options import ConvertOptions

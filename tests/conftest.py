@@ -11,8 +11,8 @@ import pytest
 @pytest.fixture
 def synth(tmp_path):
     """``make(**spec_overrides) -> SynthInfo``: writes a synthetic checkpoint under ``tmp_path``
-    (a fresh sub-directory per call; see :mod:`gptq2xpu.synth`)."""
-    from gptq2xpu.synth import make_checkpoint
+    (a fresh sub-directory per call; see :mod:`gptq2xpu.testing.synth`)."""
+    from gptq2xpu.testing.synth import make_checkpoint
 
     counter = itertools.count()
 

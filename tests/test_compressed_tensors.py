@@ -19,7 +19,7 @@ import pytest
 
 from gptq2xpu.errors import EXIT_INPUT, EXIT_VERIFY
 from gptq2xpu.safetensors_io import read_header, write_arrays
-from gptq2xpu.synth import make_checkpoint, pack_int32
+from gptq2xpu.testing.synth import make_checkpoint, pack_int32
 
 from _planting import cli, convert, failed_checks, patch_tensor, read_tensor, shard_of, verify_json
 

@@ -250,7 +250,7 @@ def test_sharded_output_index_and_side_files(synth, tmp_path):
 
 def test_dry_run_and_inspect_read_no_tensor_data(synth, tmp_path, cli, monkeypatch):
     info = synth(family="qwen3_moe", hidden=128, moe_intermediate=64, num_experts=4, group_size=32)
-    from gptq2xpu.source import checkpoint as ck
+    from gptq2xpu.read import checkpoint as ck
 
     def boom(*a, **k):
         raise AssertionError("tensor data read during inspect")

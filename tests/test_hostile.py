@@ -425,7 +425,7 @@ def test_negative_scales_are_not_warned_about(tmp_path):
 
 
 def test_pickle_only_folder_is_refused_without_unpickling(tmp_path):
-    from gptq2xpu.synth import write_pickle_trap
+    from gptq2xpu.testing.synth import write_pickle_trap
 
     src = tmp_path / "src"
     src.mkdir()
@@ -450,7 +450,7 @@ def test_pickle_only_folder_is_refused_without_unpickling(tmp_path):
 def test_big_endian_host_is_refused(tmp_path, monkeypatch):
     from gptq2xpu.errors import InputError
     from gptq2xpu.plan import build_plan
-    from gptq2xpu.source import open_checkpoint
+    from gptq2xpu.read import open_checkpoint
 
     with open_checkpoint(FIXTURE) as ckpt:
         build_plan(ckpt)  # fine on this (little-endian) host

@@ -43,7 +43,7 @@ STAGE_TAG = ".gptq2xpu-partial-"
 def big_source(tmp_path_factory):
     """A synthetic GPTQ MoE checkpoint of ~210 MB: converting it takes about a second here, long
     enough to signal a run while it is writing (``wait_mid_write`` polls every 2 ms)."""
-    from gptq2xpu.synth import make_checkpoint
+    from gptq2xpu.testing.synth import make_checkpoint
 
     root = tmp_path_factory.mktemp("big") / "src"
     make_checkpoint(root, hidden=1024, moe_intermediate=512, num_experts=64, num_layers=4,

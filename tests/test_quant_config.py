@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gptq2xpu.errors import InputError
-from gptq2xpu.source.quant_config import read_quant_config
+from gptq2xpu.read.quant_config import read_quant_config
 
 REAL_PATTERNS = [
     r"-:.*model\.layers\.0\.mlp\.gate.*",          # AutoRound (the shared fixture)

@@ -1,4 +1,4 @@
-"""Tests of the synthetic checkpoint writer (gptq2xpu.synth): the packer, the layouts per family and
+"""Tests of the synthetic checkpoint writer (gptq2xpu.testing.synth): the packer, the layouts per family and
 per messy case, determinism and the pickle trap.  Files are read back with a tiny independent
 safetensors reader and unpacker written here, not with package code."""
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptq2xpu import synth as S
-from gptq2xpu.synth import FAMILIES
+from gptq2xpu.testing import synth as S
+from gptq2xpu.testing.synth import FAMILIES
 
 NP = {"I32": "<i4", "I64": "<i8", "F16": "<f2", "F32": "<f4", "BF16": "<u2", "U8": "u1"}
 

@@ -25,7 +25,7 @@ import torch
 
 from gptq2xpu.errors import EXIT_VERIFY, UsageError
 from gptq2xpu.load import SKIP_CONVERSION_ATTR, open_converted
-from gptq2xpu.synth import make_checkpoint
+from gptq2xpu.testing.synth import make_checkpoint
 from gptq2xpu.verify.reference import moe_forward, route
 from gptq2xpu.verify.unpack import xpu_dequant
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from gptq2xpu import CONFIG_BLOCK
-from gptq2xpu.convert import open_source
+from gptq2xpu.read import open_source
 from gptq2xpu.errors import EXIT_VERIFY
-from gptq2xpu.source.checkpoint import open_checkpoint
-from gptq2xpu.synth import FAMILIES, make_checkpoint
+from gptq2xpu.read.checkpoint import open_checkpoint
+from gptq2xpu.testing.synth import FAMILIES, make_checkpoint
 from gptq2xpu.verify.against_source import numeric_layer
 from gptq2xpu.verify.reference import TOLERANCES
 

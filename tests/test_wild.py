@@ -9,7 +9,7 @@ import json
 import pytest
 
 from gptq2xpu import CONFIG_BLOCK, MANIFEST_NAME
-from gptq2xpu.synth import write_pickle_trap
+from gptq2xpu.testing.synth import write_pickle_trap
 from xpu_decode import raw_tensors
 from test_convert import check_layer_matches_truth
 

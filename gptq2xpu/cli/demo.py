@@ -42,7 +42,7 @@ def demo(
 ):
     """Make a small GPTQ MoE checkpoint, convert it, verify it, and print a summary (no download)."""
     from ..convert import convert
-    from ..synth import FAMILIES, make_checkpoint
+    from ..testing.synth import FAMILIES, make_checkpoint
     from ..verify.runner import verify
 
     if family not in FAMILIES:

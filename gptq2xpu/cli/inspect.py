@@ -32,7 +32,8 @@ def inspect(
     group sizes, routers kept out of the expert path, bytes in and out, tensor-parallel sizes that
     work.  Exits 3 when `convert` would refuse a layer.
     """
-    from ..convert import make_plan, open_source
+    from ..convert import make_plan
+    from ..read import open_source
 
     options = ConvertOptions(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding, tp_size=tp_size,
                              keep_unsupported=keep_unsupported, dequantize_router=dequantize_router)

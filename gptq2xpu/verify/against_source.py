@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from ..errors import Gptq2XpuError
-from ..source.checkpoint import Checkpoint
+from ..read.checkpoint import Checkpoint
 
 ROLES = ("gate", "up", "down")
 _SYM_ZERO = 8

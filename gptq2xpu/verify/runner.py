@@ -49,7 +49,7 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
            numeric: bool = True, exhaustive: bool = False, jobs: int | None = None) -> dict:
     t0 = time.perf_counter()
     if not jobs:
-        from ..convert import default_jobs
+        from ..parallel import default_jobs
 
         jobs = default_jobs()
     if backend not in ("auto", "reference", "xpu-kernels"):
@@ -89,7 +89,7 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
 
 def _against_source(out, block, source, findings: Findings, *, revision, token, device, dtype, backend, layers,
                     tokens, seed, numeric, exhaustive, report, jobs) -> list[dict]:
-    from ..convert import open_source
+    from ..read import open_source
     from .against_source import check_layer_bits, check_passthrough
 
     rows: list[dict] = []

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import CONFIG_BLOCK, FORMAT_VERSION, MANIFEST_NAME
 from ..errors import Gptq2XpuError, InputError
-from ..source.checkpoint import Checkpoint, check_member_name, load_json_file, open_checkpoint
+from ..read.checkpoint import Checkpoint, check_member_name, load_json_file, open_checkpoint
 
 KERNEL_GROUPS = (32, 64, 128, 256)
 ENCODINGS = ("u4b8", "s4")

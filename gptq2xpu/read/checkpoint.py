@@ -263,7 +263,7 @@ def _single_file_choice(root: Path, candidates: list[str]) -> list[str]:
 
 def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path | None = None,
                     revision: str | None = None) -> Checkpoint:
-    """Open the checkpoint folder ``root`` (headers only).  See :func:`gptq2xpu.source.hub.resolve_source`."""
+    """Open the checkpoint folder ``root`` (headers only).  See :func:`gptq2xpu.read.resolve.resolve_source`."""
     root = Path(root)
     if not root.exists():
         raise InputError(f"{root}: no such folder")

@@ -46,7 +46,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .safetensors_io import DTYPE_SIZES, PlannedTensor, ShardLayout
+from ..safetensors_io import DTYPE_SIZES, PlannedTensor, ShardLayout
 
 __all__ = [
     "FAMILIES", "FamilyInfo", "ROLES", "SynthSpec", "SynthLayer", "SynthInfo",
@@ -1026,7 +1026,7 @@ def _side_files(root: Path, spec: SynthSpec) -> None:
     })
     (root / "README.md").write_text(
         f"---\nlicense: apache-2.0\nlibrary_name: transformers\ntags: [gptq, moe, synthetic]\n---\n\n"
-        f"# Synthetic {fam.model_type} checkpoint\n\nRandom weights written by `gptq2xpu.synth` "
+        f"# Synthetic {fam.model_type} checkpoint\n\nRandom weights written by `gptq2xpu.testing.synth` "
         f"(seed {spec.seed}). Not a model: a test fixture. Ünïcödé is fine here.\n", encoding="utf-8")
     (root / "LICENSE").write_text(
         "Apache License\nVersion 2.0, January 2004\nhttp://www.apache.org/licenses/\n\n"

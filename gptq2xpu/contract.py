@@ -1,0 +1,247 @@
+"""The converted checkpoint's on-disk contract: names, and the schema of the config block.
+
+Both sides import this module, and only for names and the schema: the converter writes what it
+describes, the verifier, the loader and the vLLM plugin read it.  The verifier's math stays its
+own (:mod:`gptq2xpu.verify.unpack`).
+
+Per converted MoE layer ``<prefix>`` (the module holding ``experts``), with E experts, hidden
+size K, expert intermediate size N (padded to P for tensor parallelism) and group sizes g13/g2::
+
+    <prefix>.experts.w13_qweight  uint8 [E, 2P, K/2]   rows 0..N-1 gate (w1), rows P..P+N-1 up (w3)
+    <prefix>.experts.w13_scales   F16/BF16 [E, 2P, K/g13]
+    <prefix>.experts.w2_qweight   uint8 [E, K, P/2]    down projection, input dim P
+    <prefix>.experts.w2_scales    F16/BF16 [E, K, P/g2]
+
+Byte ``j`` of a row holds input ``2j`` in its low nibble and ``2j+1`` in its high nibble; code
+``q`` means ``(q - 8) * scale`` ("u4b8"), or the bytes are stored XOR 0x88 ("s4": signed
+two's-complement nibbles).  ``config.json`` carries the block :data:`CONFIG_BLOCK` describing
+all of it; :func:`parse_block` reads that block from an untrusted folder.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from .errors import InputError
+
+#: Name of the block gptq2xpu adds to the output ``config.json``.
+CONFIG_BLOCK = "gptq2xpu"
+#: The file listing every written file with its size and sha256.
+MANIFEST_NAME = "gptq2xpu-manifest.json"
+#: Version of the on-disk format the config block describes.
+FORMAT_VERSION = 1
+#: The Hugging Face index of a sharded checkpoint.
+INDEX_NAME = "model.safetensors.index.json"
+
+W13_QWEIGHT, W13_SCALES, W2_QWEIGHT, W2_SCALES = "w13_qweight", "w13_scales", "w2_qweight", "w2_scales"
+#: The four tensors a converted layer has, in this order.
+EXPERT_TENSORS = (W13_QWEIGHT, W13_SCALES, W2_QWEIGHT, W2_SCALES)
+
+#: Nibble encodings: u4b8 = offset-8 codes (what vLLM feeds the kernel), s4 = signed nibbles.
+ENCODINGS = ("u4b8", "s4")
+#: Group sizes the XPU kernel runs (it derives g = K / scales.shape[-1] and refuses any other).
+KERNEL_GROUPS = (256, 128, 64, 32)
+#: Scale dtypes: the name users type and the config block records -> the safetensors dtype name.
+SCALE_DTYPES = {"float16": "F16", "bfloat16": "BF16"}
+#: Every float dtype by both names (users and configs say "float32"; safetensors says "F32").
+FLOAT_DTYPE_NAMES = {**SCALE_DTYPES, "float32": "F32"}
+#: How the router scores experts.
+SCORINGS = ("softmax", "sigmoid")
+
+#: Folder holding the per-rank files of ``convert --tp-size T --emit-ranks``.
+RANKS_DIR = "tp-ranks"
+
+# Bounds for numbers read from an untrusted block: far above any real model, far below sizes
+# whose arithmetic or allocations could hurt.
+_MAX_DIM = 1 << 20
+_MAX_EXPERTS = 1 << 16
+_MAX_TP = 1024
+
+
+def expert_tensor(prefix: str, what: str) -> str:
+    """``<prefix>.experts.<what>``: the name of one of a converted layer's four tensors."""
+    return f"{prefix}.experts.{what}"
+
+
+def rank_folder(rank: int, size: int) -> str:
+    """Relative folder of tensor-parallel rank ``rank`` of ``size`` (``tp-ranks/rank-001-of-004``)."""
+    return f"{RANKS_DIR}/rank-{rank:03d}-of-{size:03d}"
+
+
+def scale_dtype_name(name: str) -> str:
+    """``"float16"``/``"F16"`` -> ``"F16"`` (the block records per-layer scale dtypes by the
+    safetensors name and the checkpoint-wide one by the torch name); anything else -> itself."""
+    return SCALE_DTYPES.get(name, name)
+
+
+@dataclass(frozen=True)
+class ConvertedLayer:
+    """One converted MoE layer as its config block entry describes it (validated)."""
+
+    prefix: str
+    experts: int
+    hidden_size: int                 # K
+    intermediate_size: int           # N of the source
+    padded_intermediate_size: int    # P (== N unless padded for tensor parallelism)
+    w13_group_size: int
+    w2_group_size: int
+    scale_dtype: str                 # safetensors name: F16 or BF16
+    source_format: str               # gptq | compressed-tensors
+    source_projections: dict[str, str]   # role (gate/up/down) -> source projection name
+    source_group_size: dict[str, int]    # role -> source group size
+
+    def tensor(self, what: str) -> str:
+        return expert_tensor(self.prefix, what)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int, int]]:
+        """The contract shape of each of the four tensors."""
+        e, k, p = self.experts, self.hidden_size, self.padded_intermediate_size
+        return {
+            W13_QWEIGHT: (e, 2 * p, k // 2),
+            W13_SCALES: (e, 2 * p, k // self.w13_group_size),
+            W2_QWEIGHT: (e, k, p // 2),
+            W2_SCALES: (e, k, p // self.w2_group_size),
+        }
+
+
+@dataclass(frozen=True)
+class ConvertedBlock:
+    """The config block of a converted checkpoint (validated; see :func:`parse_block`)."""
+
+    nibble_encoding: str
+    layers: dict[str, ConvertedLayer]
+    tp_size: int = 1
+    tp_ranks: tuple[str, ...] = ()
+    routing: dict = field(default_factory=dict)
+    routers: tuple[str, ...] = ()
+    quantized_routers: tuple[str, ...] = ()
+    dequantized_routers: tuple[str, ...] = ()
+    checkpoint_format: str = "gptq"      # of the source: gptq (v1) | gptq_v2 | pack-quantized
+    fingerprint: str | None = None       # of the source
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def top_k(self) -> int:
+        return int(self.routing.get("top_k", 2))
+
+
+def parse_block(doc: object, where: str = f"config.json:{CONFIG_BLOCK}") -> ConvertedBlock:
+    """Validate a config block read from an untrusted folder; :class:`InputError` names the key."""
+    if not isinstance(doc, dict):
+        raise InputError(f"{where}: expected an object, found {type(doc).__name__}")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION or type(version) is not int:
+        raise InputError(f"{where}: format_version {version!r} is not {FORMAT_VERSION} (written by another gptq2xpu?)")
+    enc = doc.get("nibble_encoding")
+    if enc not in ENCODINGS:
+        raise InputError(f"{where}: nibble_encoding {enc!r} is not one of {', '.join(ENCODINGS)}")
+    tp = _int(doc.get("tp_size", 1), f"{where}.tp_size", 1, _MAX_TP)
+    ranks = doc.get("tp_ranks") or []
+    if not isinstance(ranks, list) or (ranks and len(ranks) != tp):
+        raise InputError(f"{where}.tp_ranks: expected an empty list or {tp} folder names")
+    for r, rel in enumerate(ranks):
+        if rel != rank_folder(r, tp):  # exact: never a path of the block's choosing
+            raise InputError(f"{where}.tp_ranks[{r}]: {rel!r} is not {rank_folder(r, tp)!r}")
+    layers_doc = doc.get("layers")
+    if not isinstance(layers_doc, dict) or not layers_doc:
+        raise InputError(f"{where}.layers: expected a non-empty object of converted MoE layers")
+    layers = {prefix: _parse_layer(prefix, info, f"{where}.layers[{prefix!r}]", tp)
+              for prefix, info in layers_doc.items()}
+    source = doc.get("source") if isinstance(doc.get("source"), dict) else {}
+    fmt = source.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2", "pack-quantized"):
+        raise InputError(f"{where}.source.checkpoint_format: {fmt!r} is not gptq, gptq_v2 or pack-quantized")
+    fp = source.get("fingerprint")
+    return ConvertedBlock(
+        nibble_encoding=enc,
+        layers=layers,
+        tp_size=tp,
+        tp_ranks=tuple(ranks),
+        routing=_parse_routing(doc.get("routing") or {}, f"{where}.routing"),
+        routers=_names(doc.get("routers"), f"{where}.routers"),
+        quantized_routers=_names(doc.get("quantized_routers"), f"{where}.quantized_routers"),
+        dequantized_routers=_names(doc.get("dequantized_routers"), f"{where}.dequantized_routers"),
+        checkpoint_format=fmt,
+        fingerprint=fp if isinstance(fp, str) and fp else None,
+        raw=doc,
+    )
+
+
+_PREFIX = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]{0,999}$")
+
+
+def _parse_layer(prefix: str, info: object, where: str, tp: int) -> ConvertedLayer:
+    if not _PREFIX.match(prefix) or ".." in prefix:
+        raise InputError(f"{where}: {prefix!r} is not a module name")
+    if not isinstance(info, dict):
+        raise InputError(f"{where}: expected an object")
+    e = _int(info.get("experts"), f"{where}.experts", 1, _MAX_EXPERTS)
+    k = _int(info.get("hidden_size"), f"{where}.hidden_size", 2, _MAX_DIM)
+    n = _int(info.get("intermediate_size"), f"{where}.intermediate_size", 2, _MAX_DIM)
+    p = _int(info.get("padded_intermediate_size", n), f"{where}.padded_intermediate_size", n, _MAX_DIM)
+    g13 = _int(info.get("w13_group_size"), f"{where}.w13_group_size", 1, _MAX_DIM)
+    g2 = _int(info.get("w2_group_size"), f"{where}.w2_group_size", 1, _MAX_DIM)
+    if g13 not in KERNEL_GROUPS or g2 not in KERNEL_GROUPS:
+        raise InputError(f"{where}: group sizes {g13}/{g2} are not ones the kernel runs {KERNEL_GROUPS}")
+    if k % g13 or k % 2:
+        raise InputError(f"{where}: hidden_size {k} is not a multiple of its group size {g13}")
+    if p % (tp * g2) or p % 2:
+        raise InputError(f"{where}: padded_intermediate_size {p} does not split into {tp} rank(s) of whole groups of {g2}")
+    sd = scale_dtype_name(info.get("scale_dtype"))
+    if sd not in SCALE_DTYPES.values():
+        raise InputError(f"{where}.scale_dtype: {info.get('scale_dtype')!r} is not float16 or bfloat16")
+    fmt = info.get("source_format", "gptq")
+    if fmt not in ("gptq", "compressed-tensors"):
+        raise InputError(f"{where}.source_format: {fmt!r} is not gptq or compressed-tensors")
+    proj = info.get("source_projections")
+    if not isinstance(proj, dict) or set(proj) != {"gate", "up", "down"} or not all(
+            isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_]{1,100}", v) for v in proj.values()):
+        raise InputError(f"{where}.source_projections: expected gate/up/down -> projection name")
+    groups = info.get("source_group_size")
+    if not isinstance(groups, dict) or set(groups) != {"gate", "up", "down"}:
+        raise InputError(f"{where}.source_group_size: expected gate/up/down -> group size")
+    src_groups = {r: _int(v, f"{where}.source_group_size.{r}", 1, _MAX_DIM) for r, v in groups.items()}
+    return ConvertedLayer(prefix, e, k, n, p, g13, g2, sd, fmt, dict(proj), src_groups)
+
+
+def _parse_routing(doc: object, where: str) -> dict:
+    if not isinstance(doc, dict):
+        raise InputError(f"{where}: expected an object")
+    out = {}
+    if "top_k" in doc:
+        out["top_k"] = _int(doc["top_k"], f"{where}.top_k", 1, _MAX_EXPERTS)
+    scoring = doc.get("scoring", "softmax")
+    if scoring not in SCORINGS:
+        raise InputError(f"{where}.scoring: {scoring!r} is not one of {', '.join(SCORINGS)}")
+    out["scoring"] = scoring
+    renorm = doc.get("renormalize", True)
+    if type(renorm) is not bool:
+        raise InputError(f"{where}.renormalize: expected true or false, found {renorm!r}")
+    out["renormalize"] = renorm
+    factor = doc.get("routed_scaling_factor", 1.0)
+    if type(factor) not in (int, float) or not math.isfinite(factor):
+        raise InputError(f"{where}.routed_scaling_factor: expected a finite number, found {factor!r}")
+    out["routed_scaling_factor"] = float(factor)
+    return out
+
+
+def _names(value: object, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"{where}: expected a list of tensor names")
+    return tuple(value)
+
+
+def _int(value: object, where: str, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise InputError(f"{where}: expected an integer in {lo}..{hi}, found {_short(value)}")
+    return value
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

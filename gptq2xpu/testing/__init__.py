@@ -1,0 +1,1 @@
+"""Tools for tests, the demo and benchmarks: synthetic GPTQ MoE checkpoints with ground truth (not used by conversion)."""

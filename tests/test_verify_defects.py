@@ -23,7 +23,7 @@ from gptq2xpu.read import open_source
 from gptq2xpu.errors import EXIT_VERIFY
 from gptq2xpu.read.checkpoint import open_checkpoint
 from gptq2xpu.testing.synth import FAMILIES, make_checkpoint
-from gptq2xpu.verify.against_source import numeric_layer
+from gptq2xpu.verify.numeric import numeric_layer
 from gptq2xpu.verify.reference import TOLERANCES
 
 from _planting import (

@@ -23,7 +23,7 @@ def select_layers(prefixes: list[str], spec: str | None) -> list[str]:
         return list(prefixes)
     m = re.fullmatch(r"sample:(\d+)", spec)
     if m:
-        from .against_source import sample_experts
+        from .bits import sample_experts
 
         return [prefixes[i] for i in sample_experts(len(prefixes), max(1, int(m[1])))]
     chosen = []
@@ -90,7 +90,7 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
 def _against_source(out, block, source, findings: Findings, *, revision, token, device, dtype, backend, layers,
                     tokens, seed, numeric, exhaustive, report, jobs) -> list[dict]:
     from ..read import open_source
-    from .against_source import check_layer_bits, check_passthrough
+    from .bits import check_layer_bits, check_passthrough
 
     rows: list[dict] = []
     prefixes = list(block.get("layers", {}))
@@ -122,6 +122,7 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
         import torch
 
         from .device import import_ipex, runtime_info, select_device, synchronize
+        from .numeric import numeric_layer_safe
         from .xpu_kernels import kernels_status
 
         import_ipex()
@@ -154,14 +155,3 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
                      f"{len(rows)} layer(s) within {report['dtype']} tolerance on {dev.type}")
         report["numeric_seconds"] = round(time.perf_counter() - t_num, 3)
     return rows
-
-
-def numeric_layer_safe(src, out, prefix, block, dev, tdtype, tokens, seed, run_kernel) -> dict:
-    from .against_source import numeric_layer
-
-    try:
-        return numeric_layer(src, out, prefix, block["layers"][prefix], block, device=dev, dtype=tdtype,
-                             tokens=tokens, seed=seed, kernel=run_kernel)
-    except (ValueError, RuntimeError, KeyError) as exc:  # shapes a planted defect broke
-        return {"prefix": prefix, "ok": False, "error": " ".join(str(exc).split()), "rel": float("nan"),
-                "cosine": float("nan"), "max_abs": float("nan")}

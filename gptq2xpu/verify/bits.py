@@ -1,7 +1,7 @@
-"""Prove a converted checkpoint computes what its source computes.
+"""Bit-exact proof that a converted checkpoint holds its source's codes, zero points and scales.
 
-Bit-exact, for every expert of every converted layer (written from the format definitions, not
-from the converter's code):
+Written from the format definitions, not from the converter's code, for every expert of every
+converted layer:
 
 * GPTQ word ``qweight[r, n]`` holds inputs ``8r..8r+7`` of output ``n``, input ``8r+j`` in bits
   ``4j..4j+3``; as little-endian bytes, byte ``b`` holds inputs ``8r+2b`` (low nibble) and
@@ -16,28 +16,19 @@ from the converter's code):
 * a sample of experts is also decoded nibble by nibble through :mod:`.unpack` (``--exhaustive``:
   every expert) and the codes compared;
 * every other tensor must be byte-identical to the source tensor of the same name.
-
-Numerical, per layer: a seeded batch of tokens is routed with the checkpoint's own router and run
-through the reference MoE (:mod:`.reference`) once with the source experts dequantized by the GPTQ
-formula and once with the converted bytes dequantized directly; then every expert once more on
-its own (so experts the router did not pick are covered too).
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-import time
 
 import numpy as np
 
-from ..errors import Gptq2XpuError
 from ..read.checkpoint import Checkpoint
 
 ROLES = ("gate", "up", "down")
 _SYM_ZERO = 8
-_SCALE_NAMES = {"float16": "F16", "bfloat16": "BF16"}
-
 
 def _read_slice(ckpt: Checkpoint, name: str, index: int, shape: tuple[int, ...]) -> np.ndarray:
     """Row ``index`` of the leading dim of a U8 tensor, as ``shape``."""
@@ -307,194 +298,3 @@ def _same_bytes(src, sref, out, ref, chunk: int = 8 << 20) -> bool:
         if not np.array_equal(a[:size], b[:size]):
             return False
     return True
-
-
-# ----------------------------------------------------------------------------- numerical
-
-
-def load_source(src: Checkpoint, prefix: str, info: dict, device) -> dict:
-    """The layer's source expert tensors, stacked over experts and moved to ``device`` (packed)."""
-    from ..torch_io import read_stacked
-    e = int(info["experts"])
-    proj = info["source_projections"]
-    fields = ("weight_packed", "weight_scale") if info.get("source_format") == "compressed-tensors" \
-        else ("qweight", "scales", "qzeros", "g_idx")
-    loaded = {}
-    for role in ROLES:
-        base = [f"{prefix}.experts.{i}.{proj[role]}." for i in range(e)]
-        loaded[role] = {f: read_stacked(src, [b + f for b in base], device) for f in fields if base[0] + f in src.tensors}
-    return loaded
-
-
-def dequant_source(loaded: dict, info: dict, block: dict, dtype):
-    """Source experts dequantized with the GPTQ formula: w13 [E, 2N, K], w2 [E, K, N]."""
-    import torch
-
-    from .unpack import gptq_dequant, xpu_dequant
-
-    offset = 1 if block.get("source", {}).get("checkpoint_format", "gptq") == "gptq" else 0
-    # --scale-dtype asked the converter to store the scales in another dtype: that cast (round to
-    # nearest even, proven bit for bit by check_scales) is part of the conversion, so the source
-    # side takes its scales through the same cast, and the tolerances stay those of execution noise.
-    cast = {"F16": torch.float16, "BF16": torch.bfloat16}.get(_SCALE_NAMES.get(info.get("scale_dtype"), info.get("scale_dtype")))
-    out = {}
-    for role, t in loaded.items():
-        if "weight_packed" in t:
-            sc = t["weight_scale"] if cast is None else t["weight_scale"].to(cast)
-            out[role] = xpu_dequant(t["weight_packed"].view(torch.uint8), sc, "u4b8", dtype)
-        else:
-            g_idx = t["g_idx"].long() if "g_idx" in t else None
-            sc = t["scales"] if cast is None else t["scales"].to(cast)
-            out[role] = gptq_dequant(t["qweight"], sc, t.get("qzeros"), g_idx, zero_offset=offset, dtype=dtype)
-    return torch.cat([out["gate"], out["up"]], dim=1), out["down"]
-
-
-def converted_weights(out: Checkpoint, prefix: str, block: dict, dtype, device, raw: bool = False):
-    from ..torch_io import read_tensor
-    from .unpack import xpu_dequant
-
-    enc = block["nibble_encoding"]
-    w13, s13, w2, s2 = (read_tensor(out, f"{prefix}.experts.{w}", device)
-                        for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales"))
-    if raw:
-        return w13, s13, w2, s2
-    return xpu_dequant(w13, s13, enc, dtype), xpu_dequant(w2, s2, enc, dtype)
-
-
-def router_weight(out: Checkpoint, src: Checkpoint, prefix: str, block: dict, device):
-    """The layer's router as float32 [E, K] (dequantized if it is GPTQ-quantized)."""
-    import torch
-
-    from ..torch_io import read_tensor
-    from .unpack import gptq_dequant
-
-    name = f"{prefix}.gate.weight"
-    if name in out.tensors:
-        return read_tensor(out, name).to(device=device, dtype=torch.float32)
-    base = f"{prefix}.gate."
-    if base + "qweight" in src.tensors:
-        offset = 1 if block.get("source", {}).get("checkpoint_format", "gptq") == "gptq" else 0
-        qz = read_tensor(src, base + "qzeros") if base + "qzeros" in src.tensors else None
-        gi = read_tensor(src, base + "g_idx").long() if base + "g_idx" in src.tensors else None
-        return gptq_dequant(read_tensor(src, base + "qweight"), read_tensor(src, base + "scales"), qz, gi,
-                            zero_offset=offset, dtype=torch.float32).to(device)
-    raise Gptq2XpuError(f"{prefix}: no router weight ({name}) to route tokens with")
-
-
-def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, block: dict, *, device, dtype,
-                  tokens: int, seed: int, kernel: bool = False) -> dict:
-    import torch
-
-    from ..torch_io import read_tensor
-    from .device import synchronize
-    from .reference import (
-        compare,
-        moe_forward,
-        route,
-        within_kernel_tolerance,
-        within_tolerance,
-    )
-    from .unpack import xpu_dequant
-
-    routing = block.get("routing") or {}
-    e = int(info["experts"])
-    k = int(info["hidden_size"])
-    top_k = int(routing.get("top_k", min(2, e)))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(tokens, k, generator=gen).to(device)
-    x_cov = torch.randn(e, k, generator=gen).to(device)
-    router = router_weight(out, src, prefix, block, device)
-    bias_name = f"{prefix}.gate.e_score_correction_bias"
-    bias = read_tensor(out, bias_name).to(device=device, dtype=torch.float32) if bias_name in out.tensors else None
-    tw, tid = route(x, router, top_k, scoring=routing.get("scoring", "softmax"),
-                    renormalize=bool(routing.get("renormalize", True)), correction_bias=bias,
-                    routed_scaling_factor=float(routing.get("routed_scaling_factor", 1.0)))
-    cov_w = torch.ones(e, 1, device=device)
-    cov_id = torch.arange(e, device=device).unsqueeze(1)
-
-    # load: read the packed tensors of both sides and move them to the device
-    synchronize(device)
-    t0 = time.perf_counter()
-    src_packed = load_source(src, prefix, info, device)
-    w13, s13, w2, s2 = converted_weights(out, prefix, block, dtype, device, raw=True)
-    synchronize(device)
-    t1 = time.perf_counter()
-    # compute: dequantize both sides, run the reference MoE on routed tokens and on every expert
-    enc = block["nibble_encoding"]
-    sw13, sw2 = dequant_source(src_packed, info, block, dtype)
-    y_src = moe_forward(x.to(dtype), sw13, sw2, tw, tid)
-    c_src = moe_forward(x_cov.to(dtype), sw13, sw2, cov_w, cov_id)
-    del sw13, sw2
-    synchronize(device)
-    t_mid = time.perf_counter()
-    cw13, cw2 = xpu_dequant(w13, s13, enc, dtype), xpu_dequant(w2, s2, enc, dtype)
-    y_conv = moe_forward(x.to(dtype), cw13, cw2, tw, tid)
-    synchronize(device)
-    t_conv = time.perf_counter()
-    c_conv = moe_forward(x_cov.to(dtype), cw13, cw2, cov_w, cov_id)
-    del cw13, cw2
-    synchronize(device)
-    t2 = time.perf_counter()
-    packed_bytes = sum(t.numel() * t.element_size() for r in src_packed.values() for t in r.values()) + \
-        sum(t.numel() * t.element_size() for t in (w13, s13, w2, s2))
-    del src_packed
-    tp = int(block.get("tp_size", 1))
-    tp_stats = None
-    if tp > 1:
-        y_ranks = rank_sum(out, prefix, info, block, tp, x.to(dtype), tw, tid, dtype, device)
-        tp_stats = compare(y_ranks, y_conv)
-    routed = compare(y_conv, y_src)
-    every = compare(c_conv, c_src)
-    result = {
-        "prefix": prefix,
-        "tokens": tokens,
-        "top_k": top_k,
-        "experts_hit": int(torch.unique(tid).numel()),
-        "max_abs": routed["max_abs"],
-        "rel": routed["rel"],
-        "cosine": routed["cosine"],
-        "every_expert_rel": every["rel"],
-        "every_expert_cosine": every["cosine"],
-        "ok": within_tolerance(routed, dtype) and within_tolerance(every, dtype),
-        "load_seconds": round(t1 - t0, 5),
-        "compute_seconds": round(t2 - t1, 5),
-        "source_side_seconds": round(t_mid - t1, 5),           # GPTQ dequant + routed and every-expert MoE
-        "converted_dequant_moe_seconds": round(t_conv - t_mid, 5),  # XPU bytes dequant + routed MoE
-        "packed_bytes": packed_bytes,
-    }
-    if tp_stats is not None:
-        result["tp_sum_rel"] = tp_stats["rel"]
-        result["ok"] = result["ok"] and within_tolerance(tp_stats, dtype)
-    if kernel:
-        from .xpu_kernels import run_xpu_fused_moe
-
-        y_k = run_xpu_fused_moe(x.to(dtype), w13, s13.to(dtype), w2, s2.to(dtype), tw, tid, None, top_k=top_k,
-                                renormalize=bool(routing.get("renormalize", True)), encoding=block["nibble_encoding"])
-        kstats = compare(y_k.float(), y_conv.float())
-        result["kernel"] = {**kstats, "ok": within_kernel_tolerance(y_k, y_conv, dtype)}
-        result["ok"] = result["ok"] and result["kernel"]["ok"]
-    return result
-
-
-def rank_sum(out: Checkpoint, prefix: str, info: dict, block: dict, tp: int, x, tw, tid, dtype, device):
-    """Sum over tensor-parallel ranks of each rank's partial MoE output, every rank dequantized
-    from its own slice of the packed bytes and scales (as a runtime holding one rank would)."""
-    import torch
-
-    from .reference import moe_forward
-    from .unpack import xpu_dequant
-
-    enc = block["nibble_encoding"]
-    p = int(info["padded_intermediate_size"])
-    pt = p // tp
-    g2 = int(info["w2_group_size"])
-    w13, s13, w2, s2 = converted_weights(out, prefix, block, dtype, device, raw=True)
-    total = None
-    for r in range(tp):
-        rows = torch.cat([torch.arange(r * pt, (r + 1) * pt), torch.arange(p + r * pt, p + (r + 1) * pt)]).to(w13.device)
-        r13 = xpu_dequant(w13.index_select(1, rows), s13.index_select(1, rows), enc, dtype)
-        r2 = xpu_dequant(w2[:, :, r * pt // 2 : (r + 1) * pt // 2].contiguous(),
-                         s2[:, :, r * pt // g2 : (r + 1) * pt // g2].contiguous(), enc, dtype)
-        y = moe_forward(x, r13, r2, tw, tid).float()
-        total = y if total is None else total + y
-    return total

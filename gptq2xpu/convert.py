@@ -8,16 +8,16 @@
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from .audit import audit
 from .parallel import default_jobs
-from .plan import ConvertOptions, Plan, audit, build_plan
+from .plan import ConvertOptions, Plan, build_plan
 from .read import Checkpoint, open_source
-from .writer import write_checkpoint, write_part
+from .write import write_checkpoint, write_part
 
 
 def make_plan(ckpt: Checkpoint, options: ConvertOptions) -> Plan:
@@ -49,7 +49,7 @@ def convert(source, output, *, options: ConvertOptions | None = None, jobs: int 
         # the audit has passed.  Either way a failed run leaves nothing at OUTPUT.
         # Split runs write into a shared folder without a staging area: audit them first.
         bg = ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-audit")
-        audited = bg.submit(audit, plan, ckpt, 1)
+        audited = bg.submit(audit, plan, ckpt)
         if part is not None:
             audited.result()
 

@@ -1,6 +1,6 @@
 """The one place that builds XPU bytes and scales (numpy only).
 
-Target layout (see ``shared/docs/xpu-int4-contract.md``)::
+Target layout (see :mod:`gptq2xpu.contract`)::
 
     w13_qweight  uint8 [E, 2N, K/2]   rows 0..N-1 gate (w1), rows N..2N-1 up (w3)
     w13_scales         [E, 2N, K/g13]
@@ -11,11 +11,13 @@ Byte ``j`` of a row holds input ``2j`` in its low nibble and ``2j+1`` in its hig
 ``q`` means ``(q - 8) * scale`` ("u4b8").  The ``s4`` encoding stores ``(q - 8) & 0xF`` per nibble,
 which is ``byte ^ 0x88`` -- the form the kernel converts to once at load time.
 
-Each format hands over one expert's rows as int32 words ``[out, in/8]`` (see
-:mod:`gptq2xpu.formats`); here they are placed into the stacked tensors, optionally zero-padded
-along N (tensor-parallel padding: code 8 = weight 0, scale 0), re-encoded, and the scales are
-transposed, cast and regrouped.  Regrouping is lossless: a group of 128 with scale ``s`` is two
-groups of 64 with scale ``s``.
+Each format says where one expert's packed int32 words and scales are and whether they are
+stored input-major (GPTQ ``[in/8, out]``: transposed here into rows ``[out, in/8]``) or already as
+rows (compressed-tensors); see :mod:`gptq2xpu.formats`.  The rows are placed into the stacked
+tensors, optionally zero-padded along N (tensor-parallel padding: code 8 = weight 0, scale 0),
+re-encoded, and the scales are transposed, cast and regrouped.  Regrouping is lossless: a group
+of 128 with scale ``s`` is two groups of 64 with scale ``s``.  A GPTQ-quantized router is
+dequantized here too (``--dequantize-router``).
 """
 
 from __future__ import annotations
@@ -24,10 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Group sizes the XPU kernel runs (it derives g = K / scales.shape[-1] and refuses anything else).
-SUPPORTED_GROUPS = (256, 128, 64, 32)
-#: Nibble encodings: u4b8 = offset-8 codes (what vLLM feeds the kernel), s4 = signed nibbles.
-ENCODINGS = ("u4b8", "s4")
+from .contract import KERNEL_GROUPS
+
 _S4_XOR = np.uint32(0x88888888)
 #: An int32 word of eight code-8 nibbles: weight 0 in u4b8.
 ZERO_WORD_U4B8 = np.uint32(0x88888888)
@@ -40,7 +40,7 @@ def largest_group(source_groups, *, divides=()) -> int | None:
     (per-channel over K=2048) -> 256; ``largest_group([128], divides=[192])`` -> 64;
     ``largest_group([48])`` -> None.
     """
-    for g in SUPPORTED_GROUPS:
+    for g in KERNEL_GROUPS:
         if all(s % g == 0 for s in source_groups) and all(d % g == 0 for d in divides):
             return g
     return None
@@ -70,16 +70,6 @@ def from_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
             rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
         return rounded
     raise ValueError(f"unknown scale dtype {dtype}")
-
-
-def cast_scales(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """Change the scales' dtype (identity when equal, so bits are kept exactly)."""
-    if src == dst:
-        return arr
-    return from_float32(to_float32(arr, src), dst)
-
-
-DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
 # ----------------------------------------------------------------------------- layer repack
@@ -128,6 +118,30 @@ def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
         return
     for r in range(0, rows, band):
         np.copyto(dst[:, r : r + band], src[r : r + band].T)
+
+
+def read_rows(ckpt, fmt, fields: dict[str, str], out_words: np.ndarray, scratch: np.ndarray) -> None:
+    """One projection's codes as XPU rows: int32 ``[out, in/8]`` into ``out_words`` (u4b8).
+
+    Input-major formats (GPTQ) are read into ``scratch`` (int32, at least ``out*in/8`` elements)
+    and transposed; row formats are read straight into ``out_words``.
+    """
+    ref = ckpt.ref(fields[fmt.packed])
+    if not fmt.input_major:
+        ckpt.read_into(ref, out_words)
+        return
+    src = scratch[: ref.entry.numel].reshape(ref.shape)
+    ckpt.read_into(ref, src)
+    transpose_into(out_words, src)
+
+
+def read_scales(ckpt, fmt, fields: dict[str, str]) -> np.ndarray:
+    """One projection's scales as ``[out, in/group]`` in the stored dtype (BF16 as raw uint16)."""
+    name = fields[fmt.scales]
+    sc = ckpt.read(name)
+    if sc.dtype == np.uint8:  # BF16: raw bytes -> uint16 words
+        sc = sc.view(np.uint16).reshape(ckpt.ref(name).shape)
+    return np.ascontiguousarray(sc.T if fmt.input_major else sc)
 
 
 def encode_words(words: np.ndarray, encoding: str) -> None:
@@ -206,3 +220,33 @@ def layer_scales(per_expert, geo: LayerGeometry, *, roles: tuple[str, ...], src_
         nan = ((u & 0x7F80) == 0x7F80) & ((u & 0x7F) != 0)
         u[nan] |= 0x40
     return out
+
+
+# ----------------------------------------------------------------------------- routers
+
+
+def dequantize_router(qweight: np.ndarray, scales: np.ndarray, qzeros: np.ndarray | None, g_idx: np.ndarray | None,
+                      checkpoint_format: str) -> np.ndarray:
+    """A GPTQ-quantized router (``--dequantize-router``) as a float32 ``[out, in]`` weight.
+
+    ``qweight`` int32 ``[in/8, out]``, ``scales`` float32 ``[groups, out]``, ``qzeros`` int32
+    ``[groups, out/8]`` (v1 ``gptq`` stores zero - 1), ``g_idx`` ``[in]``:
+    ``W[n, k] = (code[k, n] - zero[g_idx[k], n]) * scales[g_idx[k], n]``.
+    """
+    qw = qweight.view(np.uint32)
+    rows, n_out = qw.shape
+    k = rows * 8
+    codes = np.empty((k, n_out), dtype=np.float32)
+    for j in range(8):
+        codes[j::8] = (qw >> (4 * j)) & 0xF
+    group = k // scales.shape[0]
+    idx = np.arange(k) // group if g_idx is None else g_idx.astype(np.int64)
+    if qzeros is None:
+        zeros = np.full((scales.shape[0], n_out), 8, dtype=np.float32)
+    else:
+        qz = qzeros.view(np.uint32)
+        zeros = np.empty((qz.shape[0], n_out), dtype=np.float32)
+        for j in range(8):
+            zeros[:, j::8] = (qz >> (4 * j)) & 0xF
+        zeros += 1 if checkpoint_format == "gptq" else 0
+    return ((codes - zeros[idx]) * scales[idx]).T

@@ -50,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gptq2xpu.plan import parse_size  # noqa: E402
+from gptq2xpu.cli.options import parse_size  # noqa: E402
 
 MIB = 1024 * 1024
 EXPERT_TENSORS = ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales")

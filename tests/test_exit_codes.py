@@ -124,7 +124,7 @@ def test_convert_codes(tmp_path, broken):
     assert_clean_failure(cli("convert", FIXTURE, tmp_path / "file" / "out"), EXIT_IO, tmp_path / "file" / "out")
     # 130: SIGINT and SIGTERM while a shard is being written; the partial folder is removed
     for sig in ("SIGINT", "SIGTERM"):
-        proc = cli_hooked("gptq2xpu.writer:ShardWriter.write", sig, "convert", FIXTURE, out)
+        proc = cli_hooked("gptq2xpu.write.shards:ShardWriter.write", sig, "convert", FIXTURE, out)
         assert_clean_failure(proc, EXIT_INTERRUPTED, out, "interrupted", sig)
     # 0, and then 2 because OUTPUT exists
     assert cli("convert", FIXTURE, out).returncode == EXIT_OK
@@ -183,10 +183,10 @@ def test_verify_codes(tmp_path, converted):
 
 def test_unexpected_exception_is_exit_1_one_line(tmp_path):
     out = tmp_path / "out"
-    proc = cli_hooked("gptq2xpu.writer:ShardWriter.write", "RuntimeError", "convert", FIXTURE, out)
+    proc = cli_hooked("gptq2xpu.write.shards:ShardWriter.write", "RuntimeError", "convert", FIXTURE, out)
     line = assert_clean_failure(proc, EXIT_INTERNAL, out, "internal error", "RuntimeError", "--debug")
     assert "injected bug" in line
-    proc = cli_hooked("gptq2xpu.writer:ShardWriter.write", "RuntimeError", "--debug", "convert", FIXTURE, out)
+    proc = cli_hooked("gptq2xpu.write.shards:ShardWriter.write", "RuntimeError", "--debug", "convert", FIXTURE, out)
     assert proc.returncode == EXIT_INTERNAL and "Traceback" in proc.stderr
     assert not out.exists() and leftovers(out) == []
 

@@ -225,7 +225,7 @@ def test_read_only_output_parent(tmp_path):
 
 def test_source_changed_during_run_in_process(tmp_path, monkeypatch, capsys):
     """Deterministic: the source shard grows right after the first output shard is written."""
-    from gptq2xpu import writer
+    from gptq2xpu.write import shards as writer
     from gptq2xpu.cli import main
 
     src = fixture_copy(tmp_path / "src")

@@ -65,10 +65,15 @@ def _root(
     _state["debug"] = debug or _state["debug"]
 
 
-from . import convert as _convert  # noqa: E402,F401  (registers commands)
-from . import demo as _demo  # noqa: E402,F401
-from . import inspect as _inspect  # noqa: E402,F401
-from . import verify as _verify  # noqa: E402,F401
+# Every command, registered in one place (the modules define plain functions).
+from .convert import convert  # noqa: E402
+from .demo import demo  # noqa: E402
+from .finalize import finalize  # noqa: E402
+from .inspect import inspect  # noqa: E402
+from .verify import verify  # noqa: E402
+
+for _command in (convert, inspect, verify, finalize, demo):
+    app.command()(_command)
 
 
 def _on_sigterm(signum, frame):

@@ -14,9 +14,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UsageError, VerificationError
-from . import app
-from ._output import Output, human_bytes
-from .convert import JsonOpt
+from .options import JsonOpt
+from .output import Output, human_bytes
 
 
 def _render(console, d: dict) -> None:
@@ -33,7 +32,6 @@ def _render(console, d: dict) -> None:
     console.print(f"{verdict}  next: gptq2xpu inspect <your GPTQ MoE checkpoint>, then gptq2xpu convert SOURCE OUTPUT")
 
 
-@app.command()
 def demo(
     family: Annotated[str, typer.Option(help="Model family of the synthetic checkpoint (qwen3_moe, qwen2_moe, qwen3_5_moe, qwen3_next, mixtral, deepseek_v2, deepseek_v3, glm4_moe).")] = "qwen3_moe",
     keep: Annotated[Optional[Path], typer.Option(help="Keep the source and converted folders under this folder instead of a temporary one.")] = None,

@@ -7,14 +7,21 @@ from typing import Annotated
 import typer
 
 from ..errors import InputError
-from ..plan import ConvertOptions
-from . import app
-from ._output import Output
-from ._render import render_plan
-from .convert import EncodingOpt, JsonOpt, KeepOpt, RevisionOpt, RouterOpt, ScaleDtypeOpt, TokenOpt, TpOpt
+from .options import (
+    EncodingOpt,
+    JsonOpt,
+    KeepOpt,
+    RevisionOpt,
+    RouterOpt,
+    ScaleDtypeOpt,
+    TokenOpt,
+    TpOpt,
+    convert_options,
+)
+from .output import Output
+from .render import render_plan
 
 
-@app.command()
 def inspect(
     source: Annotated[str, typer.Argument(help="GPTQ checkpoint: a local folder or a Hugging Face repo id.")],
     revision: RevisionOpt = None,
@@ -35,8 +42,8 @@ def inspect(
     from ..convert import make_plan
     from ..read import open_source
 
-    options = ConvertOptions(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding, tp_size=tp_size,
-                             keep_unsupported=keep_unsupported, dequantize_router=dequantize_router)
+    options = convert_options(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding, tp_size=tp_size,
+                              keep_unsupported=keep_unsupported, dequantize_router=dequantize_router)
     with open_source(source, revision=revision, token=token) as ckpt:
         data = make_plan(ckpt, options).to_dict()
     out = Output(json_out)

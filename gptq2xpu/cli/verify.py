@@ -9,9 +9,8 @@ import typer
 from rich.table import Table
 
 from ..errors import VerificationError
-from . import app
-from ._output import Output
-from .convert import JsonOpt, RevisionOpt, TokenOpt
+from .options import JsonOpt, RevisionOpt, TokenOpt
+from .output import Output
 
 
 def render_report(console, data: dict) -> None:
@@ -36,7 +35,6 @@ def render_report(console, data: dict) -> None:
     console.print(f"{status} {data['output']} in {data['seconds']} s")
 
 
-@app.command()
 def verify(
     output: Annotated[Path, typer.Argument(help="A converted checkpoint folder.")],
     source: Annotated[Optional[str], typer.Option("--source", help="The GPTQ source (folder or repo id): adds bit-exact and numerical checks.")] = None,

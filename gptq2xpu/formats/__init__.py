@@ -2,11 +2,12 @@
 
 A format answers, for one quantized projection of one expert: its shape and group size from the
 headers alone (:meth:`QuantFormat.describe`), whether its data is something the XPU kernel can run
-(:meth:`QuantFormat.check`: symmetric zero point, rows in natural order), and its int4 codes and
-scales already in the XPU *row* layout (:meth:`QuantFormat.read_rows`, :meth:`QuantFormat.read_scales`):
-row ``n`` of ``[out, in/8]`` int32 words holds output channel ``n``, input ``8w+j`` in bits
-``4j..4j+3`` of word ``w``; viewed as little-endian bytes that is ``[out, in/2]`` uint8 with input
-``2j`` in the low and ``2j+1`` in the high nibble of byte ``j``.
+(:meth:`QuantFormat.check`: symmetric zero point, rows in natural order), and where its packed
+int32 words and scales are and in which orientation (:attr:`QuantFormat.input_major`).
+:mod:`gptq2xpu.repack` turns them into XPU rows: row ``n`` of ``[out, in/8]`` int32 words holds
+output channel ``n``, input ``8w+j`` in bits ``4j..4j+3`` of word ``w``; viewed as little-endian
+bytes that is ``[out, in/2]`` uint8 with input ``2j`` in the low and ``2j+1`` in the high nibble of
+byte ``j``.
 """
 
 from __future__ import annotations

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class ProjSpec:
@@ -25,41 +23,30 @@ class ProjSpec:
 
 
 class QuantFormat:
-    """Base class: a quantized-linear storage format."""
+    """A quantized-linear storage format: what its tensors are called and how they are laid out.
+
+    Formats describe and check; they build no XPU bytes (:mod:`gptq2xpu.repack` does, from the
+    packed words and scales named here, transposing them when the format stores them input-major).
+    """
 
     name: str = ""
     #: tensor fields that identify the format (e.g. {"qweight", "scales"})
     required: frozenset = frozenset()
-    #: fields the format may also carry
-    optional: frozenset = frozenset()
-    #: the field whose bytes dominate (for reporting)
-    weight_field: str = ""
-
-    @property
-    def fields(self) -> frozenset:
-        return self.required | self.optional
-
-    def describe(self, ckpt, fields: dict[str, str], in_features: int, where: str) -> ProjSpec:
-        raise NotImplementedError
+    #: field of the packed int32 words and of the scales
+    packed: str = ""
+    scales: str = ""
+    #: True when packed words are stored input-major ``[in/8, out]`` and scales ``[groups, out]``
+    #: (GPTQ); False when output-major ``[out, in/8]`` / ``[out, groups]``, i.e. already XPU rows.
+    input_major: bool = False
 
     def in_out(self, ckpt, fields: dict[str, str]) -> tuple[int | None, int]:
         """(input size if the headers alone tell it, output size) of the projection."""
         raise NotImplementedError
 
-    def check(self, ckpt, fields: dict[str, str], spec: ProjSpec, checkpoint_format: str, where: str) -> None:
+    def describe(self, ckpt, fields: dict[str, str], in_features: int, where: str) -> ProjSpec:
+        """The projection's spec from its headers; InputError when they do not fit together."""
+        raise NotImplementedError
+
+    def check(self, ckpt, fields: dict[str, str], spec: ProjSpec, checkpoint_format: str) -> None:
         """Read the small metadata tensors and raise InputError if the kernel cannot run this data."""
         raise NotImplementedError
-
-    def read_rows(self, ckpt, fields: dict[str, str], spec: ProjSpec, out_words: np.ndarray, scratch: np.ndarray) -> None:
-        """Write the codes as XPU rows into ``out_words`` (int32 ``[out, in/8]``), u4b8 encoding.
-
-        ``scratch`` is a reusable int32 buffer of at least ``out*in/8`` elements.
-        """
-        raise NotImplementedError
-
-    def read_scales(self, ckpt, fields: dict[str, str], spec: ProjSpec) -> np.ndarray:
-        """Scales as ``[out, in/group]`` in the stored dtype (BF16 as raw uint16)."""
-        raise NotImplementedError
-
-    def scratch_words(self, spec: ProjSpec) -> int:
-        return spec.out_features * spec.in_features // 8

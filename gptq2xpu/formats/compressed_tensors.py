@@ -27,8 +27,8 @@ from .base import ProjSpec, QuantFormat
 class CompressedTensorsFormat(QuantFormat):
     name = "compressed-tensors"
     required = frozenset({"weight_packed", "weight_scale"})
-    optional = frozenset({"weight_shape", "weight_zero_point", "weight_g_idx", "bias"})
-    weight_field = "weight_packed"
+    packed, scales = "weight_packed", "weight_scale"
+    input_major = False
 
     def in_out(self, ckpt, fields):
         wp = ckpt.ref(fields["weight_packed"])
@@ -57,7 +57,7 @@ class CompressedTensorsFormat(QuantFormat):
         return ProjSpec(in_features, n_out, bits, in_features // sc.shape[1], sc.dtype,
                         "weight_zero_point" in fields, "weight_g_idx" in fields)
 
-    def check(self, ckpt, fields, spec, checkpoint_format, where):
+    def check(self, ckpt, fields, spec, checkpoint_format):
         if "weight_shape" in fields:
             shape = [int(v) for v in ckpt.read(fields["weight_shape"]).reshape(-1)]
             if shape != [spec.out_features, spec.in_features]:
@@ -79,12 +79,3 @@ class CompressedTensorsFormat(QuantFormat):
             gi = ckpt.read(fields["weight_g_idx"])
             if not np.array_equal(gi, np.arange(spec.in_features) // spec.group_size):
                 raise InputError(f"{fields['weight_g_idx']}: input rows are reordered (actorder); the XPU kernel has no g_idx support")
-
-    def read_rows(self, ckpt, fields, spec, out_words, scratch):
-        ckpt.read_into(ckpt.ref(fields["weight_packed"]), out_words)
-
-    def read_scales(self, ckpt, fields, spec):
-        sc = ckpt.read(fields["weight_scale"])
-        if sc.dtype == np.uint8:
-            sc = sc.view(np.uint16).reshape(ckpt.ref(fields["weight_scale"]).shape)
-        return np.ascontiguousarray(sc)

@@ -10,7 +10,7 @@ Per linear layer with input size K, output size N and group size g::
 Worked example (K=8, N=1): codes for inputs 0..7 = [1, 2, 3, 4, 5, 6, 7, 15] pack into the single
 word ``0xF7654321``.  The XPU row for output 0 is the same word: as little-endian bytes
 ``21 43 65 F7`` -> byte 0 holds input 0 (low nibble 1) and input 1 (high nibble 2).  That is why the
-repack is only a transpose of the int32 matrix: ``rows = qweight.T``.
+repack is only a transpose of the int32 matrix: ``rows = qweight.T`` (:mod:`gptq2xpu.repack` does it).
 
 Only 4-bit symmetric data is accepted: every qzeros nibble must be 7 (v1) or 8 (v2), and g_idx
 (when present) must be ``arange(K)//g``.  The data decides, not only the config.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..repack import transpose_into
 from .base import ProjSpec, QuantFormat
 
 _SYMMETRIC_WORD = {"gptq": 0x77777777, "gptq_v2": 0x88888888}
@@ -30,8 +29,8 @@ _SYMMETRIC_WORD = {"gptq": 0x77777777, "gptq_v2": 0x88888888}
 class GptqFormat(QuantFormat):
     name = "gptq"
     required = frozenset({"qweight", "scales"})
-    optional = frozenset({"qzeros", "g_idx", "bias"})
-    weight_field = "qweight"
+    packed, scales = "qweight", "scales"
+    input_major = True
 
     def in_out(self, ckpt, fields):
         n_out = ckpt.ref(fields["qweight"]).shape[-1]
@@ -70,7 +69,7 @@ class GptqFormat(QuantFormat):
                 raise InputError(f"{gi.name}: g_idx {gi.dtype}{list(gi.shape)} should be I32[{in_features}]")
         return ProjSpec(in_features, n_out, bits, group, sc.dtype, bool(zeros), bool(g_idx))
 
-    def check(self, ckpt, fields, spec, checkpoint_format, where):
+    def check(self, ckpt, fields, spec, checkpoint_format):
         if "qzeros" in fields:
             qz = ckpt.read(fields["qzeros"]).view(np.uint32)
             want = _SYMMETRIC_WORD[checkpoint_format]
@@ -94,15 +93,3 @@ class GptqFormat(QuantFormat):
                     f"{fields['g_idx']}: input rows are reordered (act-order / desc_act); the XPU kernel "
                     "has no g_idx support"
                 )
-
-    def read_rows(self, ckpt, fields, spec, out_words, scratch):
-        ref = ckpt.ref(fields["qweight"])
-        src = scratch[: ref.entry.numel].reshape(ref.shape)
-        ckpt.read_into(ref, src)
-        transpose_into(out_words, src)
-
-    def read_scales(self, ckpt, fields, spec):
-        sc = ckpt.read(fields["scales"])
-        if sc.dtype == np.uint8:  # BF16: raw bytes -> uint16 words
-            sc = sc.view(np.uint16).reshape(ckpt.ref(fields["scales"]).shape)
-        return np.ascontiguousarray(sc.T)

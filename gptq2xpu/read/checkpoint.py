@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from .paths import check_member_name, is_inside
 from ..safetensors_io import (
     NUMPY_DTYPES,
     SafetensorsHeader,
@@ -78,27 +79,6 @@ def load_json_file(path: Path, what: str | None = None) -> dict:
     if not isinstance(doc, dict):
         raise InputError(f"{label}: expected a JSON object, found {type(doc).__name__}")
     return doc
-
-
-def _inside(root_real: str, path: Path) -> bool:
-    real = os.path.realpath(path)
-    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
-
-
-def check_member_name(name: object, what: str) -> str:
-    """A file name from an untrusted index: relative, no ``..``, no drive/backslash tricks."""
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise InputError(f"{what}: bad shard file name {name!r}")
-    try:
-        os.fsencode(name)
-    except UnicodeError:  # e.g. a lone surrogate from a JSON \ud800 escape
-        raise InputError(f"{what}: shard file name {name!r} cannot be a file name on this system") from None
-    if name.startswith(("/", "\\")) or os.path.isabs(name) or "\\" in name or ":" in name:
-        raise InputError(f"{what}: shard file {name!r} is an absolute path; it must stay inside the checkpoint folder")
-    parts = name.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise InputError(f"{what}: shard file {name!r} leaves the checkpoint folder")
-    return name
 
 
 @dataclass
@@ -217,7 +197,7 @@ def find_shards(root: Path, trusted_root: Path) -> tuple[list[str], dict[str, st
         for file in sorted(files):
             path = root / file
             try:
-                if not _inside(root_real, path):
+                if not is_inside(root_real, path):
                     raise InputError(f"{name}: shard {file!r} is a link pointing outside the checkpoint folder")
                 if not path.is_file():
                     raise InputError(f"{name}: shard {file!r} named in the index does not exist")
@@ -229,7 +209,7 @@ def find_shards(root: Path, trusted_root: Path) -> tuple[list[str], dict[str, st
     for p in sorted(root.glob("*.safetensors")):
         if not p.is_file():
             continue
-        if not _inside(root_real, p):
+        if not is_inside(root_real, p):
             raise InputError(f"{p.name}: is a link pointing outside the checkpoint folder")
         candidates.append(p.name)
     if not candidates:
@@ -271,7 +251,7 @@ def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path
         raise InputError(f"{root}: SOURCE must be a checkpoint folder, not a file")
     trusted = Path(trusted_root) if trusted_root else root
     cfg_path = root / "config.json"
-    if cfg_path.is_file() and not _inside(os.path.realpath(trusted), cfg_path):
+    if cfg_path.is_file() and not is_inside(os.path.realpath(trusted), cfg_path):
         # its content goes into OUTPUT's config.json: never follow a link out of the checkpoint
         raise InputError("config.json: is a link pointing outside the checkpoint folder; replace the link with the file itself")
     config = load_json_file(cfg_path) if cfg_path.is_file() else {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ._output import human_bytes
+from .output import human_bytes
 
 _ACTION_STYLE = {"convert": "green", "passthrough": "cyan", "refuse": "red"}
 

@@ -1,0 +1,44 @@
+"""What only the data can tell, checked before anything is published: for every converted layer,
+symmetric zero points, input rows in natural order, and finite scales.
+
+This is the one step of ``convert`` that reads source tensors other than to copy them: the small
+metadata tensors (qzeros, g_idx, scales) of every expert.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+from .formats import FORMATS
+from .naming import ROLES
+from .plan import LayerPlan, Plan
+from .read import Checkpoint
+from .repack import read_scales, to_float32
+
+
+def audit(plan: Plan, ckpt: Checkpoint) -> list[str]:
+    """Raise InputError on data the kernel cannot run; return warnings (all-zero scale groups)."""
+    warnings: list[str] = []
+    for layer in plan.converted:
+        for e in range(layer.experts):
+            warnings.extend(_audit_expert(plan, ckpt, layer, e))
+    return warnings
+
+
+def _audit_expert(plan: Plan, ckpt: Checkpoint, layer: LayerPlan, e: int) -> list[str]:
+    fmt = FORMATS[layer.format]
+    warn = []
+    for role in ROLES:
+        fields = layer.fields(e, role)
+        spec = layer.specs[role]
+        fmt.check(ckpt, fields, spec, plan.quant.checkpoint_format)
+        s = to_float32(read_scales(ckpt, fmt, fields), spec.scale_dtype)
+        name = fields[fmt.scales]
+        if not np.isfinite(s).all():
+            bad = np.argwhere(~np.isfinite(s))[0]
+            raise InputError(f"{name}: non-finite scale {s[tuple(bad)]} at output {bad[0]}, group {bad[1]}")
+        zero = s == 0
+        if zero.any():
+            warn.append(f"{name}: {int(zero.sum())} scale(s) are exactly zero (those weight groups are all zero)")
+    return warn

@@ -1,0 +1,93 @@
+"""Build the :class:`~gptq2xpu.plan.model.Plan` of a whole checkpoint from its headers and configs."""
+
+from __future__ import annotations
+
+import sys
+
+from ..contract import FLOAT_DTYPE_NAMES
+from ..errors import InputError
+from ..naming import classify, detect_family, natural_key, nested_text_config, routing_params
+from ..read import Checkpoint, read_quant_config
+from ..safetensors_io import PlannedTensor
+from .layers import plan_layer
+from .model import LayerPlan, OutputItem, Plan
+from .options import ConvertOptions
+from .shards import assign_shards
+
+
+def build_plan(ckpt: Checkpoint, options: ConvertOptions | None = None) -> Plan:
+    """Decide the conversion from headers alone.  Raises InputError for checkpoint-wide problems;
+    per-layer problems become ``refuse`` entries (see :meth:`Plan.raise_refusals`)."""
+    options = options or ConvertOptions()
+    if sys.byteorder != "little":
+        raise InputError("this host is big-endian; the int32 -> uint8 reinterpretation needs a little-endian host")
+    quant = read_quant_config(ckpt.root, ckpt.config)
+    if quant.method == "gptq" and quant.bits != 4 and not quant.dynamic and not quant.extra:
+        raise InputError(f"{quant.found_in}: bits {quant.bits} is not supported; the XPU kernel runs 4-bit weights only")
+    tmap = classify(ckpt.tensors)
+    if not tmap.moe:
+        raise InputError(f"{ckpt.origin}: no MoE layers found (no '<prefix>.experts.<e>.<proj>' tensors); "
+                         "nothing to convert")
+    layers = [plan_layer(ckpt, tmap.moe[p], tmap.routers.get(p, []), tmap.shared.get(p, []), quant, options)
+              for p in sorted(tmap.moe, key=natural_key)]
+    if not any(l.converts for l in layers) and not any(l.action == "refuse" for l in layers):
+        raise InputError(f"{ckpt.origin}: no quantized MoE layers to convert (every MoE layer is float or kept "
+                         "unchanged)")
+    items, passthrough = _output_items(ckpt, layers, options)
+    family = detect_family(ckpt.config, ckpt.tensors)
+    return Plan(
+        origin=ckpt.origin,
+        family=family,
+        quant=quant,
+        options=options,
+        layers=layers,
+        passthrough=sorted(passthrough, key=natural_key),
+        shards=assign_shards(items, options.max_shard_size),
+        bytes_in=ckpt.total_bytes,
+        warnings=_router_warnings(layers, options),
+        routing=routing_params(ckpt.config, family, max((l.experts for l in layers), default=1)).to_dict(),
+    )
+
+
+def _output_items(ckpt: Checkpoint, layers: list[LayerPlan], options: ConvertOptions):
+    """Every output tensor and where its bytes come from, in tensor-name order; and the source
+    tensors written unchanged."""
+    consumed = set()
+    items: list[OutputItem] = []
+    for layer in layers:
+        if not layer.converts:
+            continue
+        consumed.update(layer.source_tensors)
+        for t in layer.output_tensors():
+            items.append(OutputItem(t, t.name.rsplit(".", 1)[1], layer.prefix))
+        if layer.router_quantized and options.dequantize_router:
+            consumed.update(layer.routers)
+            fields = {n.rsplit(".", 1)[1]: n for n in layer.routers}
+            n_out = ckpt.ref(fields["qweight"]).shape[1]
+            weight = PlannedTensor(f"{layer.prefix}.gate.weight", _float_dtype(ckpt.config), (n_out, layer.hidden))
+            items.append(OutputItem(weight, "router", layer.prefix))
+    passthrough = [n for n in ckpt.tensors if n not in consumed]
+    for n in passthrough:
+        ref = ckpt.tensors[n]
+        items.append(OutputItem(PlannedTensor(n, ref.dtype, ref.shape), "copy", n))
+    items.sort(key=lambda it: natural_key(it.tensor.name))
+    return items, passthrough
+
+
+def _router_warnings(layers: list[LayerPlan], options: ConvertOptions) -> list[str]:
+    warnings = []
+    for layer in layers:
+        if not layer.routers and layer.action != "refuse":
+            warnings.append(f"{layer.prefix}: no router tensor ({layer.prefix}.gate.*) found")
+        if layer.router_quantized and layer.converts:
+            note = ("dequantized to a float weight (--dequantize-router)" if options.dequantize_router
+                    else "passed through unchanged (--dequantize-router writes it as a float weight)")
+            warnings.append(f"{layer.prefix}.gate: router is GPTQ-quantized in the source; {note}")
+    return warnings
+
+
+def _float_dtype(config: dict) -> str:
+    """The model's float dtype (a dequantized router is written in it)."""
+    cfg = nested_text_config(config)
+    name = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    return FLOAT_DTYPE_NAMES.get(name, "BF16")

@@ -1,0 +1,244 @@
+"""The plan as data: per MoE layer what happens and why, and where every output byte comes from."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .. import __version__
+from ..contract import (
+    EXPERT_TENSORS,
+    FLOAT_DTYPE_NAMES,
+    FORMAT_VERSION,
+    W2_QWEIGHT,
+    W2_SCALES,
+    W13_QWEIGHT,
+    W13_SCALES,
+    expert_tensor,
+    rank_folder,
+)
+from ..errors import InputError
+from ..formats import ProjSpec
+from ..naming import natural_key
+from ..read import QuantConfig
+from ..repack import LayerGeometry
+from ..safetensors_io import PlannedTensor, ShardLayout
+from .options import ConvertOptions
+from .tp import tp_report
+
+_TORCH_NAME = {v: k for k, v in FLOAT_DTYPE_NAMES.items()}
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one MoE layer (the module holding ``experts``)."""
+
+    prefix: str
+    action: str                       # convert | passthrough | refuse
+    kind: str                         # gptq | compressed-tensors | float | excluded | unsupported | broken
+    reason: str
+    experts: int = 0
+    hidden: int = 0                   # K
+    intermediate: int = 0             # N
+    bits: int | None = None
+    format: str | None = None
+    proj_names: dict[str, str] = field(default_factory=dict)     # role -> source projection name
+    source_groups: dict[str, int] = field(default_factory=dict)  # role -> source group size
+    source_scale_dtype: str | None = None
+    scale_dtype: str | None = None
+    geometry: LayerGeometry | None = None
+    expert_fields: list[dict[str, dict[str, str]]] = field(default_factory=list, repr=False)
+    specs: dict[str, ProjSpec] = field(default_factory=dict, repr=False)
+    source_tensors: list[str] = field(default_factory=list, repr=False)
+    routers: list[str] = field(default_factory=list)
+    router_quantized: bool = False
+    shared: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def converts(self) -> bool:
+        return self.action == "convert"
+
+    def output_name(self, what: str) -> str:
+        return expert_tensor(self.prefix, what)
+
+    def output_tensors(self) -> list[PlannedTensor]:
+        """The four tensors of the converted layer (names, dtypes and shapes of the contract)."""
+        geo = self.geometry
+        sd = self.scale_dtype
+        shapes = {W13_QWEIGHT: ("U8", geo.w13_shape), W13_SCALES: (sd, geo.w13_scales_shape),
+                  W2_QWEIGHT: ("U8", geo.w2_shape), W2_SCALES: (sd, geo.w2_scales_shape)}
+        return [PlannedTensor(self.output_name(what), *shapes[what]) for what in EXPERT_TENSORS]
+
+    def fields(self, e: int, role: str) -> dict[str, str]:
+        return self.expert_fields[e][role]
+
+    def summary(self) -> dict:
+        out = {
+            "prefix": self.prefix,
+            "action": self.action,
+            "kind": self.kind,
+            "reason": self.reason,
+            "experts": self.experts,
+        }
+        if self.hidden:
+            out.update(hidden_size=self.hidden, intermediate_size=self.intermediate, bits=self.bits)
+        if self.source_groups:
+            out["source_group_size"] = dict(self.source_groups)
+        if self.geometry is not None:
+            g = self.geometry
+            out.update(w13_group_size=g.g13, w2_group_size=g.g2, padded_intermediate_size=g.padded,
+                       source_scale_dtype=self.source_scale_dtype, scale_dtype=self.scale_dtype)
+        if self.routers:
+            out["routers"] = list(self.routers)
+            out["router_quantized"] = self.router_quantized
+        if self.shared:
+            out["shared_expert_tensors"] = len(self.shared)
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+
+@dataclass(frozen=True)
+class OutputItem:
+    """Where one output tensor's bytes come from."""
+
+    tensor: PlannedTensor
+    source: str          # "copy" | "w13_qweight" | "w13_scales" | "w2_qweight" | "w2_scales" | "router"
+    ref: str             # source tensor name (copy) or layer prefix
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    items: list[OutputItem]
+    layout: ShardLayout
+
+
+@dataclass
+class Plan:
+    origin: str
+    family: str
+    quant: QuantConfig
+    options: ConvertOptions
+    layers: list[LayerPlan]
+    passthrough: list[str]               # source tensors written unchanged
+    shards: list[ShardPlan]
+    bytes_in: int
+    warnings: list[str] = field(default_factory=list)
+    routing: dict = field(default_factory=dict)
+    fingerprint: str = ""
+
+    @property
+    def converted(self) -> list[LayerPlan]:
+        return [l for l in self.layers if l.converts]
+
+    @property
+    def refused(self) -> list[LayerPlan]:
+        return [l for l in self.layers if l.action == "refuse"]
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.layout.file_size for s in self.shards)
+
+    def layer(self, prefix: str) -> LayerPlan:
+        for l in self.layers:
+            if l.prefix == prefix:
+                return l
+        raise KeyError(prefix)
+
+    def raise_refusals(self) -> None:
+        refused = self.refused
+        if refused:
+            first = refused[0]
+            more = f" (and {len(refused) - 1} more layer(s); `gptq2xpu inspect` lists them)" if len(refused) > 1 else ""
+            raise InputError(f"{first.prefix}: {first.reason}{more}")
+
+    def config_block(self) -> dict:
+        """The block added to the output config.json, documenting the converted expert format."""
+        conv = self.converted
+        groups13 = sorted({l.geometry.g13 for l in conv})
+        groups2 = sorted({l.geometry.g2 for l in conv})
+        scale_dtypes = sorted({l.scale_dtype for l in conv})
+        return {
+            "format": "xpu-int4-moe",
+            "format_version": FORMAT_VERSION,
+            "tool": "gptq2xpu",
+            "tool_version": __version__,
+            "layout": {
+                "w13_qweight": "uint8 [E, 2N, K/2]; rows 0..N-1 gate (w1), rows N..2N-1 up (w3)",
+                "w13_scales": "[E, 2N, K/group]",
+                "w2_qweight": "uint8 [E, K, N/2] (down projection)",
+                "w2_scales": "[E, K, N/group]",
+                "nibble_order": "byte j of a row: input 2j in the low nibble, input 2j+1 in the high nibble",
+                "tensor_names": "<prefix>.experts.{w13_qweight,w13_scales,w2_qweight,w2_scales}",
+            },
+            "nibble_encoding": self.options.nibble_encoding,
+            "nibble_encoding_doc": ("u4b8: code q in 0..15 means (q - 8) * scale" if self.options.nibble_encoding == "u4b8"
+                                    else "s4: signed two's-complement nibbles, (q - 8) & 0xF, i.e. u4b8 byte ^ 0x88"),
+            "symmetric": True,
+            "zero_point": 8,
+            "act_order": False,
+            "bits": 4,
+            "group_size": groups13[0] if len(groups13) == 1 and groups13 == groups2 else None,
+            "w13_group_sizes": groups13,
+            "w2_group_sizes": groups2,
+            "scale_dtype": _TORCH_NAME.get(scale_dtypes[0]) if len(scale_dtypes) == 1 else None,
+            "tp_size": self.options.tp_size,
+            "tp_ranks": ([rank_folder(r, self.options.tp_size) for r in range(self.options.tp_size)]
+                         if self.options.emit_ranks else []),
+            "routing": dict(self.routing),
+            "layers": {l.prefix: _layer_block(l) for l in conv},
+            "passthrough_layers": {l.prefix: {"kind": l.kind, "reason": l.reason} for l in self.layers if l.action == "passthrough" and l.kind != "unsupported"},
+            "unconverted_layers": {l.prefix: {"kind": l.kind, "reason": l.reason} for l in self.layers if l.kind == "unsupported"},
+            "routers": sorted((r for l in self.layers if not l.router_quantized for r in l.routers), key=natural_key),
+            "quantized_routers": sorted((r for l in self.layers if l.router_quantized and not (l.converts and self.options.dequantize_router)
+                                         for r in l.routers), key=natural_key),
+            "dequantized_routers": [f"{l.prefix}.gate.weight" for l in self.layers
+                                    if l.router_quantized and l.converts and self.options.dequantize_router],
+            "source": {
+                "origin": self.origin,
+                "family": self.family,
+                "fingerprint": self.fingerprint,
+                "quant_method": self.quant.method,
+                "checkpoint_format": self.quant.checkpoint_format,
+                "found_in": self.quant.found_in,
+                "dropped_tensors": "per-expert qzeros and g_idx: symmetric zero point 8 and rows in natural order, checked from the data",
+            },
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.origin,
+            "family": self.family,
+            "quantization": self.quant.describe(),
+            "options": asdict(self.options),
+            "layers": [l.summary() for l in self.layers],
+            "moe_layers": len(self.layers),
+            "converted_layers": len(self.converted),
+            "passthrough_layers": sum(1 for l in self.layers if l.action == "passthrough"),
+            "refused_layers": len(self.refused),
+            "routers_excluded": sorted({r for l in self.layers for r in l.routers}, key=natural_key),
+            "passthrough_tensors": len(self.passthrough),
+            "shards": [{"name": s.name, "tensors": len(s.items), "bytes": s.layout.file_size} for s in self.shards],
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "warnings": list(self.warnings),
+            "refusals": [f"{l.prefix}: {l.reason}" for l in self.refused],
+            "tp": tp_report(self.converted) if self.converted else [],
+        }
+
+
+def _layer_block(l: LayerPlan) -> dict:
+    g = l.geometry
+    return {
+        "experts": l.experts,
+        "hidden_size": l.hidden,
+        "intermediate_size": l.intermediate,
+        "padded_intermediate_size": g.padded,
+        "w13_group_size": g.g13,
+        "w2_group_size": g.g2,
+        "source_group_size": dict(l.source_groups),
+        "source_format": l.format,
+        "source_projections": dict(l.proj_names),
+        "scale_dtype": l.scale_dtype,
+    }

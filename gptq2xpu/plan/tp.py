@@ -1,0 +1,59 @@
+"""Tensor parallelism: which w2 group size (or padding of N) gives every rank whole scale groups."""
+
+from __future__ import annotations
+
+import math
+
+from ..contract import KERNEL_GROUPS
+from ..repack import LayerGeometry, largest_group
+from ..safetensors_io import DTYPE_SIZES
+
+#: Tensor-parallel sizes ``inspect`` reports on.
+REPORTED_SIZES = (1, 2, 4, 8, 16)
+
+
+def choose_w2_groups(n: int, g_down: int, tp: int) -> tuple[int, int | None]:
+    """(padded N, w2 group size) for ``tp`` ranks: the largest supported group that divides the
+    source group and every rank's slice; only when none does, the smallest zero-padded N that
+    works (ties: the larger group)."""
+    if n % tp == 0:
+        g = largest_group([g_down], divides=[n // tp])
+        if g is not None:
+            return n, g
+    if tp == 1:
+        return n, None
+    best = None
+    for g in KERNEL_GROUPS:
+        if g_down % g == 0:
+            cand = math.ceil(n / (tp * g)) * tp * g
+            if best is None or cand < best[0]:
+                best = (cand, g)
+    return best if best is not None else (n, None)
+
+
+def tp_report(converted, sizes=REPORTED_SIZES) -> list[dict]:
+    """Which tensor-parallel sizes work as-is, by regrouping, or only by padding, and what each
+    costs: the exact extra bytes of the converted tensors against ``--tp-size 1``."""
+    out = []
+    for t in sizes:
+        how, extra = "as-is", 0
+        for layer in converted:
+            base = layer.geometry
+            padded, g2 = choose_w2_groups(layer.intermediate, layer.source_groups["down"], t)
+            if g2 is None:
+                how = "impossible"
+                break
+            geo = LayerGeometry(base.experts, base.hidden, base.intermediate, padded, base.g13, g2)
+            extra += _layer_bytes(geo, layer.scale_dtype) - _layer_bytes(base, layer.scale_dtype)
+            if padded != base.padded:
+                how = "pad"
+            elif g2 != base.g2 and how == "as-is":
+                how = "regroup"
+        out.append({"tp_size": t, "how": how, "extra_bytes": int(extra)})
+    return out
+
+
+def _layer_bytes(geo: LayerGeometry, scale_dtype: str) -> int:
+    s = DTYPE_SIZES[scale_dtype]
+    return (math.prod(geo.w13_shape) + math.prod(geo.w2_shape)
+            + s * (math.prod(geo.w13_scales_shape) + math.prod(geo.w2_scales_shape)))

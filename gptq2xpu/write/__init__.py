@@ -1,0 +1,67 @@
+"""Execute a :class:`~gptq2xpu.plan.Plan`: stream every planned tensor into its shard, atomically.
+
+    chunks.py     where every output byte comes from (tasks building chunks, pooled buffers)
+    shards.py     one shard: parallel builders writing at planned offsets, sha256 in file order
+    documents.py  config.json with its block, index, manifest, side files
+    output.py     OUTPUT as a whole: safety checks, staging, publishing by rename
+    ranks.py      tensor-parallel rank folders
+    split.py      split runs (--part i/n) and finalize
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..contract import INDEX_NAME, MANIFEST_NAME
+from ..errors import io_error
+from ..plan import Plan
+from ..read import Checkpoint
+from .documents import config_bytes, copy_file, index_bytes, manifest_base, manifest_bytes, side_files, write_doc
+from .output import STAGE_TAG, check_output, publish, remove_stale
+from .ranks import write_ranks
+from .shards import write_shards
+from .split import finalize, write_part
+
+__all__ = ["write_checkpoint", "write_part", "finalize"]
+
+
+def write_checkpoint(plan: Plan, ckpt: Checkpoint, output: Path, *, jobs: int = 1, overwrite: bool = False,
+                     progress: Callable[[int], None] | None = None,
+                     before_publish: Callable[[], None] | None = None) -> dict:
+    """Write the whole converted checkpoint at ``output`` (atomically).  Returns the manifest files."""
+    output = Path(os.path.abspath(output))  # "." or "out/.." must name the folder, not the cwd entry
+    check_output(output, ckpt.root, overwrite=overwrite)
+    side_files(ckpt.root, ckpt.trusted_root)  # refuse escaping links before writing anything
+    remove_stale(output)
+    stage = output.parent / f".{output.name}{STAGE_TAG}{os.getpid()}"
+    try:
+        stage.mkdir()
+    except OSError as exc:
+        raise io_error("cannot create", stage, exc) from None
+    try:
+        files = write_shards(plan, ckpt, stage, range(len(plan.shards)), jobs, progress)
+        files.update(write_documents(plan, ckpt, stage, files))
+        ckpt.check_unchanged()
+        if before_publish is not None:
+            before_publish()
+        publish(stage, output, overwrite)
+        return files
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def write_documents(plan: Plan, ckpt: Checkpoint, folder: Path, shard_files: dict) -> dict:
+    """Side files, index, config.json, rank folders, and last the manifest of everything."""
+    files = {}
+    for name in side_files(ckpt.root, ckpt.trusted_root):
+        files[name] = copy_file(ckpt.root / name, folder, name)
+    files[INDEX_NAME] = write_doc(folder, INDEX_NAME, index_bytes(plan))
+    files["config.json"] = write_doc(folder, "config.json", config_bytes(plan, ckpt))
+    if plan.options.emit_ranks:
+        files.update(write_ranks(plan, folder))
+    write_doc(folder, MANIFEST_NAME, manifest_bytes(manifest_base(plan), {**shard_files, **files}))
+    return files

@@ -1,0 +1,145 @@
+"""Where every output byte comes from: each shard as an ordered list of chunk-producing tasks.
+
+A chunk is produced by a small task: copy a slice of a source tensor, build one expert's w13 or
+w2 rows, a layer's scales, or a dequantized router (all built by :mod:`gptq2xpu.repack`).  Buffers
+are pooled and reused, so memory stays at a few chunks whatever the model size: nothing holds a
+layer, a shard or a model.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..formats import FORMATS
+from ..plan import Plan, ShardPlan
+from ..read import Checkpoint
+from ..repack import dequantize_router, fill_w2, fill_w13, from_float32, layer_scales, read_rows, read_scales, to_float32
+
+COPY_CHUNK = 16 * 1024 * 1024
+
+
+class BufferPool:
+    """Reusable byte buffers keyed by size: fresh pages cost more than the copy itself."""
+
+    def __init__(self):
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, nbytes: int) -> np.ndarray:
+        with self._lock:
+            lst = self._free.get(nbytes)
+            if lst:
+                return lst.pop()
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def put(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._free.setdefault(buf.nbytes, []).append(buf)
+
+
+@dataclass
+class Chunk:
+    data: memoryview
+    release: Callable[[], None] | None = None
+
+
+# ------------------------------------------------------------------------------ chunk tasks
+
+
+class ShardSource:
+    """Turns a shard's planned items into an ordered list of chunk-producing tasks."""
+
+    def __init__(self, plan: Plan, ckpt: Checkpoint, pool: BufferPool):
+        self.plan = plan
+        self.ckpt = ckpt
+        self.pool = pool
+
+    def tasks(self, shard: ShardPlan) -> list[tuple[int, Callable[[], Chunk]]]:
+        """``(file offset, task)`` pairs in file order; each task's chunk starts at its offset."""
+        out: list[tuple[int, Callable[[], Chunk]]] = [(0, lambda h=shard.layout.header: Chunk(memoryview(h)))]
+        for item in shard.items:
+            kind = item.source
+            start = shard.layout.offsets[item.tensor.name][0]
+            if kind == "copy":
+                out.extend(self._copy_tasks(item.ref, start))
+            elif kind in ("w13_qweight", "w2_qweight"):
+                layer = self.plan.layer(item.ref)
+                fn = self._w13 if kind == "w13_qweight" else self._w2
+                step = item.tensor.nbytes // layer.experts
+                out.extend((start + e * step, lambda e=e, l=layer, f=fn: f(l, e)) for e in range(layer.experts))
+            elif kind in ("w13_scales", "w2_scales"):
+                out.append((start, lambda l=self.plan.layer(item.ref), k=kind: self._scales(l, k)))
+            elif kind == "router":
+                out.append((start, lambda l=self.plan.layer(item.ref), t=item.tensor: self._router(l, t)))
+            else:  # pragma: no cover - plan and writer are built together
+                raise AssertionError(kind)
+        return out
+
+    def _copy_tasks(self, name: str, start: int):
+        ref = self.ckpt.ref(name)
+        for off in range(0, ref.nbytes, COPY_CHUNK):
+            size = min(COPY_CHUNK, ref.nbytes - off)
+
+            def task(off=off, size=size, ref=ref):
+                buf = self.pool.get(size)
+                self.ckpt.read_into(ref, buf, offset=off)
+                return Chunk(memoryview(buf), lambda: self.pool.put(buf))
+
+            yield start + off, task
+
+    def _rows_reader(self, layer, e, role, scratch):
+        fmt = FORMATS[layer.format]
+        fields = layer.fields(e, role)
+        return lambda dst: read_rows(self.ckpt, fmt, fields, dst, scratch)
+
+    def _w13(self, layer, e) -> Chunk:
+        geo = layer.geometry
+        words = 2 * geo.padded * geo.hidden // 8
+        buf = self.pool.get(words * 4)
+        scratch = self.pool.get(geo.intermediate * geo.hidden // 8 * 4)
+        out = buf.view(np.int32).reshape(2 * geo.padded, geo.hidden // 8)
+        sc = scratch.view(np.int32)
+        fill_w13(out, geo, self._rows_reader(layer, e, "gate", sc), self._rows_reader(layer, e, "up", sc),
+                 self.plan.options.nibble_encoding)
+        self.pool.put(scratch)
+        return Chunk(memoryview(buf), lambda: self.pool.put(buf))
+
+    def _w2(self, layer, e) -> Chunk:
+        geo = layer.geometry
+        buf = self.pool.get(geo.hidden * geo.padded // 8 * 4)
+        scratch = self.pool.get(geo.hidden * geo.intermediate // 8 * 4 * 2)
+        out = buf.view(np.int32).reshape(geo.hidden, geo.padded // 8)
+        sc = scratch.view(np.int32)
+        half = geo.hidden * geo.intermediate // 8
+        fill_w2(out, geo, self._rows_reader(layer, e, "down", sc[:half]), sc[half:], self.plan.options.nibble_encoding)
+        self.pool.put(scratch)
+        return Chunk(memoryview(buf), lambda: self.pool.put(buf))
+
+    def _scales(self, layer, kind) -> Chunk:
+        fmt = FORMATS[layer.format]
+        roles = ("gate", "up") if kind == "w13_scales" else ("down",)
+        arr = layer_scales(
+            lambda e, role: read_scales(self.ckpt, fmt, layer.fields(e, role)),
+            layer.geometry,
+            roles=roles,
+            src_groups=layer.source_groups,
+            src_dtype=layer.source_scale_dtype,
+            dst_dtype=layer.scale_dtype,
+        )
+        return Chunk(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+
+    def _router(self, layer, tensor) -> Chunk:
+        fields = {n.rsplit(".", 1)[1]: n for n in layer.routers}
+        read = lambda f: self.ckpt.read(fields[f]) if f in fields else None  # noqa: E731
+        scales = self.ckpt.read(fields["scales"])
+        scales_dtype = self.ckpt.ref(fields["scales"]).dtype
+        if scales_dtype == "BF16":
+            scales = scales.view(np.uint16).reshape(self.ckpt.ref(fields["scales"]).shape)
+        w = dequantize_router(read("qweight"), to_float32(scales, scales_dtype), read("qzeros"), read("g_idx"),
+                              self.plan.quant.checkpoint_format)
+        arr = from_float32(np.ascontiguousarray(w), tensor.dtype)
+        return Chunk(memoryview(arr.reshape(-1).view(np.uint8)))

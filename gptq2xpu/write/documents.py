@@ -1,0 +1,121 @@
+"""The documents beside the shards: config.json with its block, the index, the manifest, side files.
+
+Each is written through a temporary name and renamed into place (:func:`atomic_write`), with its
+sha256 and size for the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .. import __version__
+from ..contract import CONFIG_BLOCK, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME
+from ..errors import InputError, io_error
+from ..naming import natural_key
+from ..plan import Plan
+from ..read import Checkpoint
+from ..read.checkpoint import PICKLE_SUFFIXES
+from ..read.paths import is_inside
+
+WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
+SKIP_FILES = {"config.json", INDEX_NAME, MANIFEST_NAME}
+
+
+def side_files(root: Path, trusted_root: Path | None = None) -> list[str]:
+    """Top-level files copied unchanged: tokenizer, generation, chat template, README, licence,
+    other configs.  Weights (safetensors, pickles...), the index, config.json and hidden files are not.
+
+    A file that is a link pointing outside ``trusted_root`` (default ``root``) is refused: copying it
+    would put an arbitrary file of this machine (``tokenizer.json -> ~/.ssh/id_rsa``) into OUTPUT."""
+    root_real = os.path.realpath(trusted_root or root)
+    out = []
+    for p in sorted(root.iterdir()):
+        name = p.name
+        if name.startswith(".") or name in SKIP_FILES or not p.is_file():
+            continue
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".safetensors.index.json"):
+            continue
+        if not is_inside(root_real, p):
+            raise InputError(f"{name}: is a link pointing outside the checkpoint folder; it would be copied "
+                             "into OUTPUT: replace the link with the file itself")
+        out.append(name)
+    return out
+
+
+def config_bytes(plan: Plan, ckpt: Checkpoint) -> bytes:
+    cfg = dict(ckpt.config)
+    cfg[CONFIG_BLOCK] = plan.config_block()
+    return (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def index_bytes(plan: Plan) -> bytes:
+    wm = {}
+    total = 0
+    for s in plan.shards:
+        for t in s.layout.tensors:
+            wm[t.name] = s.name
+            total += t.nbytes
+    doc = {"metadata": {"total_size": total, "format": "gptq2xpu"},
+           "weight_map": {k: wm[k] for k in sorted(wm, key=natural_key)}}
+    return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+
+
+def manifest_base(plan: Plan) -> dict:
+    """What the manifest says besides the file list (kept by split runs until ``finalize``)."""
+    return {
+        "tool_version": __version__,
+        "source_fingerprint": plan.fingerprint,
+        "layers": {
+            "converted": [l.prefix for l in plan.converted],
+            "passthrough": [l.prefix for l in plan.layers if l.action == "passthrough" and l.kind != "unsupported"],
+            "unconverted": [l.prefix for l in plan.layers if l.kind == "unsupported"],
+        },
+    }
+
+
+def manifest_bytes(base: dict, files: dict[str, dict]) -> bytes:
+    doc = {
+        "format": "gptq2xpu-manifest",
+        "format_version": FORMAT_VERSION,
+        "tool_version": base["tool_version"],
+        "source_fingerprint": base["source_fingerprint"],
+        "files": {k: files[k] for k in sorted(files)},
+        "layers": base["layers"],
+    }
+    return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+
+
+def atomic_write(folder: Path, name: str, blocks, action: str) -> dict:
+    """Write ``blocks`` (bytes) to ``folder/name`` through a temporary name; sha256 and size."""
+    digest = hashlib.sha256()
+    size = 0
+    tmp = folder / f".{name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            for block in blocks:
+                digest.update(block)
+                fh.write(block)
+                size += len(block)
+        os.replace(tmp, folder / name)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise io_error(action, folder / name, exc) from None
+    return {"sha256": digest.hexdigest(), "size": size}
+
+
+def write_doc(folder: Path, name: str, data: bytes) -> dict:
+    return atomic_write(folder, name, [data], "cannot write")
+
+
+def copy_file(src: Path, folder: Path, name: str) -> dict:
+    def blocks():
+        with open(src, "rb") as fi:
+            while block := fi.read(1 << 20):
+                yield block
+
+    return atomic_write(folder, name, blocks(), "cannot copy into")

@@ -123,22 +123,14 @@ class ExpertGroup:
     fused: dict[str, str] = field(default_factory=dict)  # fused 3-D float tensors: what -> tensor name
     names: list[str] = field(default_factory=list)  # every tensor under <prefix>.experts
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.experts)
-
 
 @dataclass
 class TensorMap:
-    """The checkpoint's tensor names sorted into the roles conversion cares about."""
+    """The checkpoint's tensor names sorted into the roles conversion cares about (the rest passes through)."""
 
     moe: dict[str, ExpertGroup]
     routers: dict[str, list[str]]      # MoE prefix -> router tensor names
     shared: dict[str, list[str]]       # MoE prefix -> shared expert / shared gate tensor names
-    other: list[str]                   # everything else (passes through byte-identical)
-
-    def router_names(self) -> list[str]:
-        return sorted((n for v in self.routers.values() for n in v), key=natural_key)
 
 
 def classify(names) -> TensorMap:
@@ -161,7 +153,6 @@ def classify(names) -> TensorMap:
         rest.append(name)
     routers: dict[str, list[str]] = {}
     shared: dict[str, list[str]] = {}
-    other = []
     for name in rest:
         m = _ROUTER.match(name)
         if m and m["prefix"] in moe:
@@ -170,8 +161,6 @@ def classify(names) -> TensorMap:
         m = _SHARED.match(name)
         if m and m["prefix"] in moe:
             shared.setdefault(m["prefix"], []).append(name)
-            continue
-        other.append(name)
     for grp in moe.values():
         grp.names.sort(key=natural_key)
-    return TensorMap(moe=moe, routers=routers, shared=shared, other=other)
+    return TensorMap(moe=moe, routers=routers, shared=shared)

@@ -23,7 +23,6 @@ import math
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 
@@ -122,7 +121,7 @@ def parse_header(raw: bytes, file_size: int, path: str = "<bytes>") -> Safetenso
             continue
         tensors[name] = _parse_entry(path, name, spec, data_start, data_size)
     ranges = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
-    for (s0, e0, n0), (s1, _e1, n1) in zip(ranges, ranges[1:]):
+    for (_s0, e0, n0), (s1, _e1, n1) in zip(ranges, ranges[1:]):
         if s1 < e0:
             raise InputError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
     return SafetensorsHeader(path, file_size, data_start, tensors, metadata)
@@ -178,19 +177,6 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return parse_header(raw, size, path)
-
-
-def read_array(fd: int, entry: TensorEntry, path: str = "") -> np.ndarray:
-    """Read one tensor's bytes with ``pread`` into a fresh numpy array of its dtype and shape.
-
-    Dtypes without a numpy equivalent (BF16, float8) come back as raw ``uint8`` bytes.
-    """
-    buf = np.empty(entry.nbytes, dtype=np.uint8)
-    read_into(fd, entry.start, buf, path or entry.name)
-    dt = NUMPY_DTYPES.get(entry.dtype)
-    if dt is None:
-        return buf
-    return buf.view(dt).reshape(entry.shape)
 
 
 def read_into(fd: int, offset: int, out: np.ndarray, what: str = "") -> None:
@@ -260,31 +246,6 @@ def encode_header(doc: dict) -> bytes:
     return struct.pack("<Q", len(body)) + body
 
 
-def write_arrays(path: str | os.PathLike, arrays: dict[str, tuple[str, np.ndarray]] | dict[str, np.ndarray],
-                 metadata: dict[str, str] | None = None) -> None:
-    """Small convenience writer: ``{name: array}`` or ``{name: (dtype_name, raw_array)}`` to a file.
-
-    ``(dtype_name, array)`` lets callers store dtypes numpy lacks (``("BF16", uint16_array)``).
-    Holds nothing beyond the arrays given; used by tests, the demo and benchmarks.
-    """
-    items: list[tuple[PlannedTensor, np.ndarray]] = []
-    for name, value in arrays.items():
-        if isinstance(value, tuple):
-            dtype, arr = value
-        else:
-            arr = value
-            dtype = dtype_name(arr.dtype)
-        arr = np.ascontiguousarray(arr)
-        items.append((PlannedTensor(name, dtype, tuple(arr.shape)), arr))
-        if items[-1][0].nbytes != arr.nbytes:
-            raise ValueError(f"{name}: {dtype}{list(arr.shape)} does not match {arr.nbytes} bytes")
-    layout = ShardLayout([t for t, _ in items], metadata or {"format": "pt"})
-    with open(path, "wb") as fh:
-        fh.write(layout.header)
-        for _, arr in items:
-            fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
-
-
 def dtype_name(dt: np.dtype) -> str:
     """numpy dtype -> safetensors dtype name."""
     dt = np.dtype(dt)
@@ -292,7 +253,3 @@ def dtype_name(dt: np.dtype) -> str:
         if candidate == dt.newbyteorder("<") or candidate == dt:
             return name
     raise ValueError(f"no safetensors dtype for numpy {dt}")
-
-
-def iter_entries_in_file_order(header: SafetensorsHeader) -> Iterable[TensorEntry]:
-    return sorted(header.tensors.values(), key=lambda t: t.start)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptq2xpu.safetensors_io import NUMPY_DTYPES, read_header, write_arrays
+from gptq2xpu.safetensors_io import NUMPY_DTYPES, read_header
+from helpers import write_arrays
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "qwen3moe-g128"

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from gptq2xpu.errors import EXIT_INPUT, EXIT_VERIFY
-from gptq2xpu.safetensors_io import read_header, write_arrays
+from gptq2xpu.safetensors_io import read_header
+from helpers import write_arrays
 from gptq2xpu.testing.synth import make_checkpoint, pack_int32
 
 from _planting import cli, convert, failed_checks, patch_tensor, read_tensor, shard_of, verify_json

@@ -28,10 +28,10 @@ from gptq2xpu.safetensors_io import (
     encode_header,
     parse_header,
     read_header,
-    write_arrays,
 )
 from gptq2xpu.read.checkpoint import INDEX_NAME, open_checkpoint
 from gptq2xpu.read.quant_config import read_quant_config
+from helpers import write_arrays
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -38,10 +38,6 @@ class Output:
     def warn(self, message: str) -> None:
         self.err.print(f"[yellow]warning:[/] {message}", markup=True)
 
-    def info(self, message: str) -> None:
-        if not self.json_mode and not self.quiet:
-            self.err.print(message)
-
     @contextlib.contextmanager
     def progress(self, description: str):
         """Yields ``update(done, total)``; a rich bar on a terminal, silent in CI or with --json."""

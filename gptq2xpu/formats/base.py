@@ -14,8 +14,6 @@ class ProjSpec:
     bits: int
     group_size: int        # in input elements; equals in_features for one group spanning the input
     scale_dtype: str       # safetensors dtype name of the stored scales
-    has_zeros: bool
-    has_g_idx: bool
 
     @property
     def groups(self) -> int:

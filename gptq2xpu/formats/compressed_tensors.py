@@ -54,8 +54,7 @@ class CompressedTensorsFormat(QuantFormat):
             ws = ckpt.ref(fields["weight_shape"])
             if ws.dtype not in ("I32", "I64") or list(ws.shape) != [2]:
                 raise InputError(f"{ws.name}: weight_shape should be a 2-element integer tensor")
-        return ProjSpec(in_features, n_out, bits, in_features // sc.shape[1], sc.dtype,
-                        "weight_zero_point" in fields, "weight_g_idx" in fields)
+        return ProjSpec(in_features, n_out, bits, in_features // sc.shape[1], sc.dtype)
 
     def check(self, ckpt, fields, spec, checkpoint_format):
         if "weight_shape" in fields:

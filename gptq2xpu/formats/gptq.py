@@ -67,7 +67,7 @@ class GptqFormat(QuantFormat):
             gi = ckpt.ref(g_idx)
             if gi.dtype not in ("I32", "I64") or list(gi.shape) != [in_features]:
                 raise InputError(f"{gi.name}: g_idx {gi.dtype}{list(gi.shape)} should be I32[{in_features}]")
-        return ProjSpec(in_features, n_out, bits, group, sc.dtype, bool(zeros), bool(g_idx))
+        return ProjSpec(in_features, n_out, bits, group, sc.dtype)
 
     def check(self, ckpt, fields, spec, checkpoint_format):
         if "qzeros" in fields:

@@ -129,9 +129,6 @@ class Checkpoint:
         """Fill contiguous ``out`` with the tensor's bytes starting ``offset`` bytes into it."""
         read_into(self._fd(ref.file), ref.entry.start + offset, out, f"{ref.file}: tensor {ref.name!r}")
 
-    def fd_for(self, ref: TensorRef) -> int:
-        return self._fd(ref.file)
-
     # ------------------------------------------------------------------ integrity over a run
     def check_unchanged(self) -> None:
         """Raise if any shard's size or mtime changed since the checkpoint was opened."""

@@ -31,10 +31,8 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-from torch import nn
-
 import compressed_tensors
+import torch
 from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from compressed_tensors.quantization import (
@@ -44,6 +42,7 @@ from compressed_tensors.quantization import (
     apply_quantization_config,
 )
 from safetensors.torch import save_file
+from torch import nn
 
 LAYERS, EXPERTS, HIDDEN, INTER, GROUP, VOCAB, TOP_K = 2, 4, 128, 64, 32, 32, 2
 ROLES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}

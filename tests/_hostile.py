@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from helpers import write_arrays
 
 from gptq2xpu.safetensors_io import NUMPY_DTYPES, read_header
-from helpers import write_arrays
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "qwen3moe-g128"
@@ -141,7 +141,7 @@ def leftovers(output: Path) -> list[str]:
 
 
 def error_lines(stderr: str) -> list[str]:
-    return [l for l in stderr.splitlines() if l.strip()]
+    return [layer for layer in stderr.splitlines() if layer.strip()]
 
 
 def assert_clean_failure(proc, code: int, output: Path | None, *must_name: str, source: Path | None = None,
@@ -152,7 +152,7 @@ def assert_clean_failure(proc, code: int, output: Path | None, *must_name: str, 
     assert "Traceback" not in proc.stderr, ctx
     lines = error_lines(proc.stderr)
     if allow_warnings:
-        lines = [l for l in lines if "warning" not in l.lower()]
+        lines = [layer for layer in lines if "warning" not in layer.lower()]
     assert len(lines) == 1, ctx
     line = lines[0]
     assert line.startswith("gptq2xpu: "), ctx

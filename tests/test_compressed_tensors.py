@@ -16,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _planting import cli, convert, failed_checks, patch_tensor, read_tensor, shard_of, verify_json
+from helpers import write_arrays
 
 from gptq2xpu.errors import EXIT_INPUT, EXIT_VERIFY
 from gptq2xpu.safetensors_io import read_header
-from helpers import write_arrays
 from gptq2xpu.testing.synth import make_checkpoint, pack_int32
-
-from _planting import cli, convert, failed_checks, patch_tensor, read_tensor, shard_of, verify_json
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ct-pack-quantized"
 L, E, K, N, G = 2, 4, 128, 64, 32
@@ -91,7 +90,7 @@ def test_fixture_converts_bit_exact_and_verifies(tmp_path, encoding):
     out = tmp_path / "out"
     summary = convert(FIXTURE, out, "--nibble-encoding", encoding)
     assert summary["quantization"]["quant_method"] == "compressed-tensors"
-    assert [(l["action"], l["kind"]) for l in summary["layers"]] == [("convert", "compressed-tensors")] * L
+    assert [(lyr["action"], lyr["kind"]) for lyr in summary["layers"]] == [("convert", "compressed-tensors")] * L
     for layer in range(L):
         p = f"model.layers.{layer}.mlp.experts"
         w13 = xpu_values(out_tensor(out, f"{p}.w13_qweight"), encoding)      # [E, 2N, K]

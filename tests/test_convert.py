@@ -11,13 +11,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import FIXTURE
+from xpu_decode import as_float32, decode_layer, dequant, gptq_unpack, raw_tensors
 
 from gptq2xpu import CONFIG_BLOCK, MANIFEST_NAME
 from gptq2xpu.convert import convert
 from gptq2xpu.plan import ConvertOptions
-from xpu_decode import as_float32, decode_layer, dequant, gptq_unpack, raw_tensors
-
-from conftest import FIXTURE
 
 FAMILIES = ["qwen2_moe", "qwen3_moe", "qwen3_5_moe", "qwen3_next", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe"]
 
@@ -43,7 +42,7 @@ def test_family_end_to_end(synth, tmp_path, family):
     info = synth(family=family, hidden=128, moe_intermediate=64, num_experts=4, group_size=32, **extra)
     out = tmp_path / "out"
     result = convert(info.path, out, jobs=2)
-    gptq_layers = [l for l in info.moe_layers if l.kind == "gptq"]
+    gptq_layers = [lyr for lyr in info.moe_layers if lyr.kind == "gptq"]
     assert result["converted_layers"] == len(gptq_layers) > 0
     tensors = raw_tensors(out)
     src = raw_tensors(info.path)
@@ -53,10 +52,10 @@ def test_family_end_to_end(synth, tmp_path, family):
     # every other tensor: same name, same bytes
     for name in info.passthrough_names:
         assert tensors[name] == src[name], name
-    converted = {f"{l.prefix}.experts.{w}" for l in gptq_layers for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales")}
+    converted = {f"{lyr.prefix}.experts.{w}" for lyr in gptq_layers for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales")}
     assert set(tensors) == set(info.passthrough_names) | converted
     block = json.loads((out / "config.json").read_text())[CONFIG_BLOCK]
-    assert block["layers"].keys() == {l.prefix for l in gptq_layers}
+    assert block["layers"].keys() == {lyr.prefix for lyr in gptq_layers}
     assert block["routing"]["top_k"] == info.spec.top_k
 
 

@@ -17,18 +17,6 @@ import subprocess
 import sys
 
 import pytest
-
-from gptq2xpu import errors
-from gptq2xpu.errors import (
-    EXIT_INPUT,
-    EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
-    EXIT_IO,
-    EXIT_OK,
-    EXIT_USAGE,
-    EXIT_VERIFY,
-)
-
 from _hostile import (
     FIXTURE,
     L1,
@@ -39,6 +27,17 @@ from _hostile import (
     fixture_copy,
     leftovers,
     mutate,
+)
+
+from gptq2xpu import errors
+from gptq2xpu.errors import (
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_IO,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_VERIFY,
 )
 
 SIGNAL_WRAPPER = r"""

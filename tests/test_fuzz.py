@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_arrays
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gptq2xpu.errors import InputError
+from gptq2xpu.read.checkpoint import INDEX_NAME, open_checkpoint
+from gptq2xpu.read.quant_config import read_quant_config
 from gptq2xpu.safetensors_io import (
     DTYPE_SIZES,
     MAX_HEADER_BYTES,
@@ -29,9 +32,6 @@ from gptq2xpu.safetensors_io import (
     parse_header,
     read_header,
 )
-from gptq2xpu.read.checkpoint import INDEX_NAME, open_checkpoint
-from gptq2xpu.read.quant_config import read_quant_config
-from helpers import write_arrays
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

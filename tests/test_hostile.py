@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _hostile import (
     FIXTURE,
     L0,

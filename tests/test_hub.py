@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 
-
 from conftest import FIXTURE
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _hostile import (
     REPO,
     SHARD,
@@ -225,8 +224,8 @@ def test_read_only_output_parent(tmp_path):
 
 def test_source_changed_during_run_in_process(tmp_path, monkeypatch, capsys):
     """Deterministic: the source shard grows right after the first output shard is written."""
-    from gptq2xpu.write import shards as writer
     from gptq2xpu.cli import main
+    from gptq2xpu.write import shards as writer
 
     src = fixture_copy(tmp_path / "src")
     out = tmp_path / "out"
@@ -247,7 +246,7 @@ def test_source_changed_during_run_in_process(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 3, err
     assert len(calls) == 1, "the change must be caught right after the shard during which it happened"
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [layer for layer in err.splitlines() if layer.strip()]
     assert len(lines) == 1 and "Traceback" not in err
     assert SHARD in lines[0] and "changed during the run" in lines[0]
     assert not out.exists() and leftovers(out) == []

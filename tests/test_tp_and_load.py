@@ -22,13 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from gptq2xpu.errors import EXIT_VERIFY, UsageError
-from gptq2xpu.load import SKIP_CONVERSION_ATTR, open_converted
-from gptq2xpu.testing.synth import make_checkpoint
-from gptq2xpu.verify.reference import moe_forward, route
-from gptq2xpu.verify.unpack import xpu_dequant
-
 from _planting import (
     cli,
     convert,
@@ -40,6 +33,12 @@ from _planting import (
     shard_of,
     verify_json,
 )
+
+from gptq2xpu.errors import EXIT_VERIFY, UsageError
+from gptq2xpu.load import SKIP_CONVERSION_ATTR, open_converted
+from gptq2xpu.testing.synth import make_checkpoint
+from gptq2xpu.verify.reference import moe_forward, route
+from gptq2xpu.verify.unpack import xpu_dequant
 
 K, N, E, G = 128, 192, 4, 64
 PREFIXES = ("model.layers.0.mlp", "model.layers.1.mlp")
@@ -137,9 +136,9 @@ def test_config_block_records_regrouping_and_padding(tp):
     assert (b2["tp_size"], b4["tp_size"], b1["tp_size"]) == (2, 4, 1)
     assert b4["tp_ranks"] == [f"tp-ranks/rank-{r:03d}-of-004" for r in range(4)]
     assert b1["tp_ranks"] == [] and block(tp.out["t4n"])["tp_ranks"] == []
-    notes = [n for l in tp.summary["t4"]["layers"] for n in l.get("notes", [])]
+    notes = [n for lyr in tp.summary["t4"]["layers"] for n in lyr.get("notes", [])]
     assert any("padded 192 -> 256" in n for n in notes)
-    assert any("re-expressed as groups of 32" in n for l in tp.summary["t2"]["layers"] for n in l.get("notes", []))
+    assert any("re-expressed as groups of 32" in n for lyr in tp.summary["t2"]["layers"] for n in lyr.get("notes", []))
 
 
 # ----------------------------------------------------------------------------- verify

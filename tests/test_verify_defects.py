@@ -17,15 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from gptq2xpu import CONFIG_BLOCK
-from gptq2xpu.read import open_source
-from gptq2xpu.errors import EXIT_VERIFY
-from gptq2xpu.read.checkpoint import open_checkpoint
-from gptq2xpu.testing.synth import FAMILIES, make_checkpoint
-from gptq2xpu.verify.numeric import numeric_layer
-from gptq2xpu.verify.reference import TOLERANCES
-
 from _planting import (
     INDEX,
     bf16_truncate,
@@ -39,6 +30,14 @@ from _planting import (
     shard_of,
     verify_json,
 )
+
+from gptq2xpu import CONFIG_BLOCK
+from gptq2xpu.errors import EXIT_VERIFY
+from gptq2xpu.read import open_source
+from gptq2xpu.read.checkpoint import open_checkpoint
+from gptq2xpu.testing.synth import FAMILIES, make_checkpoint
+from gptq2xpu.verify.numeric import numeric_layer
+from gptq2xpu.verify.reference import TOLERANCES
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qwen3moe-g128"
 
@@ -128,7 +127,7 @@ def plant_w13_row_shift(out, info, e=1, prefix=L1):
 
 def plant_bf16_truncated(out, info, e=4, prefix=L0):
     """One expert's fp16 -> bf16 scale cast done by truncation instead of round-to-nearest-even."""
-    layer = next(l for l in info.moe_layers if l.prefix == prefix)
+    layer = next(lyr for lyr in info.moe_layers if lyr.prefix == prefix)
     want = np.concatenate([layer.scales["gate"][e], layer.scales["up"][e]])  # float32 [2N, K/G]
 
     def fn(s):
@@ -341,10 +340,10 @@ def test_no_false_alarm(case, tmp_path):
     assert code == 0 and report["status"] == "pass", report["failures"]
     assert report["layers"] and all(r["ok"] for r in report["layers"])
     if case == "group-512-regrouped":
-        layer = next(l for l in summary["layers"] if l["action"] == "convert")
+        layer = next(lyr for lyr in summary["layers"] if lyr["action"] == "convert")
         assert layer["w13_group_size"] == 256 and layer["w2_group_size"] == 256
     if case == "per-channel":
-        layer = next(l for l in summary["layers"] if l["action"] == "convert")
+        layer = next(lyr for lyr in summary["layers"] if lyr["action"] == "convert")
         assert layer["w13_group_size"] == 128 and layer["w2_group_size"] == 64
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_convert import check_layer_matches_truth
+from xpu_decode import raw_tensors
 
 from gptq2xpu import CONFIG_BLOCK, MANIFEST_NAME
 from gptq2xpu.testing.synth import write_pickle_trap
-from xpu_decode import raw_tensors
-from test_convert import check_layer_matches_truth
 
 SMALL = dict(hidden=128, moe_intermediate=64, num_experts=4, group_size=32)
 
@@ -33,7 +33,7 @@ def convert_and_check(cli, info, out, *extra, verify=True):
 
 
 def kinds(summary):
-    return {l["prefix"]: (l["action"], l["kind"]) for l in summary["layers"]}
+    return {lyr["prefix"]: (lyr["action"], lyr["kind"]) for lyr in summary["layers"]}
 
 
 @pytest.mark.parametrize("family,fused", [("qwen3_5_moe", False), ("qwen3_5_moe", True), ("qwen3_next", False),
@@ -41,12 +41,12 @@ def kinds(summary):
 def test_mtp_float_experts_pass_through(synth, tmp_path, cli, family, fused):
     info = synth(family=family, mtp=True, fused_float_mtp=fused, **SMALL)
     summary = convert_and_check(cli, info, tmp_path / "out")
-    mtp = [l for l in info.moe_layers if l.kind == "float"]
+    mtp = [lyr for lyr in info.moe_layers if lyr.kind == "float"]
     assert len(mtp) == 1
     k = kinds(summary)
     assert k[mtp[0].prefix] == ("passthrough", "float")
-    assert all(k[l.prefix] == ("convert", "gptq") for l in info.moe_layers if l.kind == "gptq")
-    reason = next(l["reason"] for l in summary["layers"] if l["prefix"] == mtp[0].prefix)
+    assert all(k[lyr.prefix] == ("convert", "gptq") for lyr in info.moe_layers if lyr.kind == "gptq")
+    reason = next(lyr["reason"] for lyr in summary["layers"] if lyr["prefix"] == mtp[0].prefix)
     assert "passed through" in reason
     if family in ("qwen3_5_moe", "qwen3_next"):
         assert mtp[0].prefix.startswith("mtp.") and "MTP" in reason
@@ -67,7 +67,7 @@ def test_dynamic_rules_exclude_one_layer_and_override_another(synth, tmp_path, c
     k = kinds(summary)
     assert k["model.layers.0.mlp"] == ("convert", "gptq")
     assert k["model.layers.1.mlp"] == ("passthrough", "float")
-    assert "dynamic -:" in next(l["reason"] for l in summary["layers"] if l["prefix"] == "model.layers.1.mlp")
+    assert "dynamic -:" in next(lyr["reason"] for lyr in summary["layers"] if lyr["prefix"] == "model.layers.1.mlp")
     assert k["model.layers.2.mlp"] == ("convert", "gptq")
     layers = json.loads((tmp_path / "out" / "config.json").read_text())[CONFIG_BLOCK]["layers"]
     assert layers["model.layers.2.mlp"]["w13_group_size"] == 64 and layers["model.layers.0.mlp"]["w13_group_size"] == 32
@@ -102,7 +102,7 @@ def test_8bit_layer_refused_or_kept_unsupported(synth, tmp_path, cli):
 
 def test_layer_mixing_gptq_and_float_experts_is_refused(synth, tmp_path, cli):
     info = synth(family="qwen3_moe", dynamic={r"-:.*layers\.0\.mlp\.experts\.2\..*": {}}, **SMALL)
-    assert any(l.kind == "mixed" for l in info.moe_layers)
+    assert any(lyr.kind == "mixed" for lyr in info.moe_layers)
     code, _, err = cli("convert", info.path, tmp_path / "out")
     assert code == 3 and "model.layers.0.mlp" in err and "mixes" in err
     assert not (tmp_path / "out").exists()
@@ -135,7 +135,7 @@ def test_vision_tower_gate_proj_passes_through(synth, tmp_path, cli):
     visual = [n for n in src if n.startswith("model.visual.")]
     assert any(".mlp.gate_proj." in n for n in visual)
     summary = convert_and_check(cli, info, tmp_path / "out")
-    assert not any(l["prefix"].startswith("model.visual") for l in summary["layers"])
+    assert not any(lyr["prefix"].startswith("model.visual") for lyr in summary["layers"])
     out = raw_tensors(tmp_path / "out")
     assert all(out[n] == src[n] for n in visual)
 

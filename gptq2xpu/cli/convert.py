@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -39,7 +39,7 @@ def convert(
     keep_unsupported: KeepOpt = False,
     dequantize_router: RouterOpt = False,
     jobs: JobsOpt = None,
-    part: Annotated[Optional[str], typer.Option("--part", help="Write only part i of n of the output shards into a shared OUTPUT; run `gptq2xpu finalize OUTPUT` after all parts.")] = None,
+    part: Annotated[str | None, typer.Option("--part", help="Write only part i of n of the output shards into a shared OUTPUT; run `gptq2xpu finalize OUTPUT` after all parts.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT (only once the new one is complete).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (from headers alone) and write nothing.")] = False,
     json_out: JsonOpt = False,

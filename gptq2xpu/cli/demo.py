@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -34,7 +34,7 @@ def _render(console, d: dict) -> None:
 
 def demo(
     family: Annotated[str, typer.Option(help="Model family of the synthetic checkpoint (qwen3_moe, qwen2_moe, qwen3_5_moe, qwen3_next, mixtral, deepseek_v2, deepseek_v3, glm4_moe).")] = "qwen3_moe",
-    keep: Annotated[Optional[Path], typer.Option(help="Keep the source and converted folders under this folder instead of a temporary one.")] = None,
+    keep: Annotated[Path | None, typer.Option(help="Keep the source and converted folders under this folder instead of a temporary one.")] = None,
     device: Annotated[str, typer.Option(help="Device for the reference MoE: auto, xpu, cuda, cpu.")] = "auto",
     json_out: JsonOpt = False,
 ):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,14 +12,14 @@ from ..plan import ConvertOptions
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON summary on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors and warnings.")]
-RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) when SOURCE is a repo id.")]
-TokenOpt = Annotated[Optional[str], typer.Option(help="Hugging Face token for private or gated repos (default: the cached login).", envvar="HF_TOKEN", show_envvar=True)]
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) when SOURCE is a repo id.")]
+TokenOpt = Annotated[str | None, typer.Option(help="Hugging Face token for private or gated repos (default: the cached login).", envvar="HF_TOKEN", show_envvar=True)]
 ScaleDtypeOpt = Annotated[str, typer.Option("--scale-dtype", help="Scale dtype: keep, float16 or bfloat16 (the kernel reads scales in the activation dtype).")]
 EncodingOpt = Annotated[str, typer.Option("--nibble-encoding", help="u4b8 (offset-8 codes, what vLLM's XPU path feeds the kernel) or s4 (signed nibbles, byte ^ 0x88).")]
 TpOpt = Annotated[int, typer.Option("--tp-size", help="Make every tensor-parallel rank's slice of N hold whole supported groups (regroup, else zero-pad).")]
 KeepOpt = Annotated[bool, typer.Option("--keep-unsupported", help="Write MoE layers the kernel cannot run (e.g. 8-bit) unchanged instead of refusing.")]
 RouterOpt = Annotated[bool, typer.Option("--dequantize-router", help="Write a GPTQ-quantized router as a float weight instead of passing it through.")]
-JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Worker threads (default: the cores available). Output is byte-identical for every value.")]
+JobsOpt = Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Worker threads (default: the cores available). Output is byte-identical for every value.")]
 
 
 def parse_size(text: str | int) -> int:

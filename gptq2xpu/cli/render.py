@@ -16,17 +16,17 @@ def render_plan(console, data: dict) -> None:
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for col in ("MoE layer", "action", "kind", "E", "K", "N", "group in->out", "scales", "reason / notes"):
         table.add_column(col, overflow="fold")
-    for l in data["layers"]:
+    for layer in data["layers"]:
         groups = ""
-        if "source_group_size" in l:
-            src = l["source_group_size"]
+        if "source_group_size" in layer:
+            src = layer["source_group_size"]
             src_txt = "/".join(str(src[r]) for r in ("gate", "up", "down")) if len(set(src.values())) > 1 else str(next(iter(src.values())))
-            groups = src_txt + (f" -> {l['w13_group_size']}/{l['w2_group_size']}" if "w13_group_size" in l else "")
-        scales = l.get("scale_dtype", "") or ""
-        why = l["reason"] + ("; " + "; ".join(l["notes"]) if l.get("notes") else "")
-        style = _ACTION_STYLE.get(l["action"], "")
-        table.add_row(l["prefix"], f"[{style}]{l['action']}[/]", l["kind"], str(l.get("experts", "")),
-                      str(l.get("hidden_size", "")), str(l.get("intermediate_size", "")), groups, scales, why)
+            groups = src_txt + (f" -> {layer['w13_group_size']}/{layer['w2_group_size']}" if "w13_group_size" in layer else "")
+        scales = layer.get("scale_dtype", "") or ""
+        why = layer["reason"] + ("; " + "; ".join(layer["notes"]) if layer.get("notes") else "")
+        style = _ACTION_STYLE.get(layer["action"], "")
+        table.add_row(layer["prefix"], f"[{style}]{layer['action']}[/]", layer["kind"], str(layer.get("experts", "")),
+                      str(layer.get("hidden_size", "")), str(layer.get("intermediate_size", "")), groups, scales, why)
     console.print(table)
     routers = data.get("routers_excluded", [])
     console.print(f"routers kept out of the expert path: {len(routers)}"

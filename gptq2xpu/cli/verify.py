@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -37,18 +37,18 @@ def render_report(console, data: dict) -> None:
 
 def verify(
     output: Annotated[Path, typer.Argument(help="A converted checkpoint folder.")],
-    source: Annotated[Optional[str], typer.Option("--source", help="The GPTQ source (folder or repo id): adds bit-exact and numerical checks.")] = None,
+    source: Annotated[str | None, typer.Option("--source", help="The GPTQ source (folder or repo id): adds bit-exact and numerical checks.")] = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     device: Annotated[str, typer.Option(help="auto (xpu, else cuda, else cpu), xpu, cuda or cpu.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (bfloat16 on a GPU, float32 on cpu), bfloat16, float16, float32.")] = "auto",
     backend: Annotated[str, typer.Option(help="auto (also run vllm_xpu_kernels on xpu when it imports), reference, xpu-kernels.")] = "auto",
-    layers: Annotated[Optional[str], typer.Option(help="Layers for the numerical check: all (default), indices/ranges '0,5,10-12', or 'sample:N'.")] = None,
+    layers: Annotated[str | None, typer.Option(help="Layers for the numerical check: all (default), indices/ranges '0,5,10-12', or 'sample:N'.")] = None,
     tokens: Annotated[int, typer.Option(min=1, help="Seeded tokens per layer for the reference MoE.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the token batch.")] = 0,
     numeric: Annotated[bool, typer.Option("--numeric/--no-numeric", help="Run the reference MoE (with --source).")] = True,
     exhaustive: Annotated[bool, typer.Option("--exhaustive", help="Decode every expert nibble by nibble, not a sample (bytes are always compared in full).")] = False,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Threads for hashing and the bit-exact checks (default: the cores available).")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Threads for hashing and the bit-exact checks (default: the cores available).")] = None,
     json_out: JsonOpt = False,
 ):
     """Check converted shards: manifest, index, layout contract, config block; with --source, bit

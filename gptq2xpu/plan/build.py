@@ -30,7 +30,7 @@ def build_plan(ckpt: Checkpoint, options: ConvertOptions | None = None) -> Plan:
                          "nothing to convert")
     layers = [plan_layer(ckpt, tmap.moe[p], tmap.routers.get(p, []), tmap.shared.get(p, []), quant, options)
               for p in sorted(tmap.moe, key=natural_key)]
-    if not any(l.converts for l in layers) and not any(l.action == "refuse" for l in layers):
+    if not any(lyr.converts for lyr in layers) and not any(lyr.action == "refuse" for lyr in layers):
         raise InputError(f"{ckpt.origin}: no quantized MoE layers to convert (every MoE layer is float or kept "
                          "unchanged)")
     items, passthrough = _output_items(ckpt, layers, options)
@@ -45,7 +45,7 @@ def build_plan(ckpt: Checkpoint, options: ConvertOptions | None = None) -> Plan:
         shards=assign_shards(items, options.max_shard_size),
         bytes_in=ckpt.total_bytes,
         warnings=_router_warnings(layers, options),
-        routing=routing_params(ckpt.config, family, max((l.experts for l in layers), default=1)).to_dict(),
+        routing=routing_params(ckpt.config, family, max((lyr.experts for lyr in layers), default=1)).to_dict(),
     )
 
 

@@ -130,20 +130,20 @@ class Plan:
 
     @property
     def converted(self) -> list[LayerPlan]:
-        return [l for l in self.layers if l.converts]
+        return [lyr for lyr in self.layers if lyr.converts]
 
     @property
     def refused(self) -> list[LayerPlan]:
-        return [l for l in self.layers if l.action == "refuse"]
+        return [lyr for lyr in self.layers if lyr.action == "refuse"]
 
     @property
     def bytes_out(self) -> int:
         return sum(s.layout.file_size for s in self.shards)
 
     def layer(self, prefix: str) -> LayerPlan:
-        for l in self.layers:
-            if l.prefix == prefix:
-                return l
+        for lyr in self.layers:
+            if lyr.prefix == prefix:
+                return lyr
         raise KeyError(prefix)
 
     def raise_refusals(self) -> None:
@@ -156,9 +156,9 @@ class Plan:
     def config_block(self) -> dict:
         """The block added to the output config.json, documenting the converted expert format."""
         conv = self.converted
-        groups13 = sorted({l.geometry.g13 for l in conv})
-        groups2 = sorted({l.geometry.g2 for l in conv})
-        scale_dtypes = sorted({l.scale_dtype for l in conv})
+        groups13 = sorted({lyr.geometry.g13 for lyr in conv})
+        groups2 = sorted({lyr.geometry.g2 for lyr in conv})
+        scale_dtypes = sorted({lyr.scale_dtype for lyr in conv})
         return {
             "format": "xpu-int4-moe",
             "format_version": FORMAT_VERSION,
@@ -187,14 +187,14 @@ class Plan:
             "tp_ranks": ([rank_folder(r, self.options.tp_size) for r in range(self.options.tp_size)]
                          if self.options.emit_ranks else []),
             "routing": dict(self.routing),
-            "layers": {l.prefix: _layer_block(l) for l in conv},
-            "passthrough_layers": {l.prefix: {"kind": l.kind, "reason": l.reason} for l in self.layers if l.action == "passthrough" and l.kind != "unsupported"},
-            "unconverted_layers": {l.prefix: {"kind": l.kind, "reason": l.reason} for l in self.layers if l.kind == "unsupported"},
-            "routers": sorted((r for l in self.layers if not l.router_quantized for r in l.routers), key=natural_key),
-            "quantized_routers": sorted((r for l in self.layers if l.router_quantized and not (l.converts and self.options.dequantize_router)
-                                         for r in l.routers), key=natural_key),
-            "dequantized_routers": [f"{l.prefix}.gate.weight" for l in self.layers
-                                    if l.router_quantized and l.converts and self.options.dequantize_router],
+            "layers": {lyr.prefix: _layer_block(lyr) for lyr in conv},
+            "passthrough_layers": {lyr.prefix: {"kind": lyr.kind, "reason": lyr.reason} for lyr in self.layers if lyr.action == "passthrough" and lyr.kind != "unsupported"},
+            "unconverted_layers": {lyr.prefix: {"kind": lyr.kind, "reason": lyr.reason} for lyr in self.layers if lyr.kind == "unsupported"},
+            "routers": sorted((r for lyr in self.layers if not lyr.router_quantized for r in lyr.routers), key=natural_key),
+            "quantized_routers": sorted((r for lyr in self.layers if lyr.router_quantized and not (lyr.converts and self.options.dequantize_router)
+                                         for r in lyr.routers), key=natural_key),
+            "dequantized_routers": [f"{lyr.prefix}.gate.weight" for lyr in self.layers
+                                    if lyr.router_quantized and lyr.converts and self.options.dequantize_router],
             "source": {
                 "origin": self.origin,
                 "family": self.family,
@@ -212,33 +212,33 @@ class Plan:
             "family": self.family,
             "quantization": self.quant.describe(),
             "options": asdict(self.options),
-            "layers": [l.summary() for l in self.layers],
+            "layers": [lyr.summary() for lyr in self.layers],
             "moe_layers": len(self.layers),
             "converted_layers": len(self.converted),
-            "passthrough_layers": sum(1 for l in self.layers if l.action == "passthrough"),
+            "passthrough_layers": sum(1 for lyr in self.layers if lyr.action == "passthrough"),
             "refused_layers": len(self.refused),
-            "routers_excluded": sorted({r for l in self.layers for r in l.routers}, key=natural_key),
+            "routers_excluded": sorted({r for lyr in self.layers for r in lyr.routers}, key=natural_key),
             "passthrough_tensors": len(self.passthrough),
             "shards": [{"name": s.name, "tensors": len(s.items), "bytes": s.layout.file_size} for s in self.shards],
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "warnings": list(self.warnings),
-            "refusals": [f"{l.prefix}: {l.reason}" for l in self.refused],
+            "refusals": [f"{lyr.prefix}: {lyr.reason}" for lyr in self.refused],
             "tp": tp_report(self.converted) if self.converted else [],
         }
 
 
-def _layer_block(l: LayerPlan) -> dict:
-    g = l.geometry
+def _layer_block(lyr: LayerPlan) -> dict:
+    g = lyr.geometry
     return {
-        "experts": l.experts,
-        "hidden_size": l.hidden,
-        "intermediate_size": l.intermediate,
+        "experts": lyr.experts,
+        "hidden_size": lyr.hidden,
+        "intermediate_size": lyr.intermediate,
         "padded_intermediate_size": g.padded,
         "w13_group_size": g.g13,
         "w2_group_size": g.g2,
-        "source_group_size": dict(l.source_groups),
-        "source_format": l.format,
-        "source_projections": dict(l.proj_names),
-        "scale_dtype": l.scale_dtype,
+        "source_group_size": dict(lyr.source_groups),
+        "source_format": lyr.format,
+        "source_projections": dict(lyr.proj_names),
+        "scale_dtype": lyr.scale_dtype,
     }

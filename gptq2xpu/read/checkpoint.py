@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .paths import check_member_name, is_inside
 from ..safetensors_io import (
     NUMPY_DTYPES,
     SafetensorsHeader,
@@ -31,6 +30,7 @@ from ..safetensors_io import (
     read_header,
     read_into,
 )
+from .paths import check_member_name, is_inside
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -54,8 +54,8 @@ def resolve_source(source: str, *, revision: str | None = None, token: str | Non
 
 def _download(repo_id: str, revision: str | None, token: str | None) -> tuple[Path, Path, str]:
     try:
-        from huggingface_hub import snapshot_download
         from huggingface_hub import errors as hf_errors
+        from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
         raise InputError(f"{repo_id}: huggingface_hub is needed for hub sources ({exc})") from None
     try:

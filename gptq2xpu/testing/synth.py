@@ -40,9 +40,9 @@ import math
 import os
 import pickle
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 

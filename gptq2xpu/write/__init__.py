@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..contract import INDEX_NAME, MANIFEST_NAME
 from ..errors import io_error

@@ -9,15 +9,24 @@ layer, a shard or a model.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from ..formats import FORMATS
 from ..plan import Plan, ShardPlan
 from ..read import Checkpoint
-from ..repack import dequantize_router, fill_w2, fill_w13, from_float32, layer_scales, read_rows, read_scales, to_float32
+from ..repack import (
+    dequantize_router,
+    fill_w2,
+    fill_w13,
+    from_float32,
+    layer_scales,
+    read_rows,
+    read_scales,
+    to_float32,
+)
 
 COPY_CHUNK = 16 * 1024 * 1024
 
@@ -70,11 +79,11 @@ class ShardSource:
                 layer = self.plan.layer(item.ref)
                 fn = self._w13 if kind == "w13_qweight" else self._w2
                 step = item.tensor.nbytes // layer.experts
-                out.extend((start + e * step, lambda e=e, l=layer, f=fn: f(l, e)) for e in range(layer.experts))
+                out.extend((start + e * step, lambda e=e, lyr=layer, f=fn: f(lyr, e)) for e in range(layer.experts))
             elif kind in ("w13_scales", "w2_scales"):
-                out.append((start, lambda l=self.plan.layer(item.ref), k=kind: self._scales(l, k)))
+                out.append((start, lambda lyr=self.plan.layer(item.ref), k=kind: self._scales(lyr, k)))
             elif kind == "router":
-                out.append((start, lambda l=self.plan.layer(item.ref), t=item.tensor: self._router(l, t)))
+                out.append((start, lambda lyr=self.plan.layer(item.ref), t=item.tensor: self._router(lyr, t)))
             else:  # pragma: no cover - plan and writer are built together
                 raise AssertionError(kind)
         return out

@@ -70,9 +70,9 @@ def manifest_base(plan: Plan) -> dict:
         "tool_version": __version__,
         "source_fingerprint": plan.fingerprint,
         "layers": {
-            "converted": [l.prefix for l in plan.converted],
-            "passthrough": [l.prefix for l in plan.layers if l.action == "passthrough" and l.kind != "unsupported"],
-            "unconverted": [l.prefix for l in plan.layers if l.kind == "unsupported"],
+            "converted": [layer.prefix for layer in plan.converted],
+            "passthrough": [layer.prefix for layer in plan.layers if layer.action == "passthrough" and layer.kind != "unsupported"],
+            "unconverted": [layer.prefix for layer in plan.layers if layer.kind == "unsupported"],
         },
     }
 

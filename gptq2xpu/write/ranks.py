@@ -35,8 +35,8 @@ def write_ranks(plan: Plan, folder: Path) -> dict:
             except OSError as exc:
                 raise io_error("cannot create", sub, exc) from None
             items = []
-            for l in plan.converted:
-                for tensor, slicer in _rank_slicers(l, r, t):
+            for lyr in plan.converted:
+                for tensor, slicer in _rank_slicers(lyr, r, t):
                     items.append((tensor, slicer))
             layout = ShardLayout([it[0] for it in items], {"format": "pt", "tp_rank": str(r), "tp_size": str(t)})
             path = sub / "model.safetensors"
@@ -54,8 +54,8 @@ def write_ranks(plan: Plan, folder: Path) -> dict:
                 raise io_error("cannot write", path, exc) from None
             rel = f"{rank_folder(r, t)}/model.safetensors"
             files[rel] = {"sha256": digest.hexdigest(), "size": layout.file_size}
-            doc = {"tp_rank": r, "tp_size": t, "layers": {l.prefix: {"intermediate_slice": [r * l.geometry.padded // t, (r + 1) * l.geometry.padded // t]}
-                                                          for l in plan.converted}}
+            doc = {"tp_rank": r, "tp_size": t, "layers": {lyr.prefix: {"intermediate_slice": [r * lyr.geometry.padded // t, (r + 1) * lyr.geometry.padded // t]}
+                                                          for lyr in plan.converted}}
             files[f"{rank_folder(r, t)}/rank.json"] = write_doc(sub, "rank.json", (json.dumps(doc, indent=2) + "\n").encode())
     finally:
         full.close()

@@ -7,9 +7,9 @@ import contextlib
 import hashlib
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 from ..errors import io_error
 from ..plan import Plan, ShardPlan

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..contract import INDEX_NAME, MANIFEST_NAME
 from ..errors import InputError, UsageError, io_error

@@ -165,18 +165,40 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Read and validate the header of the safetensors file at ``path`` (reads no tensor data)."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            head = fh.read(8)
-            if len(head) < 8:
-                raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
-                return parse_header(head, size, path)  # raises with the precise reason
-            raw = head + fh.read(n)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return read_header_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def read_header_fd(fd: int, path: str) -> SafetensorsHeader:
+    """:func:`read_header` of an open file (``path`` names it in messages and the result)."""
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+            return parse_header(head, size, path)  # raises with the precise reason
+        raw = head + _pread_exact(fd, n, 8, path)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return parse_header(raw, size, path)
+
+
+def _pread_exact(fd: int, n: int, offset: int, path: str) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        block = os.pread(fd, min(n - got, 1 << 24), offset + got)
+        if not block:
+            raise InputError(f"{path}: truncated header")
+        parts.append(block)
+        got += len(block)
+    return b"".join(parts)
 
 
 def read_into(fd: int, offset: int, out: np.ndarray, what: str = "") -> None:

@@ -69,7 +69,7 @@ def wait_mid_write(proc: subprocess.Popen, out: Path, timeout: float = 60) -> Pa
                                  f"{proc.stderr.read()}")
         for stage in out.parent.glob(f".{out.name}{STAGE_TAG}*"):
             with contextlib.suppress(OSError):
-                if any(p.stat().st_size > 0 for p in stage.iterdir() if p.name.endswith(f".tmp-{proc.pid}")):
+                if any(p.stat().st_size > 0 for p in stage.iterdir() if f".tmp-{proc.pid}-" in p.name):
                     return stage
         time.sleep(0.002)
     proc.kill()
@@ -232,8 +232,8 @@ def test_source_changed_during_run_in_process(tmp_path, monkeypatch, capsys):
     real_write = writer.ShardWriter.write
     calls = []
 
-    def write_then_modify_source(self, shard, path):
-        rv = real_write(self, shard, path)
+    def write_then_modify_source(self, shard, fd, path):
+        rv = real_write(self, shard, fd, path)
         if not calls:
             with open(src / SHARD, "ab") as fh:
                 fh.write(b"\0" * 8)

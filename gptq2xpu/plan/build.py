@@ -21,7 +21,7 @@ def build_plan(ckpt: Checkpoint, options: ConvertOptions | None = None) -> Plan:
     options = options or ConvertOptions()
     if sys.byteorder != "little":
         raise InputError("this host is big-endian; the int32 -> uint8 reinterpretation needs a little-endian host")
-    quant = read_quant_config(ckpt.root, ckpt.config)
+    quant = read_quant_config(ckpt.folder, ckpt.config)
     if quant.method == "gptq" and quant.bits != 4 and not quant.dynamic and not quant.extra:
         raise InputError(f"{quant.found_in}: bits {quant.bits} is not supported; the XPU kernel runs 4-bit weights only")
     tmap = classify(ckpt.tensors)

@@ -5,7 +5,8 @@ demand with ``pread`` (thread-safe, no memory maps, so reading a tensor never ke
 source resident in this process).  Everything read here is untrusted and checked:
 
 * the index is a JSON object whose ``weight_map`` maps names to shard files that stay inside the
-  checkpoint folder (no absolute paths, no ``..``, no symlink pointing outside the trusted root);
+  checkpoint folder (no absolute paths, no ``..``); every file is opened through
+  :class:`~gptq2xpu.read.paths.Folder` (no link leaving the trusted root, regular files only);
 * every index entry is found in its shard, and every shard tensor is listed in the index;
 * each safetensors header is validated by :func:`gptq2xpu.safetensors_io.read_header`;
 * pickle weights (``*.bin``, ``*.pt``...) are never opened: they can run code when loaded.
@@ -13,8 +14,8 @@ source resident in this process).  Everything read here is untrusted and checked
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -22,17 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import INDEX_NAME
 from ..errors import InputError
-from ..safetensors_io import (
-    NUMPY_DTYPES,
-    SafetensorsHeader,
-    TensorEntry,
-    read_header,
-    read_into,
-)
-from .paths import check_member_name, is_inside
+from ..safetensors_io import NUMPY_DTYPES, SafetensorsHeader, TensorEntry, read_header_fd, read_into
+from .paths import Folder, check_member_name
 
-INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_JSON_BYTES = 64 * 1024 * 1024
 
@@ -61,26 +56,6 @@ class TensorRef:
         return self.entry.nbytes
 
 
-def load_json_file(path: Path, what: str | None = None) -> dict:
-    """Read a JSON object from an untrusted file, with a size cap and a one-line error."""
-    label = what or path.name
-    try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise InputError(f"{label}: {size} bytes is too large for a JSON config")
-        text = path.read_bytes().decode("utf-8")
-        doc = json.loads(text)
-    except InputError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InputError(f"{label}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise InputError(f"{label}: cannot read ({exc.strerror or exc})") from None
-    if not isinstance(doc, dict):
-        raise InputError(f"{label}: expected a JSON object, found {type(doc).__name__}")
-    return doc
-
-
 @dataclass
 class Checkpoint:
     """A source checkpoint opened from its headers; tensors are read on demand."""
@@ -91,7 +66,7 @@ class Checkpoint:
     shards: dict[str, SafetensorsHeader]
     tensors: dict[str, TensorRef]
     index_file: str | None = None
-    trusted_root: Path | None = None
+    folder: Folder | None = None
     revision: str | None = None
     _stats: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
@@ -104,11 +79,7 @@ class Checkpoint:
             with self._lock:
                 fd = self._fds.get(file)
                 if fd is None:
-                    try:
-                        fd = os.open(self.root / file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                    except OSError as exc:
-                        raise InputError(f"{file}: cannot open ({exc.strerror or exc})") from None
-                    self._fds[file] = fd
+                    fd = self._fds[file] = self.folder.open(file)
         return fd
 
     def ref(self, name: str) -> TensorRef:
@@ -140,14 +111,19 @@ class Checkpoint:
             if (st.st_size, st.st_mtime_ns) != (size, mtime):
                 raise InputError(f"{file}: source file changed during the run (size or mtime differs); re-run on a stable copy")
 
+    @property
+    def trusted_root(self) -> Path:
+        return self.folder.trusted_root or self.root
+
     def fingerprint(self) -> str:
         """sha256 over every shard's name, size and header bytes: identifies the source cheaply."""
         h = hashlib.sha256()
         for file in sorted(self.shards):
             hdr = self.shards[file]
             h.update(file.encode() + b"\0" + str(hdr.file_size).encode() + b"\0")
-            with open(self.root / file, "rb") as fh:
-                h.update(fh.read(hdr.data_start))
+            buf = np.empty(hdr.data_start, dtype=np.uint8)
+            read_into(self._fd(file), 0, buf, file)
+            h.update(buf)
         return "sha256:" + h.hexdigest()
 
     @property
@@ -157,10 +133,8 @@ class Checkpoint:
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
             self._fds.clear()
 
     def __enter__(self):
@@ -170,21 +144,20 @@ class Checkpoint:
         self.close()
 
 
-def find_shards(root: Path, trusted_root: Path) -> tuple[list[str], dict[str, str] | None, str | None]:
+def find_shards(folder: Folder) -> tuple[list[str], dict[str, str] | None, str | None]:
     """Decide which safetensors files make up the checkpoint.
 
     Returns (shard files, weight_map or None, index file name or None).
     """
-    root_real = os.path.realpath(trusted_root)
-    index_files = sorted(p.name for p in root.glob("*.safetensors.index.json") if p.is_file())
+    root = folder.root
+    index_files = sorted(p.name for p in root.glob("*.safetensors.index.json"))
     if INDEX_NAME in index_files:
         index_files = [INDEX_NAME]
     if len(index_files) > 1:
         raise InputError(f"{root}: several safetensors index files ({', '.join(index_files)}); keep one")
     if index_files:
         name = index_files[0]
-        doc = load_json_file(root / name)
-        wm = doc.get("weight_map")
+        wm = folder.read_json(name).get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise InputError(f"{name}: 'weight_map' must be a non-empty object of tensor name -> shard file")
         files = set()
@@ -192,23 +165,19 @@ def find_shards(root: Path, trusted_root: Path) -> tuple[list[str], dict[str, st
             check_member_name(file, f"{name}: tensor {tensor!r}")
             files.add(file)
         for file in sorted(files):
-            path = root / file
             try:
-                if not is_inside(root_real, path):
-                    raise InputError(f"{name}: shard {file!r} is a link pointing outside the checkpoint folder")
-                if not path.is_file():
+                if not os.path.lexists(root / file):
                     raise InputError(f"{name}: shard {file!r} named in the index does not exist")
-            except OSError as exc:  # ENAMETOOLONG, EACCES...: is_file() only hides ENOENT-like errors
+            except OSError as exc:  # ENAMETOOLONG, EACCES...
                 raise InputError(f"{name}: shard {file!r} cannot be checked ({exc.strerror or exc})") from None
+            folder.check(file, f"{name}: shard {file!r}")
         return sorted(files), wm, name
 
     candidates = []
     for p in sorted(root.glob("*.safetensors")):
-        if not p.is_file():
-            continue
-        if not is_inside(root_real, p):
-            raise InputError(f"{p.name}: is a link pointing outside the checkpoint folder")
-        candidates.append(p.name)
+        folder.check(p.name)
+        if p.is_file():
+            candidates.append(p.name)
     if not candidates:
         pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -218,74 +187,69 @@ def find_shards(root: Path, trusted_root: Path) -> tuple[list[str], dict[str, st
             )
         raise InputError(f"{root}: no *.safetensors files and no {INDEX_NAME}")
     # Without an index, loaders read model.safetensors, or AutoGPTQ's model_file_base_name.
-    files = _single_file_choice(root, candidates)
-    return files, None, None
+    return _single_file_choice(folder, candidates), None, None
 
 
-def _single_file_choice(root: Path, candidates: list[str]) -> list[str]:
+def _single_file_choice(folder: Folder, candidates: list[str]) -> list[str]:
     if "model.safetensors" in candidates:
         return ["model.safetensors"]
-    qc = root / "quantize_config.json"
-    if qc.is_file():
-        base = load_json_file(qc).get("model_file_base_name")
+    if folder.exists("quantize_config.json"):
+        base = folder.read_json("quantize_config.json").get("model_file_base_name")
         if isinstance(base, str) and f"{base}.safetensors" in candidates:
             return [f"{base}.safetensors"]
     if len(candidates) == 1:
         return candidates
     raise InputError(
-        f"{root}: several safetensors files ({', '.join(candidates[:4])}) and no {INDEX_NAME}; "
+        f"{folder.root}: several safetensors files ({', '.join(candidates[:4])}) and no {INDEX_NAME}; "
         "cannot tell which hold the model"
     )
 
 
 def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path | None = None,
-                    revision: str | None = None) -> Checkpoint:
-    """Open the checkpoint folder ``root`` (headers only).  See :func:`gptq2xpu.read.resolve.resolve_source`."""
+                    revision: str | None = None, links: str = "inside") -> Checkpoint:
+    """Open the checkpoint folder ``root`` (headers only).
+
+    ``links``: "inside" for sources (links may resolve anywhere below ``trusted_root``: a hub cache
+    snapshot), "none" for converted outputs (no link at all).  See :mod:`gptq2xpu.read.paths`.
+    """
     root = Path(root)
     if not root.exists():
         raise InputError(f"{root}: no such folder")
     if not root.is_dir():
-        raise InputError(f"{root}: SOURCE must be a checkpoint folder, not a file")
-    trusted = Path(trusted_root) if trusted_root else root
-    cfg_path = root / "config.json"
-    if cfg_path.is_file() and not is_inside(os.path.realpath(trusted), cfg_path):
-        # its content goes into OUTPUT's config.json: never follow a link out of the checkpoint
-        raise InputError("config.json: is a link pointing outside the checkpoint folder; replace the link with the file itself")
-    config = load_json_file(cfg_path) if cfg_path.is_file() else {}
+        raise InputError(f"{root}: not a folder (a checkpoint is the folder holding config.json and the shards)")
+    folder = Folder(root, Path(trusted_root) if trusted_root else None, links)
+    # config.json goes into OUTPUT's config.json: an existing one must be a real file inside the folder
+    config = folder.read_json("config.json") if folder.exists("config.json") else {}
 
-    files, weight_map, index_file = find_shards(root, trusted)
+    files, weight_map, index_file = find_shards(folder)
     shards: dict[str, SafetensorsHeader] = {}
     tensors: dict[str, TensorRef] = {}
     stats: dict[str, tuple[int, int]] = {}
-    for file in files:
-        hdr = read_header(root / file)
-        hdr.path = file
-        shards[file] = hdr
-        st = os.stat(root / file)
-        stats[file] = (st.st_size, st.st_mtime_ns)
-        for name, entry in hdr.tensors.items():
-            if name in tensors:
-                raise InputError(f"tensor {name!r} appears in both {tensors[name].file} and {file}")
-            if weight_map is not None and weight_map.get(name) != file:
-                where = weight_map.get(name)
-                raise InputError(
-                    f"{file}: tensor {name!r} is not listed in {index_file}"
-                    if where is None
-                    else f"{index_file}: tensor {name!r} is mapped to {where} but stored in {file}"
-                )
-            tensors[name] = TensorRef(file, entry)
-    if weight_map is not None:
-        for name, file in weight_map.items():
-            if name not in tensors:
-                raise InputError(f"{index_file}: tensor {name!r} is not in shard {file}")
-    return Checkpoint(
-        root=root,
-        origin=origin or str(root),
-        config=config,
-        shards=shards,
-        tensors=tensors,
-        index_file=index_file,
-        trusted_root=trusted,
-        revision=revision,
-        _stats=stats,
-    )
+    ckpt = Checkpoint(root=root, origin=origin or str(root), config=config, shards=shards, tensors=tensors,
+                      index_file=index_file, folder=folder, revision=revision, _stats=stats)
+    try:
+        for file in files:
+            fd = ckpt._fd(file)
+            hdr = read_header_fd(fd, file)
+            shards[file] = hdr
+            st = os.fstat(fd)
+            stats[file] = (st.st_size, st.st_mtime_ns)
+            for name, entry in hdr.tensors.items():
+                if name in tensors:
+                    raise InputError(f"tensor {name!r} appears in both {tensors[name].file} and {file}")
+                if weight_map is not None and weight_map.get(name) != file:
+                    where = weight_map.get(name)
+                    raise InputError(
+                        f"{file}: tensor {name!r} is not listed in {index_file}"
+                        if where is None
+                        else f"{index_file}: tensor {name!r} is mapped to {where} but stored in {file}"
+                    )
+                tensors[name] = TensorRef(file, entry)
+        if weight_map is not None:
+            for name, file in weight_map.items():
+                if name not in tensors:
+                    raise InputError(f"{index_file}: tensor {name!r} is not in shard {file}")
+    except BaseException:
+        ckpt.close()
+        raise
+    return ckpt

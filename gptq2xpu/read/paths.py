@@ -1,30 +1,213 @@
-"""Paths named by untrusted data: file names from an index or manifest, and where links lead."""
+"""Files inside a folder we were handed: every name, link and open is checked here, in one place.
+
+A source checkpoint, a converted output handed to ``verify``/``finalize``/the loader, and OUTPUT
+itself are all untrusted: a name from an index or manifest may try to leave the folder (``..``,
+absolute paths), a file may be a link pointing elsewhere, a FIFO (opening it would block) or a
+device (``/dev/zero`` never ends).  Two policies:
+
+* ``links="inside"`` (sources): links are followed but must resolve inside the trusted root (a
+  Hugging Face cache snapshot links every file to ``../../blobs``);
+* ``links="none"`` (converted outputs, which gptq2xpu writes without links): no link anywhere
+  below the folder.
+
+Either way only regular files are opened, and JSON documents have a size cap.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
 
+#: The largest JSON document (config, index, manifest) read from an untrusted folder.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+LINK_POLICIES = ("inside", "none")
 
-def is_inside(root_real: str, path: Path) -> bool:
+
+def is_inside(root_real: str, path: Path | str) -> bool:
     """Whether ``path``, links resolved, is ``root_real`` or lies below it (``root_real``: a realpath)."""
     real = os.path.realpath(path)
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
 def check_member_name(name: object, what: str) -> str:
-    """A file name from an untrusted index: relative, no ``..``, no drive/backslash tricks."""
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise InputError(f"{what}: bad shard file name {name!r}")
+    """A file name from an untrusted index or manifest: relative, no ``..``, no drive/backslash tricks."""
+    if not isinstance(name, str) or not name or "\x00" in name or len(name) > 4096:
+        raise InputError(f"{what}: bad file name {_short(name)}")
     try:
         os.fsencode(name)
     except UnicodeError:  # e.g. a lone surrogate from a JSON \ud800 escape
-        raise InputError(f"{what}: shard file name {name!r} cannot be a file name on this system") from None
+        raise InputError(f"{what}: file name {_short(name)} cannot be a file name on this system") from None
     if name.startswith(("/", "\\")) or os.path.isabs(name) or "\\" in name or ":" in name:
-        raise InputError(f"{what}: shard file {name!r} is an absolute path; it must stay inside the checkpoint folder")
+        raise InputError(f"{what}: file {_short(name)} is an absolute path; it must stay inside the folder")
     parts = name.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise InputError(f"{what}: shard file {name!r} leaves the checkpoint folder")
+        raise InputError(f"{what}: file {_short(name)} leaves the folder")
     return name
+
+
+def portable_name(name: str) -> bool:
+    """Whether a top-level file name passes :func:`check_member_name` (side files are copied only then)."""
+    try:
+        check_member_name(name, "")
+    except InputError:
+        return False
+    return "/" not in name
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder whose members are opened under one link policy."""
+
+    root: Path
+    trusted_root: Path | None = None   # links may resolve anywhere below it ("inside"); default: root
+    links: str = "inside"
+
+    def __post_init__(self):
+        if self.links not in LINK_POLICIES:
+            raise ValueError(f"links={self.links!r}")
+
+    @property
+    def trusted_real(self) -> str:
+        return os.path.realpath(self.trusted_root or self.root)
+
+    def check(self, rel: str, what: str | None = None) -> Path:
+        """The path of member ``rel``, refused when it is a link the policy forbids."""
+        path = self.root / rel
+        label = what or rel
+        if self.links == "none":
+            want = os.path.join(os.path.realpath(self.root), *rel.split("/"))
+            if os.path.realpath(path) != want:
+                raise InputError(f"{label}: is a symbolic link (or lies below one); a gptq2xpu output holds no links")
+        elif not is_inside(self.trusted_real, path):
+            raise InputError(f"{label}: is a link pointing outside the checkpoint folder; replace the link with the "
+                             "file itself")
+        return path
+
+    def open(self, rel: str, what: str | None = None) -> int:
+        """A read-only descriptor of member ``rel``: checked by the policy, and a regular file."""
+        path = self.check(rel, what)
+        label = what or rel
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+        if self.links == "none":
+            flags |= getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise InputError(f"{label}: cannot open ({exc.strerror or exc})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError(f"{label}: is not a regular file ({_kind(st.st_mode)})")
+            if hasattr(os, "set_blocking"):
+                os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def exists(self, rel: str) -> bool:
+        """Whether member ``rel`` exists as anything at all (a file, a link, a FIFO...).
+
+        Callers then :meth:`open` it, which refuses what is not a regular file: an existing
+        ``config.json`` that is a FIFO or a link to ``/dev/zero`` is an error, not an absence.
+        """
+        return os.path.lexists(self.root / rel)
+
+    def read_bytes(self, rel: str, what: str | None = None, limit: int | None = None) -> bytes:
+        fd = self.open(rel, what)
+        try:
+            size = os.fstat(fd).st_size
+            if limit is not None and size > limit:
+                raise InputError(f"{what or rel}: {size} bytes is more than the {limit} this file may have")
+            chunks, got = [], 0
+            while True:
+                block = os.read(fd, 1 << 20)
+                if not block:
+                    break
+                got += len(block)
+                if limit is not None and got > limit:
+                    raise InputError(f"{what or rel}: more than the {limit} bytes this file may have")
+                chunks.append(block)
+            return b"".join(chunks)
+        except OSError as exc:
+            raise InputError(f"{what or rel}: cannot read ({exc.strerror or exc})") from None
+        finally:
+            os.close(fd)
+
+    def read_json(self, rel: str, what: str | None = None) -> dict:
+        """A JSON object from member ``rel`` (size-capped, UTF-8, every string writable again)."""
+        label = what or rel
+        return parse_json(self.read_bytes(rel, label, MAX_JSON_BYTES), label)
+
+
+def parse_json(data: bytes, label: str) -> dict:
+    """A JSON object from untrusted bytes, one-line InputError otherwise.
+
+    Strings must be valid Unicode (JSON allows ``"\\ud800"``, a lone surrogate no UTF-8 file can
+    hold): a config gptq2xpu copies into OUTPUT must be writable again.
+    """
+    try:
+        doc = json.loads(data.decode("utf-8"))
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeError as exc:
+        raise InputError(f"{label}: not valid UTF-8 text ({_short(str(exc))})") from None
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"{label}: not valid JSON ({_short(str(exc))})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{label}: expected a JSON object, found {type(doc).__name__}")
+    return doc
+
+
+@dataclass
+class Tree:
+    """What a folder holds, walked without following links: regular files, folders, and the rest."""
+
+    files: dict[str, int] = field(default_factory=dict)     # relative name -> size
+    folders: list[str] = field(default_factory=list)
+    others: dict[str, str] = field(default_factory=dict)    # relative name -> what it is (link, FIFO...)
+
+
+def walk(root: Path, *, limit: int = 1_000_000) -> Tree:
+    """Every entry below ``root`` (relative POSIX names); links are reported, never followed."""
+    tree = Tree()
+    stack = [""]
+    count = 0
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            entries = list(os.scandir(root / rel_dir if rel_dir else root))
+        except OSError as exc:
+            raise InputError(f"{root / rel_dir}: cannot list ({exc.strerror or exc})") from None
+        for entry in entries:
+            count += 1
+            if count > limit:
+                raise InputError(f"{root}: holds more than {limit} entries")
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                tree.folders.append(rel)
+                stack.append(rel)
+            elif stat.S_ISREG(st.st_mode):
+                tree.files[rel] = st.st_size
+            else:
+                tree.others[rel] = _kind(st.st_mode)
+    return tree
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

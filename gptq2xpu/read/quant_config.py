@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from .checkpoint import load_json_file
+from .paths import Folder
 
 NESTED_CONFIG_KEYS = ("text_config", "language_config", "llm_config", "thinker_config", "model_config")
 MAX_PATTERN_LEN = 2000
@@ -156,7 +156,7 @@ def _nested_repeat(items, inside_repeat: bool = False) -> bool:
     return False
 
 
-def _locate(root: Path, config: dict) -> tuple[dict, str] | None:
+def _locate(folder: Folder, config: dict) -> tuple[dict, str] | None:
     qc = config.get("quantization_config")
     if qc is not None:
         return qc, "config.json:quantization_config"
@@ -165,18 +165,19 @@ def _locate(root: Path, config: dict) -> tuple[dict, str] | None:
         if isinstance(sub, dict) and sub.get("quantization_config") is not None:
             return sub["quantization_config"], f"config.json:{key}.quantization_config"
     for name in ("quantization_config.json", "quantize_config.json"):
-        p = root / name
-        if p.is_file():
-            return load_json_file(p), name
+        if folder.exists(name):
+            return folder.read_json(name), name
     return None
 
 
-def read_quant_config(root: Path, config: dict) -> QuantConfig:
+def read_quant_config(folder: Folder | Path, config: dict) -> QuantConfig:
     """Read the quantization description; raise InputError if none, or if it is not usable at all."""
-    found = _locate(Path(root), config)
+    if not isinstance(folder, Folder):
+        folder = Folder(Path(folder))
+    found = _locate(folder, config)
     if found is None:
         raise InputError(
-            f"{root}: no quantization config (looked in config.json quantization_config, nested "
+            f"{folder.root}: no quantization config (looked in config.json quantization_config, nested "
             "text_config, quantization_config.json, quantize_config.json); is this a GPTQ checkpoint?"
         )
     raw, where = found

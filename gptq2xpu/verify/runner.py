@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import InputError, UsageError
-from .standalone import Findings, check_manifest, verify_standalone
+from .standalone import Findings, check_manifest, check_output_folder, verify_standalone
 
 
 def select_layers(prefixes: list[str], spec: str | None) -> list[str]:
@@ -57,8 +57,7 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise UsageError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
     folder = Path(output)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: no such folder")
+    check_output_folder(folder)
     findings = Findings()
     manifest = Findings()
     report: dict = {"output": str(output), "source": str(source) if source else None}
@@ -96,9 +95,10 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
     prefixes = list(block.get("layers", {}))
     chosen = select_layers(prefixes, layers)
     with open_source(source, revision=revision, token=token) as src:
-        fp = block.get("source", {}).get("fingerprint")
-        if fp and fp != src.fingerprint():
-            findings.add("source fingerprint", False, f"the source's headers differ from the ones converted ({fp[:23]}...)")
+        fp = (block.get("source") or {}).get("fingerprint")
+        if isinstance(fp, str) and fp and fp != src.fingerprint():
+            raise InputError(f"{source}: SOURCE is not the checkpoint {out.root} was made from (its headers differ "
+                             f"from the fingerprint recorded at conversion, {fp[:23]}...)")
         t_bits = time.perf_counter()
         bit_problems = []
 

@@ -11,16 +11,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from ..contract import INDEX_NAME, MANIFEST_NAME
-from ..errors import io_error
 from ..plan import Plan
 from ..read import Checkpoint
 from .documents import config_bytes, copy_file, index_bytes, manifest_base, manifest_bytes, side_files, write_doc
-from .output import STAGE_TAG, check_output, publish, remove_stale
+from .output import check_output, discard, make_stage, publish, recover_stale
 from .ranks import write_ranks
 from .shards import write_shards
 from .split import finalize, write_part
@@ -31,34 +29,34 @@ __all__ = ["write_checkpoint", "write_part", "finalize"]
 def write_checkpoint(plan: Plan, ckpt: Checkpoint, output: Path, *, jobs: int = 1, overwrite: bool = False,
                      progress: Callable[[int], None] | None = None,
                      before_publish: Callable[[], None] | None = None) -> dict:
-    """Write the whole converted checkpoint at ``output`` (atomically).  Returns the manifest files."""
+    """Write the whole converted checkpoint at ``output`` (atomically: see :mod:`.output`).
+    Returns the manifest's file records."""
     output = Path(os.path.abspath(output))  # "." or "out/.." must name the folder, not the cwd entry
+    plan.warnings.extend(recover_stale(output))
     check_output(output, ckpt.root, overwrite=overwrite)
-    side_files(ckpt.root, ckpt.trusted_root)  # refuse escaping links before writing anything
-    remove_stale(output)
-    stage = output.parent / f".{output.name}{STAGE_TAG}{os.getpid()}"
-    try:
-        stage.mkdir()
-    except OSError as exc:
-        raise io_error("cannot create", stage, exc) from None
+    plan.warnings.extend(side_files(ckpt.folder)[1])  # refuses escaping links before writing anything
+    stage = make_stage(output)
     try:
         files = write_shards(plan, ckpt, stage, range(len(plan.shards)), jobs, progress)
         files.update(write_documents(plan, ckpt, stage, files))
         ckpt.check_unchanged()
         if before_publish is not None:
             before_publish()
-        publish(stage, output, overwrite)
-        return files
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        discard(stage)
         raise
+    late = publish(stage, output, overwrite)
+    if late.signal is not None:
+        plan.warnings.append(f"{late.name} arrived while OUTPUT was being published; the conversion completed "
+                             "and OUTPUT is the new, complete checkpoint")
+    return files
 
 
 def write_documents(plan: Plan, ckpt: Checkpoint, folder: Path, shard_files: dict) -> dict:
     """Side files, index, config.json, rank folders, and last the manifest of everything."""
     files = {}
-    for name in side_files(ckpt.root, ckpt.trusted_root):
-        files[name] = copy_file(ckpt.root / name, folder, name)
+    for name in side_files(ckpt.folder)[0]:
+        files[name] = copy_file(ckpt.folder, name, folder)
     files[INDEX_NAME] = write_doc(folder, INDEX_NAME, index_bytes(plan))
     files["config.json"] = write_doc(folder, "config.json", config_bytes(plan, ckpt))
     if plan.options.emit_ranks:

@@ -10,40 +10,47 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from .. import __version__
 from ..contract import CONFIG_BLOCK, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME
-from ..errors import InputError, io_error
+from ..errors import io_error
 from ..naming import natural_key
 from ..plan import Plan
 from ..read import Checkpoint
 from ..read.checkpoint import PICKLE_SUFFIXES
-from ..read.paths import is_inside
+from ..read.paths import Folder, portable_name
 
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 SKIP_FILES = {"config.json", INDEX_NAME, MANIFEST_NAME}
 
 
-def side_files(root: Path, trusted_root: Path | None = None) -> list[str]:
+def side_files(folder: Folder) -> tuple[list[str], list[str]]:
     """Top-level files copied unchanged: tokenizer, generation, chat template, README, licence,
-    other configs.  Weights (safetensors, pickles...), the index, config.json and hidden files are not.
+    other configs; and warnings about files left out.  Weights (safetensors, pickles...), the index,
+    config.json and hidden files are not side files.
 
-    A file that is a link pointing outside ``trusted_root`` (default ``root``) is refused: copying it
-    would put an arbitrary file of this machine (``tokenizer.json -> ~/.ssh/id_rsa``) into OUTPUT."""
-    root_real = os.path.realpath(trusted_root or root)
-    out = []
-    for p in sorted(root.iterdir()):
+    A file that is a link pointing outside the checkpoint is refused: copying it would put an
+    arbitrary file of this machine (``tokenizer.json -> ~/.ssh/id_rsa``) into OUTPUT.  Names a
+    converted folder may not hold (``notes:v1.txt``, ``a\\b.md``) and what is not a regular file
+    (FIFOs, devices) are left out, with a warning."""
+    names, warnings = [], []
+    for p in sorted(folder.root.iterdir()):
         name = p.name
-        if name.startswith(".") or name in SKIP_FILES or not p.is_file():
+        if name.startswith(".") or name in SKIP_FILES or p.is_dir():
             continue
         if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".safetensors.index.json"):
             continue
-        if not is_inside(root_real, p):
-            raise InputError(f"{name}: is a link pointing outside the checkpoint folder; it would be copied "
-                             "into OUTPUT: replace the link with the file itself")
-        out.append(name)
-    return out
+        if not portable_name(name):
+            warnings.append(f"{name!r}: not copied into OUTPUT (the name is not a portable file name)")
+            continue
+        folder.check(name, f"{name} (it would be copied into OUTPUT)")
+        if not p.is_file():
+            warnings.append(f"{name}: not copied into OUTPUT (not a regular file)")
+            continue
+        names.append(name)
+    return names, warnings
 
 
 def config_bytes(plan: Plan, ckpt: Checkpoint) -> bytes:
@@ -89,21 +96,31 @@ def manifest_bytes(base: dict, files: dict[str, dict]) -> bytes:
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
 
+def open_temp(folder: Path, name: str) -> tuple[int, Path]:
+    """A new file beside ``folder/name`` under a fresh hidden name: created exclusively, never
+    through a link planted there (``O_EXCL``), mode 0644.  Returns (descriptor, path)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=folder)
+    os.fchmod(fd, 0o644)
+    return fd, Path(tmp)
+
+
 def atomic_write(folder: Path, name: str, blocks, action: str) -> dict:
     """Write ``blocks`` (bytes) to ``folder/name`` through a temporary name; sha256 and size."""
     digest = hashlib.sha256()
     size = 0
-    tmp = folder / f".{name}.tmp-{os.getpid()}"
+    tmp = None
     try:
-        with open(tmp, "wb") as fh:
+        fd, tmp = open_temp(folder, name)
+        with open(fd, "wb", closefd=True) as fh:
             for block in blocks:
                 digest.update(block)
                 fh.write(block)
                 size += len(block)
         os.replace(tmp, folder / name)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise io_error(action, folder / name, exc) from None
     return {"sha256": digest.hexdigest(), "size": size}
 
@@ -112,9 +129,12 @@ def write_doc(folder: Path, name: str, data: bytes) -> dict:
     return atomic_write(folder, name, [data], "cannot write")
 
 
-def copy_file(src: Path, folder: Path, name: str) -> dict:
+def copy_file(source: Folder, name: str, folder: Path) -> dict:
+    """Copy side file ``name`` of the source (opened through its link policy) into ``folder``."""
+    fd = source.open(name)
+
     def blocks():
-        with open(src, "rb") as fi:
+        with open(fd, "rb", closefd=True) as fi:
             while block := fi.read(1 << 20):
                 yield block
 

@@ -15,6 +15,7 @@ from ..errors import io_error
 from ..plan import Plan, ShardPlan
 from ..read import Checkpoint
 from .chunks import BufferPool, Chunk, ShardSource
+from .documents import open_temp
 
 
 def _write_all(fd: int, data: memoryview, path, offset: int) -> None:
@@ -45,13 +46,10 @@ class ShardWriter:
         self.source = ShardSource(plan, ckpt, self.pool)
         self.progress = progress or (lambda n: None)
 
-    def write(self, shard: ShardPlan, path: Path) -> dict:
+    def write(self, shard: ShardPlan, fd: int, path: Path) -> dict:
+        """Fill the new, empty file ``fd`` (named ``path`` in messages) with the shard; close it."""
         tasks = self.source.tasks(shard)
         digest = hashlib.sha256()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as exc:
-            raise io_error("cannot create", path, exc) from None
         size = 0
         try:
             # closing() stops the workers (and waits for running ones) before fd is closed
@@ -103,15 +101,16 @@ def write_shards(plan: Plan, ckpt: Checkpoint, folder: Path, indices, jobs: int,
     files = {}
     for i in indices:
         shard = plan.shards[i]
-        tmp = folder / f".{shard.name}.tmp-{os.getpid()}"
         try:
-            files[shard.name] = writer.write(shard, tmp)
+            fd, tmp = open_temp(folder, shard.name)
+        except OSError as exc:
+            raise io_error("cannot create a file in", folder, exc) from None
+        try:
+            files[shard.name] = writer.write(shard, fd, tmp)
             ckpt.check_unchanged()  # a few stats per shard: catch a changing source early
             os.replace(tmp, folder / shard.name)
         except BaseException:
-            try:
+            with contextlib.suppress(OSError):
                 tmp.unlink()
-            except OSError:
-                pass
             raise
     return files

@@ -1,24 +1,37 @@
 """Split conversions: ``convert --part i/n`` writes every n-th shard into a shared OUTPUT, and
 ``finalize`` writes index, config and manifest once every part is there (byte-identical to one run).
+
+OUTPUT is shared by parts running at once (a CI matrix, a Slurm array), so nothing is staged: each
+file is written through a temporary name and renamed.  What may be in a split OUTPUT is exactly
+known (its planned shards and side files, ``.gptq2xpu-parts/`` with the plan and one record per
+finished part, temporary files of those), and both steps refuse a folder holding anything else, so
+a user's own files are never overwritten.  Part records are untrusted when ``finalize`` reads them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ..contract import INDEX_NAME, MANIFEST_NAME
+from ..contract import CONFIG_BLOCK, INDEX_NAME, MANIFEST_NAME, parse_block
 from ..errors import InputError, UsageError, io_error
 from ..plan import Plan
 from ..read import Checkpoint
+from ..read.paths import Folder, parse_json, portable_name
 from .documents import config_bytes, copy_file, index_bytes, manifest_base, manifest_bytes, side_files, write_doc
-from .output import check_output
+from .output import check_not_source, make_parent
 from .shards import write_shards
 
 PARTS_DIR = ".gptq2xpu-parts"
+PLAN_DOC = "plan.json"
+MAX_PARTS = 10_000
+_TEMP = re.compile(r"\.(?P<name>.+)\.tmp-\d+-[A-Za-z0-9_]+")
+_RECORD = re.compile(r"part-(\d{1,5})-of-(\d{1,5})\.json")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def part_shards(plan: Plan, part: int, parts: int) -> list[int]:
@@ -31,35 +44,39 @@ def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int
                before_publish: Callable[[], None] | None = None) -> dict:
     """Write this part's shards into the shared OUTPUT folder, plus what ``finalize`` needs."""
     output = Path(os.path.abspath(output))
-    check_output(output, ckpt.root, overwrite=False, part=True)
-    side_files(ckpt.root, ckpt.trusted_root)  # refuse escaping links before writing anything
-    if (output / MANIFEST_NAME).exists():
-        raise UsageError(f"{output}: already finalized (it has {MANIFEST_NAME}); use a new OUTPUT")
+    check_not_source(output, ckpt.root)
+    if parts > len(plan.shards):
+        raise UsageError(f"--part {part}/{parts}: the output has {len(plan.shards)} shard(s), so n can be at most "
+                         f"{len(plan.shards)} (a smaller --max-shard-size makes more shards)")
+    side, warnings = side_files(ckpt.folder)  # refuses escaping links before writing anything
+    plan.warnings.extend(warnings)
+    docs = {
+        "fingerprint": plan.fingerprint,
+        "parts": parts,
+        "shards": [s.name for s in plan.shards],
+        "side_files": side,
+        "manifest": manifest_base(plan),
+        "index": index_bytes(plan).decode(),
+        "config": config_bytes(plan, ckpt).decode("utf-8"),
+    }
+    make_parent(output)
+    _check_split_folder(output, set(docs["shards"]) | set(side))
     pdir = output / PARTS_DIR
     try:
         pdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise io_error("cannot create", pdir, exc) from None
-    docs = {
-        "fingerprint": plan.fingerprint,
-        "parts": parts,
-        "shards": [s.name for s in plan.shards],
-        "manifest": manifest_base(plan),
-        "index": index_bytes(plan).decode(),
-        "config": config_bytes(plan, ckpt).decode("utf-8"),
-    }
-    prev = pdir / "plan.json"
-    if prev.exists():
-        try:
-            old = json.loads(prev.read_text())
-        except (OSError, ValueError):
-            old = None
-        if not old or old.get("fingerprint") != plan.fingerprint or old.get("index") != docs["index"] or old.get("parts") != parts:
+    if pdir.is_symlink() or not pdir.is_dir():
+        raise UsageError(f"{pdir}: is not a folder of its own; refusing to write into it")
+    reader = Folder(output, links="none")
+    if reader.exists(f"{PARTS_DIR}/{PLAN_DOC}"):
+        old = reader.read_json(f"{PARTS_DIR}/{PLAN_DOC}")
+        if any(old.get(k) != docs[k] for k in ("fingerprint", "parts", "shards", "side_files", "index", "config")):
             raise UsageError(f"{output}: holds parts of a different conversion (source, options or part count differ)")
-    write_doc(pdir, "plan.json", json.dumps(docs, indent=1).encode())
+    write_doc(pdir, PLAN_DOC, json.dumps(docs, indent=1).encode())
     files = write_shards(plan, ckpt, output, part_shards(plan, part, parts), jobs, progress)
-    for name in side_files(ckpt.root, ckpt.trusted_root):
-        files[name] = copy_file(ckpt.root / name, output, name)
+    for name in side:
+        files[name] = copy_file(ckpt.folder, name, output)
     ckpt.check_unchanged()
     if before_publish is not None:
         before_publish()
@@ -70,36 +87,127 @@ def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int
 def finalize(output: Path) -> dict:
     """Once every part is written: index, config.json and manifest; byte-identical to a single run."""
     output = Path(output)
-    pdir = output / PARTS_DIR
-    if not (pdir / "plan.json").is_file():
-        if (output / MANIFEST_NAME).is_file():
+    if output.is_symlink() or not output.is_dir():
+        raise UsageError(f"{output}: not a folder; finalize takes the OUTPUT folder every `convert --part` wrote into")
+    reader = Folder(output, links="none")
+    if not reader.exists(f"{PARTS_DIR}/{PLAN_DOC}"):
+        if reader.exists(MANIFEST_NAME):
             raise UsageError(f"{output}: already finalized")
-        raise UsageError(f"{output}: no split conversion found here (missing {PARTS_DIR}/plan.json)")
-    try:
-        plan_doc = json.loads((pdir / "plan.json").read_text())
-        parts = int(plan_doc["parts"])
-        files: dict[str, dict] = {}
-        missing = []
-        for i in range(1, parts + 1):
-            rec = pdir / f"part-{i}-of-{parts}.json"
-            if not rec.is_file():
-                missing.append(str(i))
-                continue
-            files.update(json.loads(rec.read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{pdir}: unreadable part records ({exc})") from None
+        raise UsageError(f"{output}: no split conversion found here (missing {PARTS_DIR}/{PLAN_DOC})")
+    plan_doc = _read_plan(reader)
+    parts = plan_doc["parts"]
+    allowed = set(plan_doc["shards"]) | set(plan_doc["side_files"])
+    finals = {INDEX_NAME: plan_doc["index"].encode(), "config.json": plan_doc["config"].encode("utf-8")}
+    files: dict[str, dict] = {}
+    missing = []
+    for i in range(1, parts + 1):
+        rec = f"{PARTS_DIR}/part-{i}-of-{parts}.json"
+        if not reader.exists(rec):
+            missing.append(str(i))
+            continue
+        files.update(_read_record(reader, rec, allowed))
     if missing:
-        raise UsageError(f"{output}: part(s) {', '.join(missing)} of {parts} not finished yet")
+        raise UsageError(f"{output}: part(s) {', '.join(missing[:10])} of {parts} not finished yet")
     for name in plan_doc["shards"]:
         if name not in files:
             raise InputError(f"{output}: no part wrote shard {name}")
+    # an interrupted finalize may have written some final documents already: only identical ones
+    _check_split_folder(output, allowed, finals={**finals, MANIFEST_NAME: None})
     for name, rec in files.items():
         p = output / name
-        if not p.is_file() or p.stat().st_size != rec["size"]:
+        if not p.is_file() or p.is_symlink() or p.stat().st_size != rec["size"]:
             raise InputError(f"{p}: missing or of the wrong size; re-run its part")
-    files[INDEX_NAME] = write_doc(output, INDEX_NAME, plan_doc["index"].encode())
-    files["config.json"] = write_doc(output, "config.json", plan_doc["config"].encode("utf-8"))
+    for name, data in finals.items():
+        files[name] = write_doc(output, name, data)
     manifest = manifest_bytes(plan_doc["manifest"], files)
     write_doc(output, MANIFEST_NAME, manifest)
-    shutil.rmtree(pdir, ignore_errors=True)
+    shutil.rmtree(output / PARTS_DIR, ignore_errors=True)
     return json.loads(manifest)["files"]
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def _check_split_folder(output: Path, allowed: set[str], finals: dict[str, bytes | None] | None = None) -> None:
+    """OUTPUT may hold only what a split conversion writes (``finals``: final documents an
+    interrupted ``finalize`` wrote, allowed when identical to what it writes again)."""
+    if not os.path.lexists(output):
+        return
+    if output.is_symlink() or not output.is_dir():
+        raise UsageError(f"{output}: OUTPUT exists and is not a folder")
+    if finals is None and os.path.lexists(output / MANIFEST_NAME):
+        raise UsageError(f"{output}: already finalized (it has {MANIFEST_NAME}); use a new OUTPUT")
+    finals = finals or {}
+    for entry in sorted(os.scandir(output), key=lambda e: e.name):
+        name = entry.name
+        if name == PARTS_DIR and entry.is_dir(follow_symlinks=False):
+            bad = [e.name for e in os.scandir(entry.path) if not _part_member(e)]
+            if bad:
+                raise UsageError(f"{output}: {PARTS_DIR}/{sorted(bad)[0]} was not written by a split conversion; "
+                                 "refusing to use this folder")
+            continue
+        regular = entry.is_file(follow_symlinks=False)
+        if regular and name in allowed:
+            continue
+        if regular and name in finals and (finals[name] is None or _same_bytes(entry.path, finals[name])):
+            continue
+        m = _TEMP.fullmatch(name)
+        if regular and m and m["name"] in allowed | set(finals):
+            continue
+        raise UsageError(f"{output}: holds {name}, which a split conversion of this source did not write; use an "
+                         "empty or new OUTPUT folder")
+
+
+def _part_member(entry: os.DirEntry) -> bool:
+    if not entry.is_file(follow_symlinks=False):
+        return False
+    m = _TEMP.fullmatch(entry.name)
+    name = m["name"] if m else entry.name
+    return name == PLAN_DOC or bool(_RECORD.fullmatch(name))
+
+
+def _same_bytes(path: str, data: bytes) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(data) + 1) == data
+    except OSError:
+        return False
+
+
+def _read_plan(reader: Folder) -> dict:
+    where = f"{PARTS_DIR}/{PLAN_DOC}"
+    doc = reader.read_json(where)
+    shards, side = doc.get("shards"), doc.get("side_files")
+    for key, names in (("shards", shards), ("side_files", side)):
+        if not isinstance(names, list) or not all(isinstance(n, str) and portable_name(n) for n in names):
+            raise InputError(f"{where}: '{key}' must be a list of file names in the folder")
+    if not shards:
+        raise InputError(f"{where}: lists no shards")
+    parts = doc.get("parts")
+    if type(parts) is not int or not 1 <= parts <= min(MAX_PARTS, len(shards)):
+        raise InputError(f"{where}: 'parts' must be an integer in 1..{min(MAX_PARTS, len(shards))}, found "
+                         f"{str(parts)[:40]}")
+    manifest = doc.get("manifest")
+    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(k), str)
+                                                 for k in ("tool_version", "source_fingerprint")) \
+            or not isinstance(manifest.get("layers"), dict):
+        raise InputError(f"{where}: 'manifest' is not what convert --part writes")
+    if not isinstance(doc.get("index"), str) or not isinstance(doc.get("config"), str):
+        raise InputError(f"{where}: 'index' and 'config' must be the documents' text")
+    parse_json(doc["index"].encode("utf-8"), f"{where}: index")
+    config = parse_json(doc["config"].encode("utf-8"), f"{where}: config")
+    parse_block(config.get(CONFIG_BLOCK), f"{where}: config.json:{CONFIG_BLOCK}")
+    return doc
+
+
+def _read_record(reader: Folder, rel: str, allowed: set[str]) -> dict[str, dict]:
+    files = reader.read_json(rel).get("files")
+    if not isinstance(files, dict):
+        raise InputError(f"{rel}: 'files' must map file names to their sha256 and size")
+    for name, rec in files.items():
+        if name not in allowed:
+            raise InputError(f"{rel}: names {name[:80]!r}, which is not a shard or side file of this conversion")
+        if not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and _SHA256.fullmatch(rec["sha256"])
+                and type(rec.get("size")) is int and rec["size"] >= 0):
+            raise InputError(f"{rel}: the record of {name} needs a sha256 and a size")
+    return files

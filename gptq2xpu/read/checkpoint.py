@@ -19,6 +19,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -142,13 +143,12 @@ class Checkpoint:
 
     def fingerprint(self) -> str:
         """sha256 over every shard's name, size and header bytes: identifies the source cheaply."""
-        h = hashlib.sha256()
-        for file in sorted(self.shards):
-            hdr = self.shards[file]
-            h.update(file.encode() + b"\0" + str(hdr.file_size).encode() + b"\0")
+
+        def prefix(file: str, hdr: SafetensorsHeader) -> bytes:
             with open(self.root / file, "rb") as fh:
-                h.update(fh.read(hdr.data_start))
-        return "sha256:" + h.hexdigest()
+                return fh.read(hdr.data_start)
+
+        return fingerprint_headers((f, self.shards[f].file_size, prefix(f, self.shards[f])) for f in sorted(self.shards))
 
     @property
     def total_bytes(self) -> int:
@@ -222,7 +222,8 @@ def find_shards(root: Path, trusted_root: Path) -> tuple[list[str], dict[str, st
     return files, None, None
 
 
-def _single_file_choice(root: Path, candidates: list[str]) -> list[str]:
+def _single_file_choice(root: Path, candidates: list[str], where: str | None = None) -> list[str]:
+    """Which of several un-indexed ``*.safetensors`` files hold the model (``where`` names ``root`` in errors)."""
     if "model.safetensors" in candidates:
         return ["model.safetensors"]
     qc = root / "quantize_config.json"
@@ -233,9 +234,44 @@ def _single_file_choice(root: Path, candidates: list[str]) -> list[str]:
     if len(candidates) == 1:
         return candidates
     raise InputError(
-        f"{root}: several safetensors files ({', '.join(candidates[:4])}) and no {INDEX_NAME}; "
+        f"{where or root}: several safetensors files ({', '.join(candidates[:4])}) and no {INDEX_NAME}; "
         "cannot tell which hold the model"
     )
+
+
+def tensor_map(shards: dict[str, SafetensorsHeader], weight_map: dict[str, str] | None,
+               index_file: str | None) -> dict[str, TensorRef]:
+    """Every tensor of the validated shard headers (in the order given), checked against the index:
+    no tensor in two shards, every shard tensor listed where it is stored, every listed tensor found."""
+    tensors: dict[str, TensorRef] = {}
+    for file, hdr in shards.items():
+        for name, entry in hdr.tensors.items():
+            if name in tensors:
+                raise InputError(f"tensor {name!r} appears in both {tensors[name].file} and {file}")
+            if weight_map is not None and weight_map.get(name) != file:
+                where = weight_map.get(name)
+                raise InputError(
+                    f"{file}: tensor {name!r} is not listed in {index_file}"
+                    if where is None
+                    else f"{index_file}: tensor {name!r} is mapped to {where} but stored in {file}"
+                )
+            tensors[name] = TensorRef(file, entry)
+    if weight_map is not None:
+        for name, file in weight_map.items():
+            if name not in tensors:
+                raise InputError(f"{index_file}: tensor {name!r} is not in shard {file}")
+    return tensors
+
+
+def fingerprint_headers(shards: Iterable[tuple[str, int, bytes]]) -> str:
+    """The source fingerprint: sha256 over each shard's ``(file name, file size, header bytes)``, the
+    header bytes being the file's first ``data_start`` bytes (length prefix and JSON).  Callers pass
+    the shards sorted by file name; a folder and the same files read over HTTP give the same value."""
+    h = hashlib.sha256()
+    for file, size, header in shards:
+        h.update(file.encode() + b"\0" + str(size).encode() + b"\0")
+        h.update(header)
+    return "sha256:" + h.hexdigest()
 
 
 def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path | None = None,
@@ -255,7 +291,6 @@ def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path
 
     files, weight_map, index_file = find_shards(root, trusted)
     shards: dict[str, SafetensorsHeader] = {}
-    tensors: dict[str, TensorRef] = {}
     stats: dict[str, tuple[int, int]] = {}
     for file in files:
         hdr = read_header(root / file)
@@ -263,21 +298,7 @@ def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path
         shards[file] = hdr
         st = os.stat(root / file)
         stats[file] = (st.st_size, st.st_mtime_ns)
-        for name, entry in hdr.tensors.items():
-            if name in tensors:
-                raise InputError(f"tensor {name!r} appears in both {tensors[name].file} and {file}")
-            if weight_map is not None and weight_map.get(name) != file:
-                where = weight_map.get(name)
-                raise InputError(
-                    f"{file}: tensor {name!r} is not listed in {index_file}"
-                    if where is None
-                    else f"{index_file}: tensor {name!r} is mapped to {where} but stored in {file}"
-                )
-            tensors[name] = TensorRef(file, entry)
-    if weight_map is not None:
-        for name, file in weight_map.items():
-            if name not in tensors:
-                raise InputError(f"{index_file}: tensor {name!r} is not in shard {file}")
+    tensors = tensor_map(shards, weight_map, index_file)
     return Checkpoint(
         root=root,
         origin=origin or str(root),

@@ -287,7 +287,7 @@ def test_convert_still_downloads_and_a_full_cache_is_used_by_inspect(hub, folder
     assert code == 0, err
     data = json.loads(out)
     assert (data["hub"]["read_from"], data["hub"]["commit"], data["source_fingerprint"]) == ("cache", repo.sha, fingerprint)
-    assert "local Hugging Face cache" in data["hub"]["reason"]
+    assert data["hub"]["reason"] == "all *.json and *.safetensors files of the commit are cached"
     assert [s.kind for s in _ours(hub)] == ["api"]  # only the revision was resolved
     code, out, err = cli("inspect", REPO_ID)
     assert "from the local Hugging Face cache" in out

@@ -175,7 +175,7 @@ def open_hub_headers(repo_id: str, *, revision: str | None = None,
     snapshot = _complete_cached_snapshot(repo_id, commit, files)
     if snapshot is not None:
         read.read_from = "cache"
-        read.reason = f"every *.json and *.safetensors file of commit {commit[:12]} is in the local Hugging Face cache"
+        read.reason = "all *.json and *.safetensors files of the commit are cached"
         return open_checkpoint(snapshot, origin, trusted_root=snapshot.parent.parent, revision=revision), read
     read.reason = "configs, index and safetensors headers fetched with HTTP range requests"
     return _open_over_http(http, repo_id, revision, origin, files), read

@@ -71,7 +71,8 @@ class FakeHub:
 
     # ------------------------------------------------------------------ content
     def add_folder(self, repo_id: str, folder: Path, **kw) -> FakeRepo:
-        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+        paths = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in paths}
         return self.add_files(repo_id, files, **kw)
 
     def add_files(self, repo_id: str, files: dict[str, bytes], **kw) -> FakeRepo:
@@ -96,7 +97,7 @@ class FakeHub:
             self.log.clear()
 
     # ------------------------------------------------------------------ lifetime
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._busy = 0
@@ -233,7 +234,8 @@ def _handler(hub: FakeHub):
 
         # -------------------------------------------------------------- answers
         def _error(self, status, sha, code, served: Served):
-            headers = {"X-Error-Code": code, "X-Error-Message": f"{code} (fake hub)", "Content-Type": "application/json"}
+            headers = {"X-Error-Code": code, "X-Error-Message": f"{code} (fake hub)",
+                       "Content-Type": "application/json"}
             if sha:
                 headers["X-Repo-Commit"] = sha
             served.status = status

@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _hubserver import FakeHub
+
 from gptq2xpu.convert import make_plan
 from gptq2xpu.errors import InputError
-from gptq2xpu.read import open_checkpoint
-from gptq2xpu.read import remote
+from gptq2xpu.read import open_checkpoint, remote
 from gptq2xpu.read.remote import open_hub_headers
 from gptq2xpu.safetensors_io import MAX_HEADER_BYTES, read_header
 
@@ -84,7 +83,7 @@ def _header_ends(folder: Path) -> dict[str, int]:
 
 
 def _one_line_error(code, err, *needles):
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 3, err
     assert len(lines) == 1 and "Traceback" not in err, err
     for n in needles:
@@ -286,8 +285,9 @@ def test_convert_still_downloads_and_a_full_cache_is_used_by_inspect(hub, folder
     code, out, err = cli("inspect", REPO_ID, "--json")
     assert code == 0, err
     data = json.loads(out)
-    assert (data["hub"]["read_from"], data["hub"]["commit"], data["source_fingerprint"]) == ("cache", repo.sha, fingerprint)
-    assert data["hub"]["reason"] == "all *.json and *.safetensors files of the commit are cached"
+    h = data["hub"]
+    assert (h["read_from"], h["commit"], data["source_fingerprint"]) == ("cache", repo.sha, fingerprint)
+    assert h["reason"] == "all *.json and *.safetensors files of the commit are cached"
     assert [s.kind for s in _ours(hub)] == ["api"]  # only the revision was resolved
     code, out, err = cli("inspect", REPO_ID)
     assert "from the local Hugging Face cache" in out
@@ -322,7 +322,8 @@ def test_cli_subprocess_honours_hf_endpoint_and_keeps_torch_away(folder, tmp_pat
     with FakeHub() as hub:
         hub.add_folder(REPO_ID, folder)
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache"),
-               "HF_HOME": str(tmp_path / "home"), "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+               "HF_HOME": str(tmp_path / "home"),
+               "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         env.pop("HF_HUB_OFFLINE", None)
         r = subprocess.run([sys.executable, "-c", script, "inspect", REPO_ID, "--json"], capture_output=True,
                            text=True, env=env, timeout=120)

@@ -17,9 +17,9 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -148,7 +148,7 @@ class Checkpoint:
             with open(self.root / file, "rb") as fh:
                 return fh.read(hdr.data_start)
 
-        return fingerprint_headers((f, self.shards[f].file_size, prefix(f, self.shards[f])) for f in sorted(self.shards))
+        return fingerprint_headers((f, hdr.file_size, prefix(f, hdr)) for f, hdr in sorted(self.shards.items()))
 
     @property
     def total_bytes(self) -> int:

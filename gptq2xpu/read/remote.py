@@ -332,6 +332,7 @@ class _Http:
                              f"(installed: {huggingface_hub.__version__})")
         self._unreachable = (pkg.ConnectError, pkg.TimeoutException)
         self._failures = (pkg.HTTPError, pkg.StreamError, pkg.InvalidURL)
+        self._cut_short = pkg.RemoteProtocolError
         try:
             self.headers = build_hf_headers(token=token, library_name="gptq2xpu", library_version=__version__)
         except (ValueError, OSError) as exc:
@@ -358,18 +359,19 @@ class _Http:
                     raise self._status_error(response, label, headers.get("Range"), api)
                 encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
                 if encoding not in ("", "identity"):
-                    raise InputError(f"{label}: the server sent a {encoding}-encoded body although gptq2xpu asked for the "
-                                     "plain bytes (Accept-Encoding: identity)")
+                    raise InputError(f"{label}: the server sent a {encoding}-encoded body although gptq2xpu "
+                                     "asked for the plain bytes (Accept-Encoding: identity)")
                 yield _Body(response, file, self.read)
         except InputError:
             raise
         except OfflineModeIsEnabled:
             raise _Unreachable(OFFLINE) from None
         except self._unreachable as exc:
-            raise _Unreachable(f"{label}: cannot reach {self.read.endpoint} ({type(exc).__name__}: {exc or 'no answer'})") from None
+            why = f"{type(exc).__name__}: {exc or 'no answer'}"
+            raise _Unreachable(f"{label}: cannot reach {self.read.endpoint} ({why})") from None
         except self._failures as exc:
             reason = str(exc) or type(exc).__name__
-            if "RemoteProtocolError" in type(exc).__name__ or "incomplete" in reason.lower():
+            if isinstance(exc, self._cut_short):
                 reason = f"the response was cut short ({reason})"
             raise InputError(f"{label}: {reason}") from None
 
@@ -380,9 +382,11 @@ class _Http:
         detail = f": {detail}" if detail else ""
         repo, endpoint = self.repo_id, self.read.endpoint
         if code == "GatedRepo":
-            return InputError(f"{repo}: gated repository; accept its terms on the hub and pass --token (HTTP {status}{detail})")
+            return InputError(f"{repo}: gated repository; accept its terms on the hub and pass --token "
+                              f"(HTTP {status}{detail})")
         if code == "RepoNotFound" or status == 401 or (api and status == 404 and code != "RevisionNotFound"):
-            return InputError(f"{repo}: repository not found at {endpoint} (or no access: pass --token) (HTTP {status}{detail})")
+            return InputError(f"{repo}: repository not found at {endpoint} (or no access: pass --token) "
+                              f"(HTTP {status}{detail})")
         if code == "RevisionNotFound":
             return InputError(f"{repo}: revision {self.read.revision!r} not found (HTTP {status}{detail})")
         if status == 404:

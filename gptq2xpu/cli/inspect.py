@@ -19,7 +19,7 @@ from .options import (
     convert_options,
 )
 from .output import Output
-from .render import render_plan
+from .render import render_inspect
 
 
 def inspect(
@@ -37,19 +37,29 @@ def inspect(
 
     Family, MoE layers (converted / passed through / refused, with the reason), experts, K, N,
     group sizes, routers kept out of the expert path, bytes in and out, tensor-parallel sizes that
-    work.  Exits 3 when `convert` would refuse a layer.
+    work.  For a hub repo id only the configs and the safetensors headers are downloaded (HTTP range
+    requests), or the local Hugging Face cache is used when it holds the whole repository; the
+    report says which, and how many bytes were fetched.  Exits 3 when `convert` would refuse a layer.
     """
     from ..convert import make_plan
-    from ..read import open_source
+    from ..read.remote import open_for_inspect
 
     options = convert_options(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding, tp_size=tp_size,
                               keep_unsupported=keep_unsupported, dequantize_router=dequantize_router)
-    with open_source(source, revision=revision, token=token) as ckpt:
-        data = make_plan(ckpt, options).to_dict()
+    ckpt, hub = open_for_inspect(source, revision=revision, token=token)
+    with ckpt:
+        plan = make_plan(ckpt, options)
+        data = plan.to_dict()
+        data["source_fingerprint"] = plan.fingerprint
+    if hub is not None:
+        data["hub"] = hub.to_dict()
     out = Output(json_out)
+    if hub is not None and hub.range_ignored:
+        out.warn(f"{hub.repo_id}: the server ignored HTTP Range for {len(hub.range_ignored)} file(s) "
+                 f"({sorted(hub.range_ignored)[0]} ...); only the headers were read from the full responses")
     for w in data["warnings"]:
         out.warn(w)
-    out.result(data, render_plan)
+    out.result(data, render_inspect)
     if data["refusals"]:
         more = f" (and {len(data['refusals']) - 1} more)" if len(data["refusals"]) > 1 else ""
         raise InputError(f"convert would refuse {data['refusals'][0]}{more}")

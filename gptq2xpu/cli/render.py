@@ -43,6 +43,24 @@ def render_plan(console, data: dict) -> None:
         console.print(f"[red]refused:[/] {r}")
 
 
+def render_inspect(console, data: dict) -> None:
+    render_plan(console, data)
+    console.print(f"source fingerprint {data['source_fingerprint']}")
+    hub = data.get("hub")
+    if not hub:
+        return
+    at = f"{hub['repo_id']}" + (f" at commit {hub['commit'][:12]}" if hub.get("commit") else "")
+    fetched = f"{hub['requests']} request(s), {human_bytes(hub['bytes_fetched'])} fetched"
+    if hub["read_from"] == "cache":
+        console.print(f"read {at} from the local Hugging Face cache ({hub['reason']}); "
+                      + (f"{fetched} to resolve the revision" if hub["requests"] else "nothing fetched"))
+        return
+    data_note = ("no tensor data" if not hub["tensor_bytes_fetched"] else
+                 f"{human_bytes(hub['tensor_bytes_fetched'])} of tensor data, because the server ignored Range")
+    console.print(f"read {at} from {hub['endpoint']} over HTTP: {fetched} (configs, index, safetensors headers; "
+                  f"{data_note}) of {human_bytes(data['bytes_in'])} in the shards")
+
+
 def render_convert(console, data: dict) -> None:
     if data.get("dry_run"):
         render_plan(console, data)

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,14 +118,13 @@ class Checkpoint:
 
     def fingerprint(self) -> str:
         """sha256 over every shard's name, size and header bytes: identifies the source cheaply."""
-        h = hashlib.sha256()
-        for file in sorted(self.shards):
-            hdr = self.shards[file]
-            h.update(file.encode() + b"\0" + str(hdr.file_size).encode() + b"\0")
+
+        def prefix(file: str, hdr: SafetensorsHeader) -> bytes:
             buf = np.empty(hdr.data_start, dtype=np.uint8)
             read_into(self._fd(file), 0, buf, file)
-            h.update(buf)
-        return "sha256:" + h.hexdigest()
+            return buf.tobytes()
+
+        return fingerprint_headers((f, hdr.file_size, prefix(f, hdr)) for f, hdr in sorted(self.shards.items()))
 
     @property
     def total_bytes(self) -> int:
@@ -190,7 +190,8 @@ def find_shards(folder: Folder) -> tuple[list[str], dict[str, str] | None, str |
     return _single_file_choice(folder, candidates), None, None
 
 
-def _single_file_choice(folder: Folder, candidates: list[str]) -> list[str]:
+def _single_file_choice(folder: Folder, candidates: list[str], where: str | None = None) -> list[str]:
+    """Which of several un-indexed ``*.safetensors`` files hold the model (``where`` names the folder in errors)."""
     if "model.safetensors" in candidates:
         return ["model.safetensors"]
     if folder.exists("quantize_config.json"):
@@ -200,9 +201,44 @@ def _single_file_choice(folder: Folder, candidates: list[str]) -> list[str]:
     if len(candidates) == 1:
         return candidates
     raise InputError(
-        f"{folder.root}: several safetensors files ({', '.join(candidates[:4])}) and no {INDEX_NAME}; "
+        f"{where or folder.root}: several safetensors files ({', '.join(candidates[:4])}) and no {INDEX_NAME}; "
         "cannot tell which hold the model"
     )
+
+
+def tensor_map(shards: dict[str, SafetensorsHeader], weight_map: dict[str, str] | None,
+               index_file: str | None) -> dict[str, TensorRef]:
+    """Every tensor of the validated shard headers (in the order given), checked against the index:
+    no tensor in two shards, every shard tensor listed where it is stored, every listed tensor found."""
+    tensors: dict[str, TensorRef] = {}
+    for file, hdr in shards.items():
+        for name, entry in hdr.tensors.items():
+            if name in tensors:
+                raise InputError(f"tensor {name!r} appears in both {tensors[name].file} and {file}")
+            if weight_map is not None and weight_map.get(name) != file:
+                where = weight_map.get(name)
+                raise InputError(
+                    f"{file}: tensor {name!r} is not listed in {index_file}"
+                    if where is None
+                    else f"{index_file}: tensor {name!r} is mapped to {where} but stored in {file}"
+                )
+            tensors[name] = TensorRef(file, entry)
+    if weight_map is not None:
+        for name, file in weight_map.items():
+            if name not in tensors:
+                raise InputError(f"{index_file}: tensor {name!r} is not in shard {file}")
+    return tensors
+
+
+def fingerprint_headers(shards: Iterable[tuple[str, int, bytes]]) -> str:
+    """The source fingerprint: sha256 over each shard's ``(file name, file size, header bytes)``, the
+    header bytes being the file's first ``data_start`` bytes (length prefix and JSON).  Callers pass
+    the shards sorted by file name; a folder and the same files read over HTTP give the same value."""
+    h = hashlib.sha256()
+    for file, size, header in shards:
+        h.update(file.encode() + b"\0" + str(size).encode() + b"\0")
+        h.update(header)
+    return "sha256:" + h.hexdigest()
 
 
 def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path | None = None,
@@ -223,32 +259,16 @@ def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path
 
     files, weight_map, index_file = find_shards(folder)
     shards: dict[str, SafetensorsHeader] = {}
-    tensors: dict[str, TensorRef] = {}
     stats: dict[str, tuple[int, int]] = {}
-    ckpt = Checkpoint(root=root, origin=origin or str(root), config=config, shards=shards, tensors=tensors,
+    ckpt = Checkpoint(root=root, origin=origin or str(root), config=config, shards=shards, tensors={},
                       index_file=index_file, folder=folder, revision=revision, _stats=stats)
     try:
         for file in files:
             fd = ckpt._fd(file)
-            hdr = read_header_fd(fd, file)
-            shards[file] = hdr
+            shards[file] = read_header_fd(fd, file)
             st = os.fstat(fd)
             stats[file] = (st.st_size, st.st_mtime_ns)
-            for name, entry in hdr.tensors.items():
-                if name in tensors:
-                    raise InputError(f"tensor {name!r} appears in both {tensors[name].file} and {file}")
-                if weight_map is not None and weight_map.get(name) != file:
-                    where = weight_map.get(name)
-                    raise InputError(
-                        f"{file}: tensor {name!r} is not listed in {index_file}"
-                        if where is None
-                        else f"{index_file}: tensor {name!r} is mapped to {where} but stored in {file}"
-                    )
-                tensors[name] = TensorRef(file, entry)
-        if weight_map is not None:
-            for name, file in weight_map.items():
-                if name not in tensors:
-                    raise InputError(f"{index_file}: tensor {name!r} is not in shard {file}")
+        ckpt.tensors = tensor_map(shards, weight_map, index_file)
     except BaseException:
         ckpt.close()
         raise

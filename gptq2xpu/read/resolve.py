@@ -52,7 +52,13 @@ def resolve_source(source: str, *, revision: str | None = None, token: str | Non
     return _download(source, revision, token)
 
 
-def _download(repo_id: str, revision: str | None, token: str | None) -> tuple[Path, Path, str]:
+def cached_snapshot(repo_id: str, *, revision: str | None = None, token: str | None = None) -> tuple[Path, Path, str]:
+    """Like :func:`resolve_source` for a repo id, from the local Hugging Face cache only (no request)."""
+    return _download(repo_id, revision, token, local_files_only=True)
+
+
+def _download(repo_id: str, revision: str | None, token: str | None, *,
+              local_files_only: bool = False) -> tuple[Path, Path, str]:
     try:
         from huggingface_hub import errors as hf_errors
         from huggingface_hub import snapshot_download
@@ -64,6 +70,7 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> tuple[Pa
             revision=revision,
             token=token,
             allow_patterns=ALLOW_PATTERNS,
+            local_files_only=local_files_only,
         )
     except hf_errors.GatedRepoError:
         raise InputError(f"{repo_id}: gated repository; accept its terms and pass --token") from None

@@ -21,9 +21,10 @@ offset-8 nibbles (``"u4b8"``) or signed ones (``"s4"``, already converted as the
 takes int4 (see :mod:`gptq2xpu.xpu_handover`): u4b8 goes in as uint8 and its constructor converts
 it into an int8 copy; s4 goes in as uint8 marked ``xpu_fused_moe`` (int4 detected, nothing
 rewritten) and the instance then holds int8 views of the same storage (no second copy on the
-device).  Do not pass a layer's tensors to ``XpuFusedMoe`` yourself: that release reads int4 only
-from a uint8 ``w13`` in its constructor and only from int8 weights in its grouped GEMM.  This was
-tested against that release's Python interface on CPU; no Intel XPU ran it.
+device).  Do not pass a layer's tensors to ``XpuFusedMoe`` yourself: that release recognises int4
+only from a uint8 ``w13`` in its constructor and only from int8 weights in its grouped GEMM, and
+its constructor rebinds the tensors it converts.  This was tested against that release's Python
+interface on CPU with its native ops replaced; no Intel XPU ran it.
 """
 
 from __future__ import annotations

@@ -36,8 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .contract import (CONFIG_BLOCK, EXPERT_TENSORS, W13_QWEIGHT, W13_SCALES, W2_QWEIGHT, W2_SCALES,
-                       ConvertedBlock, ConvertedLayer, parse_block)
+from .contract import (
+    CONFIG_BLOCK,
+    EXPERT_TENSORS,
+    W2_QWEIGHT,
+    W2_SCALES,
+    W13_QWEIGHT,
+    W13_SCALES,
+    ConvertedBlock,
+    ConvertedLayer,
+    parse_block,
+)
 from .errors import InputError, UsageError
 from .read.checkpoint import Checkpoint, open_checkpoint
 from .torch_io import read_tensor, torch_dtype

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _planting import convert, read_tensor, shard_of, verify_json
+from _released_kernel import implement_zp_all, readme_block
 
 from gptq2xpu.errors import UsageError
 from gptq2xpu.load import make_xpu_fused_moe, open_converted
@@ -26,9 +28,6 @@ from gptq2xpu.verify import xpu_kernels
 from gptq2xpu.verify.reference import compare, moe_forward, route
 from gptq2xpu.verify.unpack import xpu_dequant
 from gptq2xpu.xpu_handover import build_fused_moe
-
-from _planting import convert, read_tensor, shard_of, verify_json
-from _released_kernel import implement_zp_all, readme_block
 
 K, N, E, G, TOP_K = 128, 192, 4, 64, 2
 PREFIXES = ("model.layers.0.mlp", "model.layers.1.mlp")

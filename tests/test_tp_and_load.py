@@ -22,14 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from gptq2xpu.errors import EXIT_VERIFY, InputError, UsageError
-from gptq2xpu.load import make_xpu_fused_moe, open_converted
-from gptq2xpu.xpu_handover import SKIP_CONVERSION_ATTR
-from gptq2xpu.testing.synth import make_checkpoint
-from gptq2xpu.verify.reference import moe_forward, route
-from gptq2xpu.verify.unpack import xpu_dequant
-
 from _planting import (
     cli,
     convert,
@@ -41,6 +33,13 @@ from _planting import (
     shard_of,
     verify_json,
 )
+
+from gptq2xpu.errors import EXIT_VERIFY, InputError, UsageError
+from gptq2xpu.load import make_xpu_fused_moe, open_converted
+from gptq2xpu.testing.synth import make_checkpoint
+from gptq2xpu.verify.reference import moe_forward, route
+from gptq2xpu.verify.unpack import xpu_dequant
+from gptq2xpu.xpu_handover import SKIP_CONVERSION_ATTR
 
 K, N, E, G = 128, 192, 4, 64
 PREFIXES = ("model.layers.0.mlp", "model.layers.1.mlp")
@@ -291,7 +290,8 @@ def test_loader_signed_hands_over_s4_marked(tp):
             u2 = rank_slice(full(out, PREFIXES[0], "w2_qweight"), "w2_qweight", r, 2, N, 32)
             assert lw.encoding == "s4" and lw.w13.dtype == lw.w2.dtype == torch.uint8
             assert getattr(lw.w13, SKIP_CONVERSION_ATTR) is True
-            assert np.array_equal(as_np(lw.w13), u13 ^ np.uint8(0x88)) and np.array_equal(as_np(lw.w2), u2 ^ np.uint8(0x88))
+            assert np.array_equal(as_np(lw.w13), u13 ^ np.uint8(0x88))
+            assert np.array_equal(as_np(lw.w2), u2 ^ np.uint8(0x88))
             s = full(out, PREFIXES[0], "w13_scales")
             want = torch.from_numpy(rank_slice(s, "w13_scales", r, 2, N, 32)).to(torch.bfloat16)
             assert lw.w13_scales.dtype == lw.w2_scales.dtype == torch.bfloat16 and torch.equal(lw.w13_scales, want)

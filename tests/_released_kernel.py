@@ -70,7 +70,8 @@ class NativeOps:
     def remap_hidden_states(self, hidden_states, hidden_states_scales, remapped_hidden_states,
                             remapped_hidden_states_scales, expert_map, rows_per_expert,
                             unpermuted_row_to_permuted_row, topk_ids, total_experts_num, local_experts_num):
-        assert hidden_states_scales is None and expert_map is None, "only unquantized, unsharded activations modelled"
+        assert hidden_states_scales is None and remapped_hidden_states_scales is None, "unquantized activations only"
+        assert expert_map is None and total_experts_num == local_experts_num, "no expert parallelism modelled"
         tokens, top_k = topk_ids.shape
         flat = topk_ids.reshape(-1).long()
         order = torch.sort(flat, stable=True).indices          # permuted row i <- (token, slot) order[i]

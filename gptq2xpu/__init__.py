@@ -10,6 +10,7 @@ Data flows one way, and the package layout shows it::
     writer     streams planned tensors into shards atomically; index, config block, manifest
     verify/    standalone checks, independent unpack path, reference MoE, device dispatch
     load       a lazy loader for runtimes
+    xpu_handover  how ``load`` and ``verify`` hand int4 experts to ``XpuFusedMoe``
     cli/       thin typer commands over the above
 
 Only ``verify`` and ``load`` import torch; ``convert`` and ``inspect`` run on numpy alone.

@@ -1,9 +1,10 @@
-"""A small loader for runtimes: converted MoE layers as the tensors ``XpuFusedMoe`` takes.
+"""A small loader for runtimes: converted MoE layers, and ``XpuFusedMoe`` objects built from them.
 
->>> from gptq2xpu.load import open_converted
->>> ckpt = open_converted("qwen3-xpu")                                        # doctest: +SKIP
->>> for layer in ckpt.iter_layers(device="xpu", dtype=torch.bfloat16):       # doctest: +SKIP
-...     layer.w13, layer.w13_scales, layer.w2, layer.w2_scales              # uint8 / bf16, on xpu
+>>> import torch
+>>> from gptq2xpu.load import make_xpu_fused_moe, open_converted
+>>> ckpt = open_converted("qwen3-xpu")                                              # doctest: +SKIP
+>>> for layer in ckpt.iter_layers(device="xpu", dtype=torch.bfloat16, signed=True):  # doctest: +SKIP
+...     moe = make_xpu_fused_moe(layer, ckpt.routing["top_k"])
 
 The checkpoint is opened lazily (headers only, validated like any untrusted input); each layer
 reads only its own bytes.  For one tensor-parallel rank (``tp_rank``/``tp_size``) it reads the
@@ -11,15 +12,19 @@ rank's folder written by ``convert --emit-ranks`` when there is one (contiguous,
 bytes), else the rank's rows of w13 (contiguous per expert) and each expert's w2 block, keeping
 that rank's columns.
 
-Nibble encoding: the kernel rewrites offset-8 (u4b8) nibbles into signed ones once at load time,
-making a second copy of every expert weight on the device, unless the w13 tensor carries the
-attribute ``xpu_fused_moe``.  With ``signed=True`` (or an ``s4`` checkpoint) the loader hands over
-signed nibbles (converted on the host if needed) and sets that attribute, so the kernel skips the
-rewrite.  Signed bytes come as ``torch.int8`` by default: that is the buffer the kernel's own
-rewrite produces, and current ``XpuFusedMoe`` versions recognise packed int4 in the grouped GEMM by
-``B dtype == int8`` (a pre-converted ``uint8`` buffer would skip the rewrite yet not be read as
-int4).  Pass ``signed_dtype=torch.uint8`` for older versions that take an explicit ``is_int4=True``
-and keep uint8 buffers.
+A layer's packed weights are uint8, the on-disk dtype; ``encoding`` says what the bytes hold:
+offset-8 nibbles (``"u4b8"``) or signed ones (``"s4"``, already converted as the kernel's
+``implement_zp`` would).  ``signed=True`` hands over s4 (converted on the host if stored as u4b8),
+``signed=False`` u4b8, the default keeps what is stored.
+
+:func:`make_xpu_fused_moe` builds the kernel object the way the released vllm-xpu-kernels 0.1.16.2
+takes int4 (see :mod:`gptq2xpu.xpu_handover`): u4b8 goes in as uint8 and its constructor converts
+it into an int8 copy; s4 goes in as uint8 marked ``xpu_fused_moe`` (int4 detected, nothing
+rewritten) and the instance then holds int8 views of the same storage (no second copy on the
+device).  Do not pass a layer's tensors to ``XpuFusedMoe`` yourself: that release recognises int4
+only from a uint8 ``w13`` in its constructor and only from int8 weights in its grouped GEMM, and
+its constructor rebinds the tensors it converts.  This was tested against that release's Python
+interface on CPU with its native ops replaced; no Intel XPU ran it.
 """
 
 from __future__ import annotations
@@ -31,23 +36,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import CONFIG_BLOCK
+from .contract import (
+    CONFIG_BLOCK,
+    EXPERT_TENSORS,
+    W2_QWEIGHT,
+    W2_SCALES,
+    W13_QWEIGHT,
+    W13_SCALES,
+    ConvertedBlock,
+    ConvertedLayer,
+    parse_block,
+)
 from .errors import InputError, UsageError
-from .read.checkpoint import Checkpoint, check_member_name, open_checkpoint
+from .read.checkpoint import Checkpoint, open_checkpoint
 from .torch_io import read_tensor, torch_dtype
-
-#: The attribute vllm_xpu_kernels' XpuFusedMoe checks on w13 to skip its one-time u4b8 -> s4 rewrite.
-SKIP_CONVERSION_ATTR = "xpu_fused_moe"
+from .xpu_handover import SKIP_CONVERSION_ATTR, build_fused_moe, kernel_class
 
 
 @dataclass
 class MoELayerWeights:
-    """One MoE layer's expert weights in the XPU layout (one rank's slice when tensor-parallel)."""
+    """One MoE layer's expert weights in the XPU layout (one rank's slice when tensor-parallel).
+
+    An ``"s4"`` layer's ``w13`` carries the attribute ``xpu_fused_moe`` (its bytes must not be
+    converted again).  Build the kernel object with :func:`make_xpu_fused_moe`.
+    """
 
     prefix: str
-    w13: torch.Tensor            # uint8 [E, 2*N_rank, K/2] (int8 when signed, see signed_dtype)
-    w13_scales: torch.Tensor     # [E, 2*N_rank, K/g13]
-    w2: torch.Tensor             # uint8 [E, K, N_rank/2] (int8 when signed, see signed_dtype)
+    w13: torch.Tensor            # uint8 [E, 2*N_rank, K/2]
+    w13_scales: torch.Tensor     # [E, 2*N_rank, K/g13], in the requested activation dtype
+    w2: torch.Tensor             # uint8 [E, K, N_rank/2]
     w2_scales: torch.Tensor      # [E, K, N_rank/g2]
     encoding: str                # "u4b8" or "s4" (what the bytes hold now)
     experts: int
@@ -67,18 +84,21 @@ class ConvertedCheckpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._ckpt: Checkpoint = open_checkpoint(self.path)
-        block = self._ckpt.config.get(CONFIG_BLOCK)
-        if not isinstance(block, dict) or not isinstance(block.get("layers"), dict):
+        try:
+            doc = self._ckpt.config.get(CONFIG_BLOCK)
+            if doc is None:
+                raise InputError(f"{self.path}: config.json has no '{CONFIG_BLOCK}' block: not a gptq2xpu output")
+            self.block: ConvertedBlock = parse_block(doc, f"{self.path}/config.json:{CONFIG_BLOCK}")
+        except BaseException:
             self._ckpt.close()
-            raise InputError(f"{self.path}: config.json has no '{CONFIG_BLOCK}' block: not a gptq2xpu output")
-        self.block = block
-        self.encoding: str = block["nibble_encoding"]
+            raise
+        self.encoding: str = self.block.nibble_encoding
         self._ranks: dict[int, Checkpoint] = {}
 
     @property
     def layers(self) -> list[str]:
         """Prefixes of the converted MoE layers, in model order."""
-        return list(self.block["layers"])
+        return list(self.block.layers)
 
     @property
     def config(self) -> dict:
@@ -86,59 +106,53 @@ class ConvertedCheckpoint:
 
     @property
     def routing(self) -> dict:
-        return dict(self.block.get("routing") or {})
+        """The block's routing (``top_k`` when recorded, ``scoring``, ``renormalize``, ``routed_scaling_factor``)."""
+        return dict(self.block.routing)
 
     def tensor(self, name: str, device="cpu") -> torch.Tensor:
         """Any other tensor of the checkpoint (router, norms...) as torch."""
         return read_tensor(self._ckpt, name, device)
 
     def layer(self, prefix: str, *, device="cpu", dtype: torch.dtype = torch.bfloat16, tp_rank: int = 0,
-              tp_size: int = 1, signed: bool | None = None, signed_dtype: torch.dtype = torch.int8,
-              pin_memory: bool = False) -> MoELayerWeights:
-        """The tensors XpuFusedMoe takes for layer ``prefix``.
+              tp_size: int = 1, signed: bool | None = None, pin_memory: bool = False) -> MoELayerWeights:
+        """Layer ``prefix``'s expert weights: packed uint8 bytes and scales, on ``device``.
 
         ``dtype`` is the activation dtype: scales are handed over in it (the kernel reads them so).
-        ``signed``: None keeps the stored encoding; True hands over s4 nibbles marked so the kernel
-        skips its conversion; False hands over u4b8.  ``signed_dtype``: the dtype signed bytes are
-        handed over in (int8, what current kernels read as int4; uint8 for explicit-flag versions).
+        ``signed``: None keeps the stored encoding; True gives s4 bytes, False u4b8 bytes
+        (converted on the host, ``byte ^ 0x88``, when stored the other way).
         """
-        if signed_dtype not in (torch.int8, torch.uint8):
-            raise UsageError(f"signed_dtype {signed_dtype}: choose torch.int8 or torch.uint8")
-        info = self.block["layers"].get(prefix)
+        info = self.block.layers.get(prefix)
         if info is None:
             raise UsageError(f"{prefix}: not a converted MoE layer of {self.path}")
         if not 0 <= tp_rank < tp_size:
             raise UsageError(f"tp_rank {tp_rank} is not in 0..{tp_size - 1}")
-        e, k = int(info["experts"]), int(info["hidden_size"])
-        p = int(info["padded_intermediate_size"])
-        g13, g2 = int(info["w13_group_size"]), int(info["w2_group_size"])
+        e, k, p = info.experts, info.hidden_size, info.padded_intermediate_size
+        g13, g2 = info.w13_group_size, info.w2_group_size
         if p % tp_size or (p // tp_size) % g2:
             raise UsageError(f"{prefix}: N={p} cannot be split over {tp_size} ranks in whole groups of {g2}; "
                              f"convert with --tp-size {tp_size}")
         pt = p // tp_size
         source = self._rank_ckpt(tp_rank, tp_size)
-        names = {w: f"{prefix}.experts.{w}" for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales")}
+        names = {w: info.tensor(w) for w in EXPERT_TENSORS}
         if tp_size == 1 or source is not None:
             ck = source or self._ckpt
-            w13, s13, w2, s2 = (read_tensor(ck, names[w]) for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales"))
+            _check_headers(ck, info, names, pt)
+            w13, s13, w2, s2 = (read_tensor(ck, names[w]) for w in EXPERT_TENSORS)
         else:
-            w13 = _rows(self._ckpt, names["w13_qweight"], e, p, tp_rank, pt)
-            s13 = _rows(self._ckpt, names["w13_scales"], e, p, tp_rank, pt)
-            w2 = _cols(self._ckpt, names["w2_qweight"], e, tp_rank, tp_size)
-            s2 = _cols(self._ckpt, names["w2_scales"], e, tp_rank, tp_size)
-        encoding = self.encoding
-        want_signed = (encoding == "s4") if signed is None else signed
-        for t in (w13, w2):
-            if want_signed != (encoding == "s4"):
+            _check_headers(self._ckpt, info, names, p)
+            w13 = _rows(self._ckpt, names[W13_QWEIGHT], e, p, tp_rank, pt)
+            s13 = _rows(self._ckpt, names[W13_SCALES], e, p, tp_rank, pt)
+            w2 = _cols(self._ckpt, names[W2_QWEIGHT], e, tp_rank, tp_size)
+            s2 = _cols(self._ckpt, names[W2_SCALES], e, tp_rank, tp_size)
+        want_signed = (self.encoding == "s4") if signed is None else bool(signed)
+        if want_signed != (self.encoding == "s4"):
+            for t in (w13, w2):
                 t.bitwise_xor_(0x88)  # u4b8 <-> s4 on the host, in place
         encoding = "s4" if want_signed else "u4b8"
-        if want_signed:
-            w13, w2 = w13.view(signed_dtype), w2.view(signed_dtype)
         s13, s2 = s13.to(dtype), s2.to(dtype)
         if pin_memory and torch.device(device).type != "cpu":
             w13, s13, w2, s2 = (t.pin_memory() for t in (w13, s13, w2, s2))
-        nb = pin_memory
-        w13, s13, w2, s2 = (t.to(device, non_blocking=nb) for t in (w13, s13, w2, s2))
+        w13, s13, w2, s2 = (t.to(device, non_blocking=pin_memory) for t in (w13, s13, w2, s2))
         if want_signed:
             setattr(w13, SKIP_CONVERSION_ATTR, True)
         return MoELayerWeights(prefix, w13, s13, w2, s2, encoding, e, k, pt, g13, g2, tp_rank, tp_size)
@@ -149,11 +163,11 @@ class ConvertedCheckpoint:
             yield self.layer(prefix, **kwargs)
 
     def _rank_ckpt(self, rank: int, size: int) -> Checkpoint | None:
-        if size == 1 or int(self.block.get("tp_size", 1)) != size or not self.block.get("tp_ranks"):
+        if size == 1 or self.block.tp_size != size or not self.block.tp_ranks:
             return None
         if rank not in self._ranks:
-            rel = check_member_name(self.block["tp_ranks"][rank], "tp_ranks")
-            self._ranks[rank] = open_checkpoint(self.path / rel)
+            # parse_block accepted only the exact folder names tp-ranks/rank-RRR-of-TTT
+            self._ranks[rank] = open_checkpoint(self.path / self.block.tp_ranks[rank])
         return self._ranks[rank]
 
     def close(self) -> None:
@@ -172,6 +186,40 @@ class ConvertedCheckpoint:
 def open_converted(path: str | os.PathLike) -> ConvertedCheckpoint:
     """Open a folder written by ``gptq2xpu convert`` (lazily: headers only)."""
     return ConvertedCheckpoint(path)
+
+
+def make_xpu_fused_moe(layer: MoELayerWeights, n_experts_per_token: int, *, activation: str = "silu", **kwargs):
+    """A ``vllm_xpu_kernels`` ``XpuFusedMoe`` holding ``layer``'s experts, built as release 0.1.16.2
+    takes int4 weights.
+
+    ``"u4b8"`` layers: the constructor converts the bytes into its own int8 copy (the layer's
+    tensors stay as they are; drop the layer to free them).  ``"s4"`` layers (``signed=True``): no
+    conversion and no copy, the object holds int8 views of the layer's own storage.  ``kwargs`` go
+    to ``XpuFusedMoe`` unchanged (``ep_rank``, ``ep_size``, ``expert_map``...).  Raises
+    :class:`~gptq2xpu.errors.UsageError` (one line) when ``vllm_xpu_kernels`` cannot be imported or
+    the installed version does not take the weights as 0.1.16.2 does.  Checked against that
+    release's Python interface on CPU, never on an Intel XPU.
+    """
+    return build_fused_moe(kernel_class(), layer.w13, layer.w13_scales, layer.w2, layer.w2_scales,
+                           encoding=layer.encoding, n_experts_per_token=n_experts_per_token, activation=activation,
+                           w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, **kwargs)
+
+
+def _check_headers(ckpt: Checkpoint, info: ConvertedLayer, names: dict[str, str], p: int) -> None:
+    """The four tensors' headers hold the dtypes and shapes the config block promises (``p``: the
+    intermediate size of the file read: the full padded one, or one rank's)."""
+    e, k = info.experts, info.hidden_size
+    want = {
+        W13_QWEIGHT: ("U8", (e, 2 * p, k // 2)),
+        W13_SCALES: (info.scale_dtype, (e, 2 * p, k // info.w13_group_size)),
+        W2_QWEIGHT: ("U8", (e, k, p // 2)),
+        W2_SCALES: (info.scale_dtype, (e, k, p // info.w2_group_size)),
+    }
+    for what, (dtype, shape) in want.items():
+        ref = ckpt.ref(names[what])
+        if ref.dtype != dtype or tuple(ref.shape) != shape:
+            raise InputError(f"{names[what]}: {ref.dtype} {list(ref.shape)} in the checkpoint, but the config block "
+                             f"says {dtype} {list(shape)}")
 
 
 def _rows(ckpt: Checkpoint, name: str, e: int, p: int, rank: int, pt: int) -> torch.Tensor:

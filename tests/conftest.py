@@ -43,6 +43,15 @@ def cli(capsys):
     return run
 
 
+@pytest.fixture
+def released_kernel(monkeypatch):
+    """The released vllm-xpu-kernels 0.1.16.2 Python interface, imported on CPU with its native ops
+    faked (``tests/_released_kernel.py``); skips, saying how to install it, when it is missing."""
+    from _released_kernel import install_released
+
+    return install_released(monkeypatch)
+
+
 # ------------------------------------------------------------------------------ CI: no skips
 # In CI (the CI environment variable is set, as .ci/run and most CI services do) every test must
 # run: a test skipped for a missing dependency (vLLM, the released XPU kernel's wheel, a mount

@@ -4,65 +4,39 @@ Only usable where ``vllm_xpu_kernels`` is installed and the device is an Intel X
 else :func:`kernels_status` says why not, in one plain line, and the verifier uses the reference
 MoE alone.
 
-The interface, as read in vllm-project/vllm-xpu-kernels:
+The interface, as in the released vllm-xpu-kernels 0.1.16.2 (``vllm_xpu_kernels/fused_moe_interface.py``,
+class ``XpuFusedMoe``)::
 
-* ``vllm_xpu_kernels/fused_moe_interface.py``, class ``XpuFusedMoe``::
+    XpuFusedMoe(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
+                n_experts_per_token, activation, num_experts,
+                ep_rank=0, ep_size=1, expert_map=None, ...)
+    .apply(output, hidden_states, topk_weights, topk_ids, expert_map=None, ...)
 
-      XpuFusedMoe(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
-                  n_experts_per_token, activation, num_experts,
-                  ep_rank=0, ep_size=1, expert_map=None, ...)
-      .apply(output, hidden_states, topk_weights, topk_ids, expert_map=None, ...)
+int4 weights are ``w13 [E, 2N, K/2]`` and ``w2 [E, K, N/2]`` (byte j: column 2j low nibble, 2j+1
+high nibble, value ``(q - 8) * scale``), scales ``[E, 2N, K/g]`` / ``[E, K, N/g]`` in the
+activation dtype with ``g`` in {32, 64, 128, 256}. The forward takes the already-routed
+``topk_weights`` / ``topk_ids`` and writes into ``output``; it never sees router logits.
+``activation="silu"`` is ``silu(gate) * up`` with gate = rows ``0..N-1``.
 
-  int4 weights are uint8 ``w13 [E, 2N, K/2]`` and ``w2 [E, K, N/2]`` (byte j: column 2j low
-  nibble, 2j+1 high nibble, value ``(q - 8) * scale``), scales ``[E, 2N, K/g]`` / ``[E, K, N/g]``
-  in the activation dtype, biases optional (``[E, 2N]``, ``[E, K]``). The forward takes the
-  already-routed ``topk_weights`` / ``topk_ids`` (the upstream test passes float32 weights and
-  int64 ids from ``torch.topk``) and writes into ``output`` (same shape as ``hidden_states``);
-  it never sees router logits. ``activation="silu"`` is ``silu(gate) * up`` with gate = rows
-  ``0..N-1``.
-* At construction, unless ``w13`` carries the attribute ``xpu_fused_moe``, the constructor
-  rewrites every byte once with ``implement_zp`` (offset-8 nibbles -> two's-complement nibbles,
-  i.e. ``byte ^ 0x88``) and assigns the result to ``w13.data`` / ``w2.data``. We always hand it
-  fresh tensor objects (views), so the caller's tensors are never rebound or rewritten.
-* ``csrc/xpu/grouped_gemm/xe_2/grouped_gemm_xe2_interface.hpp``: scales must be contiguous 3-D
-  ``[E, N, K/g]`` with ``g`` in {32, 64, 128, 256}; the kernel reads them as the activation type
-  (bf16 or fp16).
-* ``tests/fused_moe/test_fused_moe.py`` (``test_fused_moe_int4``): builds ``XpuFusedMoe(...)``
-  from random uint8 bytes and ``2^-5`` scales, calls ``.apply(output=, hidden_states=,
-  topk_weights=, topk_ids=)`` and checks against a dequantize-then-matmul reference with
-  rtol = atol = 2e-2 (fp16) / 2e-1 (bf16); see ``reference.KERNEL_TOLERANCES``.
+How the weights are handed over (uint8 u4b8 for the constructor to convert; s4 as uint8 marked
+``xpu_fused_moe``, then int8 views of the same storage) is :func:`gptq2xpu.xpu_handover.build_fused_moe`,
+shared with ``gptq2xpu.load``. It was tested against that release's Python interface on CPU with
+its native ops faked; no Intel XPU ran it.
 
-Uncertain, because the file changed shape many times upstream (120 stored versions), and no XPU
-was available to check against:
-
-* How int4 is signalled. Older versions take ``is_int4=True`` explicitly and keep uint8 buffers
-  (the GEMM gets an ``is_B_int4`` flag); later ones drop the flag and infer int4 from a uint8
-  ``w13`` with scales, rewriting into an **int8** buffer because the GEMM recognises packed int4
-  by ``B dtype == int8`` (``at::kChar``); the newest accept ``is_int4`` again (default None,
-  inferred) and take uint8 or int8. :func:`run_xpu_fused_moe` passes ``is_int4=True`` only when
-  the constructor has that parameter.
-* Pre-converted ``"s4"`` bytes (the ``xpu_fused_moe`` skip). They are handed over with the
-  attribute set as uint8 where the constructor has an explicit ``is_int4`` flag and no dtype
-  inference, or as int8 where ``_get_weights_dtype`` recognises int8 as int4. Where inference
-  knows only uint8 yet the GEMM wants int8 (one intermediate version), no spelling of
-  pre-converted bytes is accepted; we then XOR them back to ``"u4b8"`` (exact: the constructor's
-  ``implement_zp`` reproduces the very same s4 bytes) and let the constructor convert.
-* Which router the caller's model uses. The kernel is routing-agnostic; when no
-  ``topk_weights``/``topk_ids`` are given we route ``router_logits`` with softmax -> top-k ->
-  optional renormalisation (Qwen-MoE / Mixtral style). Give explicit top-k for anything else.
+The tolerances against the reference come from that package's own int4 test
+(``tests/fused_moe/test_fused_moe.py``, ``test_fused_moe_int4``: rtol = atol = 2e-2 for fp16,
+2e-1 for bf16); see ``reference.KERNEL_TOLERANCES``. The kernel is routing-agnostic: when no
+``topk_weights``/``topk_ids`` are given, ``router_logits`` are routed with softmax -> top-k ->
+optional renormalisation (Qwen-MoE / Mixtral style). Give explicit top-k for anything else.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
-
 import torch
 
+from ..xpu_handover import KERNEL_CLASS, build_fused_moe, load_interface
 from .unpack import ENCODINGS
 
-KERNEL_MODULE = "vllm_xpu_kernels.fused_moe_interface"
-KERNEL_CLASS = "XpuFusedMoe"
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -70,29 +44,6 @@ ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 def _is_xpu(device: torch.device) -> bool:
     """Whether ``device`` is an Intel XPU (a function of its own so tests can fake a device)."""
     return device.type == "xpu"
-
-
-def _load_interface():
-    """Import the kernel interface: ``(module, None)`` or ``(None, one-line reason)``."""
-    try:
-        module = importlib.import_module(KERNEL_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name in ("vllm_xpu_kernels", KERNEL_MODULE):
-            return None, "vllm_xpu_kernels not installed"
-        return None, f"vllm_xpu_kernels failed to import: {_one_line(exc)}"
-    except Exception as exc:  # noqa: BLE001 - a broken third-party install is reported, not raised
-        return None, f"vllm_xpu_kernels failed to import: {_one_line(exc)}"
-    if not hasattr(module, KERNEL_CLASS):
-        return None, f"the installed vllm_xpu_kernels has no {KERNEL_CLASS} (too old)"
-    if getattr(module, "FUSEDMOE_AVAILABLE", True) is False:
-        why = getattr(module, "FUSEDMOE_UNAVAILABLE_REASON", None) or "its native ops did not load"
-        return None, f"vllm_xpu_kernels fused MoE unavailable: {_one_line(why)}"
-    return module, None
-
-
-def _one_line(obj) -> str:
-    text = " ".join(str(obj).split())
-    return f"{type(obj).__name__}: {text}" if isinstance(obj, BaseException) else text
 
 
 def kernels_status(device: torch.device | str) -> tuple[bool, str]:
@@ -104,37 +55,10 @@ def kernels_status(device: torch.device | str) -> tuple[bool, str]:
     device = torch.device(device)
     if not _is_xpu(device):
         return False, f"device is {device.type}, the kernel runs only on xpu"
-    module, reason = _load_interface()
+    module, reason = load_interface()
     if module is None:
         return False, reason
     return True, f"vllm_xpu_kernels {KERNEL_CLASS} on {device}"
-
-
-def _constructor_params(cls) -> set[str]:
-    try:
-        return set(inspect.signature(cls).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _s4_handover(module, params: set[str]) -> tuple[torch.dtype, dict] | None:
-    """How this kernel version accepts pre-converted s4 bytes: ``(dtype, extra kwargs)`` or None."""
-    infer = getattr(module, "_get_weights_dtype", None)
-    if infer is None:
-        # Explicit-flag generation: uint8 buffers, the GEMM is told is_B_int4.
-        return (torch.uint8, {"is_int4": True}) if "is_int4" in params else None
-    try:
-        flags = infer(torch.empty(0, dtype=torch.int8), torch.empty(0, 1, 1, dtype=torch.float16))
-        int8_is_int4 = bool(flags[1])
-    except Exception:  # noqa: BLE001 - an unexpected private helper: take the safe path
-        return None
-    return (torch.int8, {}) if int8_is_int4 else None
-
-
-def _alias(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A new tensor object over ``t``'s (contiguous) data, so ``.data =`` on it leaves ``t`` alone."""
-    t = t.contiguous()
-    return t.view(dtype) if dtype is not None else t.view(t.shape)
 
 
 def _check_inputs(x, w13, w13_scales, w2, w2_scales) -> tuple[int, int, int]:
@@ -192,15 +116,18 @@ def run_xpu_fused_moe(
       computed from ``router_logits`` ``[T, E]`` as softmax -> top-k (-> renormalised when
       ``renormalize``). The kernel itself only ever sees top-k weights and ids.
 
-    The caller's tensors are neither rebound nor modified. Raises RuntimeError when the kernel is
-    not available (see :func:`kernels_status`), ValueError on shapes/dtypes it would refuse.
+    The weights are handed over as :func:`gptq2xpu.xpu_handover.build_fused_moe` does (as release
+    0.1.16.2 takes them); the caller's tensors are neither rebound nor modified. Raises
+    RuntimeError when the kernel is not available (see :func:`kernels_status`), ValueError on
+    shapes/dtypes it would refuse, :class:`~gptq2xpu.errors.UsageError` when the installed version
+    does not take int4 weights as 0.1.16.2 does.
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown int4 encoding {encoding!r}; expected one of {ENCODINGS}")
     available, reason = kernels_status(x.device)
     if not available:
         raise RuntimeError(f"cannot run the XPU fused-MoE kernel: {reason}")
-    module, _ = _load_interface()
+    module, _ = load_interface()
     tokens, experts, _ = _check_inputs(x, w13, w13_scales, w2, w2_scales)
 
     if topk_weights is None and topk_ids is None:
@@ -219,34 +146,8 @@ def run_xpu_fused_moe(
             f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} must be [{tokens}, {top_k}]"
         )
 
-    cls = getattr(module, KERNEL_CLASS)
-    params = _constructor_params(cls)
-    extra: dict = {}
-    handover = _s4_handover(module, params) if encoding == "s4" else None
-    if handover is not None:
-        dtype, extra = handover
-        w13_k, w2_k = _alias(w13, dtype), _alias(w2, dtype)
-        w13_k.xpu_fused_moe = True  # bytes are already two's-complement nibbles: skip implement_zp
-    else:
-        if encoding == "s4":  # this version takes no pre-converted bytes: hand over u4b8
-            w13_k, w2_k = w13.contiguous() ^ 0x88, w2.contiguous() ^ 0x88
-        else:
-            w13_k, w2_k = _alias(w13), _alias(w2)
-        if "is_int4" in params:
-            extra["is_int4"] = True
-
-    impl = cls(
-        w13=w13_k,
-        w13_scales=_alias(w13_scales),
-        w13_bias=None,
-        w2=w2_k,
-        w2_scales=_alias(w2_scales),
-        w2_bias=None,
-        n_experts_per_token=top_k,
-        activation="silu",
-        num_experts=experts,
-        **extra,
-    )
+    impl = build_fused_moe(getattr(module, KERNEL_CLASS), w13, w13_scales, w2, w2_scales, encoding=encoding,
+                           n_experts_per_token=top_k, activation="silu")
     output = torch.empty_like(x)
     impl.apply(
         output=output,

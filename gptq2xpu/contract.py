@@ -70,10 +70,10 @@ def rank_folder(rank: int, size: int) -> str:
     return f"{RANKS_DIR}/rank-{rank:03d}-of-{size:03d}"
 
 
-def scale_dtype_name(name: str) -> str:
+def scale_dtype_name(name: object) -> object:
     """``"float16"``/``"F16"`` -> ``"F16"`` (the block records per-layer scale dtypes by the
     safetensors name and the checkpoint-wide one by the torch name); anything else -> itself."""
-    return SCALE_DTYPES.get(name, name)
+    return SCALE_DTYPES.get(name, name) if isinstance(name, str) else name
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ def parse_size(text: str | int) -> int:
     """'5GB' -> 5_000_000_000, '2GiB' -> 2*2**30, '500MB', '1048576' (bytes)."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,15})?)\s*([KMGT]i?B|B)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise UsageError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB, 2GiB or a byte count")
     unit = (m[2] or "B").upper()
@@ -42,7 +42,7 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
     """'2/4' -> (2, 4)."""
     if text is None:
         return None
-    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    m = re.fullmatch(r"(\d{1,6})/(\d{1,6})", text.strip())
     if not m or not (1 <= int(m[1]) <= int(m[2])):
         raise UsageError(f"--part {text!r}: expected i/n with 1 <= i <= n, e.g. 2/4")
     return int(m[1]), int(m[2])

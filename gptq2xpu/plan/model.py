@@ -224,7 +224,7 @@ class Plan:
             "bytes_out": self.bytes_out,
             "warnings": list(self.warnings),
             "refusals": [f"{lyr.prefix}: {lyr.reason}" for lyr in self.refused],
-            "tp": tp_report(self.converted) if self.converted else [],
+            "tp": tp_report(self.converted, requested=self.options.tp_size) if self.converted else [],
         }
 
 

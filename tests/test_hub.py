@@ -52,6 +52,9 @@ def test_convert_from_repo_id_via_offline_cache(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     block = json.loads((tmp_path / "out" / "config.json").read_text())["gptq2xpu"]
     assert block["source"]["origin"] == "acme/tiny-moe-gptq"
+    # the repo id and the commit it resolved to are recorded, never the cache path
+    assert block["source"]["repo_id"] == "acme/tiny-moe-gptq" and block["source"]["commit"] == SHA
+    assert str(cache) not in (tmp_path / "out" / "config.json").read_text()
     # the cache (the source) is untouched: no file was added or changed
     r = run(["inspect", "acme/tiny-moe-gptq", "--revision", "main", "--json"], cache)
     assert r.returncode == 0 and json.loads(r.stdout)["family"] == "qwen3_moe"

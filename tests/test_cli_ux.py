@@ -486,3 +486,13 @@ def test_convert_and_inspect_do_not_import_torch(tmp_path):
         proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
                               cwd=REPO, timeout=120)
         assert proc.returncode == 0 and "TORCH=False" in proc.stderr, (args, proc.stderr)
+
+
+def test_the_typer_in_use_is_one_the_package_declares():
+    """The help is checked against the typer range pyproject.toml declares: run on one of them."""
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+
+    spec = re.search(r'"typer([^"]*)"', (REPO / "pyproject.toml").read_text())[1]
+    assert version("typer") in SpecifierSet(spec), (version("typer"), spec)

@@ -30,7 +30,7 @@ from .help import Command, Group
 from .options import DebugOpt, JsonOpt, QuietOpt
 from .output import SESSION, Flags, envelope, print_json
 
-# typer >= 0.20 vendors click as ``typer._click``: its exceptions are not click's, so catch both.
+# typer >= 0.26 ships its own click as ``typer._click``: its exceptions are not click's, so catch both.
 try:
     from typer._click import exceptions as _tclick
 except ImportError:  # older typer: plain click

@@ -42,12 +42,14 @@ def _render(console, d: dict) -> None:
 
 
 def demo(
-    family: Annotated[Family, typer.Option(metavar=choices(Family), help="Model family of the synthetic "
-                                           "checkpoint.")] = "qwen3_moe",
-    keep: Annotated[Path | None, typer.Option(metavar="DIR", help="Keep the source and converted folders under DIR "
-                                              "instead of a temporary folder.")] = None,
-    device: Annotated[Device, typer.Option(metavar=choices(Device), help="Where the reference MoE runs (auto: xpu, "
-                                           "else cuda, else cpu).")] = "auto",
+    family: Annotated[Family, typer.Option(
+        "--family", metavar=choices(Family), help="Model family of the synthetic checkpoint.")] = "qwen3_moe",
+    keep: Annotated[Path | None, typer.Option(
+        "--keep", metavar="DIR",
+        help="Keep the source and converted folders under DIR instead of a temporary folder.")] = None,
+    device: Annotated[Device, typer.Option(
+        "--device", metavar=choices(Device),
+        help="Where the reference MoE runs (auto: xpu, else cuda, else cpu).")] = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,

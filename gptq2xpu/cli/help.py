@@ -107,3 +107,7 @@ class Group(TyperGroup):
 
     def format_help(self, ctx, formatter) -> None:
         _write_help(self, ctx, formatter, ["COMMAND [ARGS]..."])
+
+    def list_commands(self, _ctx) -> list[str]:
+        """In the order they were registered (older typer releases sort them by name)."""
+        return list(self.commands)

@@ -51,11 +51,12 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a Python traceback for errors.")]
 
 # --- where a source comes from
-RevisionOpt = Annotated[str | None, typer.Option(metavar="REV", help="Hub revision (branch, tag or commit) when "
-                                                 "SOURCE is a repo id; refused for a local folder.")]
-TokenOpt = Annotated[str | None, typer.Option(metavar="TOKEN", envvar="HF_TOKEN", show_envvar=True,
-                                              help="Hugging Face token for private or gated repos (default: the "
-                                              "cached login).")]
+RevisionOpt = Annotated[str | None, typer.Option(
+    "--revision", metavar="REV",
+    help="Hub revision (branch, tag or commit) when SOURCE is a repo id; refused for a local folder.")]
+TokenOpt = Annotated[str | None, typer.Option(
+    "--token", metavar="TOKEN", envvar="HF_TOKEN", show_envvar=True,
+    help="Hugging Face token for private or gated repos (default: the cached login).")]
 
 # --- what the converted experts look like (convert and inspect)
 ScaleDtypeOpt = Annotated[ScaleDtype, typer.Option("--scale-dtype", metavar=choices(ScaleDtype), help="Scale dtype; "

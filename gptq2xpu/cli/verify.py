@@ -73,17 +73,22 @@ def verify(
                                                "checks.")] = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
-    device: Annotated[Device, typer.Option(metavar=choices(Device), help="Where the reference MoE runs (auto: xpu, "
-                                           "else cuda, else cpu).")] = "auto",
-    dtype: Annotated[ComputeDtype, typer.Option(metavar=choices(ComputeDtype), help="Compute dtype (auto: bfloat16 "
-                                                "on a GPU, float32 on cpu).")] = "auto",
-    backend: Annotated[Backend, typer.Option(metavar=choices(Backend), help="auto also runs vllm_xpu_kernels on an "
-                                             "xpu when it imports; xpu-kernels insists on it.")] = "auto",
-    layers: Annotated[str | None, typer.Option(metavar="SPEC", help="Layers for the numerical check: all (default), "
-                                               "indices and ranges such as 0,5,10-12, or sample:N.")] = None,
-    tokens: Annotated[int, typer.Option(metavar="N", min=1, max=MAX_TOKENS, help="Seeded tokens per layer for the "
-                                        "reference MoE.")] = 64,
-    seed: Annotated[int, typer.Option(metavar="N", min=0, max=MAX_SEED, help="Seed of the token batch.")] = 0,
+    device: Annotated[Device, typer.Option(
+        "--device", metavar=choices(Device),
+        help="Where the reference MoE runs (auto: xpu, else cuda, else cpu).")] = "auto",
+    dtype: Annotated[ComputeDtype, typer.Option(
+        "--dtype", metavar=choices(ComputeDtype),
+        help="Compute dtype (auto: bfloat16 on a GPU, float32 on cpu).")] = "auto",
+    backend: Annotated[Backend, typer.Option(
+        "--backend", metavar=choices(Backend),
+        help="auto also runs vllm_xpu_kernels on an xpu when it imports; xpu-kernels insists on it.")] = "auto",
+    layers: Annotated[str | None, typer.Option(
+        "--layers", metavar="SPEC",
+        help="Layers for the numerical check: all (default), indices and ranges such as 0,5,10-12, or "
+             "sample:N.")] = None,
+    tokens: Annotated[int, typer.Option(
+        "--tokens", metavar="N", min=1, max=MAX_TOKENS, help="Seeded tokens per layer for the reference MoE.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", min=0, max=MAX_SEED, help="Seed of the token batch.")] = 0,
     numeric: Annotated[bool, typer.Option("--numeric/--no-numeric", help="Run the reference MoE (with "
                                           "--source).")] = True,
     exhaustive: Annotated[bool, typer.Option("--exhaustive", help="Decode every expert nibble by nibble, not a "

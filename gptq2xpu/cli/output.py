@@ -39,12 +39,10 @@ class Session:
 
     def __init__(self) -> None:
         self.flags = Flags()
-        self.command: str | None = None
         self.output: Output | None = None
 
     def reset(self, flags: Flags) -> None:
         self.flags = flags
-        self.command = None
         self.output = None
 
 

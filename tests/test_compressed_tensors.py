@@ -65,8 +65,9 @@ def test_fixture_is_what_compressed_tensors_writes():
     assert (w["num_bits"], w["type"], w["symmetric"], w["strategy"], w["group_size"]) == (4, "int", True, "group", 32)
     hdr = read_header(FIXTURE / "model.safetensors")
     name = "model.layers.1.mlp.experts.3.down_proj"
-    assert (hdr.tensors[f"{name}.weight_packed"].dtype, hdr.tensors[f"{name}.weight_packed"].shape) == ("I32", (K, N // 8))
-    assert (hdr.tensors[f"{name}.weight_scale"].dtype, hdr.tensors[f"{name}.weight_scale"].shape) == ("BF16", (K, N // G))
+    packed, scale = hdr.tensors[f"{name}.weight_packed"], hdr.tensors[f"{name}.weight_scale"]
+    assert (packed.dtype, packed.shape) == ("I32", (K, N // 8))
+    assert (scale.dtype, scale.shape) == ("BF16", (K, N // G))
     assert read_tensor(FIXTURE / "model.safetensors", f"{name}.weight_shape").tolist() == [K, N]
     assert not any(n.endswith(("weight_zero_point", "weight_g_idx")) for n in hdr.tensors)
     assert sum(p.stat().st_size for p in FIXTURE.iterdir()) < 300_000
@@ -145,7 +146,8 @@ def test_synth_ct_converts_and_verifies(tmp_path, spec, options):
 # ----------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("spec,field", [(dict(asymmetric=True), "weight_zero_point"), (dict(act_order=True), "weight_g_idx")])
+@pytest.mark.parametrize("spec,field", [(dict(asymmetric=True), "weight_zero_point"),
+                                        (dict(act_order=True), "weight_g_idx")])
 def test_synth_ct_refusals(tmp_path, spec, field):
     info = make_checkpoint(tmp_path / "src", **dict(SYNTH, **spec))
     code, stdout, stderr = cli("convert", info.path, tmp_path / "out")

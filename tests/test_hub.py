@@ -37,8 +37,10 @@ def make_cache(cache, repo="acme/tiny-moe-gptq", src=FIXTURE, revision_ref="main
 
 
 def run(args, cache, **env):
-    e = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache.parent / "hfhome"), **env}
-    return subprocess.run([sys.executable, "-m", "gptq2xpu", *map(str, args)], capture_output=True, text=True, env=e, timeout=120)
+    e = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache.parent / "hfhome"),
+         **env}
+    return subprocess.run([sys.executable, "-m", "gptq2xpu", *map(str, args)], capture_output=True, text=True, env=e,
+                          timeout=120)
 
 
 def test_convert_from_repo_id_via_offline_cache(tmp_path):

@@ -197,9 +197,12 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, handler)
     if kind is not None:
         sys.stderr.write(f"gptq2xpu: {kind}: {message}\n")
-    if report and SESSION.flags.json:
-        out = SESSION.output
-        print_json(envelope(exit_code=code, message=message if kind else (out.message if out else ""), error=kind,
-                            command=command, data=out.data if out else None))
-    sys.stdout.flush()
+    try:
+        if report and SESSION.flags.json:
+            out = SESSION.output
+            print_json(envelope(exit_code=code, message=message if kind else (out.message if out else ""),
+                                error=kind, command=command, data=out.data if out else None))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `gptq2xpu ... --json | head`: the reader left
+        pass
     raise SystemExit(code)

@@ -206,7 +206,7 @@ class Regex:
             avoid = chr(av)
             return lambda ch: ch != avoid
         if op is C.ANY:
-            return (lambda ch: True) if self._dotall else (lambda ch: ch != "\n")
+            return (lambda _ch: True) if self._dotall else (lambda ch: ch != "\n")
         if op is C.CATEGORY:
             return self._category(av)
         # IN: a class

@@ -207,10 +207,11 @@ def recover_stale(output: Path) -> list[str]:
             if pid is None or pid == os.getpid() or _pid_alive(pid) or not entry.is_dir(follow_symlinks=False):
                 continue
             path = Path(entry.path)
-            ours = (path / INCOMPLETE_MARKER).exists() or is_empty_folder(path) or converted_output_problem(path) is None
+            complete = converted_output_problem(path) is None
+            ours = complete or (path / INCOMPLETE_MARKER).exists() or is_empty_folder(path)
             if not ours:
                 done.append(f"left {entry.name} alone: a killed run's folder that is not provably gptq2xpu's")
-            elif tag == OLD_TAG and not os.path.lexists(output) and converted_output_problem(path) is None:
+            elif tag == OLD_TAG and complete and not os.path.lexists(output):
                 os.rename(path, output)
                 done.append(f"restored {output.name} from {entry.name}, where a killed run had parked it")
             else:

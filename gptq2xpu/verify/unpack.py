@@ -254,3 +254,191 @@ def xpu_dequant(
     else:
         out = (grouped * scales.to(torch.float32).unsqueeze(-1)).to(dtype)
     return out.flatten(-2)
+
+
+# --------------------------------------------------------------------------- one expert, fast
+#
+# The reference MoE on a CPU dequantizes one expert at a time into buffers it reuses (see
+# :mod:`gptq2xpu.verify.experts`). These two functions compute the same values as
+# :func:`gptq_dequant` and :func:`xpu_dequant` (float32 output), bit for bit, with fewer passes:
+#
+# * a byte -> value lookup table replaces the shift / mask / stack passes: every packed byte is
+#   widened to an int32 index once and ``index_select`` reads its two nibbles' values (small
+#   integers, exact in float32) from a 256-entry table;
+# * the result is written into a caller's buffer (``out``), so no fresh allocation per expert.
+#
+# The exactness argument above holds unchanged: the table entries are the exact integers
+# ``q - 8`` (XPU) or ``q - zero`` (GPTQ, when one zero point holds for the whole expert;
+# otherwise ``q`` and the zero points are subtracted as float32, exactly), and they are then
+# multiplied by the float32 scale once: the same single rounding as the plain functions, which
+# the tests check bit for bit (tests/test_verify_streamed.py).
+#
+# GPTQ words are read as their four little-endian bytes (byte b of word ``qweight[r, n]`` holds
+# inputs ``8r+2b`` (low nibble) and ``8r+2b+1`` (high)), so these paths need a little-endian
+# host; :func:`fast_unpack_supported` says whether they apply.
+
+_FAST_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def fast_unpack_supported() -> bool:
+    """Whether the lookup-table dequantizers below may be used here (little-endian host)."""
+    import sys
+
+    return sys.byteorder == "little"
+
+
+def _nibble_tables(minus: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 tables (viewed as int32 for ``index_select``): byte -> low nibble - minus, high nibble - minus."""
+    b = torch.arange(256, dtype=torch.int32)
+    lo = ((b & 0xF) - minus).to(torch.float32)
+    hi = ((b >> 4) - minus).to(torch.float32)
+    return lo.view(torch.int32), hi.view(torch.int32)
+
+
+def _pair_table(encoding: str) -> torch.Tensor:
+    """XPU byte -> its two values ``(q_low - 8, q_high - 8)`` as adjacent float32s, viewed as int64."""
+    _check_encoding(encoding)
+    b = torch.arange(256, dtype=torch.int32)
+    if encoding == "s4":
+        b = b ^ 0x88  # stored two's-complement nibbles of q - 8 -> the u4b8 codes q
+    pairs = torch.stack(((b & 0xF) - 8, (b >> 4) - 8), dim=-1).to(torch.float32).contiguous()  # [256, 2]
+    return pairs.view(torch.int64).view(256)
+
+
+_TABLES: dict = {}
+
+
+def _table(kind: str, arg, device):
+    """A cached lookup table (``"nibbles"``: :func:`_nibble_tables`, ``"pairs"``: :func:`_pair_table`) on ``device``."""
+    key = (kind, arg, str(device))
+    if key not in _TABLES:
+        table = _nibble_tables(arg) if kind == "nibbles" else _pair_table(arg)
+        _TABLES[key] = tuple(t.to(device) for t in table) if kind == "nibbles" else table.to(device)
+    return _TABLES[key]
+
+
+def kfirst_order(k: int) -> torch.Tensor:
+    """The input index of each row of :func:`gptq_dequant_kfirst`'s output (int64 ``[K]``).
+
+    Row ``(h * 4 + b) * (K/8) + r`` holds input ``8r + 2b + h``: the low nibbles (h = 0) of byte
+    b of every packed row r, then the high nibbles, so each row is one ``index_select`` over the
+    bytes in their stored order. ``x[:, kfirst_order(K)] @ w_t`` is then ``x @ W.T``.
+    """
+    if k % 8:
+        raise ValueError(f"K={k} is not a multiple of 8")
+    h, b, r = torch.meshgrid(torch.arange(2), torch.arange(4), torch.arange(k // 8), indexing="ij")
+    return (8 * r + 2 * b + h).flatten()
+
+
+def gptq_dequant_kfirst(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None = None,
+    g_idx: torch.Tensor | None = None,
+    *,
+    zero_offset: int = 1,
+    out: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One GPTQ layer dequantized in its own input-major order: float32 ``[K, N]``, rows in
+    :func:`kfirst_order` (``out[i] == gptq_dequant(...)[:, kfirst_order(K)[i]]``, bit for bit).
+
+    Same arguments as :func:`gptq_dequant` for one layer (``qweight [K/8, N]``, ``scales [G, N]``,
+    ``qzeros [G, N/8]`` or None, ``g_idx [K]`` or None). ``out`` (float32 ``[K, N]``, contiguous)
+    and ``index`` (int32 ``[K/2 * N]``) are optional buffers to reuse.
+
+    No transposition of the weights: GEMMs use ``x[:, kfirst_order(K)] @ out`` instead, which
+    permutes the (few) activation columns rather than the (many) weight values.
+    """
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"qweight must be int32 [K/8, N], got {qweight.dtype} {tuple(qweight.shape)}")
+    if not fast_unpack_supported():
+        raise RuntimeError("gptq_dequant_kfirst reads int32 words as little-endian bytes")
+    rows, n = qweight.shape
+    k = rows * 8
+    if scales.dim() != 2 or scales.shape[-1] != n:
+        raise ValueError(f"scales must be [G, {n}], got shape {tuple(scales.shape)}")
+    if scales.dtype not in _FAST_SCALE_DTYPES:
+        raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
+    groups = scales.shape[0]
+    if groups == 0 or (g_idx is None and k % groups):
+        raise ValueError(f"K={k} is not a multiple of the {groups} scale groups")
+    if g_idx is not None:
+        if g_idx.shape != (k,):
+            raise ValueError(f"g_idx must have shape ({k},), got {tuple(g_idx.shape)}")
+        g_idx = g_idx.to(torch.int64)
+        if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise ValueError(f"g_idx values must lie in [0, {groups}), got {int(g_idx.min())}..{int(g_idx.max())}")
+    if out is None:
+        out = torch.empty(k, n, dtype=torch.float32, device=qweight.device)
+    if out.shape != (k, n) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [{k}, {n}] buffer")
+    if index is None or index.numel() != k // 2 * n:
+        index = torch.empty(k // 2 * n, dtype=torch.int32, device=qweight.device)
+
+    zeros = None if qzeros is None else gptq_zeros(qzeros, zero_offset)  # int32 [G, N]
+    if zeros is not None and zeros.shape != scales.shape:
+        raise ValueError(f"qzeros unpack to {tuple(zeros.shape)} but scales are {tuple(scales.shape)}")
+    # one zero point for the whole layer (symmetric checkpoints): fold it into the table
+    uniform = 8 if zeros is None else (int(zeros.flatten()[0]) if bool((zeros == zeros.flatten()[0]).all()) else None)
+    lo, hi = _table("nibbles", 0 if uniform is None else uniform, qweight.device)
+
+    # bytes [K/8, N, 4] (byte b of each word) -> int32 indices in row order (b, r, n)
+    index.view(4, rows, n).copy_(qweight.contiguous().view(torch.uint8).view(rows, n, 4).permute(2, 0, 1))
+    flat = out.view(torch.int32).view(2, k // 2 * n)
+    torch.index_select(lo, 0, index, out=flat[0])
+    torch.index_select(hi, 0, index, out=flat[1])
+
+    natural = (k // groups) % 8 == 0 and k % groups == 0 and (
+        g_idx is None or torch.equal(g_idx, torch.arange(k, device=g_idx.device) // (k // groups)))
+    sc = scales.to(torch.float32)
+    if natural:
+        # row (h, b, r) holds input 8r+2b+h, whose group is r // (g/8): a [.., G, g/8, N] view
+        grouped = out.view(8, groups, rows // groups, n)
+        if uniform is None:
+            grouped -= zeros.to(torch.float32).unsqueeze(1)
+        grouped *= sc.unsqueeze(1)
+    else:
+        if g_idx is None:
+            g_idx = torch.arange(k, device=qweight.device) // (k // groups)
+        per_row = g_idx.index_select(0, kfirst_order(k).to(g_idx.device))  # the group of each row
+        if uniform is None:
+            out -= zeros.to(torch.float32).index_select(0, per_row)
+        out *= sc.index_select(0, per_row)
+    return out
+
+
+def xpu_dequant_rows(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    encoding: str,
+    *,
+    out: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`xpu_dequant` to float32 for one ``[R, C/2]`` layer (``scales [R, G]``), by a byte
+    table, into ``out`` (float32 ``[R, C]``, contiguous, optional); ``index`` (int32 ``[R*C/2]``)
+    is an optional buffer to reuse. Equal to ``xpu_dequant(packed, scales, encoding)`` bit for bit.
+    """
+    if packed.dtype not in (torch.uint8, torch.int8) or packed.dim() != 2:
+        raise ValueError(f"packed XPU weights must be uint8 [R, C/2], got {packed.dtype} {tuple(packed.shape)}")
+    r, half = packed.shape
+    c = 2 * half
+    if scales.dim() != 2 or scales.shape[0] != r:
+        raise ValueError(f"scales {tuple(scales.shape)} do not match packed weights {tuple(packed.shape)}")
+    if scales.dtype not in _FAST_SCALE_DTYPES:
+        raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
+    groups = scales.shape[1]
+    if groups == 0 or c % groups:
+        raise ValueError(f"C={c} is not a multiple of the {groups} scale groups")
+    table = _table("pairs", encoding, packed.device)
+    if out is None:
+        out = torch.empty(r, c, dtype=torch.float32, device=packed.device)
+    if out.shape != (r, c) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [{r}, {c}] buffer")
+    if index is None or index.numel() != r * half:
+        index = torch.empty(r * half, dtype=torch.int32, device=packed.device)
+    index.view(r, half).copy_(packed.view(torch.uint8))
+    torch.index_select(table, 0, index, out=out.view(torch.int64).view(r * half))
+    out.view(r, groups, c // groups).mul_(scales.to(torch.float32).unsqueeze(-1))
+    return out

@@ -15,6 +15,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gptq2xpu.verify.experts import ConvertedExperts, SourceExperts
+from gptq2xpu.verify.reference import (
+    TOLERANCES,
+    DenseExperts,
+    compare,
+    moe_forward,
+    moe_forward_streamed,
+    route,
+    within_tolerance,
+)
 from gptq2xpu.verify.unpack import (
     gptq_dequant,
     gptq_dequant_kfirst,
@@ -22,7 +32,7 @@ from gptq2xpu.verify.unpack import (
     xpu_dequant,
     xpu_dequant_rows,
 )
-from test_verify_math import int4_layers, naive_gptq_dequant, pack_gptq_cols, pack_gptq_rows, pack_xpu
+from test_verify_math import int4_layers, naive_gptq_dequant, naive_moe, pack_gptq_cols, pack_gptq_rows, pack_xpu
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -148,3 +158,258 @@ def test_fast_unpack_rejects_bad_arguments():
         xpu_dequant_rows(torch.zeros(1, 3, dtype=torch.uint8), torch.ones(1, 4), "u4b8")
     with pytest.raises(ValueError, match="out"):
         xpu_dequant_rows(torch.zeros(2, 2, dtype=torch.uint8), torch.ones(2, 1), "u4b8", out=torch.empty(4, 2))
+
+
+# --------------------------------------------------------------------------- the streamed forward
+
+
+def _dense_moe(seed, experts, tokens, top_k, hidden=32, inter=24, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(dtype)
+    every = torch.randn(experts, hidden, generator=gen)
+    tw, ti = route(x, torch.randn(experts, hidden, generator=gen), top_k)
+    return x, w13, w2, every, tw, ti
+
+
+@pytest.mark.parametrize("experts,tokens,top_k", [(8, 5, 2), (4, 16, 4), (16, 3, 1), (6, 1, 6)])
+def test_moe_forward_streamed_matches_moe_forward(experts, tokens, top_k):
+    x, w13, w2, every, tw, ti = _dense_moe(experts * 100 + tokens, experts, tokens, top_k)
+    out, every_out = moe_forward_streamed(x, DenseExperts(w13, w2), tw, ti, every=every)
+    assert out.dtype == every_out.dtype == torch.float32
+    assert out.shape == (tokens, 32) and every_out.shape == (experts, 32)
+    want = moe_forward(x, w13, w2, tw, ti)
+    assert compare(out, want)["rel"] < 1e-6
+    assert compare(out, naive_moe(x, w13, w2, tw, ti))["rel"] < 1e-6
+    ones, ids = torch.ones(experts, 1), torch.arange(experts).unsqueeze(1)
+    assert compare(every_out, moe_forward(every, w13, w2, ones, ids))["rel"] < 1e-6
+    assert compare(every_out, naive_moe(every, w13, w2, ones, ids))["rel"] < 1e-6
+    # the same bits whatever the number of worker threads (summed in expert order on the caller)
+    for workers in (1, 3):
+        again, again_every = moe_forward_streamed(x, DenseExperts(w13, w2), tw, ti, every=every, workers=workers)
+        assert torch.equal(again, out) and torch.equal(again_every, every_out)
+
+
+def test_moe_forward_streamed_without_every_skips_unused_experts():
+    x, w13, w2, _, tw, ti = _dense_moe(7, experts=8, tokens=2, top_k=1)
+    called = []
+
+    class Counting(DenseExperts):
+        def __call__(self, e):
+            called.append(e)
+            return super().__call__(e)
+
+    out, every_out = moe_forward_streamed(x, Counting(w13, w2), tw, ti, workers=1)
+    assert every_out is None
+    assert sorted(called) == sorted(set(ti.flatten().tolist()))
+    assert compare(out, naive_moe(x, w13, w2, tw, ti))["rel"] < 1e-6
+
+
+def test_moe_forward_streamed_computes_in_expert_dtype():
+    x, w13, w2, every, tw, ti = _dense_moe(3, experts=4, tokens=8, top_k=2, hidden=64, inter=32)
+    out16, every16 = moe_forward_streamed(x, DenseExperts(w13.half(), w2.half()), tw, ti, every=every)
+    ref = naive_moe(x, w13.half().float(), w2.half().float(), tw, ti)
+    assert out16.dtype == torch.float32
+    assert 0 < compare(out16, ref)["rel"] < TOLERANCES["float16"]["rel"]  # fp16 rounding happened, and stayed small
+    assert within_tolerance(compare(out16, moe_forward(x, w13.half(), w2.half(), tw, ti)), torch.float16)
+
+
+def test_moe_forward_streamed_rejects_bad_arguments():
+    x, w13, w2, every, tw, ti = _dense_moe(1, experts=4, tokens=3, top_k=2)
+    experts = DenseExperts(w13, w2)
+    with pytest.raises(ValueError, match="expected x"):
+        moe_forward_streamed(x[:, :5], experts, tw, ti)
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe_forward_streamed(x, experts, tw[:2], ti[:2])
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        moe_forward_streamed(x, experts, tw, ti + 4)
+    with pytest.raises(ValueError, match="every"):
+        moe_forward_streamed(x, experts, tw, ti, every=every[:3])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        DenseExperts(w13, w2[:, :, :5])
+
+
+# --------------------------------------------------------------------------- the experts objects
+
+SHAPES = {"gate": lambda h, n: (n, h), "up": lambda h, n: (n, h), "down": lambda h, n: (h, n)}  # (out, in)
+
+
+def _int4_experts(seed, experts=3, hidden=64, inter=32, group=16, scale_dtype=torch.float16):
+    """Random u4b8 codes ``[E, out, in]`` and scales ``[E, out, G]`` per role."""
+    rng = np.random.default_rng(seed)
+    codes, scales = {}, {}
+    for role, shape in SHAPES.items():
+        out, inp = shape(hidden, inter)
+        codes[role] = rng.integers(0, 16, size=(experts, out, inp), dtype=np.uint8)
+        mags = np.exp2(rng.uniform(-10, -4, size=(experts, out, inp // group)))
+        scales[role] = torch.from_numpy(mags * rng.choice([-1.0, 1.0], size=mags.shape)).to(scale_dtype)
+    return codes, scales
+
+
+def _as_xpu(codes, scales, encoding="u4b8"):
+    """The converted layout: w13 [E, 2N, K/2], s13 [E, 2N, K/g], w2 [E, K, N/2], s2 [E, K, N/g]."""
+    return (pack_xpu(np.concatenate([codes["gate"], codes["up"]], axis=1), encoding),
+            torch.cat([scales["gate"], scales["up"]], dim=1), pack_xpu(codes["down"], encoding), scales["down"])
+
+
+def _as_gptq(codes, scales, *, zero_format="v1", act_order=False, seed=0):
+    """The same experts as a GPTQ source, as load_source stacks it, and its zero offset.
+
+    ``zero_format``: "v1" (zero 8 stored as 7), "v2" (stored as 8), "none" (no qzeros), or
+    "asym" (random zero points: then the weights are the source's own, not the XPU codes'); with
+    ``act_order`` each expert gets a permuted ``g_idx`` (the weights then use it).
+    """
+    rng = np.random.default_rng(seed)
+    loaded = {}
+    for role, c in codes.items():
+        e, out, inp = c.shape
+        groups = scales[role].shape[-1]
+        natural = np.arange(inp) // (inp // groups)
+        g_idx = np.stack([rng.permutation(natural) if act_order else natural for _ in range(e)]).astype(np.int32)
+        t = {"qweight": pack_gptq_rows(np.ascontiguousarray(c.transpose(0, 2, 1))),  # [E, in/8, out]
+             "scales": scales[role].transpose(1, 2).contiguous(), "g_idx": torch.from_numpy(g_idx)}
+        if zero_format != "none":
+            zeros = rng.integers(0, 16, size=(e, groups, out), dtype=np.uint8) if zero_format == "asym" else \
+                np.full((e, groups, out), 8, np.uint8)
+            stored = (zeros.astype(np.int16) - (0 if zero_format == "v2" else 1)) & 0xF  # asym stores zero - 1 too
+            t["qzeros"] = pack_gptq_cols(stored.astype(np.uint8))
+        loaded[role] = t
+    return loaded, 0 if zero_format == "v2" else 1
+
+
+def _as_compressed(codes, scales):
+    """The same experts as a compressed-tensors pack-quantized source (int32 words of XPU rows)."""
+    return {role: {"weight_packed": torch.from_numpy(pack_xpu(c, "u4b8").numpy().view(np.int32).copy()),
+                   "weight_scale": scales[role].contiguous()} for role, c in codes.items()}
+
+
+def _weights(experts, e):
+    """Expert e's weights as ``(gate.T, up.T, down.T)``, read back through its projections: each
+    output of ``identity @ W.T`` is one weight times 1 plus zeros, so exactly the weight."""
+    ex = experts(e)
+    gate, up = ex.gate_up(torch.eye(experts.hidden, dtype=experts.dtype))
+    return gate, up, ex.down(torch.eye(experts.inter, dtype=experts.dtype))
+
+
+def _same_weights(a, b, experts_count):
+    for e in range(experts_count):
+        for wa, wb in zip(_weights(a, e), _weights(b, e)):
+            assert wa.dtype == wb.dtype
+            if not torch.equal(wa, wb):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("encoding", ["u4b8", "s4"])
+def test_converted_experts_fast_equals_plain_and_definition(dtype, encoding):
+    codes, scales = _int4_experts(1)
+    w13, s13, w2, s2 = _as_xpu(codes, scales, encoding)
+    fast = ConvertedExperts(w13, s13, w2, s2, encoding, dtype)
+    plain = ConvertedExperts(w13, s13, w2, s2, encoding, dtype, fast=False)
+    assert fast.fast and not plain.fast
+    assert (fast.num_experts, fast.hidden, fast.inter) == (3, 64, 32)
+    assert _same_weights(fast, plain, 3)
+    for e in range(3):  # and the definition: (q - 8) * scale, rounded once to dtype
+        gate, up, down = _weights(fast, e)
+        for role, got in (("gate", gate), ("up", up), ("down", down)):
+            want = (torch.from_numpy(codes[role][e]).double() - 8) * scales[role][e].double().repeat_interleave(16, -1)
+            assert torch.equal(got.T, want.to(dtype)), (role, e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("zero_format", ["v1", "v2", "none"])
+def test_source_experts_equal_converted_experts(dtype, zero_format):
+    """A symmetric GPTQ source and its XPU bytes give the same weights, bit for bit: the GPTQ side
+    in its input-major order, the XPU side output-major."""
+    codes, scales = _int4_experts(2)
+    loaded, offset = _as_gptq(codes, scales, zero_format=zero_format)
+    source = SourceExperts(loaded, dtype, zero_offset=offset)
+    assert (source.num_experts, source.hidden, source.inter) == (3, 64, 32)
+    converted = ConvertedExperts(*_as_xpu(codes, scales), "u4b8", dtype)
+    assert _same_weights(source, converted, 3)
+    assert _same_weights(SourceExperts(_as_compressed(codes, scales), dtype), converted, 3)
+    # one code changed in one expert's up projection is seen
+    codes["up"][1, 5, 7] ^= 1
+    assert not _same_weights(SourceExperts(*_as_gptq(codes, scales, zero_format=zero_format)[:1], dtype,
+                                           zero_offset=offset), converted, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("zero_format,act_order", [("asym", False), ("v1", True), ("asym", True), ("none", True)])
+def test_source_experts_fast_equals_plain(dtype, zero_format, act_order):
+    """Asymmetric zero points and per-expert act-order g_idx: the fast path gives the plain
+    whole-layer function's weights (gptq_dequant on the expert's slice), bit for bit."""
+    codes, scales = _int4_experts(3, scale_dtype=torch.bfloat16)
+    loaded, offset = _as_gptq(codes, scales, zero_format=zero_format, act_order=act_order, seed=3)
+    fast = SourceExperts(loaded, dtype, zero_offset=offset)
+    plain = SourceExperts(loaded, dtype, zero_offset=offset, fast=False)
+    assert _same_weights(fast, plain, 3)
+    for e in range(3):  # the plain path's weights are gptq_dequant's
+        want = gptq_dequant(loaded["down"]["qweight"][e], loaded["down"]["scales"][e], loaded["down"].get("qzeros", [None] * 3)[e],
+                            loaded["down"]["g_idx"][e], zero_offset=offset, dtype=dtype)
+        assert torch.equal(_weights(plain, e)[2].T, want)
+
+
+def test_source_experts_scale_cast():
+    """--scale-dtype bfloat16: the source side takes its fp16 scales through the same cast."""
+    codes, scales = _int4_experts(4)
+    loaded, offset = _as_gptq(codes, scales)
+    cast = SourceExperts(loaded, torch.float32, zero_offset=offset, scale_cast=torch.bfloat16)
+    bf16_scales = {r: s.bfloat16() for r, s in scales.items()}
+    assert _same_weights(cast, ConvertedExperts(*_as_xpu(codes, bf16_scales), "u4b8", torch.float32), 3)
+    assert not _same_weights(cast, ConvertedExperts(*_as_xpu(codes, scales), "u4b8", torch.float32), 3)
+
+
+def test_experts_reject_mismatched_shapes():
+    codes, scales = _int4_experts(5)
+    w13, s13, w2, s2 = _as_xpu(codes, scales)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        ConvertedExperts(w13, s13, w2[:, :, :4], s2, "u4b8", torch.float32)
+    loaded, _ = _as_gptq(codes, scales)
+    loaded["down"]["qweight"] = loaded["down"]["qweight"][:, :2]
+    with pytest.raises(ValueError, match="source down"):
+        SourceExperts(loaded, torch.float32)
+
+
+# --------------------------------------------------------------------------- tolerances
+
+
+def test_streamed_tolerances_cover_dtype_noise():
+    """As tests/test_verify_math.py::test_tolerances_cover_dtype_noise, for the streamed forward of
+    both sides: each dtype's output (routed and every-expert) sits within half its tolerance of the
+    float64 forward, so the two sides pass against each other; a corrupted expert fails by far."""
+    experts, hidden, inter, tokens, top_k = 16, 512, 256, 32, 4
+    codes, scales = _int4_experts(6, experts=experts, hidden=hidden, inter=inter, group=128)
+    xpu = _as_xpu(codes, scales)
+    loaded, offset = _as_gptq(codes, scales)
+    gen = torch.Generator().manual_seed(6)
+    x, every = torch.randn(tokens, hidden, generator=gen), torch.randn(experts, hidden, generator=gen)
+    tw, ti = route(x, torch.randn(experts, hidden, generator=gen) / hidden**0.5, top_k)
+    exact, exact_every = moe_forward_streamed(x, ConvertedExperts(*xpu, "u4b8", torch.float64, fast=False), tw, ti,
+                                              every=every)
+    assert compare(exact, moe_forward(x, xpu_dequant(xpu[0], xpu[1], "u4b8", torch.float64),
+                                      xpu_dequant(xpu[2], xpu[3], "u4b8", torch.float64), tw, ti))["rel"] < 1e-15
+    for dtype in DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        tol = TOLERANCES[name]
+        sides = {"source": SourceExperts(loaded, dtype, zero_offset=offset),
+                 "converted": ConvertedExperts(*xpu, "u4b8", dtype)}
+        outs = {}
+        for side, ex in sides.items():
+            outs[side] = moe_forward_streamed(x, ex, tw, ti, every=every)
+            for got, want in zip(outs[side], (exact, exact_every)):
+                stats = compare(got, want)
+                assert stats["rel"] <= tol["rel"] / 2, (name, side, stats)
+                assert 1 - stats["cosine"] <= (1 - tol["cosine"]) / 4, (name, side, stats)
+        for a, b in zip(outs["converted"], outs["source"]):
+            assert within_tolerance(compare(a, b), dtype)
+        # one expert with its nibbles swapped, an expert no token was routed to if there is one
+        unused = sorted(set(range(experts)) - set(ti.flatten().tolist()))
+        e = unused[0] if unused else int(ti[0, 0])
+        bad = xpu[0].clone()
+        bad[e] = (bad[e] >> 4) | (bad[e] << 4)
+        _, broken_every = moe_forward_streamed(x, ConvertedExperts(bad, *xpu[1:], "u4b8", dtype), tw, ti, every=every)
+        stats = compare(broken_every, outs["source"][1])
+        assert stats["rel"] > 10 * tol["rel"] and not within_tolerance(stats, dtype), (name, stats)

@@ -413,3 +413,137 @@ def test_streamed_tolerances_cover_dtype_noise():
         _, broken_every = moe_forward_streamed(x, ConvertedExperts(bad, *xpu[1:], "u4b8", dtype), tw, ti, every=every)
         stats = compare(broken_every, outs["source"][1])
         assert stats["rel"] > 10 * tol["rel"] and not within_tolerance(stats, dtype), (name, stats)
+
+
+# --------------------------------------------------------------------------- the harness: numeric_layer
+
+
+def _numeric(src_path, out_path, streamed, dtype=torch.float32, tokens=8, seed=0):
+    from gptq2xpu import CONFIG_BLOCK
+    from gptq2xpu.read import open_source
+    from gptq2xpu.read.checkpoint import open_checkpoint
+    from gptq2xpu.verify.numeric import numeric_layer_safe
+
+    with open_source(src_path) as src, open_checkpoint(out_path) as conv:
+        block = conv.config[CONFIG_BLOCK]
+        rows = {}
+        for i, prefix in enumerate(block["layers"]):
+            if streamed is None:
+                rows[prefix] = numeric_layer_safe(src, conv, prefix, block, torch.device("cpu"), dtype, tokens, seed + i,
+                                                  False)
+            else:
+                from gptq2xpu.verify.numeric import numeric_layer
+
+                rows[prefix] = numeric_layer(src, conv, prefix, block["layers"][prefix], block,
+                                             device=torch.device("cpu"), dtype=dtype, tokens=tokens, seed=seed + i,
+                                             streamed=streamed)
+        return rows
+
+
+SMALL = dict(hidden=128, moe_intermediate=64, num_experts=8, top_k=2, group_size=32, num_layers=2, vocab=32,
+             attention=False)
+CASES = {
+    "gptq-v1": (dict(SMALL), ()),
+    "gptq-v2-bf16-s4": (dict(SMALL, scale_dtype="bfloat16", checkpoint_format="gptq_v2"), ("--nibble-encoding", "s4")),
+    "scale-bf16": (dict(SMALL), ("--scale-dtype", "bfloat16")),
+    "per-channel": (dict(SMALL, group_size=-1), ()),
+    "quantized-router": (dict(SMALL, quantized_router=True), ()),
+    "compressed-tensors": (dict(SMALL, quant_format="compressed-tensors"), ()),
+    "tp-2": (dict(SMALL, moe_intermediate=192, group_size=64), ("--tp-size", "2")),
+    "tp-4-padded": (dict(SMALL, moe_intermediate=192, group_size=64), ("--tp-size", "4", "--nibble-encoding", "s4")),
+}
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    from gptq2xpu.testing.synth import make_checkpoint
+
+    from _planting import convert
+
+    root = tmp_path_factory.mktemp("streamed")
+    made = {}
+    for name, (spec, options) in CASES.items():
+        info = make_checkpoint(root / f"{name}-src", **spec)
+        convert(info.path, root / f"{name}-out", *options)
+        made[name] = (info, root / f"{name}-out")
+    return made
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_numeric_layer_streamed_agrees_with_whole_layer(case, outputs):
+    """Same checks, same verdict; the streamed path's errors sit at float32 execution noise, like
+    the whole-layer path's (which is bit-exact between the sides when both see one layout)."""
+    info, out = outputs[case]
+    streamed = _numeric(info.path, out, True)
+    whole = _numeric(info.path, out, False)
+    default = _numeric(info.path, out, None)  # on a CPU: streamed
+    assert streamed.keys() == whole.keys() and len(streamed) == 2
+    for prefix in streamed:
+        s, w, d = streamed[prefix], whole[prefix], default[prefix]
+        assert s["streamed"] and not w["streamed"] and d["streamed"]
+        assert s["ok"] and w["ok"] and d["ok"], (s, w)
+        assert (s["tokens"], s["top_k"], s["experts_hit"]) == (w["tokens"], w["top_k"], w["experts_hit"])
+        for row in (s, w):
+            assert row["rel"] <= 2e-6 and row["every_expert_rel"] <= 2e-6, row
+            assert ("tp_sum_rel" in row) == case.startswith("tp")
+            assert row.get("tp_sum_rel", 0.0) <= 2e-6, row
+        assert s["rel"] == d["rel"] and s["every_expert_rel"] == d["every_expert_rel"]  # deterministic
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_numeric_layer_streamed_in_16_bit_dtypes(dtype, outputs):
+    info, out = outputs["gptq-v1"]
+    for streamed in (True, False):
+        for row in _numeric(info.path, out, streamed, dtype=dtype).values():
+            assert row["ok"], row
+            assert row["every_expert_rel"] <= TOLERANCES[str(dtype).removeprefix("torch.")]["rel"] / 2
+
+
+# --------------------------------------------------------------------------- planted defects, both paths
+# The planters of tests/test_verify_defects.py, on their base (K 128, N 64, 8 experts, top-2,
+# group 32); one token, so most experts are reached only by the every-expert pass.
+
+
+@pytest.fixture(scope="module")
+def defect_bases(tmp_path_factory):
+    from gptq2xpu.testing.synth import make_checkpoint
+
+    from _planting import convert
+    from test_verify_defects import BASE
+
+    root = tmp_path_factory.mktemp("streamed_defects")
+    info = make_checkpoint(root / "src", **BASE)
+    convert(info.path, root / "good")
+    convert(info.path, root / "good_bf16", "--scale-dtype", "bfloat16")
+    return info, root
+
+
+NUMERIC_DEFECTS = ["nibble order swapped in one expert", "gate/up halves swapped in one expert",
+                   "one expert's scales doubled", "w2 of one expert column-shifted", "w13 of one expert row-shifted",
+                   "scales of one expert cast to bf16 by truncation"]
+
+
+@pytest.mark.parametrize("defect", NUMERIC_DEFECTS)
+def test_planted_defects_fail_streamed_as_hard_as_whole_layer(defect, defect_bases, tmp_path):
+    from _planting import copy_output
+    from test_verify_defects import DEFECTS, L0, L1
+
+    planter, bf16, _ = DEFECTS[defect]
+    info, root = defect_bases
+    out = copy_output(root / ("good_bf16" if bf16 else "good"), tmp_path / "out")
+    planter(out, info)
+    rows = {streamed: _numeric(info.path, out, streamed, tokens=1) for streamed in (True, False)}
+    tol = TOLERANCES["float32"]["rel"]
+    bad = set()
+    for prefix in (L0, L1):
+        s, w = rows[True][prefix], rows[False][prefix]
+        assert s["ok"] == w["ok"], (prefix, s, w)
+        if not s["ok"]:
+            bad.add(prefix)
+            # far above the bound, on both paths alike (the same weights, the same tokens)
+            assert s["every_expert_rel"] > 50 * tol and w["every_expert_rel"] > 50 * tol, (s, w)
+            assert s["every_expert_rel"] == pytest.approx(w["every_expert_rel"], rel=1e-3)
+            assert s["rel"] == pytest.approx(w["rel"], rel=1e-3, abs=2e-6)
+        else:
+            assert max(s["rel"], s["every_expert_rel"]) <= 2e-6
+    assert len(bad) == 1, rows

@@ -102,22 +102,14 @@ def router_weight(out: Checkpoint, src: Checkpoint, prefix: str, block: dict, de
     raise Gptq2XpuError(f"{prefix}: no router weight ({name}) to route tokens with")
 
 
-def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, block: dict, *, device, dtype,
-                  tokens: int, seed: int, kernel: bool = False, streamed: bool | None = None) -> dict:
-    """The numerical check of one layer. ``streamed``: one expert at a time (default on a CPU),
-    or the whole layer at once (default elsewhere); both compute the same checks."""
+def layer_inputs(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, block: dict, *, device, tokens: int,
+                 seed: int):
+    """The seeded tokens of one layer's check and their routing: ``(x [T, K], x_cov [E, K], topk
+    weights [T, k], topk ids [T, k])``, x_cov holding the every-expert pass's token per expert."""
     import torch
 
     from ..torch_io import read_tensor
-    from .device import synchronize
-    from .reference import (
-        compare,
-        moe_forward,
-        route,
-        within_kernel_tolerance,
-        within_tolerance,
-    )
-    from .unpack import xpu_dequant
+    from .reference import route
 
     routing = block.get("routing") or {}
     e = int(info["experts"])
@@ -132,6 +124,28 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
     tw, tid = route(x, router, top_k, scoring=routing.get("scoring", "softmax"),
                     renormalize=bool(routing.get("renormalize", True)), correction_bias=bias,
                     routed_scaling_factor=float(routing.get("routed_scaling_factor", 1.0)))
+    return x, x_cov, tw, tid
+
+
+def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, block: dict, *, device, dtype,
+                  tokens: int, seed: int, kernel: bool = False, streamed: bool | None = None) -> dict:
+    """The numerical check of one layer. ``streamed``: one expert at a time (default on a CPU),
+    or the whole layer at once (default elsewhere); both compute the same checks."""
+    import torch
+
+    from .device import synchronize
+    from .reference import (
+        compare,
+        moe_forward,
+        within_kernel_tolerance,
+        within_tolerance,
+    )
+    from .unpack import xpu_dequant
+
+    routing = block.get("routing") or {}
+    e = int(info["experts"])
+    x, x_cov, tw, tid = layer_inputs(src, out, prefix, info, block, device=device, tokens=tokens, seed=seed)
+    top_k = tid.shape[1]
     cov_w = torch.ones(e, 1, device=device)
     cov_id = torch.arange(e, device=device).unsqueeze(1)
 

@@ -19,7 +19,7 @@ Reported per run, from inside the child, around the one ``numeric_layer`` call:
              ``numeric_layer`` reports it (``compute_seconds``); ``load_s`` reading the packed
              tensors from disk (page cache warm after the warm-up)
   wall_s     the whole call; ``cpu_s`` (user + sys of every thread of the process) over it
-  peak_rss   the process's peak RSS (``ru_maxrss``), and its RSS before the call
+  peak_rss   the process's peak RSS (``VmHWM``), and its RSS before the call
   other_cpu  CPU seconds every other process on the machine used meanwhile (``/proc/stat``): a
              busy, shared machine shows here, and then wall times mean little
 
@@ -66,15 +66,23 @@ def _busy_cpu_s() -> float | None:
     return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _rss_mib() -> float | None:
+def _status_mib(field: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` (peak RSS) of this process from ``/proc/self/status``, in MiB, or None."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS. ``VmHWM`` where there is one: on Linux ``ru_maxrss`` survives
+    ``exec``, so a child would report its parent's peak when that was larger."""
+    hwm = _status_mib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------ child
@@ -94,7 +102,7 @@ def child(args) -> dict:
         block = conv.config[CONFIG_BLOCK]
         prefixes = list(block["layers"])
         prefix = prefixes[args.layer]
-        rss0 = _rss_mib()
+        rss0 = _status_mib("VmRSS")
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         busy0 = _busy_cpu_s()
         t0 = time.perf_counter()
@@ -115,7 +123,7 @@ def child(args) -> dict:
         "cpu_s": user + system,
         "user_s": user,
         "sys_s": system,
-        "peak_rss_mib": ru1.ru_maxrss / 1024,
+        "peak_rss_mib": _peak_rss_mib(),
         "rss_before_mib": rss0,
         "other_cpu_s": None if busy0 is None else max(0.0, busy1 - busy0 - user - system),
         "ok": row["ok"],
@@ -310,9 +318,6 @@ def main(argv=None) -> int:
         src, out = (args.source, args.output) if tmp is None else build(tmp, args)
         print(f"layer ready in {time.perf_counter() - t0:.1f} s: {src} -> {out}", flush=True)
         runs: dict[str, list[dict]] = {v: [] for v in args.variant_list}
-        acc = accuracy(args, src, out) if args.accuracy else None
-        if acc is not None:
-            print_accuracy(acc)
         if args.no_timing:
             args.warmups = args.reps = 0
         for _ in range(args.warmups):
@@ -327,6 +332,9 @@ def main(argv=None) -> int:
                 print(f"  rep {i + 1} {v:<8}: compute {r['compute_s']:.2f} s, wall {r['wall_s']:.2f} s, "
                       f"CPU {r['cpu_s']:.2f} s (user {r['user_s']:.2f} sys {r['sys_s']:.2f}), "
                       f"peak RSS {r['peak_rss_mib']:.0f} MiB{other}", flush=True)
+        acc = accuracy(args, src, out) if args.accuracy else None  # after the timed runs: it holds whole layers
+        if acc is not None:
+            print_accuracy(acc)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

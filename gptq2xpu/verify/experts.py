@@ -52,8 +52,22 @@ def _out_major(w: torch.Tensor):
 
 
 def _in_first(w_t: torch.Tensor, order: torch.Tensor):
-    """``x @ W.T`` for ``w_t = W.T[order]`` (input-major, inputs in ``order``)."""
-    return lambda x: x.index_select(1, order) @ w_t
+    """``x @ W.T`` for ``w_t = W.T[order]`` (input-major, inputs in ``order``).
+
+    In float32 the sum over the inputs is split into up to 32 contiguous blocks: one batched GEMM
+    of the blocks, then a sum of the partial products. With the weights input-major, a plain GEMM
+    adds all K products of an output in one chain, and for few rows (one, for an expert that
+    only the every-expert token reaches) that measured 5.5e-7 relative error at K = 2048 against
+    3.3e-7 with 2+ rows and 2.1e-7 for the output-major XPU side; split, 1.1e-7 .. 1.6e-7, at the
+    same speed. (16-bit GEMMs accumulate in float32 and round once; splitting them would add a
+    rounding per block, so they are left whole.)
+    """
+    k = w_t.shape[0]
+    parts = next(p for p in (32, 16, 8, 4, 2, 1) if k % p == 0) if w_t.dtype == torch.float32 else 1
+    if parts == 1:
+        return lambda x: x.index_select(1, order) @ w_t
+    blocks = w_t.view(parts, k // parts, w_t.shape[1])
+    return lambda x: torch.bmm(x.index_select(1, order).view(-1, parts, k // parts).transpose(0, 1), blocks).sum(0)
 
 
 class _Buffers:

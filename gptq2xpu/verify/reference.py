@@ -38,6 +38,12 @@ SCORINGS = ("softmax", "sigmoid")
 #     float16  rel 6.4e-4 .. 6.6e-4    (u = 2^-11 = 4.9e-4: ~1.3u)
 #     bfloat16 rel 5.3e-3 .. 5.5e-3    (u = 2^-8  = 3.9e-3: ~1.4u)
 # and bf16 with bf16-rounded scales vs bf16 with fp16 scales: rel 5.8e-3 .. 6.2e-3.
+# The streamed CPU forward (moe_forward_streamed, both sides: GPTQ input-major, XPU rows) sits in
+# the same place (tests/test_verify_streamed.py::test_streamed_tolerances_cover_dtype_noise; K up
+# to 2048, and a full-width Qwen3-30B-A3B layer in scripts/bench_reference.py --accuracy):
+#     float32  rel 1.7e-7 .. 6.0e-7    (the whole-layer path on the same inputs: 2.5e-7 .. 6.0e-7)
+#     float16  rel 5.7e-4 .. 8.2e-4
+#     bfloat16 rel 5.0e-3 .. 6.1e-3
 # Two valid implementations can each be that far from exact, so they may differ by up to twice
 # that: the bounds are 4u for fp16 / bf16 and 1e-5 (~170u, GEMM noise at K ~ 10^4) for fp32,
 # with ``cosine >= 1 - rel**2`` to match (cosine = 1 - rel**2 / 2 for small, random errors).

@@ -23,6 +23,9 @@ the requested dtype. ``(q - zero)`` is an integer of at most 5 bits and an fp16/
 most 11 significant bits, so the product is exact in float32; it is then rounded once. Both
 dequantizers below follow that rule, so for the same codes and scales they agree bit for bit
 (float32 scales are the one case where the float32 product itself rounds, identically on both).
+So do their one-expert forms at the end of this module (:func:`gptq_dequant_kfirst`,
+:func:`xpu_dequant_rows`: byte lookup tables, reused buffers), which the streamed CPU reference
+uses; they return float32, and rounding that once to the compute dtype gives the same bits.
 """
 
 from __future__ import annotations

@@ -34,14 +34,7 @@ import threading
 import torch
 
 from .reference import Expert
-from .unpack import (
-    fast_unpack_supported,
-    gptq_dequant,
-    gptq_dequant_kfirst,
-    kfirst_order,
-    xpu_dequant,
-    xpu_dequant_rows,
-)
+from .unpack import GptqKFirst, XpuRows, fast_unpack_supported, gptq_dequant, kfirst_order, xpu_dequant
 
 ROLES = ("gate", "up", "down")
 
@@ -99,6 +92,8 @@ class ConvertedExperts:
         self.w13, self.s13, self.w2, self.s2 = w13, s13, w2, s2
         self.encoding, self.dtype = encoding, dtype
         self.fast = fast_unpack_supported() if fast is None else fast
+        if self.fast:
+            self._rows13, self._rows2 = XpuRows(w13, s13, encoding), XpuRows(w2, s2, encoding)
         self._local = threading.local()
 
     def _buffers(self):
@@ -119,8 +114,8 @@ class ConvertedExperts:
             w2 = xpu_dequant(self.w2[e], self.s2[e], self.encoding, self.dtype)
         else:
             b13, b2, index = self._buffers()
-            xpu_dequant_rows(self.w13[e], self.s13[e], self.encoding, out=b13.f32, index=index[: self.w13[e].numel()])
-            xpu_dequant_rows(self.w2[e], self.s2[e], self.encoding, out=b2.f32, index=index[: self.w2[e].numel()])
+            self._rows13(e, out=b13.f32, index=index[: self.w13[e].numel()])
+            self._rows2(e, out=b2.f32, index=index[: self.w2[e].numel()])
             w13, w2 = b13.result(), b2.result()
         n = self.inter
         gate_up = _out_major(w13)
@@ -155,9 +150,15 @@ class SourceExperts:
                 raise ValueError(f"source {role} is {tuple(got)}, expected {want}")
         self._shapes = shapes
         self._device = loaded["gate"]["weight_packed" if self.compressed else "qweight"].device
-        if self.fast and not self.compressed:
-            self._order13 = kfirst_order(self.hidden).to(self._device)
-            self._order2 = kfirst_order(self.inter).to(self._device)
+        if self.fast:  # the per-layer work (validation, zero points, g_idx, scale casts) once
+            if self.compressed:
+                self._unpack = {r: XpuRows(t["weight_packed"].view(torch.uint8), self._scales(t["weight_scale"]), "u4b8")
+                                for r, t in loaded.items()}
+            else:
+                self._unpack = {r: GptqKFirst(t["qweight"], self._scales(t["scales"]), t.get("qzeros"), t.get("g_idx"),
+                                              zero_offset=self.offset) for r, t in loaded.items()}
+                self._order13 = kfirst_order(self.hidden).to(self._device)
+                self._order2 = kfirst_order(self.inter).to(self._device)
         self._local = threading.local()
 
     def _buffers(self):
@@ -187,14 +188,8 @@ class SourceExperts:
 
     def _fast(self, role: str, e: int) -> torch.Tensor:
         bufs, index = self._buffers()
-        t, buf = self.loaded[role], bufs[role]
-        if self.compressed:
-            xpu_dequant_rows(t["weight_packed"][e].view(torch.uint8), self._scales(t["weight_scale"][e]), "u4b8",
-                             out=buf.f32, index=index)
-        else:
-            gptq_dequant_kfirst(t["qweight"][e], self._scales(t["scales"][e]), t["qzeros"][e] if "qzeros" in t else None,
-                                t["g_idx"][e] if "g_idx" in t else None, zero_offset=self.offset, out=buf.f32,
-                                index=index)
+        buf = bufs[role]
+        self._unpack[role](e, out=buf.f32, index=index)
         return buf.result()
 
     def __call__(self, e: int) -> Expert:

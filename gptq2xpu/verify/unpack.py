@@ -348,67 +348,97 @@ def gptq_dequant_kfirst(
 
     Same arguments as :func:`gptq_dequant` for one layer (``qweight [K/8, N]``, ``scales [G, N]``,
     ``qzeros [G, N/8]`` or None, ``g_idx [K]`` or None). ``out`` (float32 ``[K, N]``, contiguous)
-    and ``index`` (int32 ``[K/2 * N]``) are optional buffers to reuse.
+    and ``index`` (int32 ``[K/2 * N]``) are optional buffers to reuse. :class:`GptqKFirst` does the
+    same expert after expert of a stacked layer, with the per-layer work done once.
 
     No transposition of the weights: GEMMs use ``x[:, kfirst_order(K)] @ out`` instead, which
     permutes the (few) activation columns rather than the (many) weight values.
     """
-    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+    if qweight.dim() != 2:
         raise ValueError(f"qweight must be int32 [K/8, N], got {qweight.dtype} {tuple(qweight.shape)}")
-    if not fast_unpack_supported():
-        raise RuntimeError("gptq_dequant_kfirst reads int32 words as little-endian bytes")
-    rows, n = qweight.shape
-    k = rows * 8
-    if scales.dim() != 2 or scales.shape[-1] != n:
-        raise ValueError(f"scales must be [G, {n}], got shape {tuple(scales.shape)}")
-    if scales.dtype not in _FAST_SCALE_DTYPES:
-        raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
-    groups = scales.shape[0]
-    if groups == 0 or (g_idx is None and k % groups):
-        raise ValueError(f"K={k} is not a multiple of the {groups} scale groups")
-    if g_idx is not None:
-        if g_idx.shape != (k,):
-            raise ValueError(f"g_idx must have shape ({k},), got {tuple(g_idx.shape)}")
-        g_idx = g_idx.to(torch.int64)
-        if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
-            raise ValueError(f"g_idx values must lie in [0, {groups}), got {int(g_idx.min())}..{int(g_idx.max())}")
-    if out is None:
-        out = torch.empty(k, n, dtype=torch.float32, device=qweight.device)
-    if out.shape != (k, n) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 [{k}, {n}] buffer")
-    if index is None or index.numel() != k // 2 * n:
-        index = torch.empty(k // 2 * n, dtype=torch.int32, device=qweight.device)
+    one = GptqKFirst(qweight.unsqueeze(0), scales.unsqueeze(0) if scales.dim() == 2 else scales,
+                     None if qzeros is None else qzeros.unsqueeze(0),
+                     None if g_idx is None else g_idx.unsqueeze(0) if g_idx.dim() == 1 else g_idx,
+                     zero_offset=zero_offset)
+    return one(0, out=out, index=index)
 
-    zeros = None if qzeros is None else gptq_zeros(qzeros, zero_offset)  # int32 [G, N]
-    if zeros is not None and zeros.shape != scales.shape:
-        raise ValueError(f"qzeros unpack to {tuple(zeros.shape)} but scales are {tuple(scales.shape)}")
-    # one zero point for the whole layer (symmetric checkpoints): fold it into the table
-    uniform = 8 if zeros is None else (int(zeros.flatten()[0]) if bool((zeros == zeros.flatten()[0]).all()) else None)
-    lo, hi = _table("nibbles", 0 if uniform is None else uniform, qweight.device)
 
-    # bytes [K/8, N, 4] (byte b of each word) -> int32 indices in row order (b, r, n)
-    index.view(4, rows, n).copy_(qweight.contiguous().view(torch.uint8).view(rows, n, 4).permute(2, 0, 1))
-    flat = out.view(torch.int32).view(2, k // 2 * n)
-    torch.index_select(lo, 0, index, out=flat[0])
-    torch.index_select(hi, 0, index, out=flat[1])
+class GptqKFirst:
+    """:func:`gptq_dequant_kfirst` for one expert at a time of a stacked GPTQ projection:
+    ``qweight [E, K/8, N]``, ``scales [E, G, N]``, ``qzeros [E, G, N/8]`` or None, ``g_idx [E, K]``
+    or None. What holds for the whole layer is worked out once, here: the zero points (and
+    whether one value holds for all of them, then folded into the byte table), whether ``g_idx``
+    is the natural ``arange(K) // g`` (then rows are scaled as groups), else each row's group."""
 
-    natural = (k // groups) % 8 == 0 and k % groups == 0 and (
-        g_idx is None or torch.equal(g_idx, torch.arange(k, device=g_idx.device) // (k // groups)))
-    sc = scales.to(torch.float32)
-    if natural:
-        # row (h, b, r) holds input 8r+2b+h, whose group is r // (g/8): a [.., G, g/8, N] view
-        grouped = out.view(8, groups, rows // groups, n)
-        if uniform is None:
-            grouped -= zeros.to(torch.float32).unsqueeze(1)
-        grouped *= sc.unsqueeze(1)
-    else:
-        if g_idx is None:
-            g_idx = torch.arange(k, device=qweight.device) // (k // groups)
-        per_row = g_idx.index_select(0, kfirst_order(k).to(g_idx.device))  # the group of each row
-        if uniform is None:
-            out -= zeros.to(torch.float32).index_select(0, per_row)
-        out *= sc.index_select(0, per_row)
-    return out
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None = None,
+                 g_idx: torch.Tensor | None = None, *, zero_offset: int = 1):
+        if qweight.dtype != torch.int32 or qweight.dim() != 3:
+            raise ValueError(f"qweight must be int32 [E, K/8, N], got {qweight.dtype} {tuple(qweight.shape)}")
+        if not fast_unpack_supported():
+            raise RuntimeError("GptqKFirst reads int32 words as little-endian bytes")
+        e, rows, n = qweight.shape
+        k = rows * 8
+        if scales.dim() != 3 or scales.shape[0] != e or scales.shape[-1] != n:
+            raise ValueError(f"scales must be [{e}, G, {n}], got shape {tuple(scales.shape)}")
+        if scales.dtype not in _FAST_SCALE_DTYPES:
+            raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
+        groups = scales.shape[1]
+        if groups == 0 or (g_idx is None and k % groups):
+            raise ValueError(f"K={k} is not a multiple of the {groups} scale groups")
+        dev = qweight.device
+        natural_idx = torch.arange(k, device=dev) // (k // groups) if k % groups == 0 else None
+        if g_idx is not None:
+            if g_idx.shape != (e, k):
+                raise ValueError(f"g_idx must have shape ({e}, {k}), got {tuple(g_idx.shape)}")
+            g_idx = g_idx.to(device=dev, dtype=torch.int64)
+            if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+                raise ValueError(f"g_idx values must lie in [0, {groups}), got {int(g_idx.min())}..{int(g_idx.max())}")
+        zeros = None if qzeros is None else gptq_zeros(qzeros, zero_offset)  # int32 [E, G, N]
+        if zeros is not None and zeros.shape != scales.shape:
+            raise ValueError(f"qzeros unpack to {tuple(zeros.shape)} but scales are {tuple(scales.shape)}")
+        # one zero point for the whole layer (symmetric checkpoints): fold it into the table
+        first = None if zeros is None else zeros.flatten()[:1]
+        self.uniform = 8 if zeros is None else (int(first) if bool((zeros == first).all()) else None)
+        self.zeros = None if self.uniform is not None else zeros.to(torch.float32)
+        self.lo, self.hi = _table("nibbles", 0 if self.uniform is None else self.uniform, dev)
+        self.natural = (k // groups) % 8 == 0 and natural_idx is not None and (
+            g_idx is None or torch.equal(g_idx, natural_idx.expand(e, k)))
+        self.per_row = None
+        if not self.natural:  # the group of each output row, per expert
+            per_k = natural_idx.expand(e, k) if g_idx is None else g_idx
+            self.per_row = per_k.index_select(1, kfirst_order(k).to(dev))
+        self.qweight, self.scales = qweight, scales.to(torch.float32)
+        self.shape, self.groups = (k, n), groups
+
+    def __call__(self, e: int, *, out: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert ``e``: float32 ``[K, N]``, rows in :func:`kfirst_order`, into ``out`` if given."""
+        (k, n), groups = self.shape, self.groups
+        rows = k // 8
+        dev = self.qweight.device
+        if out is None:
+            out = torch.empty(k, n, dtype=torch.float32, device=dev)
+        if out.shape != (k, n) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 [{k}, {n}] buffer")
+        if index is None or index.numel() != k // 2 * n:
+            index = torch.empty(k // 2 * n, dtype=torch.int32, device=dev)
+        # bytes [K/8, N, 4] (byte b of each word) -> int32 indices in row order (b, r, n)
+        index.view(4, rows, n).copy_(self.qweight[e].view(torch.uint8).view(rows, n, 4).permute(2, 0, 1))
+        flat = out.view(torch.int32).view(2, k // 2 * n)
+        torch.index_select(self.lo, 0, index, out=flat[0])
+        torch.index_select(self.hi, 0, index, out=flat[1])
+        sc = self.scales[e]  # float32 [G, N]
+        if self.natural:
+            # row (h, b, r) holds input 8r+2b+h, whose group is r // (g/8): a [.., G, g/8, N] view
+            grouped = out.view(8, groups, rows // groups, n)
+            if self.zeros is not None:
+                grouped -= self.zeros[e].unsqueeze(1)
+            grouped *= sc.unsqueeze(1)
+        else:
+            per_row = self.per_row[e]
+            if self.zeros is not None:
+                out -= self.zeros[e].index_select(0, per_row)
+            out *= sc.index_select(0, per_row)
+        return out
 
 
 def xpu_dequant_rows(
@@ -422,26 +452,43 @@ def xpu_dequant_rows(
     """:func:`xpu_dequant` to float32 for one ``[R, C/2]`` layer (``scales [R, G]``), by a byte
     table, into ``out`` (float32 ``[R, C]``, contiguous, optional); ``index`` (int32 ``[R*C/2]``)
     is an optional buffer to reuse. Equal to ``xpu_dequant(packed, scales, encoding)`` bit for bit.
+    :class:`XpuRows` does the same expert after expert of a stacked layer.
     """
-    if packed.dtype not in (torch.uint8, torch.int8) or packed.dim() != 2:
-        raise ValueError(f"packed XPU weights must be uint8 [R, C/2], got {packed.dtype} {tuple(packed.shape)}")
-    r, half = packed.shape
-    c = 2 * half
-    if scales.dim() != 2 or scales.shape[0] != r:
-        raise ValueError(f"scales {tuple(scales.shape)} do not match packed weights {tuple(packed.shape)}")
-    if scales.dtype not in _FAST_SCALE_DTYPES:
-        raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
-    groups = scales.shape[1]
-    if groups == 0 or c % groups:
-        raise ValueError(f"C={c} is not a multiple of the {groups} scale groups")
-    table = _table("pairs", encoding, packed.device)
-    if out is None:
-        out = torch.empty(r, c, dtype=torch.float32, device=packed.device)
-    if out.shape != (r, c) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 [{r}, {c}] buffer")
-    if index is None or index.numel() != r * half:
-        index = torch.empty(r * half, dtype=torch.int32, device=packed.device)
-    index.view(r, half).copy_(packed.view(torch.uint8))
-    torch.index_select(table, 0, index, out=out.view(torch.int64).view(r * half))
-    out.view(r, groups, c // groups).mul_(scales.to(torch.float32).unsqueeze(-1))
-    return out
+    if packed.dim() != 2 or scales.dim() != 2:
+        raise ValueError(f"expected packed [R, C/2] and scales [R, G], got {tuple(packed.shape)}, {tuple(scales.shape)}")
+    return XpuRows(packed.unsqueeze(0), scales.unsqueeze(0), encoding)(0, out=out, index=index)
+
+
+class XpuRows:
+    """:func:`xpu_dequant_rows` for one expert at a time of stacked XPU bytes ``[E, R, C/2]`` with
+    ``scales [E, R, G]`` (validated, scales made float32 and the table chosen once)."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, encoding: str):
+        if packed.dtype not in (torch.uint8, torch.int8) or packed.dim() != 3:
+            raise ValueError(f"packed XPU weights must be uint8 [E, R, C/2], got {packed.dtype} {tuple(packed.shape)}")
+        e, r, half = packed.shape
+        if scales.dim() != 3 or scales.shape[:2] != (e, r):
+            raise ValueError(f"scales {tuple(scales.shape)} do not match packed weights {tuple(packed.shape)}")
+        if scales.dtype not in _FAST_SCALE_DTYPES:
+            raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
+        groups = scales.shape[2]
+        if groups == 0 or 2 * half % groups:
+            raise ValueError(f"C={2 * half} is not a multiple of the {groups} scale groups")
+        self.table = _table("pairs", encoding, packed.device)
+        self.packed, self.scales = packed.view(torch.uint8), scales.to(torch.float32)
+        self.shape, self.groups = (r, 2 * half), groups
+
+    def __call__(self, e: int, *, out: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert ``e``: float32 ``[R, C]``, into ``out`` if given."""
+        (r, c), groups = self.shape, self.groups
+        dev = self.packed.device
+        if out is None:
+            out = torch.empty(r, c, dtype=torch.float32, device=dev)
+        if out.shape != (r, c) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 [{r}, {c}] buffer")
+        if index is None or index.numel() != r * c // 2:
+            index = torch.empty(r * c // 2, dtype=torch.int32, device=dev)
+        index.view(r, c // 2).copy_(self.packed[e])
+        torch.index_select(self.table, 0, index, out=out.view(torch.int64).view(r * c // 2))
+        out.view(r, groups, c // groups).mul_(self.scales[e].unsqueeze(-1))
+        return out

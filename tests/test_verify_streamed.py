@@ -26,6 +26,8 @@ from gptq2xpu.verify.reference import (
     within_tolerance,
 )
 from gptq2xpu.verify.unpack import (
+    GptqKFirst,
+    XpuRows,
     gptq_dequant,
     gptq_dequant_kfirst,
     kfirst_order,
@@ -140,6 +142,32 @@ def test_xpu_dequant_rows_equals_plain_bit_for_bit(layer, encoding, f32_scales):
     assert torch.equal(fast, xpu_dequant(packed, sc, encoding))
     for dtype in DTYPES:
         assert torch.equal(fast.to(dtype), xpu_dequant(packed, sc, encoding, dtype))
+
+
+def test_stacked_unpackers_per_expert():
+    """GptqKFirst / XpuRows decide per layer (one zero point for all? natural g_idx for all?):
+    a layer mixing a natural expert with an act-order one, and a symmetric expert with an
+    asymmetric one, still gives each expert its own plain weights."""
+    rng = np.random.default_rng(11)
+    e, k, n, g = 3, 64, 16, 16
+    codes = rng.integers(0, 16, size=(e, k, n), dtype=np.uint8)
+    scales = torch.from_numpy(np.exp2(rng.uniform(-8, 0, size=(e, k // g, n)))).half()
+    zeros = np.full((e, k // g, n), 7, np.uint8)
+    zeros[2] = rng.integers(0, 16, size=(k // g, n))
+    g_idx = np.stack([np.arange(k) // g, rng.permutation(np.arange(k) // g), np.arange(k) // g]).astype(np.int32)
+    qweight, qzeros = pack_gptq_rows(codes), pack_gptq_cols(zeros)
+    stacked = GptqKFirst(qweight, scales, qzeros, torch.from_numpy(g_idx), zero_offset=1)
+    assert stacked.uniform is None and not stacked.natural
+    order = kfirst_order(k)
+    for i in range(e):
+        want = gptq_dequant(qweight[i], scales[i], qzeros[i], torch.from_numpy(g_idx[i]), zero_offset=1)
+        assert torch.equal(stacked(i), want.T[order])
+    rows = rng.integers(0, 256, size=(e, n, k // 2), dtype=np.uint8)
+    xs = scales.transpose(1, 2).contiguous()
+    for enc in ("u4b8", "s4"):
+        unpack = XpuRows(torch.from_numpy(rows), xs, enc)
+        for i in range(e):
+            assert torch.equal(unpack(i), xpu_dequant(torch.from_numpy(rows[i]), xs[i], enc))
 
 
 def test_fast_unpack_rejects_bad_arguments():

@@ -575,3 +575,42 @@ def test_planted_defects_fail_streamed_as_hard_as_whole_layer(defect, defect_bas
         else:
             assert max(s["rel"], s["every_expert_rel"]) <= 2e-6
     assert len(bad) == 1, rows
+
+
+def test_streamed_reference_imports_nothing_of_the_converter():
+    """The streamed reference is independent of the converter: computing both sides of a layer
+    loads none of repack, formats, writer, convert, plan (a fresh interpreter, so nothing the
+    test session imported counts)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from gptq2xpu.verify.experts import ConvertedExperts, SourceExperts
+from gptq2xpu.verify.numeric import numeric_layer, rank_sum
+from gptq2xpu.verify.reference import moe_forward_streamed, route
+e, k, n = 2, 64, 32
+w13 = torch.randint(0, 256, (e, 2 * n, k // 2), dtype=torch.uint8)
+w2 = torch.randint(0, 256, (e, k, n // 2), dtype=torch.uint8)
+s13, s2 = torch.rand(e, 2 * n, k // 32).half(), torch.rand(e, k, n // 32).half()
+loaded = {r: {"qweight": torch.randint(-2**31, 2**31 - 1, (e, i // 8, o), dtype=torch.int32),
+              "scales": torch.rand(e, i // 32, o).half(),
+              "qzeros": torch.full((e, i // 32, o // 8), 0x77777777, dtype=torch.int32)}
+          for r, (i, o) in {"gate": (k, n), "up": (k, n), "down": (n, k)}.items()}
+x = torch.randn(3, k)
+tw, ti = route(x, torch.randn(e, k), 1)
+for experts in (ConvertedExperts(w13, s13, w2, s2, "u4b8", torch.float32), SourceExperts(loaded, torch.float32)):
+    out, every = moe_forward_streamed(x, experts, tw, ti, every=torch.randn(e, k))
+    assert out.isfinite().all() and every.isfinite().all()
+bad = sorted(m for m in sys.modules if m.split(".")[:2] in (["gptq2xpu", "repack"], ["gptq2xpu", "formats"],
+             ["gptq2xpu", "writer"], ["gptq2xpu", "convert"], ["gptq2xpu", "plan"]))
+print(bad)
+"""
+    import os
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout

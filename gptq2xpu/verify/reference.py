@@ -189,6 +189,11 @@ def moe_forward(
     return out
 
 
+#: Default cap on :func:`moe_forward_streamed`'s worker threads: each holds one expert's float
+#: weights (about 25 MB for a full-width Qwen3-30B-A3B expert), so 32 bound them to ~0.8 GB.
+MAX_WORKERS = 32
+
+
 class Expert:
     """One expert's two projections, as :func:`moe_forward_streamed` runs them:
     ``gate_up(x [M, K]) -> (gate, up)`` (``[M, N]`` each) and ``down(a [M, N]) -> [M, K]``, in
@@ -242,11 +247,12 @@ def moe_forward_streamed(
     each expert's GEMM has its own row count instead of the padded batch, so the float sums may
     round differently: execution noise, well inside :data:`TOLERANCES`.
 
-    ``workers`` (default: ``torch.get_num_threads()`` on a CPU, else 1): experts run on that many
-    threads, each single-threaded inside (one expert's ops are too small to share well, and a
-    thread another process preempts then stalls only its own expert, not every op of all of them).
-    Each worker holds its own expert buffers. Results are summed in expert order on the calling
-    thread, so they do not depend on ``workers``.
+    ``workers`` (default: ``torch.get_num_threads()`` on a CPU, at most :data:`MAX_WORKERS`, else
+    1): experts run on that many threads, each single-threaded inside (one expert's ops are too
+    small to share well, and a thread another process preempts then stalls only its own expert,
+    not every op of all of them). Each worker holds its own expert buffers (about 25 MB at full
+    width). Results are summed in expert order on the calling thread, so they do not depend on
+    ``workers``.
     """
     num_experts, hidden, dtype = experts.num_experts, experts.hidden, experts.dtype
     if x.dim() != 2 or x.shape[1] != hidden:
@@ -299,7 +305,7 @@ def moe_forward_streamed(
             every_out[e] = y[count].to(torch.float32)
 
     if workers is None:
-        workers = torch.get_num_threads() if device.type == "cpu" else 1
+        workers = min(torch.get_num_threads(), MAX_WORKERS) if device.type == "cpu" else 1
     workers = min(int(workers), len(jobs))
     if workers <= 1:
         for job in jobs:

@@ -8,8 +8,9 @@ tensor parallelism, the sum of the ranks' partial outputs is compared with the f
 
 On a CPU (``streamed``) each side is computed one expert at a time
 (:func:`.reference.moe_forward_streamed` over :mod:`.experts`): an expert is dequantized into
-reused buffers and runs its routed tokens and its coverage token in one GEMM pair, so the layer's
-float weights never exist as a whole (2.4 GB per side at full width). Elsewhere (GPU / XPU) the
+reused buffers and runs its routed tokens and its coverage token in one GEMM pair, experts spread
+over ``torch.get_num_threads()`` worker threads, so the layer's float weights never exist as a
+whole (2.4 GB per side at full width). Elsewhere (GPU / XPU) the
 whole layer is dequantized and run as two batched GEMMs (:func:`.reference.moe_forward`), where a
 Python loop over experts would cost more than the GEMMs.
 """

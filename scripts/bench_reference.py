@@ -193,8 +193,8 @@ def accuracy(args, src_path: Path, out_path: Path) -> dict:
         st = compare(a, b)
         return {"rel": st["rel"], "one_minus_cosine": 1 - st["cosine"]}
 
-    result = {"tolerance": TOLERANCES["float32"], "exact_sides_rel": [stats(a, b)["rel"] for a, b in zip(exact_src, exact)],
-              "variants": {}}
+    result = {"tolerance": TOLERANCES["float32"],
+              "exact_sides_rel": [stats(a, b)["rel"] for a, b in zip(exact_src, exact)], "variants": {}}
     for variant, sides in outs.items():
         row = {}
         for side, (routed, every) in sides.items():
@@ -207,8 +207,10 @@ def accuracy(args, src_path: Path, out_path: Path) -> dict:
 
 def print_accuracy(acc: dict) -> None:
     tol = acc["tolerance"]
-    print(f"float32 against a float64 forward (rel; bound rel <= {tol['rel']:g}, 1 - cosine <= {1 - tol['cosine']:.0e}); "
-          f"float64 source vs converted: rel {acc['exact_sides_rel'][0]:.2g} routed, {acc['exact_sides_rel'][1]:.2g} every")
+    exact_routed, exact_every = acc["exact_sides_rel"]
+    print(f"float32 against a float64 forward (rel; bound rel <= {tol['rel']:g}, 1 - cosine <= "
+          f"{1 - tol['cosine']:.0e}); float64 source vs converted: rel {exact_routed:.2g} routed, "
+          f"{exact_every:.2g} every")
     print(f"{'variant':<9} {'side':<14} {'routed rel':>11} {'every rel':>11} {'1-cos routed':>13} {'1-cos every':>12}")
     for variant, row in acc["variants"].items():
         for side, st in row.items():

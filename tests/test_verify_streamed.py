@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_verify_math import int4_layers, naive_gptq_dequant, naive_moe, pack_gptq_cols, pack_gptq_rows, pack_xpu
 
 from gptq2xpu.verify.experts import ConvertedExperts, SourceExperts
 from gptq2xpu.verify.reference import (
@@ -34,7 +35,6 @@ from gptq2xpu.verify.unpack import (
     xpu_dequant,
     xpu_dequant_rows,
 )
-from test_verify_math import int4_layers, naive_gptq_dequant, naive_moe, pack_gptq_cols, pack_gptq_rows, pack_xpu
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -241,6 +241,9 @@ def test_moe_forward_streamed_computes_in_expert_dtype():
     assert out16.dtype == torch.float32
     assert 0 < compare(out16, ref)["rel"] < TOLERANCES["float16"]["rel"]  # fp16 rounding happened, and stayed small
     assert within_tolerance(compare(out16, moe_forward(x, w13.half(), w2.half(), tw, ti)), torch.float16)
+    assert every16.dtype == torch.float32
+    ones, ids = torch.ones(4, 1), torch.arange(4).unsqueeze(1)
+    assert 0 < compare(every16, naive_moe(every, w13.half().float(), w2.half().float(), ones, ids))["rel"] < 2e-3
 
 
 def test_moe_forward_streamed_rejects_bad_arguments():
@@ -375,8 +378,9 @@ def test_source_experts_fast_equals_plain(dtype, zero_format, act_order):
     plain = SourceExperts(loaded, dtype, zero_offset=offset, fast=False)
     assert _same_weights(fast, plain, 3)
     for e in range(3):  # the plain path's weights are gptq_dequant's
-        want = gptq_dequant(loaded["down"]["qweight"][e], loaded["down"]["scales"][e], loaded["down"].get("qzeros", [None] * 3)[e],
-                            loaded["down"]["g_idx"][e], zero_offset=offset, dtype=dtype)
+        down = loaded["down"]
+        want = gptq_dequant(down["qweight"][e], down["scales"][e], down.get("qzeros", [None] * 3)[e], down["g_idx"][e],
+                            zero_offset=offset, dtype=dtype)
         assert torch.equal(_weights(plain, e)[2].T, want)
 
 
@@ -457,8 +461,8 @@ def _numeric(src_path, out_path, streamed, dtype=torch.float32, tokens=8, seed=0
         rows = {}
         for i, prefix in enumerate(block["layers"]):
             if streamed is None:
-                rows[prefix] = numeric_layer_safe(src, conv, prefix, block, torch.device("cpu"), dtype, tokens, seed + i,
-                                                  False)
+                rows[prefix] = numeric_layer_safe(src, conv, prefix, block, torch.device("cpu"), dtype, tokens,
+                                                  seed + i, False)
             else:
                 from gptq2xpu.verify.numeric import numeric_layer
 
@@ -484,9 +488,9 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    from gptq2xpu.testing.synth import make_checkpoint
-
     from _planting import convert
+
+    from gptq2xpu.testing.synth import make_checkpoint
 
     root = tmp_path_factory.mktemp("streamed")
     made = {}
@@ -534,10 +538,10 @@ def test_numeric_layer_streamed_in_16_bit_dtypes(dtype, outputs):
 
 @pytest.fixture(scope="module")
 def defect_bases(tmp_path_factory):
-    from gptq2xpu.testing.synth import make_checkpoint
-
     from _planting import convert
     from test_verify_defects import BASE
+
+    from gptq2xpu.testing.synth import make_checkpoint
 
     root = tmp_path_factory.mktemp("streamed_defects")
     info = make_checkpoint(root / "src", **BASE)

@@ -152,8 +152,8 @@ class SourceExperts:
         self._device = loaded["gate"]["weight_packed" if self.compressed else "qweight"].device
         if self.fast:  # the per-layer work (validation, zero points, g_idx, scale casts) once
             if self.compressed:
-                self._unpack = {r: XpuRows(t["weight_packed"].view(torch.uint8), self._scales(t["weight_scale"]), "u4b8")
-                                for r, t in loaded.items()}
+                self._unpack = {r: XpuRows(t["weight_packed"].view(torch.uint8), self._scales(t["weight_scale"]),
+                                           "u4b8") for r, t in loaded.items()}
             else:
                 self._unpack = {r: GptqKFirst(t["qweight"], self._scales(t["scales"]), t.get("qzeros"), t.get("g_idx"),
                                               zero_offset=self.offset) for r, t in loaded.items()}

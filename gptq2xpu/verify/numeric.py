@@ -35,7 +35,8 @@ def load_source(src: Checkpoint, prefix: str, info: dict, device) -> dict:
     loaded = {}
     for role in ROLES:
         base = [f"{prefix}.experts.{i}.{proj[role]}." for i in range(e)]
-        loaded[role] = {f: read_stacked(src, [b + f for b in base], device) for f in fields if base[0] + f in src.tensors}
+        loaded[role] = {f: read_stacked(src, [b + f for b in base], device)
+                        for f in fields if base[0] + f in src.tensors}
     return loaded
 
 
@@ -48,7 +49,8 @@ def _source_offset_and_cast(info: dict, block: dict):
     # --scale-dtype asked the converter to store the scales in another dtype: that cast (round to
     # nearest even, proven bit for bit by check_scales) is part of the conversion, so the source
     # side takes its scales through the same cast, and the tolerances stay those of execution noise.
-    cast = {"F16": torch.float16, "BF16": torch.bfloat16}.get(_SCALE_NAMES.get(info.get("scale_dtype"), info.get("scale_dtype")))
+    name = _SCALE_NAMES.get(info.get("scale_dtype"), info.get("scale_dtype"))
+    cast = {"F16": torch.float16, "BF16": torch.bfloat16}.get(name)
     return offset, cast
 
 
@@ -249,7 +251,8 @@ def rank_sum(out: Checkpoint, prefix: str, info: dict, block: dict, tp: int, x, 
     w13, s13, w2, s2 = converted_weights(out, prefix, block, dtype, device, raw=True)
     total = None
     for r in range(tp):
-        rows = torch.cat([torch.arange(r * pt, (r + 1) * pt), torch.arange(p + r * pt, p + (r + 1) * pt)]).to(w13.device)
+        rows = torch.cat([torch.arange(r * pt, (r + 1) * pt), torch.arange(p + r * pt, p + (r + 1) * pt)])
+        rows = rows.to(w13.device)
         p13, q13 = w13.index_select(1, rows), s13.index_select(1, rows)
         p2 = w2[:, :, r * pt // 2 : (r + 1) * pt // 2].contiguous()
         q2 = s2[:, :, r * pt // g2 : (r + 1) * pt // g2].contiguous()

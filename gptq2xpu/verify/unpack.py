@@ -455,7 +455,8 @@ def xpu_dequant_rows(
     :class:`XpuRows` does the same expert after expert of a stacked layer.
     """
     if packed.dim() != 2 or scales.dim() != 2:
-        raise ValueError(f"expected packed [R, C/2] and scales [R, G], got {tuple(packed.shape)}, {tuple(scales.shape)}")
+        raise ValueError(f"expected packed [R, C/2] and scales [R, G], got {tuple(packed.shape)}, "
+                         f"{tuple(scales.shape)}")
     return XpuRows(packed.unsqueeze(0), scales.unsqueeze(0), encoding)(0, out=out, index=index)
 
 

@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import CONFIG_BLOCK, FORMAT_VERSION, MANIFEST_NAME, __version__
+from . import CONFIG_BLOCK, FORMAT_VERSION, MANIFEST_NAME, __version__, serving
 from .errors import InputError, UsageError, io_error
 from .formats import FORMATS
 from .naming import natural_key
@@ -312,7 +312,7 @@ def side_files(root: Path, trusted_root: Path | None = None) -> list[str]:
 
 
 def config_bytes(plan: Plan, ckpt: Checkpoint) -> bytes:
-    cfg = dict(ckpt.config)
+    cfg = serving.serving_config(ckpt.config, plan)  # quantization_config: the gptq2xpu method
     cfg[CONFIG_BLOCK] = plan.config_block()
     return (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -509,10 +509,15 @@ def _write_parts(plan, ckpt, folder: Path, indices, jobs, progress) -> dict:
     return files
 
 
+def _write_side_files(plan, ckpt, folder: Path) -> dict:
+    """Side files: copied, or rewritten for serving (quantization configs, the model card)."""
+    docs = serving.side_documents(plan, ckpt.root, side_files(ckpt.root, ckpt.trusted_root))
+    return {name: _copy_file(ckpt.root / name, folder, name) if data is None else _write_doc(folder, name, data)
+            for name, data in docs.items()}
+
+
 def _write_documents(plan, ckpt, folder: Path, shard_files: dict) -> dict:
-    files = {}
-    for name in side_files(ckpt.root, ckpt.trusted_root):
-        files[name] = _copy_file(ckpt.root / name, folder, name)
+    files = _write_side_files(plan, ckpt, folder)
     files[INDEX_NAME] = _write_doc(folder, INDEX_NAME, index_bytes(plan))
     files["config.json"] = _write_doc(folder, "config.json", config_bytes(plan, ckpt))
     if plan.options.emit_ranks:
@@ -653,8 +658,7 @@ def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int
             raise UsageError(f"{output}: holds parts of a different conversion (source, options or part count differ)")
     _write_doc(pdir, "plan.json", json.dumps(docs, indent=1).encode())
     files = _write_parts(plan, ckpt, output, part_shards(plan, part, parts), jobs, progress)
-    for name in side_files(ckpt.root, ckpt.trusted_root):
-        files[name] = _copy_file(ckpt.root / name, output, name)
+    files.update(_write_side_files(plan, ckpt, output))
     ckpt.check_unchanged()
     if before_publish is not None:
         before_publish()

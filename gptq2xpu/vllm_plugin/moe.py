@@ -224,8 +224,9 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
 def dequantize_u4b8(packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     """uint8 rows ``[R, C/2]`` (input 2j low nibble, 2j+1 high) and scales ``[R, C/group]`` ->
     float32 ``[R, C]`` = ``(q - 8) * scale``, exact in float32 (callers round once to their dtype)."""
-    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1).to(torch.float32) - 8
-    return codes * scales.to(torch.float32).repeat_interleave(group, dim=-1)
+    rows = packed.shape[0]
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).view(rows, -1, group).to(torch.float32).sub_(8)
+    return codes.mul_(scales.to(torch.float32).unsqueeze(-1)).view(rows, -1)
 
 
 def _repeat_groups(scales: torch.Tensor, factor: int) -> torch.Tensor:

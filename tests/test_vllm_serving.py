@@ -26,6 +26,9 @@ positions move by 0.004-0.008, and the few where a token's top-2 experts nearly 
 0.23, scales doubled: 0.77) but not a subtle one (two inputs swapped: 0.012): the exact comparison
 with vLLM on the source does.
 
+Also: the fixture converted with ``--nibble-encoding s4``, and an output written before convert
+declared the method (config.json still says gptq), against the same anchors.
+
 Tensor parallelism: a ``--tp-size 2`` conversion that regroups w2's scales, at
 ``tensor_parallel_size=2`` against the reference at the same size (vLLM's own GPTQ path refuses
 that source at that size).  Without the plugin vLLM stops with the unknown method; with a vLLM
@@ -92,6 +95,7 @@ def _build(root: Path, name: str, spec, float_layers) -> dict[str, Path]:
     out = root / name / "converted"
     convert(src, out)
     return {
+        "gptq": src,
         "source": vllm_loadable_source(src, root / name / "source-vllm", float_layers),
         "reference": float_experts_reference(src, root / name / "reference"),
         "converted": out,
@@ -119,6 +123,11 @@ def served(tmp_path_factory):
                  {"name": f"defect-{kind}/converted", "model": str(bad), "unset": list(DEQUANT)}]
     jobs.append({"name": "unsupported-vllm", "model": str(paths["mixtral"]["converted"]),
                  "fake_vllm_version": "0.33.0"})
+    # the same fixture converted with signed nibbles: the plugin hands vLLM the offset-8 codes
+    s4 = root / "autoround-s4"
+    convert(paths["autoround-qwen3"]["gptq"], s4, "--nibble-encoding", "s4")
+    jobs += [{"name": "autoround-s4/converted-dequant", "model": str(s4), "env": DEQUANT},
+             {"name": "autoround-s4/converted", "model": str(s4), "unset": list(DEQUANT)}]
     # an output converted before convert declared the method: config.json still says gptq
     legacy = copy_model(paths["mixtral"]["converted"], root / "legacy-output")
     cfg = json.loads((legacy / "config.json").read_text())
@@ -223,6 +232,16 @@ def test_planted_defects_fail_the_comparison(served, kind):
             assert median_position_diff(bad_default["logprobs"], ref["logprobs"]) > INT4_CPU_MEDIAN_BOUND
 
 
+def test_signed_nibble_outputs_are_served(served):
+    """``--nibble-encoding s4``: same model as the default encoding, on both paths."""
+    name = "autoround-qwen3"
+    deq = ok(served.results, "autoround-s4/converted-dequant")
+    assert logprob_diff(deq["logprobs"], ok(served.results, f"{name}/reference")["logprobs"]) <= TOLERANCE
+    conv = ok(served.results, "autoround-s4/converted")
+    if int4_backend(conv) is not None:
+        assert logprob_diff(conv["logprobs"], ok(served.results, f"{name}/source")["logprobs"]) <= TOLERANCE
+
+
 def test_outputs_converted_before_the_method_was_declared_are_served(served):
     """Their config.json says ``quant_method: gptq`` beside the gptq2xpu block; the plugin claims them."""
     legacy = ok(served.results, "legacy-output/converted-dequant")
@@ -249,7 +268,7 @@ TP_SPEC = dict(family="qwen3_moe", hidden=256, moe_intermediate=384, num_experts
 
 
 @pytest.fixture(scope="session")
-def served_tp2(tmp_path_factory, served):  # after `served`: one vLLM process at a time
+def served_tp2(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-tp2")
     src = make_checkpoint(root / "source", **TP_SPEC).path
     out = root / "converted"
@@ -296,8 +315,10 @@ def test_tp2_source_is_refused_by_vllms_own_gptq_path(served_tp2):
 # ------------------------------------------------------------------------------ without the plugin
 
 
-def test_without_the_plugin_vllm_names_the_unknown_method(served, tmp_path):
-    results, _ = run_vllm([{"name": "no-plugin", "model": str(served.paths["mixtral"]["converted"])}],
-                          prompts(128), tmp_path / "run", env={"VLLM_PLUGINS": "", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+def test_without_the_plugin_vllm_names_the_unknown_method(tmp_path):
+    src = make_checkpoint(tmp_path / "source", **CHECKPOINTS["mixtral"][0]).path
+    convert(src, tmp_path / "converted")
+    results, _ = run_vllm([{"name": "no-plugin", "model": str(tmp_path / "converted")}], prompts(128),
+                          tmp_path / "run", env={"VLLM_PLUGINS": "", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     err = results["no-plugin"].get("error", "")
     assert "Unknown quantization method: gptq2xpu" in err, err

@@ -26,7 +26,6 @@ import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import FusedMoEConfig, FusedMoEMethodBase, UnquantizedFusedMoEMethod
 from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import (
-    WNA16MoEBackend,
     convert_to_wna16_moe_kernel_format,
     select_wna16_moe_backend,
 )

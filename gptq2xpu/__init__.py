@@ -1,26 +1,25 @@
 """gptq2xpu: convert GPTQ int4 Mixture-of-Experts checkpoints to the Intel XPU fused-MoE layout.
 
-Data flows one way, and the package layout shows it::
+Data flows one way, and the package layout shows it (read -> plan -> repack -> write -> verify ->
+serve)::
 
-    source/    resolve a folder or Hugging Face repo id; validate safetensors headers, index, configs
-    naming     which tensor is what (experts, routers, shared experts, float experts)
-    formats/   one module per on-disk quantization format (GPTQ, compressed-tensors)
-    plan       the whole conversion decided from headers alone (what ``inspect`` prints)
-    repack     the one place that builds XPU bytes and scales
-    writer     streams planned tensors into shards atomically; index, config block, manifest
-    verify/    standalone checks, independent unpack path, reference MoE, device dispatch
-    load       a lazy loader for runtimes
-    xpu_handover  how ``load`` and ``verify`` hand int4 experts to ``XpuFusedMoe``
-    cli/       thin typer commands over the above
+    contract       the converted checkpoint's names and config-block schema, shared by both sides
+    read/          resolve a folder or hub repo id; untrusted paths, headers, index, configs
+    naming         which tensor is what (experts, routers, shared experts, float experts)
+    formats/       one module per on-disk quantization format (GPTQ, compressed-tensors)
+    plan/          the whole conversion decided from headers alone (what ``inspect`` prints)
+    audit          what only the data can tell (zero points, row order, finite scales)
+    repack         the one place that builds XPU bytes and scales
+    write/         shards streamed at planned offsets, documents, atomic publishing, split runs
+    verify/        standalone checks, bit-exact and numerical checks against the source (own unpack)
+    serving        what a converted checkpoint declares for serving (quantization_config, model card)
+    vllm_plugin/   the vLLM quantization method that serves converted checkpoints
+    load           a lazy loader for runtimes; xpu_handover: how int4 experts reach XpuFusedMoe
+    cli/           thin typer commands over the above
+    testing/       synthetic checkpoints with ground truth (tests, the demo, benchmarks)
 
-Only ``verify`` and ``load`` import torch; ``convert`` and ``inspect`` run on numpy alone.
+Only ``verify``, ``load`` and the vLLM plugin import torch; ``convert`` and ``inspect`` run on
+numpy alone.
 """
 
 __version__ = "0.1.0"
-
-#: Name of the block gptq2xpu adds to the output ``config.json``.
-CONFIG_BLOCK = "gptq2xpu"
-#: Name of the manifest file listing every written file with its size and sha256.
-MANIFEST_NAME = "gptq2xpu-manifest.json"
-#: Version of the converted on-disk format described by the config block.
-FORMAT_VERSION = 1

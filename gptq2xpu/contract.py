@@ -122,6 +122,8 @@ class ConvertedBlock:
     checkpoint_format: str = "gptq"      # of the source: gptq (v1) | gptq_v2 | pack-quantized
     fingerprint: str | None = None       # of the source
     raw: dict = field(default_factory=dict, repr=False)
+    passthrough: dict[str, str] = field(default_factory=dict)   # MoE prefix -> kind, experts passed through
+    unconverted: tuple[str, ...] = ()    # MoE prefixes kept unchanged (--keep-unsupported)
 
     @property
     def top_k(self) -> int:
@@ -167,6 +169,9 @@ def parse_block(doc: object, where: str = f"config.json:{CONFIG_BLOCK}") -> Conv
         checkpoint_format=fmt,
         fingerprint=fp if isinstance(fp, str) and fp else None,
         raw=doc,
+        passthrough={p: _kind(v, f"{where}.passthrough_layers[{p!r}]")
+                     for p, v in _layer_map(doc.get("passthrough_layers"), f"{where}.passthrough_layers").items()},
+        unconverted=tuple(_layer_map(doc.get("unconverted_layers"), f"{where}.unconverted_layers")),
     )
 
 
@@ -227,6 +232,25 @@ def _parse_routing(doc: object, where: str) -> dict:
         raise InputError(f"{where}.routed_scaling_factor: expected a finite number, found {factor!r}")
     out["routed_scaling_factor"] = float(factor)
     return out
+
+
+def _layer_map(value: object, where: str) -> dict:
+    """``{prefix: {...}}`` of passed-through / unconverted layers (absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: expected an object of MoE layer prefixes")
+    for prefix in value:
+        if not isinstance(prefix, str) or not _PREFIX.match(prefix) or ".." in prefix:
+            raise InputError(f"{where}: {_short(prefix)} is not a module name")
+    return value
+
+
+def _kind(info: object, where: str) -> str:
+    kind = info.get("kind") if isinstance(info, dict) else None
+    if not isinstance(kind, str) or not kind:
+        raise InputError(f"{where}.kind: expected a string, found {_short(kind)}")
+    return kind
 
 
 def _names(value: object, where: str) -> tuple[str, ...]:

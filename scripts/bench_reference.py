@@ -92,7 +92,7 @@ def child(args) -> dict:
     """One measured ``numeric_layer`` call, in this process."""
     import torch
 
-    from gptq2xpu import CONFIG_BLOCK
+    from gptq2xpu.contract import CONFIG_BLOCK
     from gptq2xpu.read import open_source
     from gptq2xpu.read.checkpoint import open_checkpoint
     from gptq2xpu.verify.numeric import numeric_layer
@@ -140,7 +140,7 @@ def accuracy(args, src_path: Path, out_path: Path) -> dict:
     """rel (and 1 - cosine) of each variant's two sides against a float64 forward, in float32."""
     import torch
 
-    from gptq2xpu import CONFIG_BLOCK
+    from gptq2xpu.contract import CONFIG_BLOCK
     from gptq2xpu.read import open_source
     from gptq2xpu.read.checkpoint import open_checkpoint
     from gptq2xpu.verify.experts import ConvertedExperts, SourceExperts

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptq2xpu import MANIFEST_NAME
+from gptq2xpu.contract import MANIFEST_NAME
 from gptq2xpu.safetensors_io import NUMPY_DTYPES, encode_header, read_header
 
 INDEX = "model.safetensors.index.json"

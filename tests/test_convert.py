@@ -14,7 +14,7 @@ import pytest
 from conftest import FIXTURE
 from xpu_decode import as_float32, decode_layer, dequant, gptq_unpack, raw_tensors
 
-from gptq2xpu import CONFIG_BLOCK, MANIFEST_NAME
+from gptq2xpu.contract import CONFIG_BLOCK, MANIFEST_NAME
 from gptq2xpu.convert import convert
 from gptq2xpu.plan import ConvertOptions
 
@@ -231,13 +231,19 @@ def test_sharded_output_index_and_side_files(synth, tmp_path):
     tensors = raw_tensors(out)
     assert set(index["weight_map"]) == set(tensors)
     assert index["metadata"]["total_size"] == sum(len(v[2]) for v in tensors.values())
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md", "LICENSE"):
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "LICENSE"):
         assert (out / f).read_bytes() == (info.path / f).read_bytes()
+    # the model card: the source's, unchanged, then the gptq2xpu section (tests/test_serving.py)
+    assert (out / "README.md").read_bytes().startswith((info.path / "README.md").read_bytes())
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {MANIFEST_NAME}
-    # the source config survives, the block is added
+    # the source config survives, the block is added, the quantization description is the
+    # gptq2xpu method's (tests/test_serving.py checks every place a source keeps it)
     cfg = json.loads((out / "config.json").read_text())
     src_cfg = json.loads((info.path / "config.json").read_text())
+    src_qc = src_cfg.pop("quantization_config")
+    out_qc = cfg.pop("quantization_config")
+    assert out_qc["quant_method"] == "gptq2xpu" and out_qc["source_quantization_config"] == src_qc
     assert {k: v for k, v in cfg.items() if k != CONFIG_BLOCK} == src_cfg
     # readable by the reference safetensors library
     from safetensors import safe_open

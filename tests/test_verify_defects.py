@@ -31,7 +31,7 @@ from _planting import (
     verify_json,
 )
 
-from gptq2xpu import CONFIG_BLOCK
+from gptq2xpu.contract import CONFIG_BLOCK
 from gptq2xpu.errors import EXIT_VERIFY
 from gptq2xpu.read import open_source
 from gptq2xpu.read.checkpoint import open_checkpoint

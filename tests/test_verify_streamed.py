@@ -451,7 +451,7 @@ def test_streamed_tolerances_cover_dtype_noise():
 
 
 def _numeric(src_path, out_path, streamed, dtype=torch.float32, tokens=8, seed=0):
-    from gptq2xpu import CONFIG_BLOCK
+    from gptq2xpu.contract import CONFIG_BLOCK
     from gptq2xpu.read import open_source
     from gptq2xpu.read.checkpoint import open_checkpoint
     from gptq2xpu.verify.numeric import numeric_layer_safe
@@ -583,7 +583,7 @@ def test_planted_defects_fail_streamed_as_hard_as_whole_layer(defect, defect_bas
 
 def test_streamed_reference_imports_nothing_of_the_converter():
     """The streamed reference is independent of the converter: computing both sides of a layer
-    loads none of repack, formats, writer, convert, plan (a fresh interpreter, so nothing the
+    loads none of repack, formats, write, convert, plan (a fresh interpreter, so nothing the
     test session imported counts)."""
     import subprocess
     import sys
@@ -607,7 +607,7 @@ for experts in (ConvertedExperts(w13, s13, w2, s2, "u4b8", torch.float32), Sourc
     out, every = moe_forward_streamed(x, experts, tw, ti, every=torch.randn(e, k))
     assert out.isfinite().all() and every.isfinite().all()
 bad = sorted(m for m in sys.modules if m.split(".")[:2] in (["gptq2xpu", "repack"], ["gptq2xpu", "formats"],
-             ["gptq2xpu", "writer"], ["gptq2xpu", "convert"], ["gptq2xpu", "plan"]))
+             ["gptq2xpu", "write"], ["gptq2xpu", "convert"], ["gptq2xpu", "plan"]))
 print(bad)
 """
     import os

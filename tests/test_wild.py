@@ -10,7 +10,7 @@ import pytest
 from test_convert import check_layer_matches_truth
 from xpu_decode import raw_tensors
 
-from gptq2xpu import CONFIG_BLOCK, MANIFEST_NAME
+from gptq2xpu.contract import CONFIG_BLOCK, MANIFEST_NAME
 from gptq2xpu.testing.synth import write_pickle_trap
 
 SMALL = dict(hidden=128, moe_intermediate=64, num_experts=4, group_size=32)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
-from .. import FORMAT_VERSION, __version__
+from .. import __version__
+from ..contract import FORMAT_VERSION
 from .options import DebugOpt, JsonOpt, QuietOpt
 from .output import session_output
 

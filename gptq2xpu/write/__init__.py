@@ -17,7 +17,7 @@ from pathlib import Path
 from ..contract import INDEX_NAME, MANIFEST_NAME
 from ..plan import Plan
 from ..read import Checkpoint
-from .documents import config_bytes, copy_file, index_bytes, manifest_base, manifest_bytes, side_files, write_doc
+from .documents import config_bytes, index_bytes, manifest_base, manifest_bytes, side_files, write_doc, write_side_files
 from .output import check_output, discard, make_stage, publish, recover_stale
 from .ranks import write_ranks
 from .shards import write_shards
@@ -55,8 +55,7 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, output: Path, *, jobs: int = 
 def write_documents(plan: Plan, ckpt: Checkpoint, folder: Path, shard_files: dict) -> dict:
     """Side files, index, config.json, rank folders, and last the manifest of everything."""
     files = {}
-    for name in side_files(ckpt.folder)[0]:
-        files[name] = copy_file(ckpt.folder, name, folder)
+    files.update(write_side_files(plan, ckpt, folder))
     files[INDEX_NAME] = write_doc(folder, INDEX_NAME, index_bytes(plan))
     files["config.json"] = write_doc(folder, "config.json", config_bytes(plan, ckpt))
     if plan.options.emit_ranks:

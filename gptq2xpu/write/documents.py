@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, serving
 from ..contract import CONFIG_BLOCK, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME
 from ..errors import io_error
 from ..naming import natural_key
@@ -54,7 +54,7 @@ def side_files(folder: Folder) -> tuple[list[str], list[str]]:
 
 
 def config_bytes(plan: Plan, ckpt: Checkpoint) -> bytes:
-    cfg = dict(ckpt.config)
+    cfg = serving.serving_config(ckpt.config, plan)  # quantization_config: the gptq2xpu method
     cfg[CONFIG_BLOCK] = plan.config_block()
     return (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -94,6 +94,18 @@ def manifest_bytes(base: dict, files: dict[str, dict]) -> bytes:
         "layers": base["layers"],
     }
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+
+
+def side_documents(plan: Plan, ckpt: Checkpoint) -> dict[str, bytes | None]:
+    """Every top-level side file OUTPUT gets: the bytes to write (quantization configs and the model
+    card, rewritten for serving), or None to copy the source's file unchanged."""
+    return serving.side_documents(plan, ckpt.folder, side_files(ckpt.folder)[0])
+
+
+def write_side_files(plan: Plan, ckpt: Checkpoint, folder: Path) -> dict:
+    """Write the side documents into ``folder``; returns their manifest records."""
+    return {name: copy_file(ckpt.folder, name, folder) if data is None else write_doc(folder, name, data)
+            for name, data in side_documents(plan, ckpt).items()}
 
 
 def open_temp(folder: Path, name: str) -> tuple[int, Path]:

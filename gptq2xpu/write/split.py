@@ -22,7 +22,16 @@ from ..errors import InputError, UsageError, io_error
 from ..plan import Plan
 from ..read import Checkpoint
 from ..read.paths import Folder, parse_json, portable_name
-from .documents import config_bytes, copy_file, index_bytes, manifest_base, manifest_bytes, side_files, write_doc
+from .documents import (
+    config_bytes,
+    index_bytes,
+    manifest_base,
+    manifest_bytes,
+    side_documents,
+    side_files,
+    write_doc,
+    write_side_files,
+)
 from .output import check_not_source, make_parent
 from .shards import write_shards
 
@@ -48,8 +57,8 @@ def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int
     if parts > len(plan.shards):
         raise UsageError(f"--part {part}/{parts}: the output has {len(plan.shards)} shard(s), so n can be at most "
                          f"{len(plan.shards)} (a smaller --max-shard-size makes more shards)")
-    side, warnings = side_files(ckpt.folder)  # refuses escaping links before writing anything
-    plan.warnings.extend(warnings)
+    plan.warnings.extend(side_files(ckpt.folder)[1])  # refuses escaping links before writing anything
+    side = sorted(side_documents(plan, ckpt))
     docs = {
         "fingerprint": plan.fingerprint,
         "parts": parts,
@@ -75,8 +84,7 @@ def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int
             raise UsageError(f"{output}: holds parts of a different conversion (source, options or part count differ)")
     write_doc(pdir, PLAN_DOC, json.dumps(docs, indent=1).encode())
     files = write_shards(plan, ckpt, output, part_shards(plan, part, parts), jobs, progress)
-    for name in side:
-        files[name] = copy_file(ckpt.folder, name, output)
+    files.update(write_side_files(plan, ckpt, output))
     ckpt.check_unchanged()
     if before_publish is not None:
         before_publish()
@@ -138,7 +146,11 @@ def _check_split_folder(output: Path, allowed: set[str], finals: dict[str, bytes
     if finals is None and os.path.lexists(output / MANIFEST_NAME):
         raise UsageError(f"{output}: already finalized (it has {MANIFEST_NAME}); use a new OUTPUT")
     finals = finals or {}
-    for entry in sorted(os.scandir(output), key=lambda e: e.name):
+    entries = sorted(os.scandir(output), key=lambda e: e.name)
+    in_progress = os.path.isfile(output / PARTS_DIR / PLAN_DOC) and not (output / PARTS_DIR).is_symlink()
+    if not in_progress:  # only the parts folder another part is creating right now may be there
+        allowed = set()
+    for entry in entries:
         name = entry.name
         if name == PARTS_DIR and entry.is_dir(follow_symlinks=False):
             bad = [e.name for e in os.scandir(entry.path) if not _part_member(e)]

@@ -143,12 +143,39 @@ def test_deterministic_and_independent_of_jobs(synth, tmp_path):
     info = synth(family="qwen3_moe", hidden=128, moe_intermediate=64, num_experts=8, group_size=32, num_layers=3,
                  shard_size=40_000)
     opts = ConvertOptions(max_shard_size=60_000)
-    convert(info.path, tmp_path / "a", jobs=1, options=opts)
-    convert(info.path, tmp_path / "b", jobs=2, options=opts)
-    convert(info.path, tmp_path / "c", jobs=3, options=opts)
-    a = _folder_bytes(tmp_path / "a")
-    assert len([k for k in a if k.endswith(".safetensors")]) > 2
-    assert a == _folder_bytes(tmp_path / "b") == _folder_bytes(tmp_path / "c")
+    runs = {}
+    for jobs in (1, 2, 3, 4, 8):  # 4 and 8 write several shards at once
+        convert(info.path, tmp_path / f"j{jobs}", jobs=jobs, options=opts)
+        runs[jobs] = _folder_bytes(tmp_path / f"j{jobs}")
+    assert len([k for k in runs[1] if k.endswith(".safetensors")]) > 2
+    for jobs, files in runs.items():
+        assert files == runs[1], f"--jobs {jobs} wrote different bytes"
+
+
+def test_a_failing_shard_stops_the_others_and_leaves_nothing(synth, tmp_path, monkeypatch):
+    """Shards written at once: one fails; the error is its own, and no file is left anywhere."""
+    from gptq2xpu.write import shards as writer
+
+    info = synth(family="qwen3_moe", hidden=128, moe_intermediate=64, num_experts=8, group_size=32, num_layers=4)
+    real = writer.ShardSource.tasks
+    started = []
+
+    def tasks(self, shard):
+        out = real(self, shard)
+        started.append(shard.name)
+        if len(started) == 2:
+            def boom():
+                raise OSError(28, "No space left on device")
+            out = out[:3] + [(out[3][0], boom)] + out[4:]
+        return out
+
+    monkeypatch.setattr(writer.ShardSource, "tasks", tasks)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        convert(info.path, out, jobs=8, options=ConvertOptions(max_shard_size=40_000))
+    assert len(started) >= 2
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name != info.path.name] == []
 
 
 def test_split_parts_then_finalize_is_byte_identical(synth, tmp_path, cli):

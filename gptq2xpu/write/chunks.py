@@ -28,7 +28,7 @@ from ..repack import (
     to_float32,
 )
 
-COPY_CHUNK = 16 * 1024 * 1024
+COPY_CHUNK = 1024 * 1024
 
 
 class BufferPool:

@@ -17,6 +17,7 @@ What can never be an expert, by construction of the pattern and checked explicit
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 
 #: Source projection name -> role.  gate and up form w13 (gate rows first), down is w2.
@@ -58,9 +59,14 @@ _ROUTER = re.compile(r"^(?P<prefix>.+)\.(gate|router)\.(?P<field>[^.]+)$")
 _SHARED = re.compile(r"^(?P<prefix>.+)\.(shared_experts?|shared_expert_gate)\.")
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
 def natural_key(name: str) -> tuple:
-    """Sort key that orders ``layers.2`` before ``layers.10``."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+    """Sort key that orders ``layers.2`` before ``layers.10`` (text and numbers alternate)."""
+    parts = _DIGITS.split(name)
+    parts[1::2] = map(int, parts[1::2])
+    return tuple(parts)
 
 
 def nested_text_config(config: dict) -> dict:
@@ -121,7 +127,7 @@ class ExpertGroup:
     prefix: str
     experts: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)  # e -> proj -> field -> tensor name
     fused: dict[str, str] = field(default_factory=dict)  # fused 3-D float tensors: what -> tensor name
-    names: list[str] = field(default_factory=list)  # every tensor under <prefix>.experts
+    names: list[str] = field(default_factory=list)  # every tensor under <prefix>.experts, in checkpoint order
 
 
 @dataclass
@@ -140,8 +146,10 @@ def classify(names) -> TensorMap:
     for name in names:
         m = _EXPERT.match(name)
         if m:
-            grp = moe.setdefault(m["prefix"], ExpertGroup(m["prefix"]))
-            grp.experts.setdefault(int(m["e"]), {}).setdefault(m["proj"], {})[m["field"]] = name
+            prefix = m["prefix"]
+            grp = moe.get(prefix) or moe.setdefault(prefix, ExpertGroup(prefix))
+            # projection and field names repeat for every expert: one string each, not one per tensor
+            grp.experts.setdefault(int(m["e"]), {}).setdefault(sys.intern(m["proj"]), {})[sys.intern(m["field"])] = name
             grp.names.append(name)
             continue
         m = _FUSED.match(name)
@@ -161,6 +169,4 @@ def classify(names) -> TensorMap:
         m = _SHARED.match(name)
         if m and m["prefix"] in moe:
             shared.setdefault(m["prefix"], []).append(name)
-    for grp in moe.values():
-        grp.names.sort(key=natural_key)
     return TensorMap(moe=moe, routers=routers, shared=shared)

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .audit import audit
+from .memory import settle
 from .parallel import default_jobs
 from .plan import ConvertOptions, Plan, build_plan
 from .read import Checkpoint, open_source
@@ -42,6 +43,7 @@ def convert(source, output, *, options: ConvertOptions | None = None, jobs: int 
             summary["dry_run"] = True
             return summary
         plan.raise_refusals()
+        settle()  # what parsing the headers freed goes back before the buffers are made
         total = plan.bytes_out
         done = [0]
         # The audit (zero points, row order, finite scales: small metadata reads) runs beside the

@@ -89,7 +89,7 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
 def _against_source(out, block, source, findings: Findings, *, revision, token, device, dtype, backend, layers,
                     tokens, seed, numeric, exhaustive, report, jobs) -> list[dict]:
     from ..read import open_source
-    from .bits import check_layer_bits, check_passthrough
+    from .bits import check_layer_bits, check_passthrough, restore_torch_threads
 
     rows: list[dict] = []
     prefixes = list(block.get("layers", {}))
@@ -106,9 +106,12 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
             return check_layer_bits(src, out, prefix, block["layers"][prefix], block, exhaustive=exhaustive)
 
         # layers are independent; numpy, pread and torch release the GIL
-        with ThreadPoolExecutor(max(1, jobs)) as pool:
-            for problems in pool.map(bits, prefixes):
-                bit_problems += problems
+        try:
+            with ThreadPoolExecutor(max(1, jobs)) as pool:
+                for problems in pool.map(bits, prefixes):
+                    bit_problems += problems
+        finally:
+            restore_torch_threads()
         findings.add("bit-exact experts", not bit_problems,
                      "; ".join(bit_problems[:10]) if bit_problems else
                      f"{len(prefixes)} layers: codes, zero points, row order, scales equal the source "

@@ -5,6 +5,7 @@ layer-at-once scale comparison."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from _planting import convert, patch_output_tensor
 
@@ -82,3 +83,17 @@ def test_scale_defects_are_named_expert_by_expert(tmp_path):
     assert [m.split(" scales")[0] for m in lb.problems] == [f"{L0}: expert 1 gate", f"{L0}: expert 3 gate"]
     out.close()
     src.close()
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+def test_stored_scales_compare_as_bits_exactly_when_torch_would_agree(dtype):
+    """The layer-at-once scale check compares a source that stores the recorded dtype bit for bit,
+    without torch, when every value is finite: over all 65536 patterns, torch's cast of the float32
+    value gives back the same bits exactly for the finite ones, and _finite_16 tells them apart."""
+    raw = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(1, 256, 256)
+    stored = raw if dtype == "BF16" else raw.view(np.float16)
+    back = bits._cast_bits(bits._scales_f32_from_raw(dtype, stored), dtype)
+    exponent = 0x7C00 if dtype == "F16" else 0x7F80
+    finite = (raw & exponent) != exponent
+    assert np.array_equal(back[finite], raw[finite])
+    assert bits._finite_16(stored[finite][None], dtype) and not bits._finite_16(stored, dtype)

@@ -64,20 +64,30 @@ def _same_bytes_2d(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(a, b)
 
 
-def _scales_f32_stacked(ckpt: Checkpoint, names: list[str]) -> np.ndarray:
-    """Several tensors of one dtype and shape as float32 ``[len(names), *shape]`` (one cast)."""
-    torch = _torch()
-
+def _stacked_raw(ckpt: Checkpoint, names: list[str]) -> tuple[str, np.ndarray]:
+    """Several tensors of one dtype and shape, stored values ``[len(names), *shape]`` (BF16 as
+    uint16), and that dtype."""
     ref0 = ckpt.ref(names[0])
-    item = np.dtype("<i2") if ref0.dtype == "BF16" else NUMPY_DTYPES[ref0.dtype]
+    item = np.dtype("<u2") if ref0.dtype == "BF16" else NUMPY_DTYPES[ref0.dtype]
     raw = np.empty((len(names),) + tuple(ref0.shape), dtype=item)
     for i, name in enumerate(names):
         ref = ckpt.ref(name)
         if (ref.dtype, ref.shape) != (ref0.dtype, ref0.shape):
             raise ValueError(f"{name}: {ref.dtype}{list(ref.shape)} differs from {ref0.name}")
         ckpt.read_into(ref, raw[i])
-    if ref0.dtype == "BF16":
-        return torch.from_numpy(raw).view(torch.bfloat16).float().numpy()
+    return ref0.dtype, raw
+
+
+def _finite_16(values: np.ndarray, dtype: str) -> bool:
+    """No infinity or NaN among F16/BF16 ``values`` (stored bits: all exponent bits set)."""
+    exponent = np.uint16(0x7C00 if dtype == "F16" else 0x7F80)
+    return not bool(((values.view(np.uint16) & exponent) == exponent).any())
+
+
+def _scales_f32_from_raw(dtype: str, raw: np.ndarray) -> np.ndarray:
+    if dtype == "BF16":
+        torch = _torch()
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float().numpy()
     return raw.astype(np.float32)
 
 
@@ -238,24 +248,33 @@ class LayerBits:
                 self.bad(f"expert {e}: padding scales are not 0")
 
     def _scales_all_equal(self, s13: np.ndarray, s2: np.ndarray, field: str) -> bool:
-        """The same comparison as the per-expert loop, one projection of every expert at once."""
+        """The same comparison as the per-expert loop, one projection of every expert at once.
+
+        Where the source stores the recorded dtype already, casting a finite value to float32 and
+        back gives its own bits (F16 and BF16 both embed exactly in float32): those are compared as
+        they are, without torch.  Anything else (another dtype, a NaN or infinity) takes torch's
+        cast, as the per-expert loop does."""
         n, p = self.n, self.p
         if p > n and ((s13[:, n:p] != 0).any() or (s13[:, p + n :] != 0).any() or (s2[:, :, n // self.g2 :] != 0).any()):
             return False
         for role, got, g_out, cols in (("gate", s13[:, :n], self.g13, self.k), ("up", s13[:, p : p + n], self.g13, self.k),
                                        ("down", s2[:, :, : n // self.g2], self.g2, n)):
             try:
-                src = _scales_f32_stacked(self.src, [self.name(e, role, field) for e in range(self.e)])
+                dtype, raw = _stacked_raw(self.src, [self.name(e, role, field) for e in range(self.e)])
             except (InputError, KeyError, ValueError):  # missing, or shaped differently: the loop says which
                 return False
-            per_out = src if self.fmt == "compressed-tensors" else src.transpose(0, 2, 1)  # [E, out, groups_in]
+            per_out = raw if self.fmt == "compressed-tensors" else raw.transpose(0, 2, 1)  # [E, out, groups_in]
             if per_out.shape[1] != got.shape[1] or per_out.shape[2] == 0 or cols % per_out.shape[2]:
                 return False
             g_in = cols // per_out.shape[2]
             idx = (np.arange(cols // g_out) * g_out) // g_in
             if idx.size and idx[-1] >= per_out.shape[2]:
                 return False
-            if not np.array_equal(_cast_bits(per_out[:, :, idx], self.scale_dtype), got):
+            if dtype == self.scale_dtype and _finite_16(raw, dtype):
+                want = per_out[:, :, idx].view(np.uint16)
+            else:
+                want = _cast_bits(_scales_f32_from_raw(dtype, per_out)[:, :, idx], self.scale_dtype)
+            if not np.array_equal(want, got):
                 return False
         return True
 

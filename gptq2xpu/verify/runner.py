@@ -62,6 +62,10 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
     manifest = Findings()
     report: dict = {"output": str(output), "source": str(source) if source else None}
     layer_rows: list[dict] = []
+    if source is not None:  # torch (a second or two of CPU to import) loads beside the standalone checks
+        from .bits import _import_torch_in_background
+
+        _import_torch_in_background()
     # hashing every file is one long serial read per file: overlap it with everything else
     with ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-hash") as bg:
         hashing = bg.submit(check_manifest, folder, manifest, max(1, jobs - 1))

@@ -1,5 +1,6 @@
 """What only the data can tell, checked before anything is published: for every converted layer,
-symmetric zero points, input rows in natural order, and finite scales.
+symmetric zero points, input rows in natural order, and finite scales, also after the cast to the
+output scale dtype (``--scale-dtype float16`` overflows above 65504).
 
 This is the one step of ``convert`` that reads source tensors other than to copy them: the small
 metadata tensors (qzeros, g_idx, scales) of every expert.
@@ -14,7 +15,7 @@ from .formats import FORMATS
 from .naming import ROLES
 from .plan import LayerPlan, Plan
 from .read import Checkpoint
-from .repack import read_scales, to_float32
+from .repack import from_float32, read_scales, to_float32
 
 
 def audit(plan: Plan, ckpt: Checkpoint, layers: list[LayerPlan] | None = None) -> list[str]:
@@ -39,6 +40,13 @@ def _audit_expert(plan: Plan, ckpt: Checkpoint, layer: LayerPlan, e: int) -> lis
         if not np.isfinite(s).all():
             bad = np.argwhere(~np.isfinite(s))[0]
             raise InputError(f"{name}: non-finite scale {s[tuple(bad)]} at output {bad[0]}, group {bad[1]}")
+        if layer.scale_dtype != spec.scale_dtype:
+            with np.errstate(over="ignore"):
+                cast = to_float32(from_float32(s, layer.scale_dtype), layer.scale_dtype)
+            if not np.isfinite(cast).all():
+                bad = np.argwhere(~np.isfinite(cast))[0]
+                raise InputError(f"{name}: scale {s[tuple(bad)]} at output {bad[0]}, group {bad[1]} does not fit "
+                                 f"{layer.scale_dtype} (--scale-dtype); keep the stored dtype or choose bfloat16")
         zero = s == 0
         if zero.any():
             warn.append(f"{name}: {int(zero.sum())} scale(s) are exactly zero (those weight groups are all zero)")

@@ -70,10 +70,10 @@ def rank_folder(rank: int, size: int) -> str:
     return f"{RANKS_DIR}/rank-{rank:03d}-of-{size:03d}"
 
 
-def scale_dtype_name(name: str) -> str:
+def scale_dtype_name(name: object) -> object:
     """``"float16"``/``"F16"`` -> ``"F16"`` (the block records per-layer scale dtypes by the
     safetensors name and the checkpoint-wide one by the torch name); anything else -> itself."""
-    return SCALE_DTYPES.get(name, name)
+    return SCALE_DTYPES.get(name, name) if isinstance(name, str) else name
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,8 @@ def _parse_layer(prefix: str, info: object, where: str, tp: int) -> ConvertedLay
     if k % g13 or k % 2:
         raise InputError(f"{where}: hidden_size {k} is not a multiple of its group size {g13}")
     if p % (tp * g2) or p % 2:
-        raise InputError(f"{where}: padded_intermediate_size {p} does not split into {tp} rank(s) of whole groups of {g2}")
+        raise InputError(f"{where}: padded_intermediate_size {p} does not split into {tp} rank(s) of whole groups "
+                         f"of {g2}")
     sd = scale_dtype_name(info.get("scale_dtype"))
     if sd not in SCALE_DTYPES.values():
         raise InputError(f"{where}.scale_dtype: {info.get('scale_dtype')!r} is not float16 or bfloat16")

@@ -21,6 +21,7 @@ from .parallel import default_jobs
 from .plan import ConvertOptions, Plan, build_plan
 from .read import Checkpoint, open_source
 from .write import write_checkpoint, write_part
+from .write.split import part_shards
 
 
 def make_plan(ckpt: Checkpoint, options: ConvertOptions) -> Plan:
@@ -69,9 +70,13 @@ def convert(source, output, *, options: ConvertOptions | None = None, jobs: int 
             summary["dry_run"] = True
             return summary
         plan.raise_refusals()
+        plan.data_fingerprint = ckpt.data_fingerprint()
+        shards = plan.shards if part is None else [plan.shards[i] for i in part_shards(plan, *part)]
+        total = sum(t.nbytes for s in shards for t in s.layout.tensors)  # what the ticks count
         settle()  # what parsing the headers freed goes back before the buffers are made
-        total = plan.bytes_out
         done = [0]
+        if progress:
+            progress(0, total)
         # The audit (zero points, row order, finite scales: small metadata reads) runs beside the
         # writing; a failure stops the writing at the next chunk, and nothing is published before
         # the audit has passed.  Either way a failed run leaves nothing at OUTPUT.

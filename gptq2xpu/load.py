@@ -83,7 +83,7 @@ class ConvertedCheckpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._ckpt: Checkpoint = open_checkpoint(self.path)
+        self._ckpt: Checkpoint = open_checkpoint(self.path, links="none")
         try:
             doc = self._ckpt.config.get(CONFIG_BLOCK)
             if doc is None:
@@ -166,8 +166,10 @@ class ConvertedCheckpoint:
         if size == 1 or self.block.tp_size != size or not self.block.tp_ranks:
             return None
         if rank not in self._ranks:
-            # parse_block accepted only the exact folder names tp-ranks/rank-RRR-of-TTT
-            self._ranks[rank] = open_checkpoint(self.path / self.block.tp_ranks[rank])
+            # parse_block accepted only the exact folder names tp-ranks/rank-RRR-of-TTT; no link on the way
+            rel = self.block.tp_ranks[rank]
+            self._ckpt.folder.check(rel)
+            self._ranks[rank] = open_checkpoint(self.path / rel, links="none")
         return self._ranks[rank]
 
     def close(self) -> None:

@@ -16,9 +16,12 @@ What can never be an expert, by construction of the pattern and checked explicit
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass, field
+
+from .errors import InputError
 
 #: Source projection name -> role.  gate and up form w13 (gate rows first), down is w2.
 PROJECTION_ROLES: dict[str, str] = {
@@ -53,6 +56,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("glm4_moe", ("glm4_moe",), "GLM-4.5 MoE (dense first layers, shared_experts, e_score_correction_bias)"),
 )
 
+MAX_EXPERT_DIGITS = 9
 _EXPERT = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)\.(?P<field>[^.]+)$")
 _FUSED = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<what>gate_up_proj|down_proj|gate_proj|up_proj)(?P<suffix>_bias|_blocks|_scales)?$")
 _ROUTER = re.compile(r"^(?P<prefix>.+)\.(gate|router)\.(?P<field>[^.]+)$")
@@ -63,9 +67,14 @@ _DIGITS = re.compile(r"(\d+)")
 
 
 def natural_key(name: str) -> tuple:
-    """Sort key that orders ``layers.2`` before ``layers.10`` (text and numbers alternate)."""
+    """Sort key that orders ``layers.2`` before ``layers.10``.
+
+    Digit runs compare by value without becoming ints (a name may hold a 5000-digit number):
+    as (length without leading zeros, digits)."""
     parts = _DIGITS.split(name)
-    parts[1::2] = map(int, parts[1::2])
+    if any(map(str.isdigit, parts[0::2])):  # digit-like characters that are not decimal digits
+        return tuple((len(p.lstrip("0")), p.lstrip("0")) if p.isdigit() else p for p in parts)
+    parts[1::2] = [(len(d), d) for d in (p.lstrip("0") for p in parts[1::2])]
     return tuple(parts)
 
 
@@ -109,15 +118,36 @@ class RoutingParams:
 
 
 def routing_params(config: dict, family: str, num_experts: int) -> RoutingParams:
+    """How the config says tokens are routed; InputError naming the key when a value is unusable."""
     cfg = nested_text_config(config)
-    top_k = cfg.get("num_experts_per_tok") or cfg.get("moe_top_k") or cfg.get("top_k") or min(2, num_experts)
-    scoring = str(cfg.get("scoring_func", "sigmoid" if family in ("deepseek_v3", "glm4_moe") else "softmax"))
-    default_norm = family not in ("qwen2_moe", "deepseek_v2")
-    if family == "mixtral":
-        default_norm = True
-    renorm = cfg.get("norm_topk_prob", default_norm)
+    top_k = None
+    for key in ("num_experts_per_tok", "moe_top_k", "top_k"):
+        value = cfg.get(key)
+        if value is None or value == 0:
+            continue
+        if type(value) is not int or value < 1:
+            raise InputError(f"config.json: {key} must be a positive integer, found {_show(value)}")
+        top_k = value
+        break
+    if top_k is None:
+        top_k = min(2, num_experts)
+    scoring = cfg.get("scoring_func", "sigmoid" if family in ("deepseek_v3", "glm4_moe") else "softmax")
+    if scoring not in ("softmax", "sigmoid"):
+        raise InputError(f"config.json: scoring_func {_show(scoring)} is not softmax or sigmoid")
+    renorm = cfg.get("norm_topk_prob", family not in ("qwen2_moe", "deepseek_v2"))
+    if type(renorm) is not bool:
+        raise InputError(f"config.json: norm_topk_prob must be true or false, found {_show(renorm)}")
     scale = cfg.get("routed_scaling_factor", 1.0) if family in ("deepseek_v2", "deepseek_v3", "glm4_moe") else 1.0
-    return RoutingParams(int(min(top_k, num_experts)), scoring, bool(renorm), float(scale or 1.0))
+    if scale is None:
+        scale = 1.0
+    if type(scale) not in (int, float) or not math.isfinite(scale) or scale <= 0:
+        raise InputError(f"config.json: routed_scaling_factor must be a positive number, found {_show(scale)}")
+    return RoutingParams(min(top_k, num_experts), scoring, renorm, float(scale))
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass
@@ -128,6 +158,7 @@ class ExpertGroup:
     experts: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)  # e -> proj -> field -> tensor name
     fused: dict[str, str] = field(default_factory=dict)  # fused 3-D float tensors: what -> tensor name
     names: list[str] = field(default_factory=list)  # every tensor under <prefix>.experts, in checkpoint order
+    bad_indices: list[str] = field(default_factory=list)  # expert numbers too long to be real
 
 
 @dataclass
@@ -148,8 +179,11 @@ def classify(names) -> TensorMap:
         if m:
             prefix = m["prefix"]
             grp = moe.get(prefix) or moe.setdefault(prefix, ExpertGroup(prefix))
-            # projection and field names repeat for every expert: one string each, not one per tensor
-            grp.experts.setdefault(int(m["e"]), {}).setdefault(sys.intern(m["proj"]), {})[sys.intern(m["field"])] = name
+            if len(m["e"]) > MAX_EXPERT_DIGITS:
+                grp.bad_indices.append(m["e"])
+            else:
+                # projection and field names repeat for every expert: one string each, not one per tensor
+                grp.experts.setdefault(int(m["e"]), {}).setdefault(sys.intern(m["proj"]), {})[sys.intern(m["field"])] = name
             grp.names.append(name)
             continue
         m = _FUSED.match(name)

@@ -184,6 +184,15 @@ def reseal(folder: Path, *names: str) -> None:
     mpath.write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def edit_block(folder: Path, fn) -> None:
+    """Edit the gptq2xpu block of ``folder/config.json`` with ``fn(block)`` and re-seal the manifest."""
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    fn(cfg["gptq2xpu"])
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    reseal(folder, "config.json")
+
+
 # ------------------------------------------------------------------------------- floats
 
 

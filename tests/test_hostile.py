@@ -233,7 +233,8 @@ def _config_link_escape(src):
 # (id, mutation, exit code, words the one error line must contain)
 CASES = [
     ("truncated-shard", truncate, 3, [SHARD, "outside the data section"]),
-    ("offsets-past-eof", header_edit(_past_eof), 3, [SHARD, f"{L0}.experts.1.up_proj.qweight", "outside the data section"]),
+    ("offsets-past-eof", header_edit(_past_eof), 3,
+     [SHARD, f"{L0}.experts.1.up_proj.qweight", "outside the data section"]),
     ("size-vs-dtype-shape", header_edit(_size_mismatch), 3, [SHARD, f"{L0}.experts.1.up_proj.qweight", "needs 16384"]),
     ("overlapping-tensors", header_edit(_overlap), 3, [SHARD, f"{L0}.experts.1.up_proj.qweight", "overlap"]),
     ("unknown-dtype", header_edit(_unknown_dtype), 3, [SHARD, "model.norm.weight", "unknown dtype 'Q4_K'"]),
@@ -242,8 +243,10 @@ CASES = [
     ("index-dotdot", with_index(_index_dotdot), 3, [INDEX, "../x.safetensors", "leaves the folder"]),
     ("index-absolute", with_index(_index_absolute), 3, [INDEX, "absolute path"]),
     ("index-symlink-escape", with_index(_index_symlink_escape), 3, [INDEX, SHARD2, "outside the checkpoint folder"]),
-    ("index-tensor-not-in-shard", with_index(_index_names_missing_tensor), 3, [INDEX, f"{L0}.experts.9.up_proj.qweight", "not in shard"]),
-    ("shard-tensor-not-in-index", with_index(_index_lacks_shard_tensor), 3, [SHARD2, "model.norm.weight", "not listed"]),
+    ("index-tensor-not-in-shard", with_index(_index_names_missing_tensor), 3,
+     [INDEX, f"{L0}.experts.9.up_proj.qweight", "not in shard"]),
+    ("shard-tensor-not-in-index", with_index(_index_lacks_shard_tensor), 3,
+     [SHARD2, "model.norm.weight", "not listed"]),
     ("index-shard-file-missing", with_index(_index_shard_missing), 3, [INDEX, SHARD2, "does not exist"]),
     ("index-wrong-shard", with_index(_index_wrong_shard), 3, [INDEX, "mapped to", "stored in"]),
     ("missing-expert", tensors_edit(_drop_expert), 3, [L0, "expert 3 is missing"]),
@@ -291,11 +294,13 @@ def test_inspect_reports_cleanly(tmp_path, mutation, words):
     proc = cli("inspect", src, "--json")
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
-    if proc.stdout.strip():  # a plan with refused layers: they are listed in the JSON
-        refusals = json.loads(proc.stdout)["refusals"]
-        assert refusals and all(w in refusals[0] for w in words), refusals
-    else:
-        assert_clean_failure(proc, 3, None, *words)
+    doc = json.loads(proc.stdout)  # --json: one object whatever the outcome
+    assert doc["status"] == "error" and doc["exit_code"] == 3
+    if "refusals" in doc:  # a plan with refused layers: they are listed in the JSON
+        assert doc["refusals"] and all(w in doc["refusals"][0] for w in words), doc["refusals"]
+    else:  # the plan could not be made: the one error line, also the JSON's message
+        line = assert_clean_failure(proc, 3, None, *words)
+        assert line == f"gptq2xpu: bad input: {doc['message']}"
     assert tree_hashes(src) == before
 
 

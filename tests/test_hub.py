@@ -37,8 +37,10 @@ def make_cache(cache, repo="acme/tiny-moe-gptq", src=FIXTURE, revision_ref="main
 
 
 def run(args, cache, **env):
-    e = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache.parent / "hfhome"), **env}
-    return subprocess.run([sys.executable, "-m", "gptq2xpu", *map(str, args)], capture_output=True, text=True, env=e, timeout=120)
+    e = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache.parent / "hfhome"),
+         **env}
+    return subprocess.run([sys.executable, "-m", "gptq2xpu", *map(str, args)], capture_output=True, text=True, env=e,
+                          timeout=120)
 
 
 def test_convert_from_repo_id_via_offline_cache(tmp_path):
@@ -52,6 +54,9 @@ def test_convert_from_repo_id_via_offline_cache(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     block = json.loads((tmp_path / "out" / "config.json").read_text())["gptq2xpu"]
     assert block["source"]["origin"] == "acme/tiny-moe-gptq"
+    # the repo id and the commit it resolved to are recorded, never the cache path
+    assert block["source"]["repo_id"] == "acme/tiny-moe-gptq" and block["source"]["commit"] == SHA
+    assert str(cache) not in (tmp_path / "out" / "config.json").read_text()
     # the cache (the source) is untouched: no file was added or changed
     r = run(["inspect", "acme/tiny-moe-gptq", "--revision", "main", "--json"], cache)
     assert r.returncode == 0 and json.loads(r.stdout)["family"] == "qwen3_moe"

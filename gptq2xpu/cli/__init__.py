@@ -1,18 +1,18 @@
-"""The ``gptq2xpu`` command line.
+"""The ``gptq2xpu`` command line: the app, its commands registered in one place, one error path.
 
 Usage examples::
 
     gptq2xpu demo                                        # make, convert and verify a small model
     gptq2xpu inspect Qwen/Qwen3-30B-A3B-GPTQ-Int4        # what would happen, from headers only
     gptq2xpu convert ./Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu --jobs 8
-    gptq2xpu convert org/model ./out --revision main --scale-dtype bfloat16 --json
-    gptq2xpu verify ./qwen3-xpu                          # standalone: manifest, layout, config block
-    gptq2xpu verify ./qwen3-xpu --source ./Qwen3-30B-A3B-GPTQ-Int4 --device auto
+    gptq2xpu verify ./qwen3-xpu --source ./Qwen3-30B-A3B-GPTQ-Int4
     gptq2xpu convert SRC OUT --part 2/4 && gptq2xpu finalize OUT   # split over a job runner
 
+``--json``, ``--quiet`` and ``--debug`` work on every command, before or after the command name.
 Errors are one line on stderr (``gptq2xpu: bad input: <file/tensor>: <what is wrong>``) with an
 exit code from :mod:`gptq2xpu.errors`: 0 ok, 1 internal error, 2 usage, 3 bad input,
-4 verification failed, 5 I/O error, 130 interrupted.  ``--debug`` shows the traceback.
+4 verification failed, 5 I/O error, 130 interrupted.  ``--debug`` shows the traceback.  With
+``--json`` every outcome, failures included, is one JSON object on stdout (:data:`JSON_CONTRACT`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ import typer
 
 from .. import __version__
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, Gptq2XpuError, Interrupted, UsageError
+from .help import Command, Group
+from .options import DebugOpt, JsonOpt, QuietOpt
+from .output import SESSION, Flags, envelope, print_json
 
-# typer >= 0.20 vendors click as ``typer._click``: its exceptions are not click's, so catch both.
+# typer >= 0.26 ships its own click as ``typer._click``: its exceptions are not click's, so catch both.
 try:
     from typer._click import exceptions as _tclick
 except ImportError:  # older typer: plain click
@@ -38,64 +41,124 @@ _NO_ARGS_HELP = tuple(c for c in {getattr(click.exceptions, "NoArgsIsHelpError",
 _EXITS = tuple({click.exceptions.Exit, typer.Exit, getattr(_tclick, "Exit", click.exceptions.Exit)})
 _ABORTS = tuple({click.exceptions.Abort, typer.Abort, getattr(_tclick, "Abort", click.exceptions.Abort)})
 
+#: The ``--json`` contract, shown in ``gptq2xpu --help`` and the README.
+JSON_CONTRACT = (
+    "With --json every run prints exactly one JSON object on stdout, whatever the outcome: "
+    '"status" ("ok", "fail" when verification failed, "error" otherwise), "exit_code", '
+    '"message" (one line), "error" (the kind of error, null when ok), "command", "tool" '
+    '("gptq2xpu") and "version", followed by the command\'s own data (also on failure, when the '
+    "command got that far).  Progress, warnings and error lines go to stderr."
+)
+EXIT_CODES = ("Exit codes: 0 ok, 1 internal error (a bug: re-run with --debug), 2 usage, 3 bad input, "
+              "4 verification failed, 5 I/O error, 130 interrupted.")
+
+
+def _epilog(examples: list[str], *paragraphs: str) -> str:
+    """Examples kept line by line (click's ``\\b``), then paragraphs click wraps to the terminal."""
+    lines = ["Examples:", "", "\b", *(f"  $ {e}" for e in examples)]
+    return "\n".join(lines) + "".join(f"\n\n{p}" for p in paragraphs)
+
+
 app = typer.Typer(
     name="gptq2xpu",
-    help="Convert GPTQ int4 Mixture-of-Experts checkpoints to the Intel XPU fused-MoE layout, and prove the result right.",
+    cls=Group,
+    help="Convert GPTQ int4 Mixture-of-Experts checkpoints to the Intel XPU fused-MoE layout, offline, and prove "
+         "the result right.\n\n--json, --quiet and --debug work on every command, before or after its name.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # the help is written by .help (the same under every supported typer)
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-
-_state = {"debug": False}
 
 
 def _version(value: bool):
     if value:
-        typer.echo(f"gptq2xpu {__version__}")
+        if SESSION.flags.json:
+            from .version import versions
+
+            print_json(envelope(exit_code=0, message=f"gptq2xpu {__version__}", error=None, command=None,
+                                data=versions()))
+        else:
+            typer.echo(f"gptq2xpu {__version__}")
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show a Python traceback for errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    _show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit (with --json: an object with the versions of "
+                                      "Python and the packages used)."),
 ):
-    _state["debug"] = debug or _state["debug"]
+    flags = SESSION.flags
+    flags.json, flags.quiet, flags.debug = flags.json or json_out, flags.quiet or quiet, flags.debug or debug
 
 
-# Every command, registered in one place (the modules define plain functions).
-from .convert import convert  # noqa: E402
-from .demo import demo  # noqa: E402
-from .finalize import finalize  # noqa: E402
-from .inspect import inspect  # noqa: E402
-from .verify import verify  # noqa: E402
+# Every command, registered in one place: the modules define plain functions and their EXAMPLES.
+from . import convert, demo, finalize, inspect, verify, version  # noqa: E402
 
-for _command in (convert, inspect, verify, finalize, demo):
-    app.command()(_command)
+COMMANDS = {
+    "convert": (convert.convert, convert.EXAMPLES, "Convert a GPTQ checkpoint into the XPU layout."),
+    "inspect": (inspect.inspect, inspect.EXAMPLES, "Show the conversion plan, from headers alone."),
+    "verify": (verify.verify, verify.EXAMPLES, "Check a converted checkpoint (against its source)."),
+    "finalize": (finalize.finalize, finalize.EXAMPLES, "Finish a split conversion (convert --part)."),
+    "demo": (demo.demo, demo.EXAMPLES, "Make, convert and verify a small synthetic model."),
+    "version": (version.version, version.EXAMPLES, "Print the versions of gptq2xpu and what it uses."),
+}
+for _name, (_function, _examples, _short) in COMMANDS.items():
+    app.command(_name, cls=Command, short_help=_short, epilog=_epilog(_examples))(_function)
+ROOT_EXAMPLES = [
+    "gptq2xpu demo",
+    "gptq2xpu inspect Qwen/Qwen3-30B-A3B-GPTQ-Int4",
+    "gptq2xpu convert Qwen/Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu",
+    "gptq2xpu verify ./qwen3-xpu --source Qwen/Qwen3-30B-A3B-GPTQ-Int4",
+    "gptq2xpu convert --help",
+]
+app.info.epilog = _epilog(ROOT_EXAMPLES, JSON_CONTRACT, EXIT_CODES)
 
 
-def _on_sigterm(signum, frame):
+def _on_sigterm(_signum, _frame):
     raise Interrupted("terminated by SIGTERM")
 
 
-def _on_sigint(signum, frame):
+def _on_sigint(_signum, _frame):
     # Not KeyboardInterrupt: typer turns that into a silent ``return 130``; this reaches main().
     raise Interrupted("stopped by SIGINT (Ctrl-C)")
 
 
-def _error_line(exc: Gptq2XpuError) -> str:
-    line = f"gptq2xpu: {exc.kind}: {exc.message}"
-    if exc.hint:
-        line += f" ({exc.hint})"
-    return line
+def _message(exc: Gptq2XpuError) -> str:
+    return exc.message + (f" ({exc.hint})" if exc.hint else "")
+
+
+def scan_flags(argv: list[str]) -> Flags:
+    """--json, --quiet/-q and --debug anywhere before a ``--``, so that they hold in any position
+    and even when parsing fails (a usage error still gets its JSON object)."""
+    words = argv[:argv.index("--")] if "--" in argv else argv
+    return Flags(json="--json" in words, quiet="--quiet" in words or "-q" in words,
+                 debug="--debug" in words or os.environ.get("GPTQ2XPU_DEBUG") == "1")
+
+
+def _command_name(argv: list[str]) -> str | None:
+    """The command word: the first word that is not an option (the root options take no value)."""
+    return next((w for w in argv if not w.startswith("-")), None) if argv else None
+
+
+def _traceback() -> None:
+    if SESSION.flags.debug:
+        import traceback
+
+        traceback.print_exc()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: runs the app and turns every expected failure into one line + exit code."""
+    """Console entry point: runs the app and turns every outcome into an exit code, every failure
+    into one line on stderr, and, with --json, every outcome into one JSON object on stdout."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _state["debug"] = "--debug" in argv or os.environ.get("GPTQ2XPU_DEBUG") == "1"
+    SESSION.reset(scan_flags(argv))
+    command = _command_name(argv)
     saved = {}
     try:
         saved[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -103,46 +166,43 @@ def main(argv: list[str] | None = None) -> None:
             saved[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # not the main thread (embedded use)
         pass
-    code = 0
+    code, kind, message = 0, None, None   # kind and message: the error, when there is one
+    report = True                         # whether --json prints an object
     try:
         rv = app(args=argv, prog_name="gptq2xpu", standalone_mode=False)
-        if isinstance(rv, int):
-            code = rv
-            if code == EXIT_INTERRUPTED:  # typer turned a KeyboardInterrupt into this return value
-                sys.stderr.write("gptq2xpu: interrupted; partial output removed\n")
+        if isinstance(rv, int) and rv == EXIT_INTERRUPTED:  # typer turned a KeyboardInterrupt into this
+            code, kind, message = rv, "interrupted", "partial output removed"
+        elif SESSION.output is None:  # --help printed text: nothing to report
+            report = False
     except Gptq2XpuError as exc:
-        if _state["debug"]:
-            import traceback
-
-            traceback.print_exc()
-        sys.stderr.write(_error_line(exc) + "\n")
-        code = exc.exit_code
+        _traceback()
+        code, kind, message = exc.exit_code, exc.kind, _message(exc)
     except (KeyboardInterrupt, *_ABORTS):
-        sys.stderr.write("gptq2xpu: interrupted; partial output removed\n")
-        code = EXIT_INTERRUPTED
-    except _EXITS as exc:
-        code = exc.exit_code
-    except _NO_ARGS_HELP as exc:  # bare `gptq2xpu` / `gptq2xpu convert`: the help was printed
+        code, kind, message = EXIT_INTERRUPTED, "interrupted", "partial output removed"
+    except _EXITS as exc:  # --help, --version: they printed what was asked
+        code, report = exc.exit_code, False
+    except _NO_ARGS_HELP as exc:  # bare `gptq2xpu`: the help, on stderr
         exc.show()
-        code = EXIT_USAGE
+        code, report = EXIT_USAGE, False
     except _CLICK_ERRORS as exc:  # bad option / missing argument: one line, like every other error
-        if _state["debug"]:
-            import traceback
-
-            traceback.print_exc()
-        sys.stderr.write(_error_line(UsageError(exc.format_message())) + "\n")
-        code = exc.exit_code if exc.exit_code else EXIT_USAGE
+        _traceback()
+        code, kind, message = exc.exit_code or EXIT_USAGE, UsageError.kind, " ".join(exc.format_message().split())
     except BrokenPipeError:
-        code = 0
+        code, report = 0, False
     except Exception as exc:  # a bug: one line unless --debug
-        if _state["debug"]:
-            import traceback
-
-            traceback.print_exc()
+        _traceback()
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())
-        sys.stderr.write(f"gptq2xpu: internal error: {detail} (re-run with --debug and report it)\n")
-        code = EXIT_INTERNAL
+        code, kind, message = EXIT_INTERNAL, "internal error", f"{detail} (re-run with --debug and report it)"
     for sig, handler in saved.items():  # embedded callers (tests) get their handlers back
         signal.signal(sig, handler)
-    sys.stdout.flush()
+    if kind is not None:
+        sys.stderr.write(f"gptq2xpu: {kind}: {message}\n")
+    try:
+        if report and SESSION.flags.json:
+            out = SESSION.output
+            print_json(envelope(exit_code=code, message=message if kind else (out.message if out else ""),
+                                error=kind, command=command, data=out.data if out else None))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `gptq2xpu ... --json | head`: the reader left
+        pass
     raise SystemExit(code)

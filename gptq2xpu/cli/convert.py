@@ -9,6 +9,7 @@ import typer
 
 from ..errors import UsageError
 from .options import (
+    DebugOpt,
     EncodingOpt,
     JobsOpt,
     JsonOpt,
@@ -22,46 +23,68 @@ from .options import (
     convert_options,
     parse_part,
 )
-from .output import Output
+from .output import session_output
 from .render import render_convert
+
+EXAMPLES = [
+    "gptq2xpu convert Qwen/Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu",
+    "gptq2xpu convert ./Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu --scale-dtype bfloat16 --jobs 8",
+    "gptq2xpu convert Qwen/Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu-tp4 --tp-size 4 --emit-ranks",
+    "gptq2xpu convert SOURCE /shared/out --part 2/4 && gptq2xpu finalize /shared/out",
+]
 
 
 def convert(
-    source: Annotated[str, typer.Argument(help="GPTQ checkpoint: a local folder or a Hugging Face repo id.")],
-    output: Annotated[Path, typer.Argument(help="Folder to create (appears only when complete).")],
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="GPTQ checkpoint: a local folder or a Hugging Face "
+                                          "repo id.")],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Folder to create (appears only when complete; "
+                                           "an existing empty folder is accepted).")],
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     scale_dtype: ScaleDtypeOpt = "keep",
     nibble_encoding: EncodingOpt = "u4b8",
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB (the default, as Hugging Face saves), 500MB, 2GiB.")] = "5GB",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Largest output shard: "
+                                                "5GB (as Hugging Face saves), 500MB, 2GiB, or bytes.")] = "5GB",
     tp_size: TpOpt = 1,
-    emit_ranks: Annotated[bool, typer.Option("--emit-ranks", help="Also write tp-ranks/rank-XXX-of-YYY/ folders holding each rank's expert slices (needs --tp-size).")] = False,
+    emit_ranks: Annotated[bool, typer.Option("--emit-ranks", help="Also write tp-ranks/rank-XXX-of-YYY/ folders "
+                                             "holding each rank's expert slices (needs --tp-size 2 or more).")] = False,
     keep_unsupported: KeepOpt = False,
     dequantize_router: RouterOpt = False,
     jobs: JobsOpt = None,
-    part: Annotated[str | None, typer.Option("--part", help="Write only part i of n of the output shards into a shared OUTPUT; run `gptq2xpu finalize OUTPUT` after all parts.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT (only once the new one is complete).")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (from headers alone) and write nothing.")] = False,
+    part: Annotated[str | None, typer.Option("--part", metavar="I/N", help="Write only part I of N of the output "
+                                             "shards into a shared OUTPUT; run `gptq2xpu finalize OUTPUT` after "
+                                             "all parts.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing converted OUTPUT (only once "
+                                            "the new one is complete).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (from headers alone) and write "
+                                          "nothing.")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ):
     """Convert a GPTQ int4 MoE checkpoint into the XPU fused-MoE layout.
 
-    Every MoE layer's experts become four tensors (w13/w2 qweight and scales); every other tensor is
-    copied byte-identical; config.json gains a "gptq2xpu" block; gptq2xpu-manifest.json lists every
-    file with its sha256.
+    Every MoE layer's experts become four tensors (w13 and w2, qweight and scales); every other
+    tensor is copied byte-identical; config.json gains a "gptq2xpu" block; gptq2xpu-manifest.json
+    lists every file with its size and sha256.  The output is byte-identical for every --jobs.
     """
     from ..convert import convert as run
 
-    out = Output(json_out, quiet)
+    out = session_output(json_out, quiet, debug)
     options = convert_options(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding, tp_size=tp_size,
                               keep_unsupported=keep_unsupported, dequantize_router=dequantize_router,
                               max_shard_size=max_shard_size, emit_ranks=emit_ranks)
     if emit_ranks and part:
         raise UsageError("--emit-ranks cannot be combined with --part (rank folders are cut from the finished shards)")
-    with out.progress("converting") as update:
+    with out.progress() as update:
         result = run(source, output, options=options, jobs=jobs, overwrite=overwrite, dry_run=dry_run,
-                     part=parse_part(part), revision=revision, token=token, progress=update)
+                     part=parse_part(part), revision=revision, token=token,
+                     progress=lambda done, total: update("converting", done, total))
     for w in result.get("warnings", []):
         out.warn(w)
-    out.result(result, render_convert)
+    if dry_run:
+        message = f"dry run: {result['converted_layers']} MoE layer(s) would be converted; nothing written"
+    else:
+        message = (f"converted {result['converted_layers']} MoE layer(s) of {source} into {output}"
+                   + (f" (part {result['part']})" if result.get("part") else ""))
+    out.result(result, render_convert, message)

@@ -14,8 +14,17 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError, VerificationError
-from .options import JsonOpt
-from .output import Output, human_bytes
+from ..testing.synth import FAMILIES
+from .options import DebugOpt, Device, JsonOpt, QuietOpt, choice_enum, choices, value
+from .output import human_bytes, session_output
+
+EXAMPLES = [
+    "gptq2xpu demo",
+    "gptq2xpu demo --family mixtral --keep ./demo",
+    "gptq2xpu demo --device cpu --json",
+]
+
+Family = choice_enum("Family", FAMILIES)
 
 
 def _render(console, d: dict) -> None:
@@ -33,27 +42,39 @@ def _render(console, d: dict) -> None:
 
 
 def demo(
-    family: Annotated[str, typer.Option(help="Model family of the synthetic checkpoint (qwen3_moe, qwen2_moe, qwen3_5_moe, qwen3_next, mixtral, deepseek_v2, deepseek_v3, glm4_moe).")] = "qwen3_moe",
-    keep: Annotated[Path | None, typer.Option(help="Keep the source and converted folders under this folder instead of a temporary one.")] = None,
-    device: Annotated[str, typer.Option(help="Device for the reference MoE: auto, xpu, cuda, cpu.")] = "auto",
+    family: Annotated[Family, typer.Option(
+        "--family", metavar=choices(Family), help="Model family of the synthetic checkpoint.")] = "qwen3_moe",
+    keep: Annotated[Path | None, typer.Option(
+        "--keep", metavar="DIR",
+        help="Keep the source and converted folders under DIR instead of a temporary folder.")] = None,
+    device: Annotated[Device, typer.Option(
+        "--device", metavar=choices(Device),
+        help="Where the reference MoE runs (auto: xpu, else cuda, else cpu).")] = "auto",
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ):
-    """Make a small GPTQ MoE checkpoint, convert it, verify it, and print a summary (no download)."""
+    """Make a small GPTQ MoE checkpoint, convert it, verify it, and print a summary (no download).
+
+    The checkpoint is synthetic (random int4 experts with real GPTQ packing, an AutoRound-style
+    config, float router, attention and norms), written to a temporary folder that is removed
+    afterwards unless --keep is given.
+    """
     from ..convert import convert
-    from ..testing.synth import FAMILIES, make_checkpoint
+    from ..testing.synth import make_checkpoint
     from ..verify.runner import verify
 
-    if family not in FAMILIES:
-        raise UsageError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
-    out = Output(json_out)
+    family = value(family)
+    out = session_output(json_out, quiet, debug)
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="gptq2xpu-demo-"))
     try:
         if keep and (root / "source").exists():
             raise UsageError(f"{root}/source exists; choose an empty --keep folder")
-        spec = dict(family=family, hidden=512, moe_intermediate=256, num_experts=16, top_k=4, num_layers=3, group_size=128)
+        spec = dict(family=family, hidden=512, moe_intermediate=256, num_experts=16, top_k=4, num_layers=3,
+                    group_size=128)
         info = make_checkpoint(root / "source", **spec)
         result = convert(root / "source", root / "converted", jobs=None, progress=None)
-        report = verify(root / "converted", root / "source", device=device)
+        report = verify(root / "converted", root / "source", device=value(device))
         data = {
             "family": family,
             "moe_layers": len(info.moe_layers),
@@ -74,7 +95,7 @@ def demo(
             "kernel": report.get("backend", {}).get("detail", ""),
             "kept": bool(keep),
         }
-        out.result(data, _render)
+        out.result(data, _render, f"demo {family}: converted and verified {data['converted_layers']} MoE layer(s)")
         if report["status"] != "pass":
             raise VerificationError(f"demo conversion failed verification: {report['failures'][0]}")
     finally:

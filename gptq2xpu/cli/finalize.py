@@ -7,13 +7,21 @@ from typing import Annotated
 
 import typer
 
-from .options import JsonOpt
-from .output import Output
+from .options import DebugOpt, JsonOpt, QuietOpt
+from .output import session_output
+
+EXAMPLES = [
+    "gptq2xpu finalize /shared/qwen3-xpu",
+    "gptq2xpu finalize /shared/qwen3-xpu && gptq2xpu verify /shared/qwen3-xpu",
+]
 
 
 def finalize(
-    output: Annotated[Path, typer.Argument(help="The shared OUTPUT folder that every `convert --part i/n` wrote into.")],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="The shared OUTPUT folder that every "
+                                           "`convert --part I/N` wrote into.")],
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ):
     """Finish a split conversion: write index, config.json and manifest once every part is there.
 
@@ -21,7 +29,8 @@ def finalize(
     """
     from ..write import finalize as run
 
-    out = Output(json_out)
+    out = session_output(json_out, quiet, debug)
     files = run(output)
-    out.result({"output": str(output), "files": len(files), "finalized": True},
-               lambda c, d: c.print(f"[green]finalized[/] {d['output']}: {d['files']} files"))
+    data = {"output": str(output), "files": len(files), "finalized": True}
+    out.result(data, lambda c, d: c.print(f"[green]finalized[/] {d['output']}: {d['files']} files"),
+               f"finalized {output}: {len(files)} files")

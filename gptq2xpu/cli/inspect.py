@@ -8,9 +8,11 @@ import typer
 
 from ..errors import InputError
 from .options import (
+    DebugOpt,
     EncodingOpt,
     JsonOpt,
     KeepOpt,
+    QuietOpt,
     RevisionOpt,
     RouterOpt,
     ScaleDtypeOpt,
@@ -18,12 +20,19 @@ from .options import (
     TpOpt,
     convert_options,
 )
-from .output import Output
+from .output import session_output
 from .render import render_inspect
+
+EXAMPLES = [
+    "gptq2xpu inspect Qwen/Qwen3-30B-A3B-GPTQ-Int4",
+    "gptq2xpu inspect ./Qwen3-30B-A3B-GPTQ-Int4 --tp-size 4",
+    "gptq2xpu inspect Qwen/Qwen3-30B-A3B-GPTQ-Int4 --revision main --json > plan.json",
+]
 
 
 def inspect(
-    source: Annotated[str, typer.Argument(help="GPTQ checkpoint: a local folder or a Hugging Face repo id.")],
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="GPTQ checkpoint: a local folder or a Hugging Face "
+                                          "repo id.")],
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     scale_dtype: ScaleDtypeOpt = "keep",
@@ -32,18 +41,22 @@ def inspect(
     keep_unsupported: KeepOpt = False,
     dequantize_router: RouterOpt = False,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ):
     """Show what `convert` would do, per MoE layer, without reading tensor data.
 
-    Family, MoE layers (converted / passed through / refused, with the reason), experts, K, N,
-    group sizes, routers kept out of the expert path, bytes in and out, tensor-parallel sizes that
-    work.  For a hub repo id only the configs and the safetensors headers are downloaded (HTTP range
-    requests), or the local Hugging Face cache is used when it holds the whole repository; the
-    report says which, and how many bytes were fetched.  Exits 3 when `convert` would refuse a layer.
+    Family, MoE layers (converted, passed through or refused, with the reason), experts, K, N,
+    group sizes, routers kept out of the expert path, bytes in and out, and which tensor-parallel
+    sizes work.  For a hub repo id only the configs and the safetensors headers are downloaded
+    (HTTP range requests), or the local Hugging Face cache is used when it holds the whole
+    repository; the report says which, and how many bytes were fetched.  Exits 3 when `convert`
+    would refuse a layer.  docs/inspect.md explains every column.
     """
     from ..convert import make_plan
     from ..read.remote import open_for_inspect
 
+    out = session_output(json_out, quiet, debug)
     options = convert_options(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding, tp_size=tp_size,
                               keep_unsupported=keep_unsupported, dequantize_router=dequantize_router)
     ckpt, hub = open_for_inspect(source, revision=revision, token=token)
@@ -53,13 +66,13 @@ def inspect(
         data["source_fingerprint"] = plan.fingerprint
     if hub is not None:
         data["hub"] = hub.to_dict()
-    out = Output(json_out)
     if hub is not None and hub.range_ignored:
         out.warn(f"{hub.repo_id}: the server ignored HTTP Range for {len(hub.range_ignored)} file(s) "
                  f"({sorted(hub.range_ignored)[0]} ...); only the headers were read from the full responses")
     for w in data["warnings"]:
         out.warn(w)
-    out.result(data, render_inspect)
+    out.result(data, render_inspect, f"{data['moe_layers']} MoE layer(s): {data['converted_layers']} to convert, "
+               f"{data['passthrough_layers']} passed through, {data['refused_layers']} refused")
     if data["refusals"]:
         more = f" (and {len(data['refusals']) - 1} more)" if len(data["refusals"]) > 1 else ""
         raise InputError(f"convert would refuse {data['refusals'][0]}{more}")

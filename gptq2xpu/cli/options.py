@@ -1,40 +1,92 @@
-"""Options shared by several commands, defined once, and the parsing of their values."""
+"""Options shared by several commands, defined once, and the parsing and bounds of their values.
+
+Every option names its value (``--tp-size T``) and every choice lists its values, the same under
+every typer release the package accepts (the help is rendered by click's own formatter, see
+``gptq2xpu/cli/__init__.py``).  Every number has bounds: a value outside them is a usage error.
+"""
 
 from __future__ import annotations
 
 import re
+from enum import Enum
 from typing import Annotated
 
 import typer
 
+from ..contract import ENCODINGS
 from ..errors import UsageError
 from ..plan import ConvertOptions
+from ..plan.options import SCALE_DTYPE_CHOICES
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON summary on stdout.")]
+
+def choice_enum(name: str, values) -> type[Enum]:
+    """A str enum whose members are ``values`` (typer shows and checks them as choices)."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+ScaleDtype = choice_enum("ScaleDtype", SCALE_DTYPE_CHOICES)
+NibbleEncoding = choice_enum("NibbleEncoding", ENCODINGS)
+Device = choice_enum("Device", ("auto", "xpu", "cuda", "cpu"))
+ComputeDtype = choice_enum("ComputeDtype", ("auto", "bfloat16", "float16", "float32"))
+Backend = choice_enum("Backend", ("auto", "reference", "xpu-kernels"))
+
+
+def choices(enum: type[Enum]) -> str:
+    """The metavar of a choice: ``[keep|float16|bfloat16]``, from the enum itself."""
+    return "[" + "|".join(e.value for e in enum) + "]"
+
+
+#: bounds of the numeric options (inclusive)
+MAX_JOBS = 1024
+MAX_TP = 1024  # what a config block may record (gptq2xpu.contract)
+MAX_TOKENS = 65536
+MAX_SEED = 2**32 - 1
+MAX_PARTS = 10_000
+MAX_SHARD_BYTES = 2**50  # 1 PiB
+
+# --- the flags every command takes, in any position (main() also finds them before parsing)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, whatever the outcome "
+                                       "(see `gptq2xpu --help`).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors and warnings.")]
-RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) when SOURCE is a repo id.")]
-TokenOpt = Annotated[str | None, typer.Option(help="Hugging Face token for private or gated repos (default: the cached login).", envvar="HF_TOKEN", show_envvar=True)]
-ScaleDtypeOpt = Annotated[str, typer.Option("--scale-dtype", help="Scale dtype: keep, float16 or bfloat16 (the kernel reads scales in the activation dtype).")]
-EncodingOpt = Annotated[str, typer.Option("--nibble-encoding", help="u4b8 (offset-8 codes, what vLLM's XPU path feeds the kernel) or s4 (signed nibbles, byte ^ 0x88).")]
-TpOpt = Annotated[int, typer.Option("--tp-size", help="Make every tensor-parallel rank's slice of N hold whole supported groups (regroup, else zero-pad).")]
-KeepOpt = Annotated[bool, typer.Option("--keep-unsupported", help="Write MoE layers the kernel cannot run (e.g. 8-bit) unchanged instead of refusing.")]
-RouterOpt = Annotated[bool, typer.Option("--dequantize-router", help="Write a GPTQ-quantized router as a float weight instead of passing it through.")]
-JobsOpt = Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Worker threads (default: the cores available). Output is byte-identical for every value.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a Python traceback for errors.")]
+
+# --- where a source comes from
+RevisionOpt = Annotated[str | None, typer.Option(
+    "--revision", metavar="REV",
+    help="Hub revision (branch, tag or commit) when SOURCE is a repo id; refused for a local folder.")]
+TokenOpt = Annotated[str | None, typer.Option(
+    "--token", metavar="TOKEN", envvar="HF_TOKEN", show_envvar=True,
+    help="Hugging Face token for private or gated repos (default: the cached login).")]
+
+# --- what the converted experts look like (convert and inspect)
+ScaleDtypeOpt = Annotated[ScaleDtype, typer.Option("--scale-dtype", metavar=choices(ScaleDtype), help="Scale dtype; "
+                                                   "the kernel reads scales in the activation dtype.")]
+EncodingOpt = Annotated[NibbleEncoding, typer.Option("--nibble-encoding", metavar=choices(NibbleEncoding),
+                                                     help="u4b8: offset-8 codes, what vLLM's XPU path feeds the "
+                                                     "kernel; s4: signed nibbles (byte ^ 0x88).")]
+TpOpt = Annotated[int, typer.Option("--tp-size", metavar="T", min=1, max=MAX_TP, help="Make every tensor-parallel "
+                                    "rank's slice of N hold whole supported groups (regroup, else zero-pad).")]
+KeepOpt = Annotated[bool, typer.Option("--keep-unsupported", help="Write MoE layers the kernel cannot run (e.g. "
+                                       "8-bit) unchanged instead of refusing.")]
+RouterOpt = Annotated[bool, typer.Option("--dequantize-router", help="Write a GPTQ-quantized router as a float "
+                                         "weight instead of passing it through.")]
+JobsOpt = Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", min=1, max=MAX_JOBS,
+                                             help="Worker threads (default: the cores available).")]
 
 
 def parse_size(text: str | int) -> int:
     """'5GB' -> 5_000_000_000, '2GiB' -> 2*2**30, '500MB', '1048576' (bytes)."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,15})?)\s*([KMGT]i?B|B)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise UsageError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB, 2GiB or a byte count")
     unit = (m[2] or "B").upper()
     mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
     value = int(float(m[1]) * mult)
-    if value <= 0:
-        raise UsageError(f"--max-shard-size {text!r} must be positive")
+    if not 0 < value <= MAX_SHARD_BYTES:
+        raise UsageError(f"--max-shard-size {text!r}: expected more than 0 bytes and at most 1 PiB")
     return value
 
 
@@ -42,16 +94,27 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
     """'2/4' -> (2, 4)."""
     if text is None:
         return None
-    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if not m or not (1 <= int(m[1]) <= int(m[2])):
-        raise UsageError(f"--part {text!r}: expected i/n with 1 <= i <= n, e.g. 2/4")
+    m = re.fullmatch(r"(\d{1,6})/(\d{1,6})", text.strip())
+    if not m or not (1 <= int(m[1]) <= int(m[2]) <= MAX_PARTS):
+        raise UsageError(f"--part {text!r}: expected i/n with 1 <= i <= n <= {MAX_PARTS}, e.g. 2/4")
     return int(m[1]), int(m[2])
 
 
-def convert_options(*, scale_dtype: str, nibble_encoding: str, tp_size: int, keep_unsupported: bool,
-                    dequantize_router: bool, max_shard_size: str | int = "5GB",
+def convert_options(*, scale_dtype: Enum | str, nibble_encoding: Enum | str, tp_size: int,
+                    keep_unsupported: bool, dequantize_router: bool, max_shard_size: str | int = "5GB",
                     emit_ranks: bool = False) -> ConvertOptions:
     """The :class:`ConvertOptions` of ``convert`` and ``inspect`` from their command-line values."""
-    return ConvertOptions(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding,
+    return ConvertOptions(scale_dtype=value(scale_dtype), nibble_encoding=value(nibble_encoding),
                           max_shard_size=parse_size(max_shard_size), keep_unsupported=keep_unsupported,
                           dequantize_router=dequantize_router, tp_size=tp_size, emit_ranks=emit_ranks)
+
+
+def value(choice: Enum | str | None) -> str | None:
+    """The string of a choice (typer passes enum members; library callers may pass strings)."""
+    return choice.value if isinstance(choice, Enum) else choice
+
+
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether parameter ``name`` was typed on the command line (not a default, not an env var)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"

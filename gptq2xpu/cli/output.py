@@ -1,62 +1,176 @@
-"""One output helper for every command: rich text on a terminal, one JSON object with ``--json``.
+"""One output helper for every command: rich text for people, one JSON object with ``--json``.
 
-Results go to stdout; progress, warnings and errors go to stderr, so ``--json`` output stays
-machine-readable.  Progress bars appear only on an interactive terminal and never in CI.
+Results go to stdout; progress, warnings and errors go to stderr.  With ``--json`` the command's
+result is not printed by the command: :func:`gptq2xpu.cli.main` prints it once the outcome is
+known, as one object (:func:`envelope`), whether the command succeeded, failed verification or
+never ran (a usage error).  Progress bars appear only when stderr is an interactive terminal, never
+in CI (``CI`` set) and never with ``--quiet``; they are drawn on stderr, so stdout holds nothing but
+the result.  ``NO_COLOR`` is honoured (by rich).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TimeRemainingColumn
+from rich.text import Text
+
+from .. import __version__
+
+
+@dataclass
+class Flags:
+    """The flags every command takes, in any position (``main`` reads them before parsing)."""
+
+    json: bool = False
+    quiet: bool = False
+    debug: bool = False
+
+
+class Session:
+    """What one invocation of the command line has said so far (read by ``main`` at the end)."""
+
+    def __init__(self) -> None:
+        self.flags = Flags()
+        self.output: Output | None = None
+
+    def reset(self, flags: Flags) -> None:
+        self.flags = flags
+        self.output = None
+
+
+SESSION = Session()
 
 
 def _in_ci() -> bool:
     return bool(os.environ.get("CI")) or not sys.stderr.isatty()
 
 
+def _width() -> int | None:
+    # piped / CI output is read by people in logs: do not fold tables to 80 columns
+    return None if sys.stdout.isatty() else max(int(os.environ.get("COLUMNS") or 0), 200)
+
+
+def error_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True, width=_width())
+
+
 class Output:
+    """The output of one command.  Create it with :func:`session_output`."""
+
     def __init__(self, json_mode: bool = False, quiet: bool = False):
         self.json_mode = json_mode
         self.quiet = quiet
-        # piped / CI output is read by people in logs: do not fold tables to 80 columns
-        wide = None if sys.stdout.isatty() else max(int(os.environ.get("COLUMNS") or 0), 200)
-        self.out = Console(highlight=False, soft_wrap=True, width=wide)
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True, width=wide)
+        self.data: dict | None = None
+        self.message = ""
+        self.out = Console(highlight=False, soft_wrap=True, width=_width())
+        self.err = error_console()
 
-    def result(self, data: dict, render=None) -> None:
-        """Print the command's result: JSON, or ``render(console, data)`` for people."""
-        if self.json_mode:
-            sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-            sys.stdout.flush()
-        elif render is not None and not self.quiet:
+    def result(self, data: dict, render: Callable | None = None, message: str = "") -> None:
+        """The command's result: ``render(console, data)`` for people now; kept for ``--json``.
+
+        ``message`` is the one-line summary the JSON object carries on success."""
+        self.data = data
+        self.message = message
+        if not self.json_mode and not self.quiet and render is not None:
             render(self.out, data)
 
     def warn(self, message: str) -> None:
+        """A warning on stderr (shown with ``--quiet`` too)."""
         self.err.print(f"[yellow]warning:[/] {message}", markup=True)
 
     @contextlib.contextmanager
-    def progress(self, description: str):
-        """Yields ``update(done, total)``; a rich bar on a terminal, silent in CI or with --json."""
-        if self.json_mode or self.quiet or _in_ci():
-            yield lambda done, total: None
+    def progress(self):
+        """Yields ``update(what, done, total, unit="bytes")``: one bar per ``what`` with its amount
+        (binary units for bytes, ``3/48 layers`` otherwise) and the time remaining.  A bar appears
+        only once its total is known; nothing is drawn off a terminal, in CI or with ``--quiet``."""
+        if self.quiet or _in_ci():
+            yield _no_progress
             return
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+        bar = Progress("[progress.description]{task.description}", BarColumn(), _AmountColumn(),
+                       TimeRemainingColumn(), console=self.err, transient=True, redirect_stdout=False)
+        tasks: dict[str, int] = {}
 
-        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                      TransferSpeedColumn(), TimeRemainingColumn(), console=self.err, transient=True) as bar:
-            task = bar.add_task(description, total=None)
+        def update(what: str, done: int, total: int, unit: str = "bytes") -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total, unit=unit)
+            bar.update(tasks[what], completed=done, total=total)
 
-            def update(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
+        with bar:
             yield update
 
 
+def _no_progress(*_args, **_kwargs) -> None:
+    return None
+
+
+class _AmountColumn(ProgressColumn):
+    """``1.20/3.40 GiB`` (the units of every summary) or ``3/48 layers``."""
+
+    _bytes = DownloadColumn(binary_units=True)
+
+    def render(self, task):
+        unit = task.fields.get("unit", "bytes")
+        if unit == "bytes":
+            return self._bytes.render(task)
+        return Text(f"{int(task.completed)}/{int(task.total or 0)} {unit}", style="progress.download")
+
+
+def session_output(json_out: bool = False, quiet: bool = False, debug: bool = False) -> Output:
+    """The :class:`Output` of the running command: its own ``--json/--quiet/--debug`` options
+    combined with the same flags given anywhere else on the command line."""
+    flags = SESSION.flags
+    flags.json = flags.json or json_out
+    flags.quiet = flags.quiet or quiet
+    flags.debug = flags.debug or debug
+    SESSION.output = Output(flags.json, flags.quiet)
+    return SESSION.output
+
+
+# ------------------------------------------------------------------------------ the JSON contract
+
+#: Keys every ``--json`` object carries, first, in this order.
+ENVELOPE_KEYS = ("status", "exit_code", "message", "error", "command", "tool", "version")
+
+
+def envelope(*, exit_code: int, message: str, error: str | None, command: str | None,
+             data: dict | None = None) -> dict:
+    """The one JSON object of a run: status ``ok`` (exit 0), ``fail`` (exit 4, verification
+    failed) or ``error`` (anything else); the command's own data follows the fixed keys."""
+    status = "ok" if exit_code == 0 else "fail" if exit_code == 4 else "error"
+    doc = {"status": status, "exit_code": exit_code, "message": message, "error": error,
+           "command": command, "tool": "gptq2xpu", "version": __version__}
+    for key, value in (data or {}).items():
+        if key not in doc:
+            doc[key] = value
+    return doc
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: such numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def print_json(doc: dict) -> None:
+    sys.stdout.write(json.dumps(_finite(doc), indent=2, default=str, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
 def human_bytes(n: int) -> str:
+    """Binary units, as the progress bars show them: ``512 B``, ``1.19 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"

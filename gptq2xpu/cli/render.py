@@ -12,16 +12,23 @@ _ACTION_STYLE = {"convert": "green", "passthrough": "cyan", "refuse": "red"}
 def render_plan(console, data: dict) -> None:
     q = data["quantization"]
     console.print(f"[bold]{data['source']}[/]  family [bold]{data['family']}[/]  "
-                  f"{q['quant_method']} {q['bits']}-bit group {q['group_size']} ({q['checkpoint_format']}, from {q['found_in']})")
+                  f"{q['quant_method']} {q['bits']}-bit group {q['group_size']} ({q['checkpoint_format']}, "
+                  f"from {q['found_in']})")
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    for col in ("MoE layer", "action", "kind", "E", "K", "N", "group in->out", "scales", "reason / notes"):
-        table.add_column(col, overflow="fold")
+    for col in ("MoE layer", "action", "kind", "E", "K", "N", "group in->out", "scales"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("reason / notes", overflow="fold", min_width=20)
     for layer in data["layers"]:
         groups = ""
         if "source_group_size" in layer:
             src = layer["source_group_size"]
-            src_txt = "/".join(str(src[r]) for r in ("gate", "up", "down")) if len(set(src.values())) > 1 else str(next(iter(src.values())))
-            groups = src_txt + (f" -> {layer['w13_group_size']}/{layer['w2_group_size']}" if "w13_group_size" in layer else "")
+            if len(set(src.values())) > 1:
+                src_txt = "/".join(str(src[r]) for r in ("gate", "up", "down"))
+            else:
+                src_txt = str(next(iter(src.values())))
+            if "w13_group_size" in layer:
+                src_txt += f" -> {layer['w13_group_size']}/{layer['w2_group_size']}"
+            groups = src_txt
         scales = layer.get("scale_dtype", "") or ""
         why = layer["reason"] + ("; " + "; ".join(layer["notes"]) if layer.get("notes") else "")
         style = _ACTION_STYLE.get(layer["action"], "")

@@ -9,8 +9,35 @@ import typer
 from rich.table import Table
 
 from ..errors import VerificationError
-from .options import JsonOpt, RevisionOpt, TokenOpt
-from .output import Output
+from .options import (
+    MAX_JOBS,
+    MAX_SEED,
+    MAX_TOKENS,
+    Backend,
+    ComputeDtype,
+    DebugOpt,
+    Device,
+    JsonOpt,
+    QuietOpt,
+    RevisionOpt,
+    TokenOpt,
+    choices,
+    given,
+    value,
+)
+from .output import session_output
+
+EXAMPLES = [
+    "gptq2xpu verify ./qwen3-xpu",
+    "gptq2xpu verify ./qwen3-xpu --source Qwen/Qwen3-30B-A3B-GPTQ-Int4",
+    "gptq2xpu verify ./qwen3-xpu --source ./Qwen3-30B-A3B-GPTQ-Int4 --device xpu --layers sample:8",
+    "gptq2xpu verify ./qwen3-xpu --json > verify-report.json",
+]
+
+#: options that only the checks against --source use: parameter -> option
+_NEED_SOURCE = {"revision": "--revision", "token": "--token", "device": "--device", "dtype": "--dtype",
+                "backend": "--backend", "layers": "--layers", "tokens": "--tokens", "seed": "--seed",
+                "numeric": "--[no-]numeric", "exhaustive": "--exhaustive"}
 
 
 def render_report(console, data: dict) -> None:
@@ -19,7 +46,8 @@ def render_report(console, data: dict) -> None:
         console.print(f"{mark} {c['check']}: {c['detail']}")
     if data.get("layers"):
         t = Table(box=None, header_style="bold")
-        for col in ("layer", "tokens", "experts hit", "max abs", "rel", "cosine", "every expert rel", "kernel", "s", "ok"):
+        for col in ("layer", "tokens", "experts hit", "max abs", "rel", "cosine", "every expert rel", "kernel", "s",
+                    "ok"):
             t.add_column(col)
         for r in data["layers"]:
             k = r.get("kernel")
@@ -30,34 +58,70 @@ def render_report(console, data: dict) -> None:
         console.print(t)
     if data.get("backend"):
         dev = data.get("device", {})
-        console.print(f"device {dev.get('device_type')} ({dev.get('device_name')}), dtype {data.get('dtype')}; {data['backend']['detail']}")
+        console.print(f"device {dev.get('device_type')} ({dev.get('device_name')}), dtype {data.get('dtype')}; "
+                      f"{data['backend']['detail']}")
     status = "[green]PASS[/]" if data["status"] == "pass" else "[red]FAIL[/]"
     console.print(f"{status} {data['output']} in {data['seconds']} s")
 
 
 def verify(
-    output: Annotated[Path, typer.Argument(help="A converted checkpoint folder.")],
-    source: Annotated[str | None, typer.Option("--source", help="The GPTQ source (folder or repo id): adds bit-exact and numerical checks.")] = None,
+    ctx: typer.Context,
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="A converted checkpoint folder (the one holding "
+                                           "config.json and gptq2xpu-manifest.json).")],
+    source: Annotated[str | None, typer.Option("--source", metavar="SOURCE", help="The GPTQ checkpoint OUTPUT was "
+                                               "made from (folder or repo id): adds bit-exact and numerical "
+                                               "checks.")] = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
-    device: Annotated[str, typer.Option(help="auto (xpu, else cuda, else cpu), xpu, cuda or cpu.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (bfloat16 on a GPU, float32 on cpu), bfloat16, float16, float32.")] = "auto",
-    backend: Annotated[str, typer.Option(help="auto (also run vllm_xpu_kernels on xpu when it imports), reference, xpu-kernels.")] = "auto",
-    layers: Annotated[str | None, typer.Option(help="Layers for the numerical check: all (default), indices/ranges '0,5,10-12', or 'sample:N'.")] = None,
-    tokens: Annotated[int, typer.Option(min=1, help="Seeded tokens per layer for the reference MoE.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed of the token batch.")] = 0,
-    numeric: Annotated[bool, typer.Option("--numeric/--no-numeric", help="Run the reference MoE (with --source).")] = True,
-    exhaustive: Annotated[bool, typer.Option("--exhaustive", help="Decode every expert nibble by nibble, not a sample (bytes are always compared in full).")] = False,
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Threads for hashing and the bit-exact checks (default: the cores available).")] = None,
+    device: Annotated[Device, typer.Option(
+        "--device", metavar=choices(Device),
+        help="Where the reference MoE runs (auto: xpu, else cuda, else cpu).")] = "auto",
+    dtype: Annotated[ComputeDtype, typer.Option(
+        "--dtype", metavar=choices(ComputeDtype),
+        help="Compute dtype (auto: bfloat16 on a GPU, float32 on cpu).")] = "auto",
+    backend: Annotated[Backend, typer.Option(
+        "--backend", metavar=choices(Backend),
+        help="auto also runs vllm_xpu_kernels on an xpu when it imports; xpu-kernels insists on it.")] = "auto",
+    layers: Annotated[str | None, typer.Option(
+        "--layers", metavar="SPEC",
+        help="Layers for the numerical check: all (default), indices and ranges such as 0,5,10-12, or "
+             "sample:N.")] = None,
+    tokens: Annotated[int, typer.Option(
+        "--tokens", metavar="N", min=1, max=MAX_TOKENS, help="Seeded tokens per layer for the reference MoE.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", min=0, max=MAX_SEED, help="Seed of the token batch.")] = 0,
+    numeric: Annotated[bool, typer.Option("--numeric/--no-numeric", help="Run the reference MoE (with "
+                                          "--source).")] = True,
+    exhaustive: Annotated[bool, typer.Option("--exhaustive", help="Decode every expert nibble by nibble, not a "
+                                             "sample (bytes are always compared in full).")] = False,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", min=1, max=MAX_JOBS, help="Threads for "
+                                             "hashing and the bit-exact checks (default: the cores "
+                                             "available).")] = None,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ):
-    """Check converted shards: manifest, index, layout contract, config block; with --source, bit
-    for bit and through a reference int4 MoE.  Exit 0 only when everything holds, 4 otherwise."""
+    """Check a converted checkpoint: manifest, index, layout contract, config block; with --source,
+    bit for bit and through a reference int4 MoE.
+
+    Exit 0 only when everything holds, 4 when a check fails, 3 when OUTPUT is not a gptq2xpu output
+    or SOURCE is not the checkpoint OUTPUT was made from.
+    """
     from ..verify.runner import verify as run
 
-    out = Output(json_out)
-    report = run(output, source, revision=revision, token=token, device=device, dtype=dtype, backend=backend,
-                 layers=layers, tokens=tokens, seed=seed, numeric=numeric, exhaustive=exhaustive, jobs=jobs)
-    out.result(report, render_report)
+    out = session_output(json_out, quiet, debug)
+    unused = [opt for name, opt in _NEED_SOURCE.items() if given(ctx, name)] if source is None else []
+    if unused:
+        out.warn(f"{', '.join(unused)} ignored: only the checks against the GPTQ source use "
+                 f"{'it' if len(unused) == 1 else 'them'} (add --source SOURCE)")
+    with out.progress() as update:
+        report = run(output, source, revision=revision, token=token, device=value(device), dtype=value(dtype),
+                     backend=value(backend), layers=layers, tokens=tokens, seed=seed, numeric=numeric,
+                     exhaustive=exhaustive, jobs=jobs, progress=update)
+    for w in report.get("warnings", []):
+        out.warn(w)
+    if unused:
+        report["warnings"].insert(0, f"{', '.join(unused)} ignored without --source")
+    checks = len(report["checks"])
+    out.result(report, render_report, f"{output}: all {checks} checks passed")
     if report["status"] != "pass":
         raise VerificationError(f"{output}: {len(report['failures'])} check(s) failed: {report['failures'][0]}")

@@ -35,7 +35,7 @@ class CompressedTensorsFormat(QuantFormat):
         g_idx = fields.get("weight_g_idx")
         return (ckpt.ref(g_idx).shape[0] if g_idx else None), wp.shape[0]
 
-    def describe(self, ckpt, fields, in_features, where):
+    def describe(self, ckpt, fields, in_features, where):  # noqa: ARG002 (messages name tensors)
         wp = ckpt.ref(fields["weight_packed"])
         sc = ckpt.ref(fields["weight_scale"])
         if wp.dtype != "I32" or len(wp.shape) != 2:
@@ -56,11 +56,12 @@ class CompressedTensorsFormat(QuantFormat):
                 raise InputError(f"{ws.name}: weight_shape should be a 2-element integer tensor")
         return ProjSpec(in_features, n_out, bits, in_features // sc.shape[1], sc.dtype)
 
-    def check(self, ckpt, fields, spec, checkpoint_format):
+    def check(self, ckpt, fields, spec, checkpoint_format):  # noqa: ARG002 (one format, no variants)
         if "weight_shape" in fields:
             shape = [int(v) for v in ckpt.read(fields["weight_shape"]).reshape(-1)]
             if shape != [spec.out_features, spec.in_features]:
-                raise InputError(f"{fields['weight_shape']}: says {shape}, tensors say [{spec.out_features}, {spec.in_features}]")
+                raise InputError(f"{fields['weight_shape']}: says {shape}, tensors say "
+                                 f"[{spec.out_features}, {spec.in_features}]")
         if "weight_zero_point" in fields:
             name = fields["weight_zero_point"]
             zp = ckpt.read(name)
@@ -71,10 +72,12 @@ class CompressedTensorsFormat(QuantFormat):
                 # field, so a zero point of 0 is stored as 8 and 0x00000000 means -8 everywhere
                 u = zp.view(np.uint32)
                 per, mask = 32 // spec.bits, (1 << spec.bits) - 1
-                zp = np.stack([(u >> (spec.bits * j)) & mask for j in range(per)], axis=1).astype(np.int64) - (1 << (spec.bits - 1))
+                fields_ = np.stack([(u >> (spec.bits * j)) & mask for j in range(per)], axis=1)
+                zp = fields_.astype(np.int64) - (1 << (spec.bits - 1))
             if np.any(zp != 0):
                 raise InputError(f"{name}: asymmetric zero points; the XPU kernel runs symmetric int4 only")
         if "weight_g_idx" in fields:
             gi = ckpt.read(fields["weight_g_idx"])
             if not np.array_equal(gi, np.arange(spec.in_features) // spec.group_size):
-                raise InputError(f"{fields['weight_g_idx']}: input rows are reordered (actorder); the XPU kernel has no g_idx support")
+                raise InputError(f"{fields['weight_g_idx']}: input rows are reordered (actorder); the XPU kernel has "
+                                 "no g_idx support")

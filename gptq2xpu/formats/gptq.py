@@ -49,7 +49,8 @@ class GptqFormat(QuantFormat):
             raise InputError(f"{qw.name}: {rows} packed rows do not fit input size {in_features}")
         bits = 32 * rows // in_features
         if len(sc.shape) != 2 or sc.shape[1] != n_out or sc.shape[0] == 0:
-            raise InputError(f"{sc.name}: scales {list(sc.shape)} do not match qweight {list(qw.shape)} (want [groups, {n_out}])")
+            raise InputError(f"{sc.name}: scales {list(sc.shape)} do not match qweight {list(qw.shape)} "
+                             f"(want [groups, {n_out}])")
         if sc.dtype not in ("F16", "BF16", "F32"):
             raise InputError(f"{sc.name}: scales dtype {sc.dtype} is not a float type")
         n_groups = sc.shape[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..contract import FLOAT_DTYPE_NAMES
+from ..contract import CONFIG_BLOCK, FLOAT_DTYPE_NAMES, W13_QWEIGHT
 from ..errors import InputError
 from ..naming import classify, detect_family, natural_key, nested_text_config, routing_params
 from ..read import Checkpoint, read_quant_config
@@ -21,9 +21,11 @@ def build_plan(ckpt: Checkpoint, options: ConvertOptions | None = None) -> Plan:
     options = options or ConvertOptions()
     if sys.byteorder != "little":
         raise InputError("this host is big-endian; the int32 -> uint8 reinterpretation needs a little-endian host")
+    _refuse_converted(ckpt)
     quant = read_quant_config(ckpt.folder, ckpt.config)
     if quant.method == "gptq" and quant.bits != 4 and not quant.dynamic and not quant.extra:
-        raise InputError(f"{quant.found_in}: bits {quant.bits} is not supported; the XPU kernel runs 4-bit weights only")
+        raise InputError(f"{quant.found_in}: bits {quant.bits} is not supported; the XPU kernel runs 4-bit "
+                         "weights only")
     tmap = classify(ckpt.tensors)
     if not tmap.moe:
         raise InputError(f"{ckpt.origin}: no MoE layers found (no '<prefix>.experts.<e>.<proj>' tensors); "
@@ -46,7 +48,18 @@ def build_plan(ckpt: Checkpoint, options: ConvertOptions | None = None) -> Plan:
         bytes_in=ckpt.total_bytes,
         warnings=_router_warnings(layers, options),
         routing=routing_params(ckpt.config, family, max((lyr.experts for lyr in layers), default=1)).to_dict(),
+        provenance=dict(ckpt.provenance),
     )
+
+
+def _refuse_converted(ckpt: Checkpoint) -> None:
+    """A gptq2xpu output given as SOURCE: say so (it would otherwise read as "no MoE layers")."""
+    fused = next((n for n in ckpt.tensors if n.endswith(f".experts.{W13_QWEIGHT}")), None)
+    if CONFIG_BLOCK in ckpt.config or fused:
+        why = (f'its config.json has a "{CONFIG_BLOCK}" block' if CONFIG_BLOCK in ckpt.config
+               else f"it holds fused expert tensors such as {fused}")
+        raise InputError(f"{ckpt.origin}: already converted to the XPU layout ({why}); give the GPTQ checkpoint it "
+                         f"was made from, or check this one with `gptq2xpu verify {ckpt.origin}`")
 
 
 def _output_items(ckpt: Checkpoint, layers: list[LayerPlan], options: ConvertOptions):

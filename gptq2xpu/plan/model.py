@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from .. import __version__
 from ..contract import (
@@ -154,6 +155,10 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     routing: dict = field(default_factory=dict)
     fingerprint: str = ""
+    #: sampled data of the source (:meth:`gptq2xpu.read.Checkpoint.data_fingerprint`), set by convert
+    data_fingerprint: str = ""
+    #: where the source came from, publishable (:func:`gptq2xpu.read.resolve.provenance`)
+    provenance: dict = field(default_factory=dict)
 
     @property
     def converted(self) -> list[LayerPlan]:
@@ -200,7 +205,8 @@ class Plan:
                 "tensor_names": "<prefix>.experts.{w13_qweight,w13_scales,w2_qweight,w2_scales}",
             },
             "nibble_encoding": self.options.nibble_encoding,
-            "nibble_encoding_doc": ("u4b8: code q in 0..15 means (q - 8) * scale" if self.options.nibble_encoding == "u4b8"
+            "nibble_encoding_doc": ("u4b8: code q in 0..15 means (q - 8) * scale"
+                                    if self.options.nibble_encoding == "u4b8"
                                     else "s4: signed two's-complement nibbles, (q - 8) & 0xF, i.e. u4b8 byte ^ 0x88"),
             "symmetric": True,
             "zero_point": 8,
@@ -215,23 +221,37 @@ class Plan:
                          if self.options.emit_ranks else []),
             "routing": dict(self.routing),
             "layers": {lyr.prefix: _layer_block(lyr) for lyr in conv},
-            "passthrough_layers": {lyr.prefix: {"kind": lyr.kind, "reason": lyr.reason} for lyr in self.layers if lyr.action == "passthrough" and lyr.kind != "unsupported"},
-            "unconverted_layers": {lyr.prefix: {"kind": lyr.kind, "reason": lyr.reason} for lyr in self.layers if lyr.kind == "unsupported"},
-            "routers": sorted((r for lyr in self.layers if not lyr.router_quantized for r in lyr.routers), key=natural_key),
-            "quantized_routers": sorted((r for lyr in self.layers if lyr.router_quantized and not (lyr.converts and self.options.dequantize_router)
+            "passthrough_layers": {lyr.prefix: {"kind": lyr.kind, "reason": lyr.reason} for lyr in self.layers
+                                   if lyr.action == "passthrough" and lyr.kind != "unsupported"},
+            "unconverted_layers": {lyr.prefix: {"kind": lyr.kind, "reason": lyr.reason} for lyr in self.layers
+                                   if lyr.kind == "unsupported"},
+            "routers": sorted((r for lyr in self.layers if not lyr.router_quantized for r in lyr.routers),
+                              key=natural_key),
+            "quantized_routers": sorted((r for lyr in self.layers if lyr.router_quantized
+                                         and not (lyr.converts and self.options.dequantize_router)
                                          for r in lyr.routers), key=natural_key),
             "dequantized_routers": [f"{lyr.prefix}.gate.weight" for lyr in self.layers
                                     if lyr.router_quantized and lyr.converts and self.options.dequantize_router],
             "source": {
-                "origin": self.origin,
+                **self.published_origin(),
                 "family": self.family,
                 "fingerprint": self.fingerprint,
+                **({"data_fingerprint": self.data_fingerprint} if self.data_fingerprint else {}),
                 "quant_method": self.quant.method,
                 "checkpoint_format": self.quant.checkpoint_format,
                 "found_in": self.quant.found_in,
-                "dropped_tensors": "per-expert qzeros and g_idx: symmetric zero point 8 and rows in natural order, checked from the data",
+                "dropped_tensors": ("per-expert qzeros and g_idx: symmetric zero point 8 and rows in natural order, "
+                                    "checked from the data"),
             },
         }
+
+    def published_origin(self) -> dict:
+        """The source as the config block records it: the repo id (with the revision asked for and
+        the commit it resolved to) or the folder's name, never a local path, so that published
+        outputs leak nothing and identical conversions write identical files on every machine."""
+        prov = dict(self.provenance) or {"folder": Path(self.origin).name}
+        origin = prov.get("repo_id") or prov.get("folder") or ""
+        return {"origin": origin, **prov}
 
     def to_dict(self) -> dict:
         return {
@@ -251,7 +271,7 @@ class Plan:
             "bytes_out": self.bytes_out,
             "warnings": list(self.warnings),
             "refusals": [f"{lyr.prefix}: {lyr.reason}" for lyr in self.refused],
-            "tp": tp_report(self.converted) if self.converted else [],
+            "tp": tp_report(self.converted, requested=self.options.tp_size) if self.converted else [],
         }
 
 

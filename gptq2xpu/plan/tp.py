@@ -31,26 +31,36 @@ def choose_w2_groups(n: int, g_down: int, tp: int) -> tuple[int, int | None]:
     return best if best is not None else (n, None)
 
 
-def tp_report(converted, sizes=REPORTED_SIZES) -> list[dict]:
+def tp_report(converted, sizes=REPORTED_SIZES, requested: int = 1) -> list[dict]:
     """Which tensor-parallel sizes work as-is, by regrouping, or only by padding, and what each
-    costs: the exact extra bytes of the converted tensors against ``--tp-size 1``."""
+    costs: the exact extra bytes of the converted tensors against a conversion for one rank
+    (``--tp-size 1``), whatever ``--tp-size`` this plan was made for.  ``requested`` (the plan's
+    own size) is reported too when it is not one of ``sizes``."""
     out = []
-    for t in sizes:
+    for t in sorted({*sizes, requested}):
         how, extra = "as-is", 0
         for layer in converted:
-            base = layer.geometry
-            padded, g2 = choose_w2_groups(layer.intermediate, layer.source_groups["down"], t)
-            if g2 is None:
+            one = _geometry(layer, 1)
+            geo = _geometry(layer, t)
+            if one is None or geo is None:
                 how = "impossible"
                 break
-            geo = LayerGeometry(base.experts, base.hidden, base.intermediate, padded, base.g13, g2)
-            extra += _layer_bytes(geo, layer.scale_dtype) - _layer_bytes(base, layer.scale_dtype)
-            if padded != base.padded:
+            extra += _layer_bytes(geo, layer.scale_dtype) - _layer_bytes(one, layer.scale_dtype)
+            if geo.padded != one.padded:
                 how = "pad"
-            elif g2 != base.g2 and how == "as-is":
+            elif geo.g2 != one.g2 and how == "as-is":
                 how = "regroup"
-        out.append({"tp_size": t, "how": how, "extra_bytes": int(extra)})
+        out.append({"tp_size": t, "how": how, "extra_bytes": int(extra) if how != "impossible" else 0})
     return out
+
+
+def _geometry(layer, tp: int) -> LayerGeometry | None:
+    """The layer's converted shapes for ``tp`` ranks (None: no supported group fits)."""
+    base = layer.geometry
+    padded, g2 = choose_w2_groups(layer.intermediate, layer.source_groups["down"], tp)
+    if g2 is None:
+        return None
+    return LayerGeometry(base.experts, base.hidden, base.intermediate, padded, base.g13, g2)
 
 
 def _layer_bytes(geo: LayerGeometry, scale_dtype: str) -> int:

@@ -30,18 +30,23 @@ import numpy as np
 from ..contract import INDEX_NAME
 from ..errors import InputError
 from ..safetensors_io import (
+    _SCAN,
+    _WS,
     NUMPY_DTYPES,
     FileTensors,
     SafetensorsHeader,
     TensorEntry,
     TensorTable,
+    _json_error,
     read_header_fd,
     read_into,
 )
-from ..safetensors_io import _SCAN, _WS, _json_error
 from .paths import MAX_JSON_BYTES, Folder, check_member_name
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: windows of tensor data per shard hashed by :meth:`Checkpoint.data_fingerprint`, and their size
+DATA_SAMPLES = 8
+DATA_SAMPLE_BYTES = 4096
 
 
 #: Where one source tensor lives: ``file`` (relative to the root), ``name``, ``dtype``, ``shape``,
@@ -62,6 +67,9 @@ class Checkpoint:
     index_file: str | None = None
     folder: Folder | None = None
     revision: str | None = None
+    #: what a published output may record about where the source came from (see
+    #: :func:`gptq2xpu.read.resolve.provenance`): never a local path
+    provenance: dict = field(default_factory=dict)
     _stats: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -103,7 +111,8 @@ class Checkpoint:
             except OSError as exc:
                 raise InputError(f"{file}: source file vanished during the run ({exc.strerror})") from None
             if (st.st_size, st.st_mtime_ns) != (size, mtime):
-                raise InputError(f"{file}: source file changed during the run (size or mtime differs); re-run on a stable copy")
+                raise InputError(f"{file}: source file changed during the run (size or mtime differs); re-run on a "
+                                 "stable copy")
 
     @property
     def trusted_root(self) -> Path:
@@ -118,6 +127,26 @@ class Checkpoint:
             return buf.tobytes()
 
         return fingerprint_headers((f, hdr.file_size, prefix(f, hdr)) for f, hdr in sorted(self.shards.items()))
+
+    def data_fingerprint(self) -> str:
+        """sha256 over sampled windows of every shard's tensor data (at most
+        ``DATA_SAMPLES`` x ``DATA_SAMPLE_BYTES`` bytes per shard, at offsets spread evenly over the
+        data): tells apart checkpoints whose headers are identical but whose weights differ (two
+        quantizations of one model), cheaply.  Not an integrity check of every byte."""
+        h = hashlib.sha256()
+        for file, hdr in sorted(self.shards.items()):
+            start, size = hdr.data_start, hdr.file_size - hdr.data_start
+            h.update(file.encode() + b"\0" + str(size).encode() + b"\0")
+            if size <= DATA_SAMPLES * DATA_SAMPLE_BYTES:
+                spans = [(start, size)] if size else []
+            else:
+                step = (size - DATA_SAMPLE_BYTES) / (DATA_SAMPLES - 1)
+                spans = [(start + round(i * step), DATA_SAMPLE_BYTES) for i in range(DATA_SAMPLES)]
+            for offset, length in spans:
+                buf = np.empty(length, dtype=np.uint8)
+                read_into(self._fd(file), offset, buf, file)
+                h.update(buf.tobytes())
+        return "sha256:" + h.hexdigest()
 
     @property
     def total_bytes(self) -> int:

@@ -22,15 +22,14 @@ Per-module rules:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
 from .paths import Folder
+from .regex import Regex, Unsupported
 
 NESTED_CONFIG_KEYS = ("text_config", "language_config", "llm_config", "thinker_config", "model_config")
-MAX_PATTERN_LEN = 2000
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,9 @@ class QuantConfig:
     checkpoint_format: str            # "gptq" (v1) or "gptq_v2"; "pack-quantized" for compressed-tensors
     found_in: str                     # e.g. "config.json:quantization_config"
     raw: dict = field(default_factory=dict)
-    dynamic: list[tuple[str, str, dict, re.Pattern]] = field(default_factory=list)  # (sign, pattern, overrides, compiled)
-    extra: list[tuple[str, dict, re.Pattern | None]] = field(default_factory=list)
-    ignore: list[tuple[str, re.Pattern | None]] = field(default_factory=list)
+    dynamic: list[tuple[str, str, dict, Regex]] = field(default_factory=list)  # (sign, pattern, overrides, compiled)
+    extra: list[tuple[str, dict, Regex | None]] = field(default_factory=list)
+    ignore: list[tuple[str, Regex | None]] = field(default_factory=list)
 
     def module(self, name: str) -> ModuleQuant:
         """The effective settings for module ``name`` (e.g. ``model.layers.3.mlp.experts.7.up_proj``)."""
@@ -103,57 +102,12 @@ def _as_int(value, key, where) -> int:
     return value
 
 
-def _compile(pattern: str, where: str) -> re.Pattern:
-    if len(pattern) > MAX_PATTERN_LEN:
-        raise InputError(f"{where}: pattern longer than {MAX_PATTERN_LEN} characters")
+def _compile(pattern: str, where: str) -> Regex:
+    """A config pattern, compiled for linear-time matching (see :mod:`gptq2xpu.read.regex`)."""
     try:
-        compiled = re.compile(pattern)
-        if _nested_repeat(_sre_parse(pattern)):
-            raise InputError(f"{where}: regular expression {pattern!r} repeats a repeated group (like '(a+)+'), "
-                             "which can take exponential time to match; write it without nested repeats")
-        return compiled
-    except (re.error, OverflowError, ValueError) as exc:  # OverflowError: a{99999999999}
-        raise InputError(f"{where}: invalid regular expression {pattern!r} ({exc})") from None
-    except RecursionError:  # thousands of nested groups
-        raise InputError(f"{where}: regular expression nested too deeply") from None
-
-
-def _sre_parse(pattern: str):
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            from re import _parser as sre_parse  # Python >= 3.11
-        except ImportError:  # pragma: no cover
-            import sre_parse
-    return sre_parse.parse(pattern)
-
-
-def _nested_repeat(items, inside_repeat: bool = False) -> bool:
-    """True when an unbounded-ish repeat (max > 1) contains another one: star height > 1, the
-    shape behind catastrophic backtracking ('(a+)+', '(a|aa)*b')... untrusted configs must not
-    be able to hang a conversion."""
-    from re import _constants as c  # noqa: PLC2701  (3.11+; the parser's own node names)
-
-    for op, av in items:
-        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
-            lo, hi, sub = av
-            repeats = hi is c.MAXREPEAT or hi > 1
-            if repeats and inside_repeat:
-                return True
-            if _nested_repeat(sub, inside_repeat or repeats):
-                return True
-        elif op == c.SUBPATTERN:
-            if _nested_repeat(av[-1], inside_repeat):
-                return True
-        elif op == c.BRANCH:
-            if any(_nested_repeat(b, inside_repeat) for b in av[1]):
-                return True
-        elif op in (c.ASSERT, c.ASSERT_NOT):
-            if _nested_repeat(av[1], inside_repeat):
-                return True
-    return False
+        return Regex(pattern)
+    except Unsupported as exc:
+        raise InputError(f"{where}: regular expression {pattern[:100]!r}: {exc}") from None
 
 
 def _locate(folder: Folder, config: dict) -> tuple[dict, str] | None:

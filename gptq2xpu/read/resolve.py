@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 
 #: Files a conversion needs from a hub repository (fnmatch patterns for ``allow_patterns``).
 ALLOW_PATTERNS = [
@@ -46,10 +46,27 @@ def resolve_source(source: str, *, revision: str | None = None, token: str | Non
     if path.exists():
         if not path.is_dir():
             raise InputError(f"{source}: SOURCE must be a checkpoint folder, not a file")
+        if revision is not None:
+            raise UsageError(f"--revision {revision!r}: SOURCE {source} is a local folder; --revision selects a "
+                             "commit of a Hugging Face repo id (drop it, or name the repo id)")
         return path, path, str(source)
     if not looks_like_repo_id(source):
         raise InputError(f"{source}: no such folder, and not a Hugging Face repo id (owner/name)")
     return _download(source, revision, token)
+
+
+def provenance(source: str, folder: Path, revision: str | None) -> dict:
+    """What a converted checkpoint records about its source: the same on every machine, and safe
+    to publish (never a local path).  A hub repo id gives ``repo_id``, the ``revision`` asked for
+    and the ``commit`` it resolved to; a local folder its name, or, for a folder of the Hugging
+    Face cache (``models--owner--name/snapshots/<commit>``), the repo id and commit it holds."""
+    local = Path(source).expanduser()
+    folder = Path(folder)
+    snapshot = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
+    if local.exists() and not snapshot:
+        return {"folder": local.resolve().name}
+    repo_id = source if not local.exists() else folder.parent.parent.name[len("models--"):].replace("--", "/")
+    return {"repo_id": repo_id, "revision": revision, "commit": folder.name if snapshot else None}
 
 
 def cached_snapshot(repo_id: str, *, revision: str | None = None, token: str | None = None) -> tuple[Path, Path, str]:
@@ -75,7 +92,8 @@ def _download(repo_id: str, revision: str | None, token: str | None, *,
     except hf_errors.GatedRepoError:
         raise InputError(f"{repo_id}: gated repository; accept its terms and pass --token") from None
     except hf_errors.RepositoryNotFoundError:
-        raise InputError(f"{repo_id}: repository not found on the Hugging Face hub (or no access: pass --token)") from None
+        raise InputError(f"{repo_id}: repository not found on the Hugging Face hub (or no access: pass "
+                         "--token)") from None
     except hf_errors.RevisionNotFoundError:
         raise InputError(f"{repo_id}: revision {revision!r} not found") from None
     except hf_errors.LocalEntryNotFoundError:

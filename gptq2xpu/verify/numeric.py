@@ -5,6 +5,14 @@ the reference MoE (:mod:`.reference`) once with the source experts dequantized b
 (zero points and ``g_idx`` honoured) and once with the converted bytes dequantized directly; then
 every expert once more on its own, so experts the router did not pick are covered too.  With
 tensor parallelism, the sum of the ranks' partial outputs is compared with the full layer.
+
+On a CPU (``streamed``) each side is computed one expert at a time
+(:func:`.reference.moe_forward_streamed` over :mod:`.experts`): an expert is dequantized into
+reused buffers and runs its routed tokens and its coverage token in one GEMM pair, experts spread
+over ``torch.get_num_threads()`` worker threads, so the layer's float weights never exist as a
+whole (2.4 GB per side at full width). Elsewhere (GPU / XPU) the
+whole layer is dequantized and run as two batched GEMMs (:func:`.reference.moe_forward`), where a
+Python loop over experts would cost more than the GEMMs.
 """
 
 from __future__ import annotations
@@ -27,8 +35,23 @@ def load_source(src: Checkpoint, prefix: str, info: dict, device) -> dict:
     loaded = {}
     for role in ROLES:
         base = [f"{prefix}.experts.{i}.{proj[role]}." for i in range(e)]
-        loaded[role] = {f: read_stacked(src, [b + f for b in base], device) for f in fields if base[0] + f in src.tensors}
+        loaded[role] = {f: read_stacked(src, [b + f for b in base], device)
+                        for f in fields if base[0] + f in src.tensors}
     return loaded
+
+
+def _source_offset_and_cast(info: dict, block: dict):
+    """The source's zero-point offset (1 for GPTQ v1, 0 for v2) and the dtype the converter cast
+    its scales to (None when they were kept)."""
+    import torch
+
+    offset = 1 if block.get("source", {}).get("checkpoint_format", "gptq") == "gptq" else 0
+    # --scale-dtype asked the converter to store the scales in another dtype: that cast (round to
+    # nearest even, proven bit for bit by check_scales) is part of the conversion, so the source
+    # side takes its scales through the same cast, and the tolerances stay those of execution noise.
+    name = _SCALE_NAMES.get(info.get("scale_dtype"), info.get("scale_dtype"))
+    cast = {"F16": torch.float16, "BF16": torch.bfloat16}.get(name)
+    return offset, cast
 
 
 def dequant_source(loaded: dict, info: dict, block: dict, dtype):
@@ -37,11 +60,7 @@ def dequant_source(loaded: dict, info: dict, block: dict, dtype):
 
     from .unpack import gptq_dequant, xpu_dequant
 
-    offset = 1 if block.get("source", {}).get("checkpoint_format", "gptq") == "gptq" else 0
-    # --scale-dtype asked the converter to store the scales in another dtype: that cast (round to
-    # nearest even, proven bit for bit by check_scales) is part of the conversion, so the source
-    # side takes its scales through the same cast, and the tolerances stay those of execution noise.
-    cast = {"F16": torch.float16, "BF16": torch.bfloat16}.get(_SCALE_NAMES.get(info.get("scale_dtype"), info.get("scale_dtype")))
+    offset, cast = _source_offset_and_cast(info, block)
     out = {}
     for role, t in loaded.items():
         if "weight_packed" in t:
@@ -86,20 +105,14 @@ def router_weight(out: Checkpoint, src: Checkpoint, prefix: str, block: dict, de
     raise Gptq2XpuError(f"{prefix}: no router weight ({name}) to route tokens with")
 
 
-def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, block: dict, *, device, dtype,
-                  tokens: int, seed: int, kernel: bool = False) -> dict:
+def layer_inputs(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, block: dict, *, device, tokens: int,
+                 seed: int):
+    """The seeded tokens of one layer's check and their routing: ``(x [T, K], x_cov [E, K], topk
+    weights [T, k], topk ids [T, k])``, x_cov holding the every-expert pass's token per expert."""
     import torch
 
     from ..torch_io import read_tensor
-    from .device import synchronize
-    from .reference import (
-        compare,
-        moe_forward,
-        route,
-        within_kernel_tolerance,
-        within_tolerance,
-    )
-    from .unpack import xpu_dequant
+    from .reference import route
 
     routing = block.get("routing") or {}
     e = int(info["experts"])
@@ -114,6 +127,28 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
     tw, tid = route(x, router, top_k, scoring=routing.get("scoring", "softmax"),
                     renormalize=bool(routing.get("renormalize", True)), correction_bias=bias,
                     routed_scaling_factor=float(routing.get("routed_scaling_factor", 1.0)))
+    return x, x_cov, tw, tid
+
+
+def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, block: dict, *, device, dtype,
+                  tokens: int, seed: int, kernel: bool = False, streamed: bool | None = None) -> dict:
+    """The numerical check of one layer. ``streamed``: one expert at a time (default on a CPU),
+    or the whole layer at once (default elsewhere); both compute the same checks."""
+    import torch
+
+    from .device import synchronize
+    from .reference import (
+        compare,
+        moe_forward,
+        within_kernel_tolerance,
+        within_tolerance,
+    )
+    from .unpack import xpu_dequant
+
+    routing = block.get("routing") or {}
+    e = int(info["experts"])
+    x, x_cov, tw, tid = layer_inputs(src, out, prefix, info, block, device=device, tokens=tokens, seed=seed)
+    top_k = tid.shape[1]
     cov_w = torch.ones(e, 1, device=device)
     cov_id = torch.arange(e, device=device).unsqueeze(1)
 
@@ -126,27 +161,42 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
     t1 = time.perf_counter()
     # compute: dequantize both sides, run the reference MoE on routed tokens and on every expert
     enc = block["nibble_encoding"]
-    sw13, sw2 = dequant_source(src_packed, info, block, dtype)
-    y_src = moe_forward(x.to(dtype), sw13, sw2, tw, tid)
-    c_src = moe_forward(x_cov.to(dtype), sw13, sw2, cov_w, cov_id)
-    del sw13, sw2
-    synchronize(device)
-    t_mid = time.perf_counter()
-    cw13, cw2 = xpu_dequant(w13, s13, enc, dtype), xpu_dequant(w2, s2, enc, dtype)
-    y_conv = moe_forward(x.to(dtype), cw13, cw2, tw, tid)
-    synchronize(device)
-    t_conv = time.perf_counter()
-    c_conv = moe_forward(x_cov.to(dtype), cw13, cw2, cov_w, cov_id)
-    del cw13, cw2
-    synchronize(device)
-    t2 = time.perf_counter()
+    if streamed is None:
+        streamed = torch.device(device).type == "cpu"
+    if streamed:
+        from .experts import ConvertedExperts, SourceExperts
+        from .reference import moe_forward_streamed
+
+        offset, cast = _source_offset_and_cast(info, block)
+        y_src, c_src = moe_forward_streamed(x, SourceExperts(src_packed, dtype, zero_offset=offset, scale_cast=cast),
+                                            tw, tid, every=x_cov)
+        synchronize(device)
+        t_mid = time.perf_counter()
+        y_conv, c_conv = moe_forward_streamed(x, ConvertedExperts(w13, s13, w2, s2, enc, dtype), tw, tid, every=x_cov)
+        synchronize(device)
+        t2 = t_conv = time.perf_counter()
+    else:
+        sw13, sw2 = dequant_source(src_packed, info, block, dtype)
+        y_src = moe_forward(x.to(dtype), sw13, sw2, tw, tid)
+        c_src = moe_forward(x_cov.to(dtype), sw13, sw2, cov_w, cov_id)
+        del sw13, sw2
+        synchronize(device)
+        t_mid = time.perf_counter()
+        cw13, cw2 = xpu_dequant(w13, s13, enc, dtype), xpu_dequant(w2, s2, enc, dtype)
+        y_conv = moe_forward(x.to(dtype), cw13, cw2, tw, tid)
+        synchronize(device)
+        t_conv = time.perf_counter()
+        c_conv = moe_forward(x_cov.to(dtype), cw13, cw2, cov_w, cov_id)
+        del cw13, cw2
+        synchronize(device)
+        t2 = time.perf_counter()
     packed_bytes = sum(t.numel() * t.element_size() for r in src_packed.values() for t in r.values()) + \
         sum(t.numel() * t.element_size() for t in (w13, s13, w2, s2))
     del src_packed
     tp = int(block.get("tp_size", 1))
     tp_stats = None
     if tp > 1:
-        y_ranks = rank_sum(out, prefix, info, block, tp, x.to(dtype), tw, tid, dtype, device)
+        y_ranks = rank_sum(out, prefix, info, block, tp, x.to(dtype), tw, tid, dtype, device, streamed=streamed)
         tp_stats = compare(y_ranks, y_conv)
     routed = compare(y_conv, y_src)
     every = compare(c_conv, c_src)
@@ -164,7 +214,9 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
         "load_seconds": round(t1 - t0, 5),
         "compute_seconds": round(t2 - t1, 5),
         "source_side_seconds": round(t_mid - t1, 5),           # GPTQ dequant + routed and every-expert MoE
-        "converted_dequant_moe_seconds": round(t_conv - t_mid, 5),  # XPU bytes dequant + routed MoE
+        # XPU bytes dequant + routed MoE (streamed: + every-expert MoE, which runs in the same GEMMs)
+        "converted_dequant_moe_seconds": round(t_conv - t_mid, 5),
+        "streamed": bool(streamed),
         "packed_bytes": packed_bytes,
     }
     if tp_stats is not None:
@@ -181,12 +233,15 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
     return result
 
 
-def rank_sum(out: Checkpoint, prefix: str, info: dict, block: dict, tp: int, x, tw, tid, dtype, device):
+def rank_sum(out: Checkpoint, prefix: str, info: dict, block: dict, tp: int, x, tw, tid, dtype, device,
+             streamed: bool = False):
     """Sum over tensor-parallel ranks of each rank's partial MoE output, every rank dequantized
-    from its own slice of the packed bytes and scales (as a runtime holding one rank would)."""
+    from its own slice of the packed bytes and scales (as a runtime holding one rank would);
+    ``streamed``: one expert at a time, as :func:`numeric_layer` does on a CPU."""
     import torch
 
-    from .reference import moe_forward
+    from .experts import ConvertedExperts
+    from .reference import moe_forward, moe_forward_streamed
     from .unpack import xpu_dequant
 
     enc = block["nibble_encoding"]
@@ -196,11 +251,15 @@ def rank_sum(out: Checkpoint, prefix: str, info: dict, block: dict, tp: int, x, 
     w13, s13, w2, s2 = converted_weights(out, prefix, block, dtype, device, raw=True)
     total = None
     for r in range(tp):
-        rows = torch.cat([torch.arange(r * pt, (r + 1) * pt), torch.arange(p + r * pt, p + (r + 1) * pt)]).to(w13.device)
-        r13 = xpu_dequant(w13.index_select(1, rows), s13.index_select(1, rows), enc, dtype)
-        r2 = xpu_dequant(w2[:, :, r * pt // 2 : (r + 1) * pt // 2].contiguous(),
-                         s2[:, :, r * pt // g2 : (r + 1) * pt // g2].contiguous(), enc, dtype)
-        y = moe_forward(x, r13, r2, tw, tid).float()
+        rows = torch.cat([torch.arange(r * pt, (r + 1) * pt), torch.arange(p + r * pt, p + (r + 1) * pt)])
+        rows = rows.to(w13.device)
+        p13, q13 = w13.index_select(1, rows), s13.index_select(1, rows)
+        p2 = w2[:, :, r * pt // 2 : (r + 1) * pt // 2].contiguous()
+        q2 = s2[:, :, r * pt // g2 : (r + 1) * pt // g2].contiguous()
+        if streamed:
+            y, _ = moe_forward_streamed(x, ConvertedExperts(p13, q13, p2, q2, enc, dtype), tw, tid)
+        else:
+            y = moe_forward(x, xpu_dequant(p13, q13, enc, dtype), xpu_dequant(p2, q2, enc, dtype), tw, tid).float()
         total = y if total is None else total + y
     return total
 

@@ -9,6 +9,11 @@ expert, scattered into a zero-padded ``[A, C, K]`` batch (A = experts that recei
 the most tokens any of them received), multiplied with ``torch.bmm``, and gathered back with
 ``index_add_``. A per-expert Python loop costs ~90 ms per layer on an H100 against a ~25 ms
 budget; this costs two batched GEMMs.
+
+On a CPU the opposite holds: dequantizing the whole layer (2.4 GB of float32 per side at full
+width) costs far more than the GEMMs, so :func:`moe_forward_streamed` computes the same block one
+expert at a time from packed weights (:mod:`gptq2xpu.verify.experts`), each expert's routed
+tokens and its coverage token in one GEMM pair, on worker threads.
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ SCORINGS = ("softmax", "sigmoid")
 #     float16  rel 6.4e-4 .. 6.6e-4    (u = 2^-11 = 4.9e-4: ~1.3u)
 #     bfloat16 rel 5.3e-3 .. 5.5e-3    (u = 2^-8  = 3.9e-3: ~1.4u)
 # and bf16 with bf16-rounded scales vs bf16 with fp16 scales: rel 5.8e-3 .. 6.2e-3.
+# The streamed CPU forward (moe_forward_streamed, both sides: GPTQ input-major, XPU rows) sits in
+# the same place (tests/test_verify_streamed.py::test_streamed_tolerances_cover_dtype_noise; K up
+# to 2048, and a full-width Qwen3-30B-A3B layer in scripts/bench_reference.py --accuracy):
+#     float32  rel 1.7e-7 .. 6.0e-7    (the whole-layer path on the same inputs: 2.5e-7 .. 6.0e-7)
+#     float16  rel 5.7e-4 .. 8.2e-4
+#     bfloat16 rel 5.0e-3 .. 6.1e-3
 # Two valid implementations can each be that far from exact, so they may differ by up to twice
 # that: the bounds are 4u for fp16 / bf16 and 1e-5 (~170u, GEMM noise at K ~ 10^4) for fp32,
 # with ``cosine >= 1 - rel**2`` to match (cosine = 1 - rel**2 / 2 for small, random errors).
@@ -176,6 +187,145 @@ def moe_forward(
     contrib = y[slot, pos].to(torch.float32) * flat_w[order].unsqueeze(1)
     out.index_add_(0, token_of, contrib)
     return out
+
+
+#: Default cap on :func:`moe_forward_streamed`'s worker threads: each holds one expert's float
+#: weights (about 25 MB for a full-width Qwen3-30B-A3B expert), so 32 bound them to ~0.8 GB.
+MAX_WORKERS = 32
+
+
+class Expert:
+    """One expert's two projections, as :func:`moe_forward_streamed` runs them:
+    ``gate_up(x [M, K]) -> (gate, up)`` (``[M, N]`` each) and ``down(a [M, N]) -> [M, K]``, in
+    the experts' compute dtype (``x @ W.T`` for the weights of ``w13`` and ``w2``)."""
+
+    __slots__ = ("gate_up", "down")
+
+    def __init__(self, gate_up, down):
+        self.gate_up = gate_up
+        self.down = down
+
+
+class DenseExperts:
+    """Float weights ``w13 [E, 2N, K]``, ``w2 [E, K, N]`` as the experts object of
+    :func:`moe_forward_streamed` (what :class:`gptq2xpu.verify.experts.ConvertedExperts` and
+    ``SourceExperts`` are for packed weights)."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+        self.w13, self.w2 = w13, w2
+        self.num_experts, two_n, self.hidden = w13.shape
+        self.inter, self.dtype = two_n // 2, w13.dtype
+        if two_n % 2 or tuple(w2.shape) != (self.num_experts, self.hidden, self.inter):
+            raise ValueError(f"shape mismatch: w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
+
+    def __call__(self, e: int) -> Expert:
+        w13, w2, n = self.w13[e], self.w2[e], self.inter
+        return Expert(lambda x: (lambda h: (h[:, :n], h[:, n:]))(x @ w13.T), lambda a: a @ w2.T)
+
+
+def moe_forward_streamed(
+    x: torch.Tensor,
+    experts,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    every: torch.Tensor | None = None,
+    workers: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The block of :func:`moe_forward`, one expert at a time; and, with ``every``, each expert on its own.
+
+    ``experts`` gives one expert's projections at a time (``experts(e)``, see
+    :mod:`gptq2xpu.verify.experts`; it has ``num_experts``, ``hidden``, ``inter`` and ``dtype``),
+    so only one expert's float weights exist at once (per worker). Expert e runs one GEMM pair
+    over the rows routed to it, plus row ``every[e]`` when ``every`` (``[E, K]``) is given.
+    Returns float32 ``(out [T, K], every_out [E, K] or None)``: ``out`` as :func:`moe_forward`
+    computes it (each expert output weighted and summed in float32, experts in ascending order,
+    as ``moe_forward``'s sorted ``index_add_`` sums them); ``every_out[e]`` is expert e's output
+    for ``every[e]`` with weight 1, i.e. ``moe_forward(every, w13, w2, ones(E, 1), arange(E)[:, None])``.
+
+    The arithmetic is that of ``moe_forward`` (GEMMs and activation in ``experts.dtype``), but
+    each expert's GEMM has its own row count instead of the padded batch, so the float sums may
+    round differently: execution noise, well inside :data:`TOLERANCES`.
+
+    ``workers`` (default: ``torch.get_num_threads()`` on a CPU, at most :data:`MAX_WORKERS`, else
+    1): experts run on that many threads, each single-threaded inside (one expert's ops are too
+    small to share well, and a thread another process preempts then stalls only its own expert,
+    not every op of all of them). Each worker holds its own expert buffers (about 25 MB at full
+    width). Results are summed in expert order on the calling thread, so they do not depend on
+    ``workers``.
+    """
+    num_experts, hidden, dtype = experts.num_experts, experts.hidden, experts.dtype
+    if x.dim() != 2 or x.shape[1] != hidden:
+        raise ValueError(f"expected x [T, {hidden}], got {tuple(x.shape)}")
+    tokens = x.shape[0]
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != tokens:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+            f"must both be [{tokens}, k]"
+        )
+    if every is not None and tuple(every.shape) != (num_experts, hidden):
+        raise ValueError(f"every must be [{num_experts}, {hidden}], got {tuple(every.shape)}")
+    top_k = topk_ids.shape[1]
+    device = x.device
+    out = torch.zeros(tokens, hidden, dtype=torch.float32, device=device)
+    every_out = None if every is None else torch.zeros(num_experts, hidden, dtype=torch.float32, device=device)
+    flat_ids = topk_ids.reshape(-1).to(device=device, dtype=torch.int64)
+    if flat_ids.numel() and (int(flat_ids.min()) < 0 or int(flat_ids.max()) >= num_experts):
+        raise ValueError(f"topk_ids must lie in [0, {num_experts})")
+    flat_w = topk_weights.reshape(-1).to(device=device, dtype=torch.float32)
+
+    # (token, slot) pairs sorted by expert, as moe_forward sorts them; each expert's rows
+    order = torch.argsort(flat_ids, stable=True)
+    token_of = order // max(top_k, 1)
+    weight_of = flat_w[order]
+    xd = x.to(dtype)
+    ed = None if every is None else every.to(device=device, dtype=dtype)
+    jobs = []  # (expert, its tokens, their weights)
+    start = 0
+    for e, count in enumerate(torch.bincount(flat_ids, minlength=num_experts).tolist()):
+        if count or ed is not None:
+            jobs.append((e, token_of[start : start + count], weight_of[start : start + count]))
+        start += count
+
+    def run(job) -> torch.Tensor:
+        e, toks, _ = job
+        rows = xd.index_select(0, toks)
+        if ed is not None:
+            rows = torch.cat([rows, ed[e : e + 1]])
+        expert = experts(e)
+        gate, up = expert.gate_up(rows)
+        return expert.down(torch.nn.functional.silu(gate) * up)  # [count (+1), K]
+
+    def accumulate(job, y: torch.Tensor) -> None:
+        e, toks, w = job
+        count = toks.numel()
+        if count:
+            out.index_add_(0, toks, y[:count].to(torch.float32) * w.unsqueeze(1))
+        if every_out is not None:
+            every_out[e] = y[count].to(torch.float32)
+
+    if workers is None:
+        workers = min(torch.get_num_threads(), MAX_WORKERS) if device.type == "cpu" else 1
+    workers = min(int(workers), len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            accumulate(job, run(job))
+        return out, every_out
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Every thread single-threaded meanwhile, the calling one too: its (small) summing ops would
+    # otherwise start parallel regions whose idle OpenMP threads spin, competing with the workers.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="gptq2xpu-expert",
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for job, y in zip(jobs, pool.map(run, jobs)):  # in expert order
+                accumulate(job, y)
+    finally:
+        torch.set_num_threads(threads)
+    return out, every_out
 
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:

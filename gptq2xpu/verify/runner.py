@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import InputError, UsageError
 from .standalone import Findings, check_manifest, check_output_folder, verify_standalone
+
+#: ``progress(stage, done, total, unit)``
+Progress = Callable[[str, int, int, str], None]
+
+
+def _no_progress(*_args) -> None:
+    return None
 
 
 def select_layers(prefixes: list[str], spec: str | None) -> list[str]:
@@ -34,20 +42,29 @@ def select_layers(prefixes: list[str], spec: str | None) -> list[str]:
                 chosen.append(prefixes[int(part)])
             elif re.fullmatch(r"\d+-\d+", part):
                 a, b = map(int, part.split("-"))
+                if not a <= b < len(prefixes):
+                    raise ValueError
                 chosen.extend(prefixes[a : b + 1])
             elif part in prefixes:
                 chosen.append(part)
             else:
                 raise ValueError
         except (ValueError, IndexError):
-            raise UsageError(f"--layers {spec!r}: {part!r} is not a layer index (0..{len(prefixes) - 1}), range or prefix") from None
+            raise UsageError(f"--layers {spec!r}: {part!r} is not a layer index (0..{len(prefixes) - 1}), range or "
+                             "prefix") from None
     return list(dict.fromkeys(chosen))
 
 
 def verify(output, source=None, *, revision=None, token=None, device: str = "auto", dtype: str = "auto",
            backend: str = "auto", layers: str | None = None, tokens: int = 64, seed: int = 0,
-           numeric: bool = True, exhaustive: bool = False, jobs: int | None = None) -> dict:
+           numeric: bool = True, exhaustive: bool = False, jobs: int | None = None,
+           progress: Progress | None = None) -> dict:
+    """Verify OUTPUT (and against SOURCE when given); returns the report ``--json`` prints.
+
+    ``progress(stage, done, total, unit)`` is called as work completes: stage "hashing" in bytes,
+    "bit-exact" and "reference MoE" in layers."""
     t0 = time.perf_counter()
+    progress = progress or _no_progress
     if not jobs:
         from ..parallel import default_jobs
 
@@ -60,7 +77,7 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
     check_output_folder(folder)
     findings = Findings()
     manifest = Findings()
-    report: dict = {"output": str(output), "source": str(source) if source else None}
+    report: dict = {"output": str(output), "source": str(source) if source else None, "warnings": []}
     layer_rows: list[dict] = []
     if source is not None:  # torch (a second or two of CPU to import) loads beside the standalone checks
         from .bits import _import_torch_in_background
@@ -68,13 +85,15 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
         _import_torch_in_background()
     # hashing every file is one long serial read per file: overlap it with everything else
     with ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-hash") as bg:
-        hashing = bg.submit(check_manifest, folder, manifest, max(1, jobs - 1))
+        hashing = bg.submit(check_manifest, folder, manifest, max(1, jobs - 1),
+                            progress=lambda done, total: progress("hashing", done, total, "bytes"))
         out, block = verify_standalone(folder, findings, jobs, skip_manifest=True)
         try:
             if source is not None and out is not None:
-                layer_rows = _against_source(out, block, source, findings, revision=revision, token=token, device=device,
-                                             dtype=dtype, backend=backend, layers=layers, tokens=tokens, seed=seed,
-                                             numeric=numeric, exhaustive=exhaustive, report=report, jobs=jobs)
+                layer_rows = _against_source(out, block, source, findings, revision=revision, token=token,
+                                             device=device, dtype=dtype, backend=backend, layers=layers,
+                                             tokens=tokens, seed=seed, numeric=numeric, exhaustive=exhaustive,
+                                             report=report, jobs=jobs, progress=progress)
         finally:
             if out is not None:
                 out.close()
@@ -90,8 +109,44 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
     return report
 
 
+def check_same_source(src, out, block: dict, source, warnings: list[str]) -> None:
+    """SOURCE must be the checkpoint OUTPUT was made from: its header fingerprint and its sampled
+    data fingerprint must equal those recorded at conversion.  An output that records neither (an
+    older one) is checked by shape instead: every converted layer must be a MoE layer of SOURCE with
+    the same experts, K and N; a warning says that identity beyond shapes cannot be confirmed."""
+    recorded = block.get("source") if isinstance(block.get("source"), dict) else {}
+    not_it = f"{source}: SOURCE is not the checkpoint {out.root} was made from"
+    fp, data_fp = recorded.get("fingerprint"), recorded.get("data_fingerprint")
+    if isinstance(fp, str) and fp:
+        if fp != src.fingerprint():
+            raise InputError(f"{not_it} (its safetensors headers differ from the fingerprint recorded at "
+                             f"conversion, {fp[:23]}...)")
+        if isinstance(data_fp, str) and data_fp and data_fp != src.data_fingerprint():
+            raise InputError(f"{not_it} (same tensor names and shapes, but its weights differ from the data "
+                             "fingerprint recorded at conversion)")
+        return
+    from ..plan import build_plan
+
+    try:
+        plan = build_plan(src)
+    except InputError as exc:
+        raise InputError(f"{not_it} ({exc.message})") from None
+    have = {lyr.prefix: (lyr.experts, lyr.hidden, lyr.intermediate) for lyr in plan.layers}
+    for prefix, info in block["layers"].items():
+        want = (info.get("experts"), info.get("hidden_size"), info.get("intermediate_size"))
+        if prefix not in have:
+            raise InputError(f"{not_it} (it has no MoE layer {prefix}; {out.root} records no source fingerprint, "
+                             "so SOURCE was compared by shape)")
+        if have[prefix] != want:
+            raise InputError(f"{not_it} ({prefix} has E, K, N = {have[prefix]}, {out.root} says {want}; "
+                             f"{out.root} records no source fingerprint, so SOURCE was compared by shape)")
+    warnings.append(f"{out.root} records no source fingerprint (made by an older gptq2xpu?): SOURCE matches it in "
+                    "shape, but cannot be confirmed to be the checkpoint it was made from; a mismatch below may "
+                    "mean a wrong --source")
+
+
 def _against_source(out, block, source, findings: Findings, *, revision, token, device, dtype, backend, layers,
-                    tokens, seed, numeric, exhaustive, report, jobs) -> list[dict]:
+                    tokens, seed, numeric, exhaustive, report, jobs, progress) -> list[dict]:
     from ..read import open_source
     from .bits import check_layer_bits, check_passthrough, restore_torch_threads
 
@@ -99,10 +154,7 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
     prefixes = list(block.get("layers", {}))
     chosen = select_layers(prefixes, layers)
     with open_source(source, revision=revision, token=token) as src:
-        fp = (block.get("source") or {}).get("fingerprint")
-        if isinstance(fp, str) and fp and fp != src.fingerprint():
-            raise InputError(f"{source}: SOURCE is not the checkpoint {out.root} was made from (its headers differ "
-                             f"from the fingerprint recorded at conversion, {fp[:23]}...)")
+        check_same_source(src, out, block, source, report["warnings"])
         t_bits = time.perf_counter()
         bit_problems = []
 
@@ -110,10 +162,12 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
             return check_layer_bits(src, out, prefix, block["layers"][prefix], block, exhaustive=exhaustive)
 
         # layers are independent; numpy, pread and torch release the GIL
+        progress("bit-exact", 0, len(prefixes), "layers")
         try:
             with ThreadPoolExecutor(max(1, jobs)) as pool:
-                for problems in pool.map(bits, prefixes):
+                for i, problems in enumerate(pool.map(bits, prefixes), 1):
                     bit_problems += problems
+                    progress("bit-exact", i, len(prefixes), "layers")
         finally:
             restore_torch_threads()
         findings.add("bit-exact experts", not bit_problems,
@@ -121,7 +175,8 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
                      f"{len(prefixes)} layers: codes, zero points, row order, scales equal the source "
                      f"({'every' if exhaustive else 'sampled'} expert also decoded nibble by nibble)")
         pt = check_passthrough(src, out, block)
-        findings.add("pass-through tensors", not pt, "; ".join(pt[:10]) if pt else "every other tensor byte-identical to the source")
+        findings.add("pass-through tensors", not pt,
+                     "; ".join(pt[:10]) if pt else "every other tensor byte-identical to the source")
         report["bit_exact_seconds"] = round(time.perf_counter() - t_bits, 3)
         if not numeric:
             report["numeric"] = "skipped (--no-numeric)"
@@ -147,8 +202,10 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
         report["dtype"] = str(tdtype).replace("torch.", "")
         report["backend"] = {"requested": backend, "kernel_ran": run_kernel,
                              "detail": "vllm_xpu_kernels XpuFusedMoe compared with the reference" if run_kernel
-                             else f"kernel run skipped: {why}" if backend != "reference" else "reference only (--backend reference)"}
+                             else f"kernel run skipped: {why}" if backend != "reference"
+                             else "reference only (--backend reference)"}
         t_num = time.perf_counter()
+        progress("reference MoE", 0, len(chosen), "layers")
         for i, prefix in enumerate(chosen):
             synchronize(dev)
             t = time.perf_counter()
@@ -156,9 +213,11 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
             synchronize(dev)
             row["seconds"] = round(time.perf_counter() - t, 4)
             rows.append(row)
+            progress("reference MoE", i + 1, len(chosen), "layers")
         bad = [r for r in rows if not r["ok"]]
         findings.add("reference MoE", not bad,
-                     "; ".join(f"{r['prefix']}: rel {r['rel']:.3g}, cosine {r['cosine']:.6f}" for r in bad[:5]) if bad else
+                     "; ".join(f"{r['prefix']}: rel {r['rel']:.3g}, cosine {r['cosine']:.6f}" for r in bad[:5])
+                     if bad else
                      f"{len(rows)} layer(s) within {report['dtype']} tolerance on {dev.type}")
         report["numeric_seconds"] = round(time.perf_counter() - t_num, 3)
     return rows

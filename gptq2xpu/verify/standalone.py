@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +83,11 @@ def listing(problems: list[str], limit: int = 10) -> str:
     return shown + (f" (and {len(problems) - limit} more)" if len(problems) > limit else "")
 
 
-def check_manifest(folder: Path, findings: Findings, jobs: int = 2) -> dict | None:
+def check_manifest(folder: Path, findings: Findings, jobs: int = 2,
+                   progress: Callable[[int, int], None] | None = None) -> dict | None:
     """Every manifest file present with its size and sha256; nothing else in the folder (no
-    unlisted file or folder, no link, FIFO or device)."""
+    unlisted file or folder, no link, FIFO or device).  ``progress(bytes hashed, bytes to hash)``
+    is called as each file is done."""
     reader = Folder(folder, links="none")
     if not reader.exists(MANIFEST_NAME):
         findings.fail("manifest", f"{MANIFEST_NAME} is missing: not a gptq2xpu output, or an incomplete one")
@@ -118,14 +122,28 @@ def check_manifest(folder: Path, findings: Findings, jobs: int = 2) -> dict | No
         return None
 
     items = sorted(files.items(), key=lambda kv: -kv[1]["size"])  # biggest first keeps the pool busy
+    total = sum(tree.files.get(name, 0) for name, _ in items)
+    hashed = [0]
+    lock = threading.Lock()
+
+    def counted(item):
+        problem = one(item)
+        if progress is not None:
+            with lock:
+                hashed[0] += tree.files.get(item[0], 0)
+                progress(hashed[0], total)
+        return problem
+
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        problems = [p for p in pool.map(one, items) if p]
-    problems += [f"{name}: is {kind}; a gptq2xpu output holds plain files only" for name, kind in sorted(tree.others.items())]
+        problems = [p for p in pool.map(counted, items) if p]
+    problems += [f"{name}: is {kind}; a gptq2xpu output holds plain files only"
+                 for name, kind in sorted(tree.others.items())]
     extra = sorted(set(tree.files) - set(files) - {MANIFEST_NAME})
     problems += [f"{name}: present but not listed in the manifest" for name in extra]
     holders = {"/".join(n.split("/")[:i]) for n in files for i in range(1, n.count("/") + 1)}
     problems += [f"{name}/: a folder the manifest does not account for" for name in sorted(set(tree.folders) - holders)]
-    findings.add("manifest", not problems, listing(problems) if problems else f"{len(files)} files, sizes and sha256 match")
+    findings.add("manifest", not problems,
+                 listing(problems) if problems else f"{len(files)} files, sizes and sha256 match")
     return doc
 
 

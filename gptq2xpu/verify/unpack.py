@@ -23,6 +23,9 @@ the requested dtype. ``(q - zero)`` is an integer of at most 5 bits and an fp16/
 most 11 significant bits, so the product is exact in float32; it is then rounded once. Both
 dequantizers below follow that rule, so for the same codes and scales they agree bit for bit
 (float32 scales are the one case where the float32 product itself rounds, identically on both).
+So do their one-expert forms at the end of this module (:func:`gptq_dequant_kfirst`,
+:func:`xpu_dequant_rows`: byte lookup tables, reused buffers), which the streamed CPU reference
+uses; they return float32, and rounding that once to the compute dtype gives the same bits.
 """
 
 from __future__ import annotations
@@ -254,3 +257,239 @@ def xpu_dequant(
     else:
         out = (grouped * scales.to(torch.float32).unsqueeze(-1)).to(dtype)
     return out.flatten(-2)
+
+
+# --------------------------------------------------------------------------- one expert, fast
+#
+# The reference MoE on a CPU dequantizes one expert at a time into buffers it reuses (see
+# :mod:`gptq2xpu.verify.experts`). These two functions compute the same values as
+# :func:`gptq_dequant` and :func:`xpu_dequant` (float32 output), bit for bit, with fewer passes:
+#
+# * a byte -> value lookup table replaces the shift / mask / stack passes: every packed byte is
+#   widened to an int32 index once and ``index_select`` reads its two nibbles' values (small
+#   integers, exact in float32) from a 256-entry table;
+# * the result is written into a caller's buffer (``out``), so no fresh allocation per expert.
+#
+# The exactness argument above holds unchanged: the table entries are the exact integers
+# ``q - 8`` (XPU) or ``q - zero`` (GPTQ, when one zero point holds for the whole expert;
+# otherwise ``q`` and the zero points are subtracted as float32, exactly), and they are then
+# multiplied by the float32 scale once: the same single rounding as the plain functions, which
+# the tests check bit for bit (tests/test_verify_streamed.py).
+#
+# GPTQ words are read as their four little-endian bytes (byte b of word ``qweight[r, n]`` holds
+# inputs ``8r+2b`` (low nibble) and ``8r+2b+1`` (high)), so these paths need a little-endian
+# host; :func:`fast_unpack_supported` says whether they apply.
+
+_FAST_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def fast_unpack_supported() -> bool:
+    """Whether the lookup-table dequantizers below may be used here (little-endian host)."""
+    import sys
+
+    return sys.byteorder == "little"
+
+
+def _nibble_tables(minus: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 tables (viewed as int32 for ``index_select``): byte -> low nibble - minus, high nibble - minus."""
+    b = torch.arange(256, dtype=torch.int32)
+    lo = ((b & 0xF) - minus).to(torch.float32)
+    hi = ((b >> 4) - minus).to(torch.float32)
+    return lo.view(torch.int32), hi.view(torch.int32)
+
+
+def _pair_table(encoding: str) -> torch.Tensor:
+    """XPU byte -> its two values ``(q_low - 8, q_high - 8)`` as adjacent float32s, viewed as int64."""
+    _check_encoding(encoding)
+    b = torch.arange(256, dtype=torch.int32)
+    if encoding == "s4":
+        b = b ^ 0x88  # stored two's-complement nibbles of q - 8 -> the u4b8 codes q
+    pairs = torch.stack(((b & 0xF) - 8, (b >> 4) - 8), dim=-1).to(torch.float32).contiguous()  # [256, 2]
+    return pairs.view(torch.int64).view(256)
+
+
+_TABLES: dict = {}
+
+
+def _table(kind: str, arg, device):
+    """A cached lookup table (``"nibbles"``: :func:`_nibble_tables`, ``"pairs"``: :func:`_pair_table`) on ``device``."""
+    key = (kind, arg, str(device))
+    if key not in _TABLES:
+        table = _nibble_tables(arg) if kind == "nibbles" else _pair_table(arg)
+        _TABLES[key] = tuple(t.to(device) for t in table) if kind == "nibbles" else table.to(device)
+    return _TABLES[key]
+
+
+def kfirst_order(k: int) -> torch.Tensor:
+    """The input index of each row of :func:`gptq_dequant_kfirst`'s output (int64 ``[K]``).
+
+    Row ``(h * 4 + b) * (K/8) + r`` holds input ``8r + 2b + h``: the low nibbles (h = 0) of byte
+    b of every packed row r, then the high nibbles, so each row is one ``index_select`` over the
+    bytes in their stored order. ``x[:, kfirst_order(K)] @ w_t`` is then ``x @ W.T``.
+    """
+    if k % 8:
+        raise ValueError(f"K={k} is not a multiple of 8")
+    h, b, r = torch.meshgrid(torch.arange(2), torch.arange(4), torch.arange(k // 8), indexing="ij")
+    return (8 * r + 2 * b + h).flatten()
+
+
+def gptq_dequant_kfirst(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None = None,
+    g_idx: torch.Tensor | None = None,
+    *,
+    zero_offset: int = 1,
+    out: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One GPTQ layer dequantized in its own input-major order: float32 ``[K, N]``, rows in
+    :func:`kfirst_order` (``out[i] == gptq_dequant(...)[:, kfirst_order(K)[i]]``, bit for bit).
+
+    Same arguments as :func:`gptq_dequant` for one layer (``qweight [K/8, N]``, ``scales [G, N]``,
+    ``qzeros [G, N/8]`` or None, ``g_idx [K]`` or None). ``out`` (float32 ``[K, N]``, contiguous)
+    and ``index`` (int32 ``[K/2 * N]``) are optional buffers to reuse. :class:`GptqKFirst` does the
+    same expert after expert of a stacked layer, with the per-layer work done once.
+
+    No transposition of the weights: GEMMs use ``x[:, kfirst_order(K)] @ out`` instead, which
+    permutes the (few) activation columns rather than the (many) weight values.
+    """
+    if qweight.dim() != 2:
+        raise ValueError(f"qweight must be int32 [K/8, N], got {qweight.dtype} {tuple(qweight.shape)}")
+    one = GptqKFirst(qweight.unsqueeze(0), scales.unsqueeze(0) if scales.dim() == 2 else scales,
+                     None if qzeros is None else qzeros.unsqueeze(0),
+                     None if g_idx is None else g_idx.unsqueeze(0) if g_idx.dim() == 1 else g_idx,
+                     zero_offset=zero_offset)
+    return one(0, out=out, index=index)
+
+
+class GptqKFirst:
+    """:func:`gptq_dequant_kfirst` for one expert at a time of a stacked GPTQ projection:
+    ``qweight [E, K/8, N]``, ``scales [E, G, N]``, ``qzeros [E, G, N/8]`` or None, ``g_idx [E, K]``
+    or None. What holds for the whole layer is worked out once, here: the zero points (and
+    whether one value holds for all of them, then folded into the byte table), whether ``g_idx``
+    is the natural ``arange(K) // g`` (then rows are scaled as groups), else each row's group."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None = None,
+                 g_idx: torch.Tensor | None = None, *, zero_offset: int = 1):
+        if qweight.dtype != torch.int32 or qweight.dim() != 3:
+            raise ValueError(f"qweight must be int32 [E, K/8, N], got {qweight.dtype} {tuple(qweight.shape)}")
+        if not fast_unpack_supported():
+            raise RuntimeError("GptqKFirst reads int32 words as little-endian bytes")
+        e, rows, n = qweight.shape
+        k = rows * 8
+        if scales.dim() != 3 or scales.shape[0] != e or scales.shape[-1] != n:
+            raise ValueError(f"scales must be [{e}, G, {n}], got shape {tuple(scales.shape)}")
+        if scales.dtype not in _FAST_SCALE_DTYPES:
+            raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
+        groups = scales.shape[1]
+        if groups == 0 or (g_idx is None and k % groups):
+            raise ValueError(f"K={k} is not a multiple of the {groups} scale groups")
+        dev = qweight.device
+        natural_idx = torch.arange(k, device=dev) // (k // groups) if k % groups == 0 else None
+        if g_idx is not None:
+            if g_idx.shape != (e, k):
+                raise ValueError(f"g_idx must have shape ({e}, {k}), got {tuple(g_idx.shape)}")
+            g_idx = g_idx.to(device=dev, dtype=torch.int64)
+            if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+                raise ValueError(f"g_idx values must lie in [0, {groups}), got {int(g_idx.min())}..{int(g_idx.max())}")
+        zeros = None if qzeros is None else gptq_zeros(qzeros, zero_offset)  # int32 [E, G, N]
+        if zeros is not None and zeros.shape != scales.shape:
+            raise ValueError(f"qzeros unpack to {tuple(zeros.shape)} but scales are {tuple(scales.shape)}")
+        # one zero point for the whole layer (symmetric checkpoints): fold it into the table
+        first = None if zeros is None else zeros.flatten()[:1]
+        self.uniform = 8 if zeros is None else (int(first) if bool((zeros == first).all()) else None)
+        self.zeros = None if self.uniform is not None else zeros.to(torch.float32)
+        self.lo, self.hi = _table("nibbles", 0 if self.uniform is None else self.uniform, dev)
+        self.natural = (k // groups) % 8 == 0 and natural_idx is not None and (
+            g_idx is None or torch.equal(g_idx, natural_idx.expand(e, k)))
+        self.per_row = None
+        if not self.natural:  # the group of each output row, per expert
+            per_k = natural_idx.expand(e, k) if g_idx is None else g_idx
+            self.per_row = per_k.index_select(1, kfirst_order(k).to(dev))
+        self.qweight, self.scales = qweight, scales.to(torch.float32)
+        self.shape, self.groups = (k, n), groups
+
+    def __call__(self, e: int, *, out: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert ``e``: float32 ``[K, N]``, rows in :func:`kfirst_order`, into ``out`` if given."""
+        (k, n), groups = self.shape, self.groups
+        rows = k // 8
+        dev = self.qweight.device
+        if out is None:
+            out = torch.empty(k, n, dtype=torch.float32, device=dev)
+        if out.shape != (k, n) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 [{k}, {n}] buffer")
+        if index is None or index.numel() != k // 2 * n:
+            index = torch.empty(k // 2 * n, dtype=torch.int32, device=dev)
+        # bytes [K/8, N, 4] (byte b of each word) -> int32 indices in row order (b, r, n)
+        index.view(4, rows, n).copy_(self.qweight[e].view(torch.uint8).view(rows, n, 4).permute(2, 0, 1))
+        flat = out.view(torch.int32).view(2, k // 2 * n)
+        torch.index_select(self.lo, 0, index, out=flat[0])
+        torch.index_select(self.hi, 0, index, out=flat[1])
+        sc = self.scales[e]  # float32 [G, N]
+        if self.natural:
+            # row (h, b, r) holds input 8r+2b+h, whose group is r // (g/8): a [.., G, g/8, N] view
+            grouped = out.view(8, groups, rows // groups, n)
+            if self.zeros is not None:
+                grouped -= self.zeros[e].unsqueeze(1)
+            grouped *= sc.unsqueeze(1)
+        else:
+            per_row = self.per_row[e]
+            if self.zeros is not None:
+                out -= self.zeros[e].index_select(0, per_row)
+            out *= sc.index_select(0, per_row)
+        return out
+
+
+def xpu_dequant_rows(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    encoding: str,
+    *,
+    out: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`xpu_dequant` to float32 for one ``[R, C/2]`` layer (``scales [R, G]``), by a byte
+    table, into ``out`` (float32 ``[R, C]``, contiguous, optional); ``index`` (int32 ``[R*C/2]``)
+    is an optional buffer to reuse. Equal to ``xpu_dequant(packed, scales, encoding)`` bit for bit.
+    :class:`XpuRows` does the same expert after expert of a stacked layer.
+    """
+    if packed.dim() != 2 or scales.dim() != 2:
+        raise ValueError(f"expected packed [R, C/2] and scales [R, G], got {tuple(packed.shape)}, "
+                         f"{tuple(scales.shape)}")
+    return XpuRows(packed.unsqueeze(0), scales.unsqueeze(0), encoding)(0, out=out, index=index)
+
+
+class XpuRows:
+    """:func:`xpu_dequant_rows` for one expert at a time of stacked XPU bytes ``[E, R, C/2]`` with
+    ``scales [E, R, G]`` (validated, scales made float32 and the table chosen once)."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, encoding: str):
+        if packed.dtype not in (torch.uint8, torch.int8) or packed.dim() != 3:
+            raise ValueError(f"packed XPU weights must be uint8 [E, R, C/2], got {packed.dtype} {tuple(packed.shape)}")
+        e, r, half = packed.shape
+        if scales.dim() != 3 or scales.shape[:2] != (e, r):
+            raise ValueError(f"scales {tuple(scales.shape)} do not match packed weights {tuple(packed.shape)}")
+        if scales.dtype not in _FAST_SCALE_DTYPES:
+            raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
+        groups = scales.shape[2]
+        if groups == 0 or 2 * half % groups:
+            raise ValueError(f"C={2 * half} is not a multiple of the {groups} scale groups")
+        self.table = _table("pairs", encoding, packed.device)
+        self.packed, self.scales = packed.view(torch.uint8), scales.to(torch.float32)
+        self.shape, self.groups = (r, 2 * half), groups
+
+    def __call__(self, e: int, *, out: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert ``e``: float32 ``[R, C]``, into ``out`` if given."""
+        (r, c), groups = self.shape, self.groups
+        dev = self.packed.device
+        if out is None:
+            out = torch.empty(r, c, dtype=torch.float32, device=dev)
+        if out.shape != (r, c) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 [{r}, {c}] buffer")
+        if index is None or index.numel() != r * c // 2:
+            index = torch.empty(r * c // 2, dtype=torch.int32, device=dev)
+        index.view(r, c // 2).copy_(self.packed[e])
+        torch.index_select(self.table, 0, index, out=out.view(torch.int64).view(r * c // 2))
+        out.view(r, groups, c // groups).mul_(self.scales[e].unsqueeze(-1))
+        return out

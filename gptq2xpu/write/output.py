@@ -14,9 +14,8 @@ publishes it:
 SIGINT/SIGTERM are held while publishing and while removing a failed run's folder
 (:mod:`gptq2xpu.interrupts`).  So at every moment OUTPUT is either the old output or the new
 one; after a SIGKILL, the next run tidies the hidden folders a dead run left: a partial one is
-removed, a complete one is put back at OUTPUT when OUTPUT is missing (a parked old output, or a
-finished new one killed just before its rename) and removed otherwise.  A hidden folder that is
-not provably gptq2xpu's is left alone.
+removed (a killed run publishes nothing), a parked old output is put back at OUTPUT when OUTPUT
+is missing and removed otherwise.  A hidden folder that is not provably gptq2xpu's is left alone.
 """
 
 from __future__ import annotations
@@ -192,28 +191,30 @@ def _pid_alive(pid: int) -> bool:
 
 def recover_stale(output: Path) -> list[str]:
     """Tidy the hidden folders that killed runs (process gone) left beside OUTPUT; returns what
-    was done, one line each.  Runs before OUTPUT is looked at, so a restored output counts."""
+    was done, one line each.  Runs before OUTPUT is looked at, so a restored output counts.
+
+    A parked old output (the fallback publish) goes back to OUTPUT when OUTPUT is missing and is
+    removed otherwise; a staging folder is removed (it was never published: a killed run
+    publishes nothing).  Only folders that are provably gptq2xpu's are touched."""
     done = []
     parent = output.parent
     if not parent.is_dir():
         return done
-    for tag in (STAGE_TAG, OLD_TAG):
+    for tag in (OLD_TAG, STAGE_TAG):
         prefix = f".{output.name}{tag}"
         for entry in sorted(os.scandir(parent), key=lambda e: e.name):
             pid = _pid_of(entry.name, prefix)
             if pid is None or pid == os.getpid() or _pid_alive(pid) or not entry.is_dir(follow_symlinks=False):
                 continue
             path = Path(entry.path)
-            if (path / INCOMPLETE_MARKER).exists() or is_empty_folder(path):
-                shutil.rmtree(path, ignore_errors=True)
-                done.append(f"removed {entry.name}, left incomplete by a killed run")
-            elif converted_output_problem(path) is None:
-                if os.path.lexists(output):
-                    shutil.rmtree(path, ignore_errors=True)
-                    done.append(f"removed {entry.name}, a replaced output left by a killed run")
-                else:
-                    os.rename(path, output)
-                    done.append(f"restored {output.name} from {entry.name}, where a killed run left it")
-            else:
+            complete = converted_output_problem(path) is None
+            ours = complete or (path / INCOMPLETE_MARKER).exists() or is_empty_folder(path)
+            if not ours:
                 done.append(f"left {entry.name} alone: a killed run's folder that is not provably gptq2xpu's")
+            elif tag == OLD_TAG and complete and not os.path.lexists(output):
+                os.rename(path, output)
+                done.append(f"restored {output.name} from {entry.name}, where a killed run had parked it")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"removed {entry.name}, left by a killed run")
     return done

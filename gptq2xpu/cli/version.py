@@ -1,0 +1,56 @@
+"""``gptq2xpu version``: this tool's version and the versions of what it runs on."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+from .. import FORMAT_VERSION, __version__
+from .options import DebugOpt, JsonOpt, QuietOpt
+from .output import session_output
+
+EXAMPLES = [
+    "gptq2xpu version",
+    "gptq2xpu version --json",
+]
+
+#: distributions reported (from package metadata: nothing is imported, torch included)
+PACKAGES = ("numpy", "torch", "intel_extension_for_pytorch", "vllm_xpu_kernels", "huggingface_hub", "typer", "click",
+            "rich")
+
+
+def _installed(name: str) -> str | None:
+    for dist in dict.fromkeys((name, name.replace("_", "-"))):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def versions() -> dict:
+    return {
+        "gptq2xpu": __version__,
+        "format_version": FORMAT_VERSION,
+        "python": platform.python_version(),
+        "packages": {name: _installed(name) for name in PACKAGES},
+    }
+
+
+def version(json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False):
+    """Print gptq2xpu's version, the converted-format version it writes, and the versions of Python
+    and of the packages it uses.
+
+    torch is needed by verify only, and the XPU packages are optional: "not installed" is no error.
+    Versions are read from package metadata; nothing is imported.
+    """
+    out = session_output(json_out, quiet, debug)
+    data = versions()
+
+    def render(console, d: dict) -> None:
+        console.print(f"gptq2xpu {d['gptq2xpu']} (converted format version {d['format_version']}), "
+                      f"Python {d['python']}")
+        for name, ver in d["packages"].items():
+            console.print(f"  {name:<28} {ver or 'not installed'}")
+
+    out.result(data, render, f"gptq2xpu {__version__}")

@@ -1,0 +1,498 @@
+"""The command line a demanding user expects (issue 13): flags in any position, one JSON object
+for every outcome, help with real examples and choices, bounded numbers, a wrong --source named as
+such, progress on a terminal only, publishable config blocks, plain messages.
+
+Most runs are in-process (the ``cli`` fixture); runs that need a terminal, a signal or a fresh
+interpreter are subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _planting import edit_block
+from conftest import FIXTURE
+from test_exit_codes import cli_hooked
+
+from gptq2xpu import __version__
+from gptq2xpu.cli import COMMANDS, ROOT_EXAMPLES, app
+from gptq2xpu.cli.output import ENVELOPE_KEYS
+from gptq2xpu.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VERIFY
+from gptq2xpu.read import open_source
+from gptq2xpu.safetensors_io import read_header
+from gptq2xpu.testing.synth import make_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The fixture converted once (and never modified by a test)."""
+    from gptq2xpu.convert import convert
+
+    out = tmp_path_factory.mktemp("ux") / "out"
+    convert(FIXTURE, out)
+    return out
+
+
+def one_line(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gptq2xpu: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def envelope_of(stdout: str, code: int) -> dict:
+    """stdout is exactly one JSON object, carrying the contract's keys first."""
+    doc = json.loads(stdout)
+    assert list(doc)[:len(ENVELOPE_KEYS)] == list(ENVELOPE_KEYS), list(doc)
+    assert doc["exit_code"] == code and doc["tool"] == "gptq2xpu" and doc["version"] == __version__
+    assert doc["status"] == {EXIT_OK: "ok", EXIT_VERIFY: "fail"}.get(code, "error")
+    assert (doc["error"] is None) == (code == EXIT_OK)
+    assert "\n" not in doc["message"]
+    return doc
+
+
+# ------------------------------------------------------------------------------ flags everywhere
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_json_quiet_debug_in_any_position(cli, tmp_path, where):
+    def run(flag, *args):
+        return cli(flag, *args) if where == "before" else cli(*args, flag)
+
+    code, out, err = run("--json", "inspect", FIXTURE)
+    assert code == EXIT_OK and envelope_of(out, code)["command"] == "inspect"
+    code, out, err = run("--quiet", "inspect", FIXTURE)
+    assert code == EXIT_OK and out == "" and err == ""
+    code, out, err = run("-q", "version")
+    assert code == EXIT_OK and out == ""
+    # --debug: the traceback, then the one line, on every command
+    for args, want in ((("convert", tmp_path / "nope", tmp_path / "out"), EXIT_INPUT),
+                       (("inspect", tmp_path / "nope"), EXIT_INPUT), (("verify", tmp_path / "nope"), EXIT_INPUT),
+                       (("finalize", tmp_path / "nope"), EXIT_USAGE)):
+        code, out, err = run("--debug", *args)
+        assert code == want and "Traceback (most recent call last)" in err and "No such option" not in err, err
+        assert err.strip().splitlines()[-1].startswith("gptq2xpu: ") and "nope" in err.strip().splitlines()[-1]
+    code, out, err = run("--json", "demo", "--family", "nope")
+    assert code == EXIT_USAGE and envelope_of(out, code)["command"] == "demo"
+
+
+def test_every_command_documents_the_global_flags(cli):
+    for name in COMMANDS:
+        code, out, _ = cli(name, "--help")
+        assert code == EXIT_OK
+        for flag in ("--json", "-q, --quiet", "--debug"):
+            assert flag in out, (name, flag)
+
+
+# ------------------------------------------------------------------------------ --json: one object, every outcome
+
+
+def test_json_on_success_carries_data_and_message(cli, converted, tmp_path):
+    code, out, _ = cli("convert", FIXTURE, tmp_path / "out", "--json")
+    doc = envelope_of(out, code)
+    assert code == EXIT_OK and doc["converted_layers"] == 2 and doc["output"] == str(tmp_path / "out")
+    assert doc["message"] == f"converted 2 MoE layer(s) of {FIXTURE} into {tmp_path / 'out'}"
+    code, out, _ = cli("verify", converted, "--json")
+    doc = envelope_of(out, code)
+    assert code == EXIT_OK and doc["command"] == "verify" and all(c["ok"] for c in doc["checks"])
+    code, out, _ = cli("version", "--json")
+    doc = envelope_of(out, code)
+    assert doc["gptq2xpu"] == __version__ and "typer" in doc["packages"]
+    code, out, _ = cli("--version", "--json")
+    assert envelope_of(out, code)["gptq2xpu"] == __version__
+    code, out, _ = cli("--version")
+    assert (code, out) == (EXIT_OK, f"gptq2xpu {__version__}\n")
+
+
+def test_json_on_every_failure(cli, converted, tmp_path):
+    cases = [
+        (("convert", tmp_path / "nonexist", tmp_path / "out"), EXIT_INPUT, "no such folder"),
+        (("convert", FIXTURE), EXIT_USAGE, "Missing argument"),
+        (("convert", FIXTURE, tmp_path / "out", "--bogus"), EXIT_USAGE, "--bogus"),
+        (("bogus",), EXIT_USAGE, "bogus"),
+        (("inspect", converted), EXIT_INPUT, "already converted"),
+        (("verify", FIXTURE), EXIT_INPUT, "not a gptq2xpu output"),
+        (("finalize", converted), EXIT_USAGE, "already finalized"),
+    ]
+    for args, want, words in cases:
+        code, out, err = cli(*args, "--json")
+        line = one_line(err)
+        doc = envelope_of(out, code)
+        assert code == want, (args, err)
+        assert words in doc["message"] and line == f"gptq2xpu: {doc['error']}: {doc['message']}", (doc, line)
+    # verification failed: status "fail", exit 4, and the report itself
+    bad = tmp_path / "bad"
+    shutil.copytree(converted, bad)
+    shard = bad / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    code, out, err = cli("verify", bad, "--json")
+    doc = envelope_of(out, code)
+    assert code == EXIT_VERIFY and doc["error"] == "verification failed" and "sha256" in doc["message"]
+    assert not next(c for c in doc["checks"] if c["check"] == "manifest")["ok"]
+
+
+def test_json_when_interrupted_or_internal_error(tmp_path):
+    out = tmp_path / "out"
+    proc = cli_hooked("gptq2xpu.write.shards:ShardWriter.write", "SIGINT", "convert", FIXTURE, out, "--json")
+    doc = envelope_of(proc.stdout, proc.returncode)
+    assert proc.returncode == EXIT_INTERRUPTED and doc["error"] == "interrupted" and not out.exists()
+    proc = cli_hooked("gptq2xpu.write.shards:ShardWriter.write", "RuntimeError", "--json", "convert", FIXTURE, out)
+    doc = envelope_of(proc.stdout, proc.returncode)
+    assert proc.returncode == EXIT_INTERNAL and doc["error"] == "internal error" and "injected bug" in doc["message"]
+
+
+def test_json_numbers_are_strict_json(capsys):
+    from gptq2xpu.cli.output import envelope, print_json
+
+    print_json(envelope(exit_code=4, message="m", error="verification failed", command="verify",
+                        data={"rel": float("nan"), "rows": [float("inf"), 1.5], "status": "pass"}))
+    doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert doc["rel"] is None and doc["rows"] == [None, 1.5]
+    assert doc["status"] == "fail"  # the contract's keys win over a command's own
+
+
+# ------------------------------------------------------------------------------ help
+
+
+HELP_PLACEHOLDERS = re.compile(r"<(bool|str|int|float|path|int range)[^>]*>|\{[A-Z]+\}")
+
+
+def _help(cli, *args) -> str:
+    code, out, err = cli(*args, "--help")
+    assert code == EXIT_OK and err == "", err
+    return out
+
+
+def _parses(argv: list[str]) -> None:
+    """The example's command line is accepted by the parser (nothing is run)."""
+    from typer.main import get_command
+
+    name, *rest = argv
+    get_command(app).commands[name].make_context(name, rest)
+
+
+@pytest.mark.parametrize("name", [None, *COMMANDS])
+def test_help_shows_examples_choices_and_no_placeholders(cli, name, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    text = _help(cli, *([name] if name else []))
+    examples = ROOT_EXAMPLES if name is None else COMMANDS[name][1]
+    assert 2 <= len(examples) <= 5
+    for example in examples:
+        assert f"$ {example}" in text
+        for part in re.split(r"\s*&&\s*", example):  # every example is a real command line
+            words = shlex.split(part.split(" > ")[0])
+            assert words[0] == "gptq2xpu"
+            if words[1:] != [] and "--help" not in words:
+                _parses(words[1:])
+    assert not HELP_PLACEHOLDERS.search(text), HELP_PLACEHOLDERS.search(text)
+    # paragraphs are wrapped to the width, not cut where the docstring's lines end
+    assert max(len(line) for line in text.splitlines() if "$ gptq2xpu" not in line and "--family [" not in line) <= 80
+    description = text.split("\n\n", 1)[1].split("Arguments:")[0].split("Options:")[0]
+    for paragraph in description.strip().split("\n\n"):
+        lines = paragraph.splitlines()
+        assert all(len(line) >= 50 for line in lines[:-1]), paragraph
+    if name is not None:
+        doc_words = " ".join(COMMANDS[name][0].__doc__.split()).split(". ")[0]
+        assert doc_words in " ".join(text.split())
+
+
+def test_help_lists_real_choices_and_bounds(cli):
+    convert_help = " ".join(_help(cli, "convert").split())
+    assert "--scale-dtype [keep|float16|bfloat16]" in convert_help
+    assert "--nibble-encoding [u4b8|s4]" in convert_help
+    assert "--tp-size T" in convert_help and "[default: 1; 1<=x<=1024]" in convert_help
+    assert "-j, --jobs N" in convert_help and "--part I/N" in convert_help and "--max-shard-size SIZE" in convert_help
+    verify_help = " ".join(_help(cli, "verify").split())
+    assert "--device [auto|xpu|cuda|cpu]" in verify_help and "--backend [auto|reference|xpu-kernels]" in verify_help
+    assert "--dtype [auto|bfloat16|float16|float32]" in verify_help
+    assert "--seed N" in verify_help and "0<=x<=4294967295" in verify_help
+    assert "--numeric / --no-numeric" in verify_help and "[default: numeric]" in verify_help
+    from gptq2xpu.testing.synth import FAMILIES
+
+    assert f"--family [{'|'.join(FAMILIES)}]" in " ".join(_help(cli, "demo").split())
+    # the choices are checked, not only shown
+    code, _, err = cli("convert", FIXTURE, "out", "--scale-dtype", "float64")
+    assert code == EXIT_USAGE and "float64" in one_line(err)
+
+
+# ------------------------------------------------------------------------------ numbers have bounds
+
+
+@pytest.mark.parametrize("args, named", [
+    (("verify", "OUT", "--source", FIXTURE, "--seed", str(2**70)), "--seed"),
+    (("verify", "OUT", "--seed", "-1"), "--seed"),
+    (("verify", "OUT", "--source", FIXTURE, "--tokens", str(10**9)), "--tokens"),
+    (("verify", "OUT", "--jobs", "100000"), "--jobs"),
+    (("convert", FIXTURE, "OUT", "--jobs", str(2**70)), "--jobs"),
+    (("convert", FIXTURE, "OUT", "--tp-size", "100000"), "--tp-size"),
+    (("inspect", FIXTURE, "--tp-size", "0"), "--tp-size"),
+    (("convert", FIXTURE, "OUT", "--part", "1/99999999999999999999"), "--part"),
+    (("convert", FIXTURE, "OUT", "--part", "0/2"), "--part"),
+    (("convert", FIXTURE, "OUT", "--max-shard-size", "99999999999999TB"), "--max-shard-size"),
+    (("convert", FIXTURE, "OUT", "--max-shard-size", "0"), "--max-shard-size"),
+])
+def test_out_of_range_numbers_are_usage_errors(cli, tmp_path, converted, args, named):
+    args = [converted if a == "OUT" and args[0] == "verify" else tmp_path / "out" if a == "OUT" else a for a in args]
+    code, out, err = cli(*args)
+    assert code == EXIT_USAGE and named in one_line(err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_layers_outside_the_checkpoint_are_usage_errors(cli, converted):
+    for spec in ("5-99", "2", "1-0", "x"):
+        code, _, err = cli("verify", converted, "--source", FIXTURE, "--layers", spec, "--no-numeric")
+        assert code == EXIT_USAGE and "--layers" in one_line(err), (spec, err)
+
+
+# ------------------------------------------------------------------------------ a wrong --source
+
+
+NOT_IT = "SOURCE is not the checkpoint"
+
+
+def test_wrong_source_of_another_family(cli, tmp_path, converted):
+    other = make_checkpoint(tmp_path / "mixtral", family="mixtral").path
+    code, out, err = cli("verify", converted, "--source", other)
+    line = one_line(err)
+    assert code == EXIT_INPUT and NOT_IT in line and f"{converted} was made from" in line and out == ""
+
+
+def test_wrong_source_same_shapes_other_weights(cli, tmp_path):
+    """Two checkpoints with byte-identical headers (so the header fingerprint is the same) but other
+    weights: the sampled data fingerprint recorded at conversion tells them apart."""
+    first = make_checkpoint(tmp_path / "a", seed=1).path
+    second = make_checkpoint(tmp_path / "b", seed=2).path
+    with open_source(first) as a, open_source(second) as b:
+        assert a.fingerprint() == b.fingerprint() and a.data_fingerprint() != b.data_fingerprint()
+    out = tmp_path / "out"
+    assert cli("convert", first, out)[0] == EXIT_OK
+    code, _, err = cli("verify", out, "--source", second)
+    line = one_line(err)
+    assert code == EXIT_INPUT and NOT_IT in line and "weights differ" in line
+    code, out_json, err = cli("verify", out, "--source", first, "--json")
+    assert code == EXIT_OK and envelope_of(out_json, code)["warnings"] == [], err
+
+
+def test_output_without_recorded_fingerprints(cli, tmp_path, converted):
+    """An output that records no source fingerprint (an older gptq2xpu): SOURCE is compared by shape,
+    and a warning says that is all that could be checked."""
+    out = tmp_path / "old"
+    shutil.copytree(converted, out)
+    edit_block(out, lambda block: [block["source"].pop(k) for k in ("fingerprint", "data_fingerprint")])
+    code, stdout, err = cli("verify", out, "--source", FIXTURE, "--no-numeric", "--json")
+    assert code == EXIT_OK, err
+    assert "records no source fingerprint" in err and envelope_of(stdout, code)["warnings"]
+    other = make_checkpoint(tmp_path / "mixtral", family="mixtral").path
+    code, _, err = cli("verify", out, "--source", other)
+    line = one_line(err)
+    assert code == EXIT_INPUT and NOT_IT in line and "compared by shape" in line
+    # same shapes, other weights: nothing can tell it from a wrong conversion, so the checks say it
+    src = make_checkpoint(tmp_path / "src", seed=1).path
+    twin = make_checkpoint(tmp_path / "twin", seed=2).path
+    out2 = tmp_path / "old2"
+    assert cli("convert", src, out2)[0] == EXIT_OK
+    edit_block(out2, lambda block: [block["source"].pop(k) for k in ("fingerprint", "data_fingerprint")])
+    code, _, err = cli("verify", out2, "--source", twin, "--no-numeric")
+    assert code == EXIT_VERIFY and "records no source fingerprint" in err and "bit-exact experts" in err
+
+
+def test_a_converted_folder_as_source(cli, converted):
+    code, _, err = cli("verify", converted, "--source", converted)
+    assert code == EXIT_INPUT and NOT_IT in one_line(err)
+
+
+# ------------------------------------------------------------------------------ plain messages
+
+
+def test_messages_for_the_wrong_kind_of_folder(cli, converted, tmp_path):
+    code, _, err = cli("verify", converted / "model.safetensors")
+    assert code == EXIT_INPUT and "is a file; verify takes the converted folder" in one_line(err)
+    code, _, err = cli("verify", FIXTURE)
+    assert code == EXIT_INPUT and "not a gptq2xpu output" in one_line(err)
+    for args in (("inspect", converted), ("convert", converted, tmp_path / "again")):
+        code, _, err = cli(*args)
+        line = one_line(err)
+        assert code == EXIT_INPUT and "already converted" in line and f"gptq2xpu verify {converted}" in line
+        assert "no MoE layers" not in line
+    assert not (tmp_path / "again").exists()
+
+
+def test_options_that_would_do_nothing(cli, converted, tmp_path, monkeypatch):
+    code, _, err = cli("convert", FIXTURE, tmp_path / "out", "--revision", "main")
+    assert code == EXIT_USAGE and "--revision" in one_line(err) and "local folder" in err
+    code, _, err = cli("inspect", FIXTURE, "--revision", "v1")
+    assert code == EXIT_USAGE and "--revision" in one_line(err)
+    code, _, err = cli("verify", converted, "--source", FIXTURE, "--revision", "main", "--no-numeric")
+    assert code == EXIT_USAGE and "--revision" in one_line(err)
+    # verify's source-only options without --source: run the standalone checks, say they were ignored
+    code, out, err = cli("verify", converted, "--device", "cpu", "--seed", "3", "--json")
+    assert code == EXIT_OK and "warning: --device, --seed ignored" in err
+    assert envelope_of(out, code)["warnings"] == ["--device, --seed ignored without --source"]
+    code, _, err = cli("verify", converted)
+    assert code == EXIT_OK and "warning" not in err
+    # HF_TOKEN in the environment is not an option typed to no purpose; --token typed is
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    code, _, err = cli("verify", converted)
+    assert code == EXIT_OK and "warning" not in err
+    code, _, err = cli("verify", converted, "--token", "hf_y")
+    assert code == EXIT_OK and "warning: --token ignored" in err
+
+
+def test_an_existing_empty_output_folder_is_accepted(cli, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = cli("convert", FIXTURE, out)
+    assert code == EXIT_OK, err
+    assert cli("verify", out)[0] == EXIT_OK
+    other = tmp_path / "busy"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, _, err = cli("convert", FIXTURE, other)
+    assert code == EXIT_USAGE and "already exists" in one_line(err) and (other / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------ tensor-parallel costs
+
+
+def _expert_bytes(out: Path) -> int:
+    hdr = read_header(out / "model.safetensors")
+    return sum(t.nbytes for t in hdr.tensors.values() if ".experts.w" in t.name)
+
+
+def test_tp_report_costs_are_against_one_rank_whatever_tp_size(cli, tmp_path):
+    reports = {}
+    for tp in (1, 3, 4):
+        code, out, _ = cli("inspect", FIXTURE, "--tp-size", str(tp), "--json")
+        assert code == EXIT_OK
+        reports[tp] = {row["tp_size"]: row for row in json.loads(out)["tp"]}
+    assert set(reports[1]) == {1, 2, 4, 8, 16} and set(reports[3]) == {1, 2, 3, 4, 8, 16}
+    for tp in (3, 4):  # the plan's own --tp-size changes nothing about the other rows
+        assert {t: r for t, r in reports[tp].items() if t != 3} == reports[1]
+    assert reports[3][1] == {"tp_size": 1, "how": "as-is", "extra_bytes": 0}
+    assert all(r["extra_bytes"] >= 0 for r in reports[3].values())
+    assert reports[3][3]["how"] == "pad"
+    # the reported cost is the real one
+    for tp in (1, 3):
+        assert cli("convert", FIXTURE, tmp_path / f"t{tp}", "--tp-size", str(tp))[0] == EXIT_OK
+    assert reports[3][3]["extra_bytes"] == _expert_bytes(tmp_path / "t3") - _expert_bytes(tmp_path / "t1")
+    code, out, _ = cli("inspect", FIXTURE, "--tp-size", "3")
+    line = next(x for x in out.splitlines() if x.startswith("tensor parallel:"))
+    assert line.startswith("tensor parallel: T=1 as-is, T=2 as-is, T=3 pad (+") and "+-" not in line
+
+
+# ------------------------------------------------------------------------------ published outputs
+
+
+def test_config_block_records_no_local_path(cli, tmp_path):
+    """Two conversions of identical files from different places write identical files."""
+    outs = []
+    for where in ("one/deep/place", "another"):
+        src = tmp_path / where / "Tiny-MoE-GPTQ"
+        shutil.copytree(FIXTURE, src)
+        outs.append(tmp_path / where / "out")
+        assert cli("convert", src, outs[-1])[0] == EXIT_OK
+    for name in ("config.json", "gptq2xpu-manifest.json"):
+        a, b = ((o / name).read_text() for o in outs)
+        assert a == b and str(tmp_path) not in a, name
+    source = json.loads((outs[0] / "config.json").read_text())["gptq2xpu"]["source"]
+    assert source["origin"] == source["folder"] == "Tiny-MoE-GPTQ"
+    assert source["fingerprint"].startswith("sha256:") and source["data_fingerprint"].startswith("sha256:")
+
+
+def test_a_hub_cache_folder_is_recorded_as_its_repo(cli, tmp_path):
+    snap = tmp_path / "hub" / "models--acme--tiny-moe" / "snapshots" / ("ab" * 20)
+    shutil.copytree(FIXTURE, snap)
+    assert cli("convert", snap, tmp_path / "out")[0] == EXIT_OK
+    source = json.loads((tmp_path / "out" / "config.json").read_text())["gptq2xpu"]["source"]
+    assert (source["origin"], source["repo_id"], source["commit"]) == ("acme/tiny-moe", "acme/tiny-moe", "ab" * 20)
+
+
+# ------------------------------------------------------------------------------ progress, colour, terminals
+
+
+def _run_with_tty_stderr(args, env_extra=None, columns=100) -> tuple[int, str, str]:
+    """Run the CLI with stderr on a pseudo-terminal (stdout a pipe): (exit code, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "NO_COLOR", "FORCE_COLOR", "GPTQ2XPU_DEBUG")}
+    env.update({"COLUMNS": str(columns), "TERM": "xterm-256color", **(env_extra or {})})
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "gptq2xpu", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=slave, cwd=REPO, env=env)
+    os.close(slave)
+    err = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        if not ready:
+            proc.kill()
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    out = proc.stdout.read().decode()
+    proc.stdout.close()
+    return proc.wait(), out, err.decode(errors="replace")
+
+
+def test_progress_on_a_terminal_never_on_stdout(tmp_path):
+    src = make_checkpoint(tmp_path / "src", hidden=512, moe_intermediate=256, num_experts=16, num_layers=3).path
+    out = tmp_path / "out"
+    code, stdout, err = _run_with_tty_stderr(["convert", src, out, "--json"])
+    assert code == EXIT_OK and envelope_of(stdout, code)["command"] == "convert"
+    total = envelope_of(stdout, code)["bytes_out"]
+    assert "converting" in err and "MiB" in err and " MB" not in err and "/?" not in err, err[-2000:]
+    code, stdout, err = _run_with_tty_stderr(["verify", out, "--source", src, "--json", "--device", "cpu"])
+    assert code == EXIT_OK and envelope_of(stdout, code)["command"] == "verify"
+    for stage in ("hashing", "bit-exact", "reference MoE", "/3 layers", "3/3 layers"):
+        assert stage in err, (stage, err[-3000:])
+    assert re.search(r"\d+:\d\d:\d\d", err)  # the time remaining
+    # in CI, or with --quiet, no bar at all
+    for extra, flags in (({"CI": "1"}, []), ({}, ["-q"])):
+        code, stdout, err = _run_with_tty_stderr(["verify", out, "--source", src, "--device", "cpu", *flags], extra)
+        assert code == EXIT_OK and "━" not in err and "layers" not in err, err
+    assert total > 0
+
+
+def test_no_color_is_honoured():
+    code, _, err = _run_with_tty_stderr(["verify", FIXTURE.parent / "absent", "--device", "cpu"])
+    assert "\x1b[33m" in err and "warning" in err  # a yellow warning on a terminal
+    code, _, err = _run_with_tty_stderr(["verify", FIXTURE.parent / "absent", "--device", "cpu"], {"NO_COLOR": "1"})
+    assert "warning" in err and not re.search(r"\x1b\[[0-9;]*3[0-7]m", err), err
+
+
+# ------------------------------------------------------------------------------ torch stays off convert and inspect
+
+
+def test_convert_and_inspect_do_not_import_torch(tmp_path):
+    script = ("import sys\nfrom gptq2xpu.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+              "    code = e.code\nsys.stderr.write(f'TORCH={\"torch\" in sys.modules}\\n')\nsys.exit(code)\n")
+    for args in (["inspect", FIXTURE, "--json"], ["convert", FIXTURE, tmp_path / "out", "--json"], ["version"]):
+        proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                              cwd=REPO, timeout=120)
+        assert proc.returncode == 0 and "TORCH=False" in proc.stderr, (args, proc.stderr)
+
+
+def test_the_typer_in_use_is_one_the_package_declares():
+    """The help is checked against the typer range pyproject.toml declares: run on one of them."""
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+
+    spec = re.search(r'"typer([^"]*)"', (REPO / "pyproject.toml").read_text())[1]
+    assert version("typer") in SpecifierSet(spec), (version("typer"), spec)

@@ -183,7 +183,8 @@ def classify(names) -> TensorMap:
                 grp.bad_indices.append(m["e"])
             else:
                 # projection and field names repeat for every expert: one string each, not one per tensor
-                grp.experts.setdefault(int(m["e"]), {}).setdefault(sys.intern(m["proj"]), {})[sys.intern(m["field"])] = name
+                proj, fld = sys.intern(m["proj"]), sys.intern(m["field"])
+                grp.experts.setdefault(int(m["e"]), {}).setdefault(proj, {})[fld] = name
             grp.names.append(name)
             continue
         m = _FUSED.match(name)

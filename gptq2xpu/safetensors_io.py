@@ -284,7 +284,8 @@ _ENTRY = re.compile(rf'"([^"\\\x00-\x1f]*)":\{{"dtype":"([A-Z0-9_]{{1,8}})","sha
 _VALUE_STARTS = frozenset('[{"-0123456789tfn')
 
 
-def parse_header(raw: bytes, file_size: int, path: str = "<bytes>", *, table: TensorTable | None = None) -> SafetensorsHeader:
+def parse_header(raw: bytes, file_size: int, path: str = "<bytes>", *,
+                 table: TensorTable | None = None) -> SafetensorsHeader:
     """Validate a safetensors prefix (at least the 8-byte length + header) against ``file_size``.
 
     The tensors go into ``table`` (a new one by default; :func:`open_checkpoint` passes one table

@@ -191,7 +191,8 @@ class Variant:
         }
 
 
-def measure(variants: list[Variant], reps: int, logdir: Path, say, sync: bool = False, warmups: int = 1) -> dict[str, dict]:
+def measure(variants: list[Variant], reps: int, logdir: Path, say, sync: bool = False,
+            warmups: int = 1) -> dict[str, dict]:
     """``warmups`` untimed runs of each variant, then ``reps`` timed runs, round-robin."""
     for _ in range(warmups):
         for v in variants:
@@ -303,7 +304,7 @@ def markdown(report: dict) -> str:
     """The results as README-ready Markdown: variants, jobs sweep, scaling, targets."""
     cp = report["headline"]["cp_wall_s"]
     out = ["| variant | wall median (min..max) | user / sys CPU | peak RSS | x `cp -r` |", "|---|---|---|---|---|"]
-    for name, r in report["variants"].items():
+    for r in report["variants"].values():
         out.append(f"| {r['what']} | {r['wall_median_s']:.3f} s ({r['wall_min_s']:.3f}..{r['wall_max_s']:.3f}) | "
                    f"{r['user_cpu_median_s']:.2f} / {r['sys_cpu_median_s']:.2f} s | {r['peak_rss_mib']:.0f} MiB | "
                    f"{_ratio_cell(r, cp)} |")
@@ -361,8 +362,10 @@ def targets(report: dict, profile: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, help="scratch folder (default: a new temp dir under /tmp, removed at the end)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path,
+                    help="scratch folder (default: a new temp dir under /tmp, removed at the end)")
     ap.add_argument("--source", type=Path, help="benchmark this existing checkpoint instead of generating one")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--shard-size", default="4GB", help="source shard size (e.g. 4GB, 500MB)")
@@ -374,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmups", type=int, default=1, help="untimed runs of each variant before the timed ones")
     ap.add_argument("--jobs", type=int, help="--jobs for convert (default: gptq2xpu's default, the cores available)")
-    ap.add_argument("--numeric-reps", type=int, default=1, help="runs of verify with the reference MoE on layer 0 (0: skip)")
+    ap.add_argument("--numeric-reps", type=int, default=1,
+                    help="runs of verify with the reference MoE on layer 0 (0: skip)")
     ap.add_argument("--gpu", metavar="DEVICE", help="also time the whole verify --source --device DEVICE (e.g. cuda)")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive pipeline")
     ap.add_argument("--no-verify", action="store_true", help="skip the verify variants")
@@ -461,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             ver = [
                 Variant("verify", gx + ["verify", str(out), "--json"], None, "`gptq2xpu verify OUT` (standalone)",
                         json_stdout=True),
-                Variant("verify_source", gx + ["verify", str(out), "--source", str(src), "--no-numeric", "--json"], None,
-                        "`gptq2xpu verify OUT --source SRC --no-numeric`", json_stdout=True),
+                Variant("verify_source", gx + ["verify", str(out), "--source", str(src), "--no-numeric", "--json"],
+                        None, "`gptq2xpu verify OUT --source SRC --no-numeric`", json_stdout=True),
             ]
             if args.numeric_reps > 0:
                 ver.append(Variant("verify_numeric", gx + ["verify", str(out), "--source", str(src), "--layers", "0",
@@ -487,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
                         r["json"]["bit_exact_seconds"] for r in v.runs if "json" in r)
                 if doc.get("numeric_seconds") is not None:
                     extra["numeric_seconds_median"] = statistics.median(
-                        r["json"]["numeric_seconds"] for r in v.runs if r.get("json", {}).get("numeric_seconds") is not None)
+                        r["json"]["numeric_seconds"] for r in v.runs
+                        if r.get("json", {}).get("numeric_seconds") is not None)
                 if doc.get("layers"):
                     extra["numeric_layer_seconds"] = [r["seconds"] for r in doc["layers"]]
                     extra["numeric_seconds"] = doc.get("numeric_seconds")
@@ -561,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
             sv = [
                 Variant("convert_main", gx + ["convert", str(src), str(outs["convert_main"]), "-q"] + jobs,
                         outs["convert_main"], "gptq2xpu convert, main checkpoint"),
-                Variant("copy_main", ["cp", "-r", str(src), str(outs["copy_main"])], outs["copy_main"], "cp -r, main checkpoint"),
+                Variant("copy_main", ["cp", "-r", str(src), str(outs["copy_main"])], outs["copy_main"],
+                        "cp -r, main checkpoint"),
                 Variant("convert_other", gx + ["convert", str(big), str(outs["convert_other"]), "-q"] + jobs,
                         outs["convert_other"], "gptq2xpu convert, scaling checkpoint"),
                 Variant("copy_other", ["cp", "-r", str(big), str(outs["copy_other"])], outs["copy_other"],
@@ -585,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
             if small["layers"] and large["layers"] and large["layers"] != small["layers"]:
                 for d in (small, large):
                     d["s_per_layer"] = d["wall_median_s"] / d["layers"]
-                sc["marginal_s_per_layer"] = (large["wall_median_s"] - small["wall_median_s"]) / (large["layers"] - small["layers"])
+                sc["marginal_s_per_layer"] = ((large["wall_median_s"] - small["wall_median_s"])
+                                              / (large["layers"] - small["layers"]))
             report["scaling"] = sc
             if not args.scaling_source:
                 _remove(big)
@@ -606,23 +613,27 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; verify = {h['verify_vs_cp']:.2f} x cp; verify --source --no-numeric = "
              f"{h['verify_source_vs_convert']:.2f} x convert (its bit-exact part {h['bit_exact_vs_convert']:.2f} x)"
              if "verify_vs_cp" in h else "")
-          + (f"; verify on {args.gpu} = {h['verify_gpu_vs_convert']:.2f} x convert" if "verify_gpu_vs_convert" in h else ""))
+          + (f"; verify on {args.gpu} = {h['verify_gpu_vs_convert']:.2f} x convert"
+             if "verify_gpu_vs_convert" in h else ""))
     vn = report["variants"].get("verify_numeric")
     if vn:
-        print(f"reference MoE on CPU: {vn['numeric_layer_seconds']} s per layer (process CPU {vn['cpu_median_s']:.1f} s)")
+        print(f"reference MoE on CPU: {vn['numeric_layer_seconds']} s per layer "
+              f"(process CPU {vn['cpu_median_s']:.1f} s)")
     if "jobs_sweep" in report:
         js = report["jobs_sweep"]
-        print("jobs sweep: " + ", ".join(f"{k.removeprefix('convert_')} {v['wall_median_s']:.3f} s ({v['ratio_vs_cp']:.2f} x cp)"
-                                         for k, v in js["runs"].items())
+        print("jobs sweep: " + ", ".join(f"{k.removeprefix('convert_')} {v['wall_median_s']:.3f} s "
+                                         f"({v['ratio_vs_cp']:.2f} x cp)" for k, v in js["runs"].items())
               + f"; outputs identical: {js['identical']}")
     if "scaling" in report:
         sc = report["scaling"]
         for d in (sc["small"], sc["large"]):
             print(f"scaling: {d['layers']} layers, {d['bytes'] / 2**30:.2f} GiB: convert {d['wall_median_s']:.3f} s"
                   + (f" ({d['s_per_layer']:.3f} s/layer)" if "s_per_layer" in d else "")
-                  + f", cp {d['copy_wall_median_s']:.3f} s, ratio {d['ratio_vs_copy']:.2f}, peak RSS {d['peak_rss_mib']:.0f} MiB")
-        print(f"scaling: size x{sc['bytes_ratio']:.2f}: convert time x{sc['time_ratio']:.2f} (user CPU x{sc['user_cpu_ratio']:.2f}), "
-              f"cp time x{sc['copy_time_ratio']:.2f}; RSS x{sc['rss_ratio']:.2f}")
+                  + f", cp {d['copy_wall_median_s']:.3f} s, ratio {d['ratio_vs_copy']:.2f}, "
+                    f"peak RSS {d['peak_rss_mib']:.0f} MiB")
+        print(f"scaling: size x{sc['bytes_ratio']:.2f}: convert time x{sc['time_ratio']:.2f} "
+              f"(user CPU x{sc['user_cpu_ratio']:.2f}), cp time x{sc['copy_time_ratio']:.2f}; "
+              f"RSS x{sc['rss_ratio']:.2f}")
     print(f"targets ({profile}): " + ", ".join(f"{k} {'ok' if v['ok'] else 'MISSED'} ({v['value']:.3g} vs {v['limit']})"
                                               for k, v in report["targets"].items()))
     md = markdown(report)

@@ -255,9 +255,11 @@ class LayerBits:
         they are, without torch.  Anything else (another dtype, a NaN or infinity) takes torch's
         cast, as the per-expert loop does."""
         n, p = self.n, self.p
-        if p > n and ((s13[:, n:p] != 0).any() or (s13[:, p + n :] != 0).any() or (s2[:, :, n // self.g2 :] != 0).any()):
+        if p > n and ((s13[:, n:p] != 0).any() or (s13[:, p + n :] != 0).any()
+                      or (s2[:, :, n // self.g2 :] != 0).any()):
             return False
-        for role, got, g_out, cols in (("gate", s13[:, :n], self.g13, self.k), ("up", s13[:, p : p + n], self.g13, self.k),
+        for role, got, g_out, cols in (("gate", s13[:, :n], self.g13, self.k),
+                                       ("up", s13[:, p : p + n], self.g13, self.k),
                                        ("down", s2[:, :, : n // self.g2], self.g2, n)):
             try:
                 dtype, raw = _stacked_raw(self.src, [self.name(e, role, field) for e in range(self.e)])
@@ -278,7 +280,8 @@ class LayerBits:
                 return False
         return True
 
-    def cross_check_nibbles(self, e: int, w13: np.ndarray, w2: np.ndarray, encoding: str, *, every_row: bool = False) -> None:
+    def cross_check_nibbles(self, e: int, w13: np.ndarray, w2: np.ndarray, encoding: str, *,
+                            every_row: bool = False) -> None:
         """Decode expert ``e`` nibble by nibble on both sides (independent unpack path): the first and
         last :data:`CROSS_CHECK_ROWS` outputs of each projection, or ``every_row``."""
         torch = _torch()
@@ -302,7 +305,8 @@ class LayerBits:
                     src = gptq_codes(torch.from_numpy(np.ascontiguousarray(qweight[:, r0:r1]))).T  # [rows, in]
                 if not torch.equal(conv, src):
                     r, c = (conv != src).nonzero()[0].tolist()
-                    self.bad(f"expert {e} {role}: code [{r0 + r}, {c}] decodes to {int(conv[r, c])}, source {int(src[r, c])}")
+                    self.bad(f"expert {e} {role}: code [{r0 + r}, {c}] decodes to {int(conv[r, c])}, "
+                             f"source {int(src[r, c])}")
                     break
 
 

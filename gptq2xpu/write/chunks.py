@@ -98,8 +98,8 @@ class ShardSource:
                 layer = self.plan.layer(item.ref)
                 step = item.tensor.nbytes // layer.experts
                 per = max(1, SCALES_CHUNK // max(1, step))
-                out.extend((start + e * step, lambda lyr=layer, k=kind, e=e, n=min(per, layer.experts - e):
-                            self._scales(lyr, k, e, n)) for e in range(0, layer.experts, per))
+                out.extend((start + e * step, lambda lyr=layer, k=kind, e=e, n=per: self._scales(lyr, k, e, n))
+                           for e in range(0, layer.experts, per))
             elif kind == "router":
                 out.append((start, lambda lyr=self.plan.layer(item.ref), t=item.tensor: self._router(lyr, t)))
             else:  # pragma: no cover - plan and writer are built together
@@ -143,6 +143,8 @@ class ShardSource:
         return Chunk(memoryview(buf), lambda: self.pool.put(buf))
 
     def _scales(self, layer, kind, first: int, count: int) -> Chunk:
+        """Experts ``first..first+count`` (fewer at the end of the layer) of a layer's scales."""
+        count = min(count, layer.experts - first)
         fmt = FORMATS[layer.format]
         roles = ("gate", "up") if kind == "w13_scales" else ("down",)
         stacks = {role: read_role_scales(self.ckpt, fmt, [layer.fields(e, role)[fmt.scales]

@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scaling-source", type=Path, help="the second checkpoint for --scaling, instead of generating it")
     ap.add_argument("--jobs-sweep", nargs="?", const="auto", metavar="LIST",
                     help="convert with each --jobs of LIST (e.g. 1,2,4,8,16; default: powers of 2 up to the cores)")
+    ap.add_argument("--sweep-reps", type=int, help="timed runs per --jobs value (default: --reps)")
     ap.add_argument("--targets", choices=sorted(LIMITS), help="whose limits to apply (default: 16core with >= 16 "
                     "cores, else 2core)")
     ap.add_argument("--json-out", type=Path)
@@ -531,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             outs = {j: scratch(f"out_jobs{j}") for j in sweep}
             runs = [Variant(f"convert_jobs{j}", gx + ["convert", str(src), str(o), "-q", "--jobs", str(j)], o,
                             f"gptq2xpu convert --jobs {j}", keep=True) for j, o in outs.items()]
-            res = measure(runs, args.reps, logdir, say, args.sync, args.warmups)
+            res = measure(runs, args.sweep_reps or args.reps, logdir, say, args.sync, args.warmups)
             for r in res.values():
                 r["ratio_vs_cp"] = r["wall_median_s"] / cp_wall
             hashes = {j: sha256_tree(o) for j, o in outs.items()}

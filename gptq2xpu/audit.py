@@ -18,10 +18,11 @@ from .read import Checkpoint
 from .repack import from_float32, read_scales, to_float32
 
 
-def audit(plan: Plan, ckpt: Checkpoint) -> list[str]:
-    """Raise InputError on data the kernel cannot run; return warnings (all-zero scale groups)."""
+def audit(plan: Plan, ckpt: Checkpoint, layers: list[LayerPlan] | None = None) -> list[str]:
+    """Raise InputError on data the kernel cannot run; return warnings (all-zero scale groups).
+    ``layers``: these converted layers only (default: all)."""
     warnings: list[str] = []
-    for layer in plan.converted:
+    for layer in plan.converted if layers is None else layers:
         for e in range(layer.experts):
             warnings.extend(_audit_expert(plan, ckpt, layer, e))
     return warnings

@@ -8,12 +8,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .audit import audit
+from .errors import InputError
+from .memory import settle
 from .parallel import default_jobs
 from .plan import ConvertOptions, Plan, build_plan
 from .read import Checkpoint, open_source
@@ -25,6 +28,30 @@ def make_plan(ckpt: Checkpoint, options: ConvertOptions) -> Plan:
     plan = build_plan(ckpt, options)
     plan.fingerprint = ckpt.fingerprint()
     return plan
+
+
+#: Audit threads per --jobs: a 48-layer model's audit is a few CPU seconds of small reads and
+#: checks; a thread per four cores keeps it well ahead of the writing it runs beside.
+AUDIT_THREADS_PER_JOB = 0.25
+
+
+def audit_layers(plan: Plan, ckpt: Checkpoint, jobs: int, stop: threading.Event | None = None) -> list[str]:
+    """:func:`~gptq2xpu.audit.audit` of every converted layer, layers spread over ``jobs // 4``
+    threads: the same warnings in the same order, and the first failing layer's error.  Once
+    ``stop`` is set, no further layer is started (the run is ending anyway)."""
+    stop = stop or threading.Event()
+
+    def one(layer) -> list[str]:
+        if stop.is_set():
+            raise InputError("the audit was stopped")  # never reported: the run is already failing
+        return audit(plan, ckpt, [layer])
+
+    layers = plan.converted
+    threads = max(1, min(len(layers), int(jobs * AUDIT_THREADS_PER_JOB)))
+    if threads == 1:
+        return [w for layer in layers for w in one(layer)]
+    with ThreadPoolExecutor(threads, thread_name_prefix="gptq2xpu-audit") as pool:
+        return [w for part in pool.map(one, layers) for w in part]
 
 
 def convert(source, output, *, options: ConvertOptions | None = None, jobs: int | None = None,
@@ -46,6 +73,7 @@ def convert(source, output, *, options: ConvertOptions | None = None, jobs: int 
         plan.data_fingerprint = ckpt.data_fingerprint()
         shards = plan.shards if part is None else [plan.shards[i] for i in part_shards(plan, *part)]
         total = sum(t.nbytes for s in shards for t in s.layout.tensors)  # what the ticks count
+        settle()  # what parsing the headers freed goes back before the buffers are made
         done = [0]
         if progress:
             progress(0, total)
@@ -54,7 +82,8 @@ def convert(source, output, *, options: ConvertOptions | None = None, jobs: int 
         # the audit has passed.  Either way a failed run leaves nothing at OUTPUT.
         # Split runs write into a shared folder without a staging area: audit them first.
         bg = ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-audit")
-        audited = bg.submit(audit, plan, ckpt)
+        stop_audit = threading.Event()
+        audited = bg.submit(audit_layers, plan, ckpt, jobs, stop_audit)
         if part is not None:
             audited.result()
 
@@ -77,6 +106,8 @@ def convert(source, output, *, options: ConvertOptions | None = None, jobs: int 
                                    before_publish=before_publish)
                 summary["part"] = f"{part[0]}/{part[1]}"
         finally:
+            if not audited.done():
+                stop_audit.set()  # the writing ended before the audit: it failed, stop soon
             bg.shutdown(wait=True, cancel_futures=True)
         summary["warnings"] = list(plan.warnings)
         summary["files"] = len(files)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 
 from .errors import InputError
@@ -62,12 +63,19 @@ _ROUTER = re.compile(r"^(?P<prefix>.+)\.(gate|router)\.(?P<field>[^.]+)$")
 _SHARED = re.compile(r"^(?P<prefix>.+)\.(shared_experts?|shared_expert_gate)\.")
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
 def natural_key(name: str) -> tuple:
     """Sort key that orders ``layers.2`` before ``layers.10``.
 
     Digit runs compare by value without becoming ints (a name may hold a 5000-digit number):
     as (length without leading zeros, digits)."""
-    return tuple((len(p.lstrip("0")), p.lstrip("0")) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+    parts = _DIGITS.split(name)
+    if any(map(str.isdigit, parts[0::2])):  # digit-like characters that are not decimal digits
+        return tuple((len(p.lstrip("0")), p.lstrip("0")) if p.isdigit() else p for p in parts)
+    parts[1::2] = [(len(d), d) for d in (p.lstrip("0") for p in parts[1::2])]
+    return tuple(parts)
 
 
 def nested_text_config(config: dict) -> dict:
@@ -149,7 +157,7 @@ class ExpertGroup:
     prefix: str
     experts: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)  # e -> proj -> field -> tensor name
     fused: dict[str, str] = field(default_factory=dict)  # fused 3-D float tensors: what -> tensor name
-    names: list[str] = field(default_factory=list)  # every tensor under <prefix>.experts
+    names: list[str] = field(default_factory=list)  # every tensor under <prefix>.experts, in checkpoint order
     bad_indices: list[str] = field(default_factory=list)  # expert numbers too long to be real
 
 
@@ -169,11 +177,14 @@ def classify(names) -> TensorMap:
     for name in names:
         m = _EXPERT.match(name)
         if m:
-            grp = moe.setdefault(m["prefix"], ExpertGroup(m["prefix"]))
+            prefix = m["prefix"]
+            grp = moe.get(prefix) or moe.setdefault(prefix, ExpertGroup(prefix))
             if len(m["e"]) > MAX_EXPERT_DIGITS:
                 grp.bad_indices.append(m["e"])
             else:
-                grp.experts.setdefault(int(m["e"]), {}).setdefault(m["proj"], {})[m["field"]] = name
+                # projection and field names repeat for every expert: one string each, not one per tensor
+                proj, fld = sys.intern(m["proj"]), sys.intern(m["field"])
+                grp.experts.setdefault(int(m["e"]), {}).setdefault(proj, {})[fld] = name
             grp.names.append(name)
             continue
         m = _FUSED.match(name)
@@ -193,6 +204,4 @@ def classify(names) -> TensorMap:
         m = _SHARED.match(name)
         if m and m["prefix"] in moe:
             shared.setdefault(m["prefix"], []).append(name)
-    for grp in moe.values():
-        grp.names.sort(key=natural_key)
     return TensorMap(moe=moe, routers=routers, shared=shared)

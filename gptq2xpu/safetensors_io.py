@@ -21,8 +21,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
+from array import array
+from bisect import bisect_right
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import islice
+from json.scanner import make_scanner
 
 import numpy as np
 
@@ -50,15 +56,25 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 _MAX_DIMS = 16
 
 
-@dataclass(frozen=True, slots=True)
-class TensorEntry:
-    """One tensor's header entry.  ``start``/``end`` are absolute file offsets."""
+#: Most tensors one checkpoint may hold, all shards together.  The largest MoE checkpoints hold a
+#: few hundred thousand (a 1T-parameter GPTQ MoE: ~300 K); a header filled with millions of empty
+#: tensors is refused before anything is built for them.
+MAX_TENSORS = 1_000_000
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
+_DTYPE_NAMES: tuple[str, ...] = tuple(DTYPE_SIZES)
+_DTYPE_CODES: dict[str, int] = {name: i for i, name in enumerate(_DTYPE_NAMES)}
+_ITEM_SIZES: tuple[int, ...] = tuple(DTYPE_SIZES[n] for n in _DTYPE_NAMES)
+
+
+class TensorEntry:
+    """One tensor of a checkpoint: name, dtype, shape, absolute byte range ``start..end`` and the
+    shard ``file`` holding it (None for a header read on its own).  Made on demand from a
+    :class:`TensorTable`; ``entry`` is the object itself (the checkpoint's ``TensorRef`` is this)."""
+
+    __slots__ = ("name", "dtype", "shape", "start", "end", "file")
+
+    def __init__(self, name: str, dtype: str, shape: tuple[int, ...], start: int, end: int, file: str | None = None):
+        self.name, self.dtype, self.shape, self.start, self.end, self.file = name, dtype, shape, start, end, file
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +84,173 @@ class TensorEntry:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def entry(self) -> TensorEntry:
+        return self
+
+    def _key(self):
+        return (self.name, self.dtype, self.shape, self.start, self.end, self.file)
+
+    def __eq__(self, other):
+        return isinstance(other, TensorEntry) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return (f"TensorEntry({self.name!r}, {self.dtype}, {list(self.shape)}, {self.start}..{self.end}"
+                + (f", {self.file!r})" if self.file is not None else ")"))
+
+
+class TensorTable(Mapping):
+    """The tensors of one or several headers, compact: per tensor only its name (a key of one dict)
+    and a few machine words in arrays -- dtype code, interned shape, byte range -- instead of a
+    dict of Python objects per tensor.  A 48-layer MoE (75 K tensors) takes ~13 MB here, where
+    objects per tensor took ~45 MB plus the parsed JSON.  Looking a name up makes a
+    :class:`TensorEntry`; files are added one after another (:meth:`view` is one file's part)."""
+
+    def __init__(self):
+        self._rows: dict[str, int] = {}
+        self._dtype = array("B")
+        self._shape = array("I")
+        self._start = array("q")
+        self._end = array("q")
+        self._shapes: list[tuple[int, ...]] = []
+        self._numels: list[int] = []
+        self._shape_ids: dict[str, int] = {}   # shape as its JSON text ("2048,768") -> id
+        self.files: list[str | None] = []
+        self._file_rows: list[int] = []        # first row of each file
+
+    # ------------------------------------------------------------------ Mapping
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self):
+        return iter(self._rows)
+
+    def __contains__(self, name) -> bool:
+        return name in self._rows
+
+    def __getitem__(self, name: str) -> TensorEntry:
+        return self._entry(name, self._rows[name])
+
+    def get(self, name, default=None):
+        r = self._rows.get(name)
+        return default if r is None else self._entry(name, r)
+
+    def items(self):
+        return ((name, self._entry(name, r)) for name, r in self._rows.items())
+
+    def values(self):
+        return (self._entry(name, r) for name, r in self._rows.items())
+
+    def signature(self, name: str) -> int | None:
+        """A number equal for two tensors of this table exactly when dtype and shape are equal
+        (None for a name not here): compares tensors without making entries."""
+        r = self._rows.get(name)
+        return None if r is None else (self._shape[r] << 5) | self._dtype[r]
+
+    def _entry(self, name: str, r: int) -> TensorEntry:
+        files = self.files
+        file = files[0] if len(files) == 1 else files[bisect_right(self._file_rows, r) - 1]
+        return TensorEntry(name, _DTYPE_NAMES[self._dtype[r]], self._shapes[self._shape[r]], self._start[r],
+                           self._end[r], file)
+
+    # ------------------------------------------------------------------ building
+    def _shape_id(self, text: str, dims: tuple[int, ...] | None = None) -> int:
+        sid = self._shape_ids.get(text)
+        if sid is None:
+            if dims is None:
+                dims = tuple(map(int, text.split(","))) if text else ()
+            sid = self._shape_ids[text] = len(self._shapes)
+            self._shapes.append(dims)
+            self._numels.append(math.prod(dims))
+        return sid
+
+    def _begin_file(self, file: str | None) -> int:
+        self.files.append(file)
+        self._file_rows.append(len(self._rows))
+        return len(self._rows)
+
+    def _file_of_row(self, r: int) -> str | None:
+        return self.files[bisect_right(self._file_rows, r) - 1]
+
+    def _add(self, name: str, code: int, sid: int, start: int, end: int, first_row: int, path: str) -> None:
+        rows = self._rows
+        r = rows.setdefault(name, len(rows))
+        if r != len(self._start):
+            if r >= first_row:
+                raise InputError(f"{path}: safetensors header is not valid JSON (duplicate key {name!r})")
+            raise InputError(f"tensor {name!r} appears in both {self._file_of_row(r)} and {path}")
+        if r >= MAX_TENSORS:
+            del rows[name]
+            raise InputError(f"{path}: more than {MAX_TENSORS} tensors; refusing a header this large")
+        self._dtype.append(code)
+        self._shape.append(sid)
+        self._start.append(start)
+        self._end.append(end)
+
+    def _add_file(self, file: str, tensors: Mapping[str, TensorEntry]) -> None:
+        """Append another header's tensors as file ``file`` (a tensor already here is refused)."""
+        first = self._begin_file(file)
+        for name, t in tensors.items():
+            sid = self._shape_id(",".join(map(str, t.shape)), tuple(t.shape))
+            self._add(name, _DTYPE_CODES[t.dtype], sid, t.start, t.end, first, file)
+
+    def view(self, index: int) -> FileTensors:
+        """The tensors of the ``index``-th file added."""
+        first = self._file_rows[index]
+        last = self._file_rows[index + 1] if index + 1 < len(self._file_rows) else len(self._rows)
+        return FileTensors(self, first, last)
+
+    def _check_overlaps(self, first: int, last: int, path: str) -> None:
+        """No two non-empty tensors of rows ``first..last`` (one file) share a byte."""
+        if last - first < 2:
+            return
+        starts = np.frombuffer(self._start, dtype=np.int64)[first:last]
+        ends = np.frombuffer(self._end, dtype=np.int64)[first:last]
+        keep = np.flatnonzero(ends > starts)
+        order = keep[np.lexsort((ends[keep], starts[keep]))]
+        s, e = starts[order], ends[order]
+        bad = np.flatnonzero(s[1:] < e[:-1])
+        if bad.size:
+            i, j = int(order[bad[0]]) + first, int(order[bad[0] + 1]) + first
+            names = dict.fromkeys((i, j))
+            for name, r in self._rows.items():
+                if r in names:
+                    names[r] = name
+            raise InputError(f"{path}: tensors {names[i]!r} and {names[j]!r} overlap in the file")
+
+
+class FileTensors(Mapping):
+    """One file's tensors in a :class:`TensorTable` (rows ``first..last``): name -> TensorEntry."""
+
+    def __init__(self, table: TensorTable, first: int, last: int):
+        self.table, self.first, self.last = table, first, last
+
+    def _row(self, name):
+        r = self.table._rows.get(name)
+        return r if r is not None and self.first <= r < self.last else None
+
+    def __len__(self) -> int:
+        return self.last - self.first
+
+    def __iter__(self):
+        return islice(iter(self.table._rows), self.first, self.last)
+
+    def __contains__(self, name) -> bool:
+        return self._row(name) is not None
+
+    def __getitem__(self, name: str) -> TensorEntry:
+        r = self._row(name)
+        if r is None:
+            raise KeyError(name)
+        return self.table._entry(name, r)
+
+    def get(self, name, default=None):
+        r = self._row(name)
+        return default if r is None else self.table._entry(name, r)
+
 
 @dataclass
 class SafetensorsHeader:
@@ -76,21 +259,39 @@ class SafetensorsHeader:
     path: str
     file_size: int
     data_start: int
-    tensors: dict[str, TensorEntry]
+    tensors: Mapping[str, TensorEntry]
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _reject_duplicates(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+def _pairs_no_duplicates(pairs):
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return out
 
 
-def parse_header(raw: bytes, file_size: int, path: str = "<bytes>") -> SafetensorsHeader:
-    """Validate a safetensors prefix (at least the 8-byte length + header) against ``file_size``."""
+_SCAN = make_scanner(json.JSONDecoder(object_pairs_hook=_pairs_no_duplicates))
+_WS = re.compile(r"[ \t\n\r]*")
+_NUM = r"(?:0|[1-9][0-9]{0,18})"
+#: One tensor entry as every safetensors writer lays it out (compact, keys in this order, a name
+#: without escapes): parsed by one regex match.  Anything else takes the general JSON path.
+_ENTRY = re.compile(rf'"([^"\\\x00-\x1f]*)":\{{"dtype":"([A-Z0-9_]{{1,8}})","shape":\[((?:{_NUM},){{0,15}}{_NUM})?\],'
+                    rf'"data_offsets":\[({_NUM}),({_NUM})\]\}}([,}}])')
+_VALUE_STARTS = frozenset('[{"-0123456789tfn')
+
+
+def parse_header(raw: bytes, file_size: int, path: str = "<bytes>", *,
+                 table: TensorTable | None = None) -> SafetensorsHeader:
+    """Validate a safetensors prefix (at least the 8-byte length + header) against ``file_size``.
+
+    The tensors go into ``table`` (a new one by default; :func:`open_checkpoint` passes one table
+    for all shards, which also finds a tensor stored in two of them).  The JSON is read entry by
+    entry, never as one document: a header filled to the cap with tiny entries costs its compact
+    records, not a dict per entry, and more than :data:`MAX_TENSORS` are refused up front."""
     if file_size < 8 or len(raw) < 8:
         raise InputError(f"{path}: not a safetensors file (only {file_size} bytes)")
     (n,) = struct.unpack("<Q", raw[:8])
@@ -100,34 +301,116 @@ def parse_header(raw: bytes, file_size: int, path: str = "<bytes>") -> Safetenso
         raise InputError(f"{path}: truncated: header claims {n} bytes but the file has {file_size}")
     if len(raw) < 8 + n:
         raise InputError(f"{path}: truncated header")
+    return _parse_text(_decode(memoryview(raw)[8 : 8 + n], path), n, file_size, path, table)
+
+
+def _check_count(entries: int, path: str) -> None:
+    # a count of the key's spellings: a name holding it can only make the count larger; an escaped
+    # spelling is counted as the table grows (TensorTable._add)
+    if entries > MAX_TENSORS:
+        raise InputError(f"{path}: more than {MAX_TENSORS} tensors; refusing a header this large")
+
+
+def _decode(data, path: str) -> str:
     try:
-        text = raw[8 : 8 + n].decode("utf-8")
-        doc = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return str(data, "utf-8")
+    except UnicodeDecodeError as exc:
         raise InputError(f"{path}: safetensors header is not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise InputError(f"{path}: safetensors header is not a JSON object")
-    data_start = 8 + n
-    data_size = file_size - data_start
-    metadata: dict[str, str] = {}
-    tensors: dict[str, TensorEntry] = {}
-    for name, spec in doc.items():
-        if name == "__metadata__":
-            if not isinstance(spec, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in spec.items()
-            ):
-                raise InputError(f"{path}: __metadata__ must map strings to strings")
-            metadata = dict(spec)
-            continue
-        tensors[name] = _parse_entry(path, name, spec, data_start, data_size)
-    ranges = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
-    for (_s0, e0, n0), (s1, _e1, n1) in zip(ranges, ranges[1:]):
-        if s1 < e0:
-            raise InputError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
-    return SafetensorsHeader(path, file_size, data_start, tensors, metadata)
 
 
-def _parse_entry(path: str, name: str, spec, data_start: int, data_size: int) -> TensorEntry:
+def _parse_text(text: str, n: int, file_size: int, path: str, table: TensorTable | None) -> SafetensorsHeader:
+    """The header's JSON text (``n`` bytes, length checked) into a validated header."""
+    _check_count(text.count('"data_offsets"'), path)
+    table = TensorTable() if table is None else table
+    first = table._begin_file(path)
+    try:
+        metadata = _parse_entries(text, path, table, first, 8 + n, file_size - 8 - n)
+    except (ValueError, RecursionError, StopIteration) as exc:  # JSONDecodeError is a ValueError
+        raise InputError(f"{path}: safetensors header is not valid JSON ({_json_error(exc)})") from None
+    table._check_overlaps(first, len(table), path)
+    return SafetensorsHeader(path, file_size, 8 + n, table.view(len(table.files) - 1), metadata)
+
+
+def _json_error(exc: BaseException) -> str:
+    if isinstance(exc, StopIteration):
+        return f"expecting a value at char {exc.value}"
+    return str(exc)
+
+
+def _parse_entries(text: str, path: str, table: TensorTable, first: int, data_start: int, data_size: int) -> dict:
+    """Walk the header's top-level object entry by entry into ``table``; returns ``__metadata__``."""
+    pos = _WS.match(text, 0).end()
+    if text[pos : pos + 1] != "{":
+        if text[pos : pos + 1] in _VALUE_STARTS:
+            raise InputError(f"{path}: safetensors header is not a JSON object")
+        raise ValueError(f"expecting '{{' at char {pos}")
+    pos = _WS.match(text, pos + 1).end()
+    metadata: dict | None = None
+    # as a JSON parser would, syntax and duplicate keys anywhere come before what the entries mean:
+    # the first bad entry is remembered and raised once the whole object has been read
+    bad: InputError | None = None
+    bad_names: set[str] = set()
+    match = _ENTRY.match
+    codes, sizes, numels = _DTYPE_CODES, _ITEM_SIZES, table._numels
+    if text[pos : pos + 1] == "}":
+        pos += 1
+    else:
+        while True:
+            m = match(text, pos)
+            if m is not None:  # the common layout: one regex match, no dicts
+                name, dtype, shape, begin, end, sep = m.groups()
+                code = codes.get(dtype)
+                if code is not None and name != "__metadata__":
+                    sid = table._shape_id(shape or "")
+                    begin, end = int(begin), int(end)
+                    if begin <= end <= data_size and end - begin == numels[sid] * sizes[code]:
+                        table._add(name, code, sid, data_start + begin, data_start + end, first, path)
+                        pos = m.end()
+                        if sep == "}":
+                            break
+                        continue
+            # anything else: read the name and the value as JSON, then check them
+            pos = _WS.match(text, pos).end()
+            if text[pos : pos + 1] != '"':
+                raise ValueError(f"expecting a property name in double quotes at char {pos}")
+            name, pos = _SCAN(text, pos)
+            pos = _WS.match(text, pos).end()
+            if text[pos : pos + 1] != ":":
+                raise ValueError(f"expecting ':' at char {pos}")
+            spec, pos = _SCAN(text, _WS.match(text, pos + 1).end())
+            if table._rows.get(name, -1) >= first or name in bad_names:
+                raise ValueError(f"duplicate key {name!r}")
+            try:
+                if name == "__metadata__":
+                    if metadata is not None:
+                        raise ValueError("duplicate key '__metadata__'")
+                    if not isinstance(spec, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                             for k, v in spec.items()):
+                        raise InputError(f"{path}: __metadata__ must map strings to strings")
+                    metadata = spec
+                else:
+                    code, sid, begin, end = _check_entry(path, name, spec, table, data_size)
+                    table._add(name, code, sid, data_start + begin, data_start + end, first, path)
+            except InputError as exc:
+                bad = bad or exc
+                bad_names.add(name)
+            pos = _WS.match(text, pos).end()
+            sep = text[pos : pos + 1]
+            pos += 1
+            if sep == "}":
+                break
+            if sep != ",":
+                raise ValueError(f"expecting ',' delimiter at char {pos - 1}")
+            pos = _WS.match(text, pos).end()
+    if _WS.match(text, pos).end() != len(text):
+        raise ValueError(f"extra data at char {pos}")
+    if bad is not None:
+        raise bad
+    return metadata or {}
+
+
+def _check_entry(path: str, name: str, spec, table: TensorTable, data_size: int) -> tuple[int, int, int, int]:
+    """One tensor's header entry, fully checked: (dtype code, shape id, begin, end) relative to the data."""
     where = f"{path}: tensor {name!r}"
     if not isinstance(spec, dict):
         raise InputError(f"{where}: header entry is not an object")
@@ -158,7 +441,7 @@ def _parse_entry(path: str, name: str, spec, data_start: int, data_size: int) ->
         raise InputError(
             f"{where}: byte range holds {end - begin} bytes but {dtype}{shape} needs {expected}"
         )
-    return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+    return _DTYPE_CODES[dtype], table._shape_id(",".join(map(str, shape)), tuple(shape)), begin, end
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
@@ -174,8 +457,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         os.close(fd)
 
 
-def read_header_fd(fd: int, path: str) -> SafetensorsHeader:
-    """:func:`read_header` of an open file (``path`` names it in messages and the result)."""
+def read_header_fd(fd: int, path: str, *, table: TensorTable | None = None) -> SafetensorsHeader:
+    """:func:`read_header` of an open file (``path`` names it in messages and the result; the
+    tensors go into ``table``, see :func:`parse_header`)."""
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, 8, 0)
@@ -184,21 +468,14 @@ def read_header_fd(fd: int, path: str) -> SafetensorsHeader:
         (n,) = struct.unpack("<Q", head)
         if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
             return parse_header(head, size, path)  # raises with the precise reason
-        raw = head + _pread_exact(fd, n, 8, path)
+        data = bytearray(n)
+        read_into(fd, 8, np.frombuffer(data, dtype=np.uint8), path)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return parse_header(raw, size, path)
-
-
-def _pread_exact(fd: int, n: int, offset: int, path: str) -> bytes:
-    parts, got = [], 0
-    while got < n:
-        block = os.pread(fd, min(n - got, 1 << 24), offset + got)
-        if not block:
-            raise InputError(f"{path}: truncated header")
-        parts.append(block)
-        got += len(block)
-    return b"".join(parts)
+    _check_count(data.count(b'"data_offsets"'), path)  # before a text copy is made
+    text = _decode(data, path)
+    del data  # only the text while it is parsed
+    return _parse_text(text, n, size, path, table)
 
 
 def read_into(fd: int, offset: int, out: np.ndarray, what: str = "") -> None:

@@ -70,7 +70,7 @@ def digests(folder: Path) -> dict[str, str]:
     return out
 
 
-def run(only: set[str] | None) -> dict[str, dict[str, str]]:
+def run(only: set[str] | None, jobs: int = 2) -> dict[str, dict[str, str]]:
     try:
         from gptq2xpu.testing.synth import make_checkpoint
     except ImportError:  # layouts before the synthetic generator moved
@@ -93,7 +93,7 @@ def run(only: set[str] | None) -> dict[str, dict[str, str]]:
             if spec is not None:
                 make_checkpoint(src, **spec)
             out = Path(tmp) / name / "out"
-            convert(src, out, options=ConvertOptions(**opts), jobs=2)
+            convert(src, out, options=ConvertOptions(**opts), jobs=jobs)
             results[name] = digests(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,8 +106,9 @@ def main() -> int:
     ap.add_argument("--against", type=Path, help="compare with digests written earlier; exit 1 on a difference")
     ap.add_argument("--weights-only", action="store_true", help="compare *.safetensors files only")
     ap.add_argument("--only", nargs="*", help="matrix entries to run")
+    ap.add_argument("--jobs", type=int, default=2, help="convert's --jobs (bytes must not depend on it; default 2)")
     args = ap.parse_args()
-    results = run(set(args.only) if args.only else None)
+    results = run(set(args.only) if args.only else None, args.jobs)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     if not args.against:

@@ -143,12 +143,39 @@ def test_deterministic_and_independent_of_jobs(synth, tmp_path):
     info = synth(family="qwen3_moe", hidden=128, moe_intermediate=64, num_experts=8, group_size=32, num_layers=3,
                  shard_size=40_000)
     opts = ConvertOptions(max_shard_size=60_000)
-    convert(info.path, tmp_path / "a", jobs=1, options=opts)
-    convert(info.path, tmp_path / "b", jobs=2, options=opts)
-    convert(info.path, tmp_path / "c", jobs=3, options=opts)
-    a = _folder_bytes(tmp_path / "a")
-    assert len([k for k in a if k.endswith(".safetensors")]) > 2
-    assert a == _folder_bytes(tmp_path / "b") == _folder_bytes(tmp_path / "c")
+    runs = {}
+    for jobs in (1, 2, 3, 4, 8):  # 4 and 8 write several shards at once
+        convert(info.path, tmp_path / f"j{jobs}", jobs=jobs, options=opts)
+        runs[jobs] = _folder_bytes(tmp_path / f"j{jobs}")
+    assert len([k for k in runs[1] if k.endswith(".safetensors")]) > 2
+    for jobs, files in runs.items():
+        assert files == runs[1], f"--jobs {jobs} wrote different bytes"
+
+
+def test_a_failing_shard_stops_the_others_and_leaves_nothing(synth, tmp_path, monkeypatch):
+    """Shards written at once: one fails; the error is its own, and no file is left anywhere."""
+    from gptq2xpu.write import shards as writer
+
+    info = synth(family="qwen3_moe", hidden=128, moe_intermediate=64, num_experts=8, group_size=32, num_layers=4)
+    real = writer.ShardSource.tasks
+    started = []
+
+    def tasks(self, shard):
+        out = real(self, shard)
+        started.append(shard.name)
+        if len(started) == 2:
+            def boom():
+                raise OSError(28, "No space left on device")
+            out = out[:3] + [(out[3][0], boom)] + out[4:]
+        return out
+
+    monkeypatch.setattr(writer.ShardSource, "tasks", tasks)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        convert(info.path, out, jobs=8, options=ConvertOptions(max_shard_size=40_000))
+    assert len(started) >= 2
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name != info.path.name] == []
 
 
 def test_split_parts_then_finalize_is_byte_identical(synth, tmp_path, cli):
@@ -331,3 +358,49 @@ def test_output_is_loadable_by_safetensors_torch(tmp_path):
     assert t["model.layers.0.mlp.experts.w13_qweight"].is_contiguous()
     assert tuple(t["model.layers.0.mlp.experts.w13_qweight"].shape) == (8, 512, 128)
     assert tuple(t["model.layers.0.mlp.experts.w2_scales"].shape) == (8, 256, 2)
+
+
+def test_scales_split_into_expert_groups_give_the_same_bytes(synth, tmp_path, monkeypatch):
+    """A layer's scales are built a few experts per chunk: any split writes the same bytes (regrouped,
+    cast and padded scales included)."""
+    from gptq2xpu.write import chunks
+
+    info = synth(family="qwen3_moe", hidden=256, moe_intermediate=192, num_experts=6, group_size=64,
+                 scale_dtype="bfloat16", num_layers=2)
+    opts = ConvertOptions(tp_size=2, scale_dtype="float16")
+    convert(info.path, tmp_path / "whole", jobs=2, options=opts)
+    for size in (1, 5000):  # one expert per chunk; a few
+        monkeypatch.setattr(chunks, "SCALES_CHUNK", size)
+        convert(info.path, tmp_path / f"split{size}", jobs=4, options=opts)
+        assert _folder_bytes(tmp_path / f"split{size}") == _folder_bytes(tmp_path / "whole")
+
+
+def test_audit_over_several_threads_reports_as_one(synth, tmp_path):
+    """Layers audited on several threads: the same warnings in the same order, and the first
+    failing layer's error (not the first to fail in time)."""
+    from _hostile import mutate
+
+    from gptq2xpu.errors import InputError
+
+    info = synth(family="qwen3_moe", hidden=128, moe_intermediate=64, num_experts=4, group_size=32, num_layers=6)
+
+    def zero_groups(t):
+        for layer in (4, 1, 3):
+            t[f"model.layers.{layer}.mlp.experts.2.up_proj.scales"][1][0, :] = 0
+
+    mutate(info.path, zero_groups)
+    one = convert(info.path, tmp_path / "one", jobs=1)["warnings"]
+    many = convert(info.path, tmp_path / "many", jobs=16)["warnings"]
+    zero = [w for w in one if "exactly zero" in w]
+    assert [w.split(".experts")[0] for w in zero] == [f"model.layers.{i}.mlp" for i in (1, 3, 4)]
+    assert many == one
+
+    def nan_scales(t):
+        for layer in (5, 2):
+            t[f"model.layers.{layer}.mlp.experts.0.down_proj.scales"][1][0, 0] = float("nan")
+
+    mutate(info.path, nan_scales)
+    for jobs in (1, 16):
+        with pytest.raises(InputError, match=r"model\.layers\.2\.mlp\.experts\.0\.down_proj\.scales: non-finite"):
+            convert(info.path, tmp_path / f"nan{jobs}", jobs=jobs)
+        assert not (tmp_path / f"nan{jobs}").exists()

@@ -120,11 +120,14 @@ def test_sigkill_during_overwrite_keeps_old_output(big_source, tmp_path):
 # ------------------------------------------------------------------------------ SIGINT / SIGTERM
 
 
-@pytest.mark.parametrize("sig,jobs", [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGTERM, 2)],
-                         ids=["sigint-jobs1", "sigint-jobs2", "sigterm-jobs2"])
-def test_signal_mid_run_exits_130_and_cleans_up(big_source, tmp_path, sig, jobs):
+@pytest.mark.parametrize("sig,jobs,shards", [(signal.SIGINT, 1, 1), (signal.SIGINT, 2, 1), (signal.SIGTERM, 2, 1),
+                                              (signal.SIGINT, 8, 4), (signal.SIGTERM, 8, 4)],
+                         ids=["sigint-jobs1", "sigint-jobs2", "sigterm-jobs2", "sigint-jobs8-shards-at-once",
+                              "sigterm-jobs8-shards-at-once"])
+def test_signal_mid_run_exits_130_and_cleans_up(big_source, tmp_path, sig, jobs, shards):
     out = tmp_path / "out"
-    proc = start_convert(big_source, out, "--jobs", jobs)
+    size = [] if shards == 1 else ["--max-shard-size", "50MB"]  # ~210 MB: 4 shards, written at once
+    proc = start_convert(big_source, out, "--jobs", jobs, *size)
     wait_mid_write(proc, out)
     t0 = time.monotonic()
     proc.send_signal(sig)

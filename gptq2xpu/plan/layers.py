@@ -13,7 +13,7 @@ from ..formats import FORMATS, ProjSpec, format_for_fields
 from ..naming import PROJECTION_ROLES, ROLES, ExpertGroup, natural_key
 from ..read import Checkpoint, QuantConfig
 from ..repack import LayerGeometry, largest_group
-from .model import LayerPlan
+from .model import ExpertFields, LayerPlan
 from .options import ConvertOptions
 from .tp import choose_w2_groups
 
@@ -105,28 +105,33 @@ def _roles(group: ExpertGroup) -> dict[str, str]:
     return role_proj
 
 
-def _expert_fields(ckpt, group: ExpertGroup, role_proj) -> tuple[list[dict[str, dict[str, str]]], str]:
+def _expert_fields(ckpt, group: ExpertGroup, role_proj) -> tuple[ExpertFields, str]:
     """Per expert, role -> field -> tensor name; and the one storage kind all experts share."""
     kinds: dict[str, int] = {}
-    expert_fields = []
-    for e in range(len(group.experts)):
+    count = len(group.experts)
+    columns: dict[str, dict[str, list[str | None]]] = {role: {} for role in role_proj}
+    projs_wanted = set(role_proj.values())
+    for e in range(count):
         projs = group.experts[e]
-        if set(projs) != set(role_proj.values()):
-            diff = sorted(set(role_proj.values()) ^ set(projs))
+        if projs.keys() != projs_wanted:
+            diff = sorted(projs_wanted ^ set(projs))
             raise _Refusal("broken", f"expert {e} projections differ from expert 0 ({', '.join(diff)})")
-        fields_e = {}
         for role, proj in role_proj.items():
-            fields = dict(projs[proj])
+            fields = projs[proj]
             kind = _proj_kind(ckpt, fields)
             if kind.startswith("missing"):
                 raise _Refusal("broken", f"expert {e} {proj}: {kind}")
             kinds.setdefault(kind, e)
-            fields_e[role] = fields
-        expert_fields.append(fields_e)
+            col = columns[role]
+            for f, name in fields.items():
+                names = col.get(f)
+                if names is None:
+                    names = col[f] = [None] * count
+                names[e] = name
     if len(kinds) > 1:
         desc = ", ".join(f"{k} (expert {e})" for k, e in kinds.items())
         raise _Refusal("broken", f"mixes expert storage kinds: {desc}; a MoE layer must be all quantized or all float")
-    return expert_fields, next(iter(kinds))
+    return ExpertFields(count, columns), next(iter(kinds))
 
 
 def _describe(ckpt, group: ExpertGroup, role_proj, expert_fields, kind: str, quant) -> dict:
@@ -158,9 +163,21 @@ def _describe(ckpt, group: ExpertGroup, role_proj, expert_fields, kind: str, qua
                 expert_fields=expert_fields, specs=specs)
 
 
-def _check_same_shapes(ckpt, expert_fields) -> None:
+def _check_same_shapes(ckpt, expert_fields: ExpertFields) -> None:
+    """Every expert's tensors have expert 0's dtypes and shapes (and no field expert 0 lacks)."""
+    signature = getattr(ckpt.tensors, "signature", None)
+    if signature is not None:  # a compact table: compare whole columns without making entries
+        same = True
+        for col in expert_fields.columns.values():
+            for names in col.values():
+                want = signature(names[0]) if names[0] is not None else -1
+                if any(n is not None and signature(n) != want for n in names):
+                    same = False
+        if same:
+            return
     first = expert_fields[0]
-    for fields_e in expert_fields[1:]:
+    for e in range(1, len(expert_fields)):
+        fields_e = expert_fields[e]
         for role in ROLES:
             for f, name in fields_e[role].items():
                 ref0 = ckpt.tensors.get(first[role].get(f, ""))

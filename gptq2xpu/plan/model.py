@@ -29,6 +29,32 @@ from .tp import tp_report
 _TORCH_NAME = {v: k for k, v in FLOAT_DTYPE_NAMES.items()}
 
 
+class ExpertFields:
+    """Per expert, role -> field -> source tensor name, kept as one list of names per (role, field)
+    (the checkpoint's own strings, None where an expert lacks the field): a pointer per tensor
+    instead of three dicts per expert.  ``expert_fields[e]`` and :meth:`fields` build dicts."""
+
+    __slots__ = ("count", "columns")
+
+    def __init__(self, count: int, columns: dict[str, dict[str, list[str | None]]]):
+        self.count = count
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, e: int) -> dict[str, dict[str, str]]:
+        if not -self.count <= e < self.count:
+            raise IndexError(e)
+        return {role: self.fields(e, role) for role in self.columns}
+
+    def __iter__(self):
+        return (self[e] for e in range(self.count))
+
+    def fields(self, e: int, role: str) -> dict[str, str]:
+        return {f: names[e] for f, names in self.columns[role].items() if names[e] is not None}
+
+
 @dataclass
 class LayerPlan:
     """What happens to one MoE layer (the module holding ``experts``)."""
@@ -47,7 +73,7 @@ class LayerPlan:
     source_scale_dtype: str | None = None
     scale_dtype: str | None = None
     geometry: LayerGeometry | None = None
-    expert_fields: list[dict[str, dict[str, str]]] = field(default_factory=list, repr=False)
+    expert_fields: ExpertFields | list[dict[str, dict[str, str]]] = field(default_factory=list, repr=False)
     specs: dict[str, ProjSpec] = field(default_factory=dict, repr=False)
     source_tensors: list[str] = field(default_factory=list, repr=False)
     routers: list[str] = field(default_factory=list)
@@ -71,7 +97,8 @@ class LayerPlan:
         return [PlannedTensor(self.output_name(what), *shapes[what]) for what in EXPERT_TENSORS]
 
     def fields(self, e: int, role: str) -> dict[str, str]:
-        return self.expert_fields[e][role]
+        ef = self.expert_fields
+        return ef.fields(e, role) if isinstance(ef, ExpertFields) else ef[e][role]
 
     def summary(self) -> dict:
         out = {

@@ -16,48 +16,43 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from ..contract import INDEX_NAME
 from ..errors import InputError
-from ..safetensors_io import NUMPY_DTYPES, SafetensorsHeader, TensorEntry, read_header_fd, read_into
-from .paths import Folder, check_member_name
+from ..safetensors_io import (
+    _SCAN,
+    _WS,
+    NUMPY_DTYPES,
+    FileTensors,
+    SafetensorsHeader,
+    TensorEntry,
+    TensorTable,
+    _json_error,
+    read_header_fd,
+    read_into,
+)
+from .paths import MAX_JSON_BYTES, Folder, check_member_name
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-MAX_JSON_BYTES = 64 * 1024 * 1024
 #: windows of tensor data per shard hashed by :meth:`Checkpoint.data_fingerprint`, and their size
 DATA_SAMPLES = 8
 DATA_SAMPLE_BYTES = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class TensorRef:
-    """Where one source tensor lives: shard file name (relative to the root) and header entry."""
-
-    file: str
-    entry: TensorEntry
-
-    @property
-    def name(self) -> str:
-        return self.entry.name
-
-    @property
-    def dtype(self) -> str:
-        return self.entry.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.entry.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.entry.nbytes
+#: Where one source tensor lives: ``file`` (relative to the root), ``name``, ``dtype``, ``shape``,
+#: absolute byte range ``start..end``, ``nbytes``.  Made on demand from the checkpoint's compact
+#: :class:`~gptq2xpu.safetensors_io.TensorTable` (``ref.entry`` is the object itself).
+TensorRef = TensorEntry
 
 
 @dataclass
@@ -68,7 +63,7 @@ class Checkpoint:
     origin: str
     config: dict
     shards: dict[str, SafetensorsHeader]
-    tensors: dict[str, TensorRef]
+    tensors: Mapping[str, TensorRef]
     index_file: str | None = None
     folder: Folder | None = None
     revision: str | None = None
@@ -105,7 +100,7 @@ class Checkpoint:
 
     def read_into(self, ref: TensorRef, out: np.ndarray, *, offset: int = 0) -> None:
         """Fill contiguous ``out`` with the tensor's bytes starting ``offset`` bytes into it."""
-        read_into(self._fd(ref.file), ref.entry.start + offset, out, f"{ref.file}: tensor {ref.name!r}")
+        read_into(self._fd(ref.file), ref.start + offset, out, f"{ref.file}: tensor {ref.name!r}")
 
     # ------------------------------------------------------------------ integrity over a run
     def check_unchanged(self) -> None:
@@ -171,10 +166,10 @@ class Checkpoint:
         self.close()
 
 
-def find_shards(folder: Folder) -> tuple[list[str], dict[str, str] | None, str | None]:
+def find_shards(folder: Folder) -> tuple[list[str], IndexFile | None, str | None]:
     """Decide which safetensors files make up the checkpoint.
 
-    Returns (shard files, weight_map or None, index file name or None).
+    Returns (shard files, the index or None, index file name or None).
     """
     root = folder.root
     index_files = sorted(p.name for p in root.glob("*.safetensors.index.json"))
@@ -184,13 +179,8 @@ def find_shards(folder: Folder) -> tuple[list[str], dict[str, str] | None, str |
         raise InputError(f"{root}: several safetensors index files ({', '.join(index_files)}); keep one")
     if index_files:
         name = index_files[0]
-        wm = folder.read_json(name).get("weight_map")
-        if not isinstance(wm, dict) or not wm:
-            raise InputError(f"{name}: 'weight_map' must be a non-empty object of tensor name -> shard file")
-        files = set()
-        for tensor, file in wm.items():
-            check_member_name(file, f"{name}: tensor {tensor!r}")
-            files.add(file)
+        index = IndexFile(folder, name)
+        files = index.files
         for file in sorted(files):
             try:
                 if not os.path.lexists(root / file):
@@ -198,7 +188,7 @@ def find_shards(folder: Folder) -> tuple[list[str], dict[str, str] | None, str |
             except OSError as exc:  # ENAMETOOLONG, EACCES...
                 raise InputError(f"{name}: shard {file!r} cannot be checked ({exc.strerror or exc})") from None
             folder.check(file, f"{name}: shard {file!r}")
-        return sorted(files), wm, name
+        return sorted(files), index, name
 
     candidates = []
     for p in sorted(root.glob("*.safetensors")):
@@ -233,28 +223,210 @@ def _single_file_choice(folder: Folder, candidates: list[str], where: str | None
     )
 
 
-def tensor_map(shards: dict[str, SafetensorsHeader], weight_map: dict[str, str] | None,
-               index_file: str | None) -> dict[str, TensorRef]:
+_MAP_ENTRY = re.compile(r'[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*:[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*([,}])')
+
+
+class IndexFile:
+    """A safetensors index, read as text and walked entry by entry -- never built into a dict of
+    its tens of thousands of names (a 48-layer MoE lists ~75 K), which would duplicate the names
+    the headers hold.  :attr:`files` are the shard files it names, each checked once; :meth:`check`
+    compares the entries with the headers' tensors.  The JSON rules are
+    :func:`~gptq2xpu.read.paths.parse_json`'s (an object, valid UTF-8, no lone surrogate); where
+    the compact walk meets anything unusual (a tensor listed twice, one missing), the index is read
+    as a dict and checked as before, for the exact message."""
+
+    def __init__(self, folder: Folder, name: str):
+        self.name = name
+        data = folder.read_bytes(name, name, MAX_JSON_BYTES)
+        try:
+            self.text = data.decode("utf-8")
+        except UnicodeError as exc:
+            raise InputError(f"{name}: not valid UTF-8 text ({exc})") from None
+        del data
+        self.files: set[str] = set()
+        self.entries = 0
+        self._map_at: int | None = None   # where the (last) weight_map object starts
+        if self._guard(self._walk) is not None or not self.entries:
+            raise InputError(f"{name}: 'weight_map' must be a non-empty object of tensor name -> shard file")
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except UnicodeError as exc:
+            raise InputError(f"{self.name}: not valid UTF-8 text ({exc})") from None
+        except (ValueError, RecursionError, StopIteration) as exc:
+            raise InputError(f"{self.name}: not valid JSON ({_json_error(exc)})") from None
+
+    def _walk(self):
+        """Read the document; note the last ``weight_map`` object and, walking it, its files.
+        Returns a weight_map that is not an object (for the caller's message), else None."""
+        text = self.text
+        pos = _WS.match(text, 0).end()
+        if text[pos : pos + 1] != "{":
+            value, end = _SCAN(text, pos)  # raises for what is not JSON
+            if _WS.match(text, end).end() != len(text):
+                raise ValueError(f"extra data at char {end}")
+            raise InputError(f"{self.name}: expected a JSON object, found {type(value).__name__}")
+        other = None
+        pos = _WS.match(text, pos + 1).end()
+        if text[pos : pos + 1] == "}":
+            pos += 1
+        else:
+            while True:
+                if text[pos : pos + 1] != '"':
+                    raise ValueError(f"expecting a property name in double quotes at char {pos}")
+                key, pos = _SCAN(text, pos)
+                key.encode("utf-8")
+                pos = _WS.match(text, pos).end()
+                if text[pos : pos + 1] != ":":
+                    raise ValueError(f"expecting ':' at char {pos}")
+                pos = _WS.match(text, pos + 1).end()
+                if key == "weight_map" and text[pos : pos + 1] == "{":
+                    self._map_at, other = pos, None
+                    self.files.clear()
+                    self.entries = 0
+                    pos = _map_entries(text, pos, self._note_file)
+                else:
+                    value, pos = _SCAN(text, pos)
+                    _encodable(value)
+                    if key == "weight_map":
+                        self._map_at, other = None, value
+                pos = _WS.match(text, pos).end()
+                sep = text[pos : pos + 1]
+                pos += 1
+                if sep == "}":
+                    break
+                if sep != ",":
+                    raise ValueError(f"expecting ',' delimiter at char {pos - 1}")
+                pos = _WS.match(text, pos).end()
+        if _WS.match(text, pos).end() != len(text):
+            raise ValueError(f"extra data at char {pos}")
+        return other if self._map_at is None else None
+
+    def _note_file(self, tensor: str, file) -> None:
+        self.entries += 1
+        if not isinstance(file, str) or file not in self.files:
+            check_member_name(file, f"{self.name}: tensor {tensor!r}")
+            self.files.add(file)
+
+    def check(self, table: TensorTable) -> bool:
+        """Whether every entry names a tensor of ``table`` stored in the file it says, each tensor
+        exactly once (so the index and the headers agree); False on anything else."""
+        rows, files = table._rows, table.files
+        seen = bytearray(len(table))
+        if self.entries != len(table):
+            return False
+        file_of = table._file_of_row
+
+        class _Mismatch(Exception):
+            pass
+
+        def one(tensor, file):
+            r = rows.get(tensor)
+            if r is None or seen[r] or (file_of(r) if len(files) > 1 else files[0]) != file:
+                raise _Mismatch
+            seen[r] = 1
+
+        try:
+            self._guard(_map_entries, self.text, self._map_at, one)
+        except _Mismatch:
+            return False
+        return True
+
+    def as_dict(self) -> dict:
+        """The weight_map as ``json.loads`` gives it (a repeated name keeps its last file)."""
+        out: dict = {}
+        self._guard(_map_entries, self.text, self._map_at, out.__setitem__)
+        return out
+
+
+def _map_entries(text: str, pos: int, on_entry) -> int:
+    """Call ``on_entry(key, value)`` for each entry of the object whose ``{`` is at ``pos``, in
+    order (string values shared: one object per distinct file name); returns the end."""
+    interned: dict[str, str] = {}
+    match = _MAP_ENTRY.match
+    pos = _WS.match(text, pos + 1).end()
+    if text[pos : pos + 1] == "}":
+        return pos + 1
+    while True:
+        m = match(text, pos)
+        if m is not None:
+            key, value, sep = m.groups()
+            on_entry(key, interned.setdefault(value, value))
+            pos = m.end()
+        else:
+            pos = _WS.match(text, pos).end()
+            if text[pos : pos + 1] != '"':
+                raise ValueError(f"expecting a property name in double quotes at char {pos}")
+            key, pos = _SCAN(text, pos)
+            key.encode("utf-8")
+            pos = _WS.match(text, pos).end()
+            if text[pos : pos + 1] != ":":
+                raise ValueError(f"expecting ':' at char {pos}")
+            value, pos = _SCAN(text, _WS.match(text, pos + 1).end())
+            _encodable(value)
+            on_entry(key, interned.setdefault(value, value) if isinstance(value, str) else value)
+            pos = _WS.match(text, pos).end()
+            sep = text[pos : pos + 1]
+            pos += 1
+        if sep == "}":
+            return pos
+        if sep != ",":
+            raise ValueError(f"expecting ',' delimiter at char {pos - 1}")
+
+
+def _encodable(value) -> None:
+    """Raise UnicodeError for a lone surrogate anywhere in a JSON value (as parse_json does)."""
+    json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+def tensor_map(shards: dict[str, SafetensorsHeader], weight_map: dict[str, str] | IndexFile | None,
+               index_file: str | None) -> TensorTable:
     """Every tensor of the validated shard headers (in the order given), checked against the index:
-    no tensor in two shards, every shard tensor listed where it is stored, every listed tensor found."""
-    tensors: dict[str, TensorRef] = {}
-    for file, hdr in shards.items():
-        for name, entry in hdr.tensors.items():
-            if name in tensors:
-                raise InputError(f"tensor {name!r} appears in both {tensors[name].file} and {file}")
-            if weight_map is not None and weight_map.get(name) != file:
-                where = weight_map.get(name)
-                raise InputError(
-                    f"{file}: tensor {name!r} is not listed in {index_file}"
-                    if where is None
-                    else f"{index_file}: tensor {name!r} is mapped to {where} but stored in {file}"
-                )
-            tensors[name] = TensorRef(file, entry)
+    no tensor in two shards, every shard tensor listed where it is stored, every listed tensor found.
+
+    Headers read into one table (:func:`open_checkpoint` does) are used as they are; others are
+    merged into a new one."""
+    table = _shared_table(shards)
+    if table is None:
+        table = TensorTable()
+        for file, hdr in shards.items():
+            table._add_file(file, hdr.tensors)
+    if isinstance(weight_map, IndexFile):
+        if weight_map.check(table):
+            return table
+        weight_map = weight_map.as_dict()  # something is off: the precise message, as before
     if weight_map is not None:
-        for name, file in weight_map.items():
-            if name not in tensors:
-                raise InputError(f"{index_file}: tensor {name!r} is not in shard {file}")
-    return tensors
+        rows = iter(table._rows)
+        for i, file in enumerate(table.files):
+            view = table.view(i)
+            for name in islice(rows, view.last - view.first):
+                where = weight_map.get(name)
+                if where != file:
+                    raise InputError(
+                        f"{file}: tensor {name!r} is not listed in {index_file}"
+                        if where is None
+                        else f"{index_file}: tensor {name!r} is mapped to {where} but stored in {file}"
+                    )
+        if len(weight_map) != len(table):
+            for name, file in weight_map.items():
+                if name not in table:
+                    raise InputError(f"{index_file}: tensor {name!r} is not in shard {file}")
+    return table
+
+
+def _shared_table(shards: dict[str, SafetensorsHeader]) -> TensorTable | None:
+    """The one table all ``shards`` were read into, file by file in this order, or None."""
+    views = [hdr.tensors for hdr in shards.values()]
+    if not views or not all(isinstance(v, FileTensors) for v in views):
+        return None
+    table = views[0].table
+    if table.files != list(shards) or any(v.table is not table for v in views):
+        return None
+    bounds = [(v.first, v.last) for v in views]
+    if bounds != [(table.view(i).first, table.view(i).last) for i in range(len(views))]:
+        return None
+    return table
 
 
 def fingerprint_headers(shards: Iterable[tuple[str, int, bytes]]) -> str:
@@ -287,12 +459,13 @@ def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path
     files, weight_map, index_file = find_shards(folder)
     shards: dict[str, SafetensorsHeader] = {}
     stats: dict[str, tuple[int, int]] = {}
-    ckpt = Checkpoint(root=root, origin=origin or str(root), config=config, shards=shards, tensors={},
+    table = TensorTable()
+    ckpt = Checkpoint(root=root, origin=origin or str(root), config=config, shards=shards, tensors=table,
                       index_file=index_file, folder=folder, revision=revision, _stats=stats)
     try:
         for file in files:
             fd = ckpt._fd(file)
-            shards[file] = read_header_fd(fd, file)
+            shards[file] = read_header_fd(fd, file, table=table)
             st = os.fstat(fd)
             stats[file] = (st.st_size, st.st_mtime_ns)
         ckpt.tensors = tensor_map(shards, weight_map, index_file)

@@ -13,8 +13,11 @@ converted layer:
 * scales: XPU ``[n, j]`` must equal the source scale of the group that holds input ``j*g_out``,
   cast to the recorded dtype by torch (round to nearest even);
 * padding rows/columns (tensor-parallel padding) must be code 8 with scale 0;
-* a sample of experts is also decoded nibble by nibble through :mod:`.unpack` (``--exhaustive``:
-  every expert) and the codes compared;
+* a sample of experts is also decoded nibble by nibble through :mod:`.unpack` and the codes
+  compared: the first and last :data:`CROSS_CHECK_ROWS` outputs of each projection, every input
+  (``--exhaustive``: every expert, every row).  The byte comparison above covers every byte of
+  every expert; this second, independent decoding checks the reading of the layout itself, which
+  is the same for every row, so a band of rows at both ends does that at a tenth of the cost;
 * every other tensor must be byte-identical to the source tensor of the same name.
 """
 
@@ -25,24 +28,31 @@ import threading
 
 import numpy as np
 
+from ..errors import InputError
 from ..read.checkpoint import Checkpoint
+from ..safetensors_io import NUMPY_DTYPES
 
 ROLES = ("gate", "up", "down")
 _SYM_ZERO = 8
+#: Outputs decoded at each end of each projection of a sampled expert (see the module docstring).
+CROSS_CHECK_ROWS = 32
 
-def _read_slice(ckpt: Checkpoint, name: str, index: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Row ``index`` of the leading dim of a U8 tensor, as ``shape``."""
+
+def _read_slice(ckpt: Checkpoint, name: str, index: int, shape: tuple[int, ...],
+                buf: np.ndarray | None = None) -> np.ndarray:
+    """Row ``index`` of the leading dim of a U8 tensor, as ``shape`` (into ``buf`` when it fits)."""
     ref = ckpt.ref(name)
     size = int(np.prod(shape))
-    buf = np.empty(size, dtype=np.uint8)
+    if buf is None or buf.nbytes != size:
+        buf = np.empty(size, dtype=np.uint8)
     ckpt.read_into(ref, buf, offset=index * size)
     return buf.reshape(shape)
 
 
 def _transpose_words(dst: np.ndarray, src: np.ndarray) -> None:
-    """``dst[...] = src.T`` in bands of source rows: a plain transposed copy reads a word from every
-    source row in turn, and rows 4 KiB apart (K = 2048: 8 KiB) evict each other from L1."""
-    band = 8 if src.strides[0] % 4096 == 0 else 16
+    """``dst[...] = src.T`` in bands of 32 source rows: a plain transposed copy reads a word from
+    every source row in turn, and rows 4 KiB apart (K = 2048: 8 KiB) evict each other from L1."""
+    band = 32
     for r in range(0, src.shape[0], band):
         np.copyto(dst[:, r : r + band], src[r : r + band].T)
 
@@ -54,8 +64,35 @@ def _same_bytes_2d(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(a, b)
 
 
+def _stacked_raw(ckpt: Checkpoint, names: list[str]) -> tuple[str, np.ndarray]:
+    """Several tensors of one dtype and shape, stored values ``[len(names), *shape]`` (BF16 as
+    uint16), and that dtype."""
+    ref0 = ckpt.ref(names[0])
+    item = np.dtype("<u2") if ref0.dtype == "BF16" else NUMPY_DTYPES[ref0.dtype]
+    raw = np.empty((len(names),) + tuple(ref0.shape), dtype=item)
+    for i, name in enumerate(names):
+        ref = ckpt.ref(name)
+        if (ref.dtype, ref.shape) != (ref0.dtype, ref0.shape):
+            raise ValueError(f"{name}: {ref.dtype}{list(ref.shape)} differs from {ref0.name}")
+        ckpt.read_into(ref, raw[i])
+    return ref0.dtype, raw
+
+
+def _finite_16(values: np.ndarray, dtype: str) -> bool:
+    """No infinity or NaN among F16/BF16 ``values`` (stored bits: all exponent bits set)."""
+    exponent = np.uint16(0x7C00 if dtype == "F16" else 0x7F80)
+    return not bool(((values.view(np.uint16) & exponent) == exponent).any())
+
+
+def _scales_f32_from_raw(dtype: str, raw: np.ndarray) -> np.ndarray:
+    if dtype == "BF16":
+        torch = _torch()
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float().numpy()
+    return raw.astype(np.float32)
+
+
 def _scales_f32(ckpt: Checkpoint, name: str) -> np.ndarray:
-    import torch
+    torch = _torch()
 
     ref = ckpt.ref(name)
     raw = ckpt.read(name)
@@ -66,7 +103,7 @@ def _scales_f32(ckpt: Checkpoint, name: str) -> np.ndarray:
 
 def _cast_bits(values_f32: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values -> the 16-bit patterns torch produces for ``dtype`` (F16/BF16)."""
-    import torch
+    torch = _torch()
 
     t = torch.from_numpy(np.ascontiguousarray(values_f32))
     t = t.to(torch.float16 if dtype == "F16" else torch.bfloat16)
@@ -91,6 +128,22 @@ class LayerBits:
         self.scale_dtype = {"float16": "F16", "bfloat16": "BF16"}.get(info["scale_dtype"], info["scale_dtype"])
         self.problems: list[str] = []
         self._words: dict[tuple[int, int], np.ndarray] = {}   # expected-rows buffers, by shape
+        self._bufs: dict[str, np.ndarray] = {}                # read buffers, reused expert after expert
+        self._aranges: dict[tuple[int, int], np.ndarray] = {}
+
+    def _buffer(self, key: str, nbytes: int) -> np.ndarray:
+        buf = self._bufs.get(key)
+        if buf is None or buf.nbytes != nbytes:
+            buf = self._bufs[key] = np.empty(nbytes, dtype=np.uint8)
+        return buf
+
+    def _read_src(self, name: str) -> np.ndarray:
+        """A source tensor into a buffer reused for the next one (compare before reading again)."""
+        ref = self.src.ref(name)
+        buf = self._buffer("src", ref.nbytes)
+        self.src.read_into(ref, buf)
+        dt = NUMPY_DTYPES.get(ref.dtype)
+        return buf if dt is None else buf.view(dt).reshape(ref.shape)
 
     def name(self, e: int, role: str, field: str) -> str:
         return f"{self.prefix}.experts.{e}.{self.proj[role]}.{field}"
@@ -104,10 +157,10 @@ class LayerBits:
         """XPU bytes [out, in/2] derived from the source's own bit layout (into ``out`` when given:
         a uint32 buffer of the transposed shape, reused across experts)."""
         if self.fmt == "compressed-tensors":
-            wp = self.src.read(self.name(e, role, "weight_packed"))
+            wp = self._read_src(self.name(e, role, "weight_packed"))
             rows = wp.view(np.uint8).reshape(wp.shape[0], wp.shape[1] * 4)
         else:
-            q = self.src.read(self.name(e, role, "qweight"))          # [in/8, out] int32 (the planner's check)
+            q = self._read_src(self.name(e, role, "qweight"))         # [in/8, out] int32 (the planner's check)
             # byte b of word [r, n] goes to [n, 4r+b]: the four bytes of a word move together,
             # so as little-endian words the XPU row n is column n of the source words
             words = out if out is not None and out.shape == q.shape[::-1] else np.empty(q.shape[::-1], np.uint32)
@@ -119,8 +172,10 @@ class LayerBits:
 
     def check_codes(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         k, n, p = self.k, self.n, self.p
-        w13 = _read_slice(self.out, f"{self.prefix}.experts.w13_qweight", e, (2 * p, k // 2))
-        w2 = _read_slice(self.out, f"{self.prefix}.experts.w2_qweight", e, (k, p // 2))
+        w13 = _read_slice(self.out, f"{self.prefix}.experts.w13_qweight", e, (2 * p, k // 2),
+                          self._bufs.get("w13"))
+        w2 = _read_slice(self.out, f"{self.prefix}.experts.w2_qweight", e, (k, p // 2), self._bufs.get("w2"))
+        self._bufs["w13"], self._bufs["w2"] = w13.reshape(-1), w2.reshape(-1)
         pad = np.uint8(0x88 ^ self.xor)
         for role, got in (("gate", w13[:n]), ("up", w13[p : p + n]), ("down", w2[:, : n // 2])):
             buf = self._words.get(got.shape)
@@ -151,17 +206,20 @@ class LayerBits:
                     if z.dtype == np.uint8 or (z != 0).any():
                         self.bad(f"{zname}: zero points are not the symmetric 0 (compressed-tensors)")
                     continue
-                z = z.view(np.uint32)
-                nib = np.stack([(z >> (4 * j)) & 0xF for j in range(8)], axis=-1)
-                # GPTQ: v1 stores zero - 1; compressed-tensors packs zero + 8 (symmetric zero 0 -> 8)
-                if not (nib.astype(np.int64) + (0 if ct else offset) == _SYM_ZERO).all():
+                # GPTQ: v1 stores zero - 1; compressed-tensors packs zero + 8 (symmetric zero 0 -> 8).
+                # Every nibble of every word must be 8 - offset: the word is that nibble 8 times.
+                nibble = _SYM_ZERO - (0 if ct else offset)
+                if not (z.view(np.uint32) == np.uint32(nibble * 0x11111111)).all():
                     self.bad(f"{zname}: zero points are not the symmetric 8 ({self.ckpt_format})")
             gname = self.name(e, role, "weight_g_idx" if ct else "g_idx")
             if gname in self.src.tensors:
-                gi = self.src.read(gname).astype(np.int64)
-                k_in = gi.shape[0]
+                gi = self.src.read(gname)
+                k_in = gi.shape[0] if gi.ndim else 0
                 groups = self.info["source_group_size"][role]
-                if not np.array_equal(gi, np.arange(k_in) // groups):
+                want = self._aranges.get((k_in, groups))
+                if want is None:
+                    want = self._aranges[(k_in, groups)] = np.arange(k_in) // groups
+                if not np.array_equal(gi, want):
                     self.bad(f"{gname}: rows reordered; cannot be converted")
 
     # --- scales ---------------------------------------------------------------------
@@ -171,7 +229,9 @@ class LayerBits:
         s13 = s13.view(np.uint16).reshape(self.out.ref(f"{self.prefix}.experts.w13_scales").shape)
         s2 = s2.view(np.uint16).reshape(self.out.ref(f"{self.prefix}.experts.w2_scales").shape)
         field = "weight_scale" if self.fmt == "compressed-tensors" else "scales"
-        n, p = self.n, self.p
+        if self._scales_all_equal(s13, s2, field):
+            return
+        n, p = self.n, self.p  # something differs: expert by expert, for the messages
         for e in range(self.e):
             for role, got, g_out, cols in (("gate", s13[e, :n], self.g13, self.k), ("up", s13[e, p : p + n], self.g13, self.k),
                                            ("down", s2[e, :, : n // self.g2], self.g2, n)):
@@ -187,22 +247,67 @@ class LayerBits:
             if p > n and ((s13[e, n:p] != 0).any() or (s13[e, p + n :] != 0).any() or (s2[e, :, n // self.g2 :] != 0).any()):
                 self.bad(f"expert {e}: padding scales are not 0")
 
-    def cross_check_nibbles(self, e: int, w13: np.ndarray, w2: np.ndarray, encoding: str) -> None:
-        """Decode expert ``e`` nibble by nibble on both sides (independent unpack path)."""
-        import torch
+    def _scales_all_equal(self, s13: np.ndarray, s2: np.ndarray, field: str) -> bool:
+        """The same comparison as the per-expert loop, one projection of every expert at once.
+
+        Where the source stores the recorded dtype already, casting a finite value to float32 and
+        back gives its own bits (F16 and BF16 both embed exactly in float32): those are compared as
+        they are, without torch.  Anything else (another dtype, a NaN or infinity) takes torch's
+        cast, as the per-expert loop does."""
+        n, p = self.n, self.p
+        if p > n and ((s13[:, n:p] != 0).any() or (s13[:, p + n :] != 0).any()
+                      or (s2[:, :, n // self.g2 :] != 0).any()):
+            return False
+        for role, got, g_out, cols in (("gate", s13[:, :n], self.g13, self.k),
+                                       ("up", s13[:, p : p + n], self.g13, self.k),
+                                       ("down", s2[:, :, : n // self.g2], self.g2, n)):
+            try:
+                dtype, raw = _stacked_raw(self.src, [self.name(e, role, field) for e in range(self.e)])
+            except (InputError, KeyError, ValueError):  # missing, or shaped differently: the loop says which
+                return False
+            per_out = raw if self.fmt == "compressed-tensors" else raw.transpose(0, 2, 1)  # [E, out, groups_in]
+            if per_out.shape[1] != got.shape[1] or per_out.shape[2] == 0 or cols % per_out.shape[2]:
+                return False
+            g_in = cols // per_out.shape[2]
+            idx = (np.arange(cols // g_out) * g_out) // g_in
+            if idx.size and idx[-1] >= per_out.shape[2]:
+                return False
+            if dtype == self.scale_dtype and _finite_16(raw, dtype):
+                want = per_out[:, :, idx].view(np.uint16)
+            else:
+                want = _cast_bits(_scales_f32_from_raw(dtype, per_out)[:, :, idx], self.scale_dtype)
+            if not np.array_equal(want, got):
+                return False
+        return True
+
+    def cross_check_nibbles(self, e: int, w13: np.ndarray, w2: np.ndarray, encoding: str, *,
+                            every_row: bool = False) -> None:
+        """Decode expert ``e`` nibble by nibble on both sides (independent unpack path): the first and
+        last :data:`CROSS_CHECK_ROWS` outputs of each projection, or ``every_row``."""
+        torch = _torch()
 
         from .unpack import gptq_codes, xpu_codes
 
         n, p = self.n, self.p
         for role, got in (("gate", w13[:n]), ("up", w13[p : p + n]), ("down", w2[:, : n // 2])):
-            conv = xpu_codes(torch.from_numpy(np.ascontiguousarray(got)), encoding)  # [out, in]
+            rows = got.shape[0]
+            bands = [(0, rows)] if every_row or rows <= 2 * CROSS_CHECK_ROWS else \
+                [(0, CROSS_CHECK_ROWS), (rows - CROSS_CHECK_ROWS, rows)]
             if self.fmt == "compressed-tensors":
-                src = xpu_codes(torch.from_numpy(self.src.read(self.name(e, role, "weight_packed")).view(np.uint8).copy()), "u4b8")
+                packed = self.src.read(self.name(e, role, "weight_packed")).view(np.uint8)
             else:
-                src = gptq_codes(torch.from_numpy(self.src.read(self.name(e, role, "qweight")))).T  # [out, in]
-            if not torch.equal(conv, src):
-                r, c = (conv != src).nonzero()[0].tolist()
-                self.bad(f"expert {e} {role}: code [{r}, {c}] decodes to {int(conv[r, c])}, source {int(src[r, c])}")
+                qweight = self.src.read(self.name(e, role, "qweight"))
+            for r0, r1 in bands:
+                conv = xpu_codes(torch.from_numpy(np.ascontiguousarray(got[r0:r1])), encoding)  # [rows, in]
+                if self.fmt == "compressed-tensors":
+                    src = xpu_codes(torch.from_numpy(np.ascontiguousarray(packed[r0:r1])), "u4b8")
+                else:
+                    src = gptq_codes(torch.from_numpy(np.ascontiguousarray(qweight[:, r0:r1]))).T  # [rows, in]
+                if not torch.equal(conv, src):
+                    r, c = (conv != src).nonzero()[0].tolist()
+                    self.bad(f"expert {e} {role}: code [{r0 + r}, {c}] decodes to {int(conv[r, c])}, "
+                             f"source {int(src[r, c])}")
+                    break
 
 
 def sample_experts(num: int, count: int = 4) -> list[int]:
@@ -213,6 +318,35 @@ def sample_experts(num: int, count: int = 4) -> list[int]:
 
 
 _torch_prefetch = threading.Lock()
+_torch_threads_lock = threading.Lock()
+_torch_threads: int | None = None   # torch's intra-op threads before the byte checks set them to 1
+
+
+def _torch():
+    """torch, running its operations on the calling thread only.
+
+    The byte checks run one layer per thread and hand torch small tensors (a band of rows, one
+    layer's scales): there torch's own thread pool costs far more than it brings -- 2.1 ms against
+    0.15 ms per decode on 2 cores, and 16 checking threads each waking 16 pool threads on 16 cores.
+    :func:`restore_torch_threads` puts the pool back for what follows (the reference MoE)."""
+    global _torch_threads
+    import torch
+
+    if _torch_threads is None:
+        with _torch_threads_lock:
+            if _torch_threads is None:
+                _torch_threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+    return torch
+
+
+def restore_torch_threads() -> None:
+    """Undo :func:`_torch` once the byte checks are done."""
+    global _torch_threads
+    with _torch_threads_lock:
+        if _torch_threads is not None and "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(_torch_threads)
+        _torch_threads = None
 
 
 def _import_torch_in_background() -> None:
@@ -222,7 +356,7 @@ def _import_torch_in_background() -> None:
 
     def run():
         try:
-            import torch  # noqa: F401
+            _torch()
         except Exception:  # pragma: no cover - the foreground import raises it where torch is used
             pass
 
@@ -235,7 +369,7 @@ def check_layer_bits(src, out, prefix, info, block, *, exhaustive=False) -> list
         for e in range(lb.e):
             lb.check_zero_points(e)
             w13, w2 = lb.check_codes(e)
-            lb.cross_check_nibbles(e, w13, w2, block["nibble_encoding"])
+            lb.cross_check_nibbles(e, w13, w2, block["nibble_encoding"], every_row=True)
         lb.check_scales()
         return lb.problems
     # The few sampled experts are decoded (torch) after every expert's bytes are compared (numpy),
@@ -251,7 +385,7 @@ def check_layer_bits(src, out, prefix, info, block, *, exhaustive=False) -> list
         w13, w2 = lb.check_codes(e)
         per_expert.append(per_expert_msgs)
         if e in sampled:
-            kept[e] = (w13, w2)
+            kept[e] = (w13.copy(), w2.copy())  # the buffers are read into again for the next expert
     for e, (w13, w2) in kept.items():
         lb.problems = per_expert[e]
         lb.cross_check_nibbles(e, w13, w2, block["nibble_encoding"])

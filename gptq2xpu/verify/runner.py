@@ -79,6 +79,10 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
     manifest = Findings()
     report: dict = {"output": str(output), "source": str(source) if source else None, "warnings": []}
     layer_rows: list[dict] = []
+    if source is not None:  # torch (a second or two of CPU to import) loads beside the standalone checks
+        from .bits import _import_torch_in_background
+
+        _import_torch_in_background()
     # hashing every file is one long serial read per file: overlap it with everything else
     with ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-hash") as bg:
         hashing = bg.submit(check_manifest, folder, manifest, max(1, jobs - 1),
@@ -144,7 +148,7 @@ def check_same_source(src, out, block: dict, source, warnings: list[str]) -> Non
 def _against_source(out, block, source, findings: Findings, *, revision, token, device, dtype, backend, layers,
                     tokens, seed, numeric, exhaustive, report, jobs, progress) -> list[dict]:
     from ..read import open_source
-    from .bits import check_layer_bits, check_passthrough
+    from .bits import check_layer_bits, check_passthrough, restore_torch_threads
 
     rows: list[dict] = []
     prefixes = list(block.get("layers", {}))
@@ -159,10 +163,13 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
 
         # layers are independent; numpy, pread and torch release the GIL
         progress("bit-exact", 0, len(prefixes), "layers")
-        with ThreadPoolExecutor(max(1, jobs)) as pool:
-            for i, problems in enumerate(pool.map(bits, prefixes), 1):
-                bit_problems += problems
-                progress("bit-exact", i, len(prefixes), "layers")
+        try:
+            with ThreadPoolExecutor(max(1, jobs)) as pool:
+                for i, problems in enumerate(pool.map(bits, prefixes), 1):
+                    bit_problems += problems
+                    progress("bit-exact", i, len(prefixes), "layers")
+        finally:
+            restore_torch_threads()
         findings.add("bit-exact experts", not bit_problems,
                      "; ".join(bit_problems[:10]) if bit_problems else
                      f"{len(prefixes)} layers: codes, zero points, row order, scales equal the source "

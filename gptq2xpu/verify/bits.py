@@ -13,11 +13,9 @@ converted layer:
 * scales: XPU ``[n, j]`` must equal the source scale of the group that holds input ``j*g_out``,
   cast to the recorded dtype by torch (round to nearest even);
 * padding rows/columns (tensor-parallel padding) must be code 8 with scale 0;
-* a sample of experts is also decoded nibble by nibble through :mod:`.unpack` and the codes
-  compared: the first and last :data:`CROSS_CHECK_ROWS` outputs of each projection, every input
-  (``--exhaustive``: every expert, every row).  The byte comparison above covers every byte of
-  every expert; this second, independent decoding checks the reading of the layout itself, which
-  is the same for every row, so a band of rows at both ends does that at a tenth of the cost;
+* a sample of experts (``--exhaustive``: every expert) is also decoded nibble by nibble through
+  :mod:`.unpack`, every output and input, and the codes compared: a second, independent reading
+  of the layout beside the byte comparison of every byte of every expert;
 * every other tensor must be byte-identical to the source tensor of the same name.
 """
 
@@ -34,8 +32,8 @@ from ..safetensors_io import NUMPY_DTYPES
 
 ROLES = ("gate", "up", "down")
 _SYM_ZERO = 8
-#: Outputs decoded at each end of each projection of a sampled expert (see the module docstring).
-CROSS_CHECK_ROWS = 32
+#: Outputs decoded at a time by the nibble cross-check (bounds its temporary tensors).
+CROSS_CHECK_BAND = 256
 
 
 def _read_slice(ckpt: Checkpoint, name: str, index: int, shape: tuple[int, ...],
@@ -280,10 +278,9 @@ class LayerBits:
                 return False
         return True
 
-    def cross_check_nibbles(self, e: int, w13: np.ndarray, w2: np.ndarray, encoding: str, *,
-                            every_row: bool = False) -> None:
-        """Decode expert ``e`` nibble by nibble on both sides (independent unpack path): the first and
-        last :data:`CROSS_CHECK_ROWS` outputs of each projection, or ``every_row``."""
+    def cross_check_nibbles(self, e: int, w13: np.ndarray, w2: np.ndarray, encoding: str) -> None:
+        """Decode expert ``e`` nibble by nibble on both sides (independent unpack path), every output
+        of each projection, a band of :data:`CROSS_CHECK_BAND` outputs at a time."""
         torch = _torch()
 
         from .unpack import gptq_codes, xpu_codes
@@ -291,8 +288,7 @@ class LayerBits:
         n, p = self.n, self.p
         for role, got in (("gate", w13[:n]), ("up", w13[p : p + n]), ("down", w2[:, : n // 2])):
             rows = got.shape[0]
-            bands = [(0, rows)] if every_row or rows <= 2 * CROSS_CHECK_ROWS else \
-                [(0, CROSS_CHECK_ROWS), (rows - CROSS_CHECK_ROWS, rows)]
+            bands = [(r, min(r + CROSS_CHECK_BAND, rows)) for r in range(0, rows, CROSS_CHECK_BAND)]
             if self.fmt == "compressed-tensors":
                 packed = self.src.read(self.name(e, role, "weight_packed")).view(np.uint8)
             else:
@@ -369,7 +365,7 @@ def check_layer_bits(src, out, prefix, info, block, *, exhaustive=False) -> list
         for e in range(lb.e):
             lb.check_zero_points(e)
             w13, w2 = lb.check_codes(e)
-            lb.cross_check_nibbles(e, w13, w2, block["nibble_encoding"], every_row=True)
+            lb.cross_check_nibbles(e, w13, w2, block["nibble_encoding"])
         lb.check_scales()
         return lb.problems
     # The few sampled experts are decoded (torch) after every expert's bytes are compared (numpy),

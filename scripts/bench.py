@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,9 +153,11 @@ class Variant:
     """
 
     def __init__(self, name: str, argv: list[str], out: Path | None, what: str, reps: int | None = None,
-                 warmup: bool = True, json_stdout: bool = False, keep: bool = False):
+                 warmup: bool = True, json_stdout: bool = False, keep: bool = False, digest: bool = False):
         self.name, self.argv, self.out, self.what = name, argv, out, what
         self.reps, self.warmup, self.json_stdout, self.keep = reps, warmup, json_stdout, keep
+        self.digest = digest  # sha256 of every output file after each run (untimed), then removed
+        self.digests: list[dict[str, str]] = []
         self.runs: list[dict] = []
         self.last_json: dict | None = None
 
@@ -168,6 +171,8 @@ class Variant:
         if self.json_stdout:
             self.last_json = json.loads(log.read_text())
             r["json"] = self.last_json
+        if self.digest and self.out is not None:
+            self.digests.append(sha256_tree(self.out))
         if self.out is not None and not (self.keep and last):
             _remove(self.out)
         return r
@@ -245,18 +250,21 @@ def warm(path: Path) -> None:
 
 
 def sha256_tree(path: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h = hashlib.sha256()
-            with open(p, "rb", buffering=0) as fh:
-                while True:
-                    b = fh.read(16 << 20)
-                    if not b:
-                        break
-                    h.update(b)
-            out[p.relative_to(path).as_posix()] = h.hexdigest()
-    return out
+    """sha256 of every file below ``path`` (files hashed in parallel)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+
+    def one(p: Path) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb", buffering=0) as fh:
+            while True:
+                b = fh.read(16 << 20)
+                if not b:
+                    break
+                h.update(b)
+        return h.hexdigest()
+
+    with ThreadPoolExecutor(min(8, max(1, len(files)))) as pool:
+        return {p.relative_to(path).as_posix(): d for p, d in zip(files, pool.map(one, files))}
 
 
 def compare_naive(naive_out: Path, conv_out: Path) -> dict:
@@ -530,18 +538,19 @@ def main(argv: list[str] | None = None) -> int:
         if sweep:
             say(f"jobs sweep: {sweep}")
             outs = {j: scratch(f"out_jobs{j}") for j in sweep}
+            # each output is hashed (untimed) and removed after its run: one at a time on disk
             runs = [Variant(f"convert_jobs{j}", gx + ["convert", str(src), str(o), "-q", "--jobs", str(j)], o,
-                            f"gptq2xpu convert --jobs {j}", keep=True) for j, o in outs.items()]
+                            f"gptq2xpu convert --jobs {j}", digest=True) for j, o in outs.items()]
             res = measure(runs, args.sweep_reps or args.reps, logdir, say, args.sync, args.warmups)
             for r in res.values():
                 r["ratio_vs_cp"] = r["wall_median_s"] / cp_wall
-            hashes = {j: sha256_tree(o) for j, o in outs.items()}
-            first = hashes[sweep[0]]
+            digests = [d for v in runs for d in v.digests]
+            first = digests[0]
             report["jobs_sweep"] = {
                 "jobs": sweep,
                 "runs": res,
                 "sha256": first,
-                "identical": all(h == first for h in hashes.values()),
+                "identical": all(d == first for d in digests),
                 "identical_to_default_run": first == sha256_tree(out),
             }
             for o in outs.values():

@@ -94,3 +94,27 @@ def test_stored_scales_compare_as_bits_exactly_when_torch_would_agree(dtype):
     finite = (raw & exponent) != exponent
     assert np.array_equal(back[finite], raw[finite])
     assert bits._finite_16(stored[finite][None], dtype) and not bits._finite_16(stored, dtype)
+
+
+def test_reference_beside_the_bit_exact_checks_gives_the_same_report(tmp_path, monkeypatch):
+    """On a GPU the reference MoE runs beside the bit-exact checks; the verdicts and figures are
+    those of running them one after the other, and a planted defect is still caught by both."""
+    from gptq2xpu.verify import runner
+
+    src_path, out_path = _converted(tmp_path)
+    sequential = verify(out_path, source=src_path, device="cpu", jobs=2)
+    monkeypatch.setattr(runner, "overlaps", lambda device: True)
+    beside = verify(out_path, source=src_path, device="cpu", jobs=2)
+    assert sequential["status"] == beside["status"] == "pass"
+    assert [c["check"] for c in sequential["checks"]] == [c["check"] for c in beside["checks"]]
+    assert [r["rel"] for r in sequential["layers"]] == [r["rel"] for r in beside["layers"]]
+
+    def double_expert_1(a):  # one expert's gate/up scales doubled (fp16 bits: exponent + 1)
+        a = a.copy()
+        a[1] = (a[1].astype(np.float32) * 2).astype(a.dtype)
+        return a
+
+    patch_output_tensor(out_path, f"{L0}.experts.w13_scales", double_expert_1)
+    planted = verify(out_path, source=src_path, device="cpu", jobs=2)
+    failed = {c["check"] for c in planted["checks"] if not c["ok"]}
+    assert planted["status"] == "fail" and {"bit-exact experts", "reference MoE"} <= failed, failed

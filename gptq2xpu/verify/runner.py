@@ -148,76 +148,113 @@ def check_same_source(src, out, block: dict, source, warnings: list[str]) -> Non
 def _against_source(out, block, source, findings: Findings, *, revision, token, device, dtype, backend, layers,
                     tokens, seed, numeric, exhaustive, report, jobs, progress) -> list[dict]:
     from ..read import open_source
-    from .bits import check_layer_bits, check_passthrough, restore_torch_threads
 
-    rows: list[dict] = []
     prefixes = list(block.get("layers", {}))
     chosen = select_layers(prefixes, layers)
     with open_source(source, revision=revision, token=token) as src:
         check_same_source(src, out, block, source, report["warnings"])
-        t_bits = time.perf_counter()
-        bit_problems = []
-
-        def bits(prefix):
-            return check_layer_bits(src, out, prefix, block["layers"][prefix], block, exhaustive=exhaustive)
-
-        # layers are independent; numpy, pread and torch release the GIL
-        progress("bit-exact", 0, len(prefixes), "layers")
-        try:
-            with ThreadPoolExecutor(max(1, jobs)) as pool:
-                for i, problems in enumerate(pool.map(bits, prefixes), 1):
-                    bit_problems += problems
-                    progress("bit-exact", i, len(prefixes), "layers")
-        finally:
-            restore_torch_threads()
-        findings.add("bit-exact experts", not bit_problems,
-                     "; ".join(bit_problems[:10]) if bit_problems else
-                     f"{len(prefixes)} layers: codes, zero points, row order, scales equal the source "
-                     f"({'every' if exhaustive else 'sampled'} expert also decoded nibble by nibble)")
-        pt = check_passthrough(src, out, block)
-        findings.add("pass-through tensors", not pt,
-                     "; ".join(pt[:10]) if pt else "every other tensor byte-identical to the source")
-        report["bit_exact_seconds"] = round(time.perf_counter() - t_bits, 3)
-        if not numeric:
+        setup = _numeric_setup(device, dtype, backend, report) if numeric else None
+        if setup is None:
             report["numeric"] = "skipped (--no-numeric)"
-            return rows
-        import torch
 
-        from .device import import_ipex, runtime_info, select_device, synchronize
-        from .numeric import numeric_layer_safe
-        from .xpu_kernels import kernels_status
+        def reference() -> list[dict]:
+            return _reference_moe(src, out, block, chosen, setup, tokens, seed, report, progress)
 
-        import_ipex()
-        dev = select_device(device)
-        tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
-        if tdtype is None:
-            tdtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-        available, why = kernels_status(dev)
-        if available and tdtype == torch.float32:
-            available, why = False, "the kernel runs bfloat16/float16 activations only (--dtype float32 asked)"
-        run_kernel = backend != "reference" and available
-        if backend == "xpu-kernels" and not available:
-            raise UsageError(f"--backend xpu-kernels: {why}")
-        report["device"] = runtime_info(dev)
-        report["dtype"] = str(tdtype).replace("torch.", "")
-        report["backend"] = {"requested": backend, "kernel_ran": run_kernel,
-                             "detail": "vllm_xpu_kernels XpuFusedMoe compared with the reference" if run_kernel
-                             else f"kernel run skipped: {why}" if backend != "reference"
-                             else "reference only (--backend reference)"}
-        t_num = time.perf_counter()
-        progress("reference MoE", 0, len(chosen), "layers")
-        for i, prefix in enumerate(chosen):
-            synchronize(dev)
-            t = time.perf_counter()
-            row = numeric_layer_safe(src, out, prefix, block, dev, tdtype, tokens, seed + i, run_kernel)
-            synchronize(dev)
-            row["seconds"] = round(time.perf_counter() - t, 4)
-            rows.append(row)
-            progress("reference MoE", i + 1, len(chosen), "layers")
-        bad = [r for r in rows if not r["ok"]]
-        findings.add("reference MoE", not bad,
-                     "; ".join(f"{r['prefix']}: rel {r['rel']:.3g}, cosine {r['cosine']:.6f}" for r in bad[:5])
-                     if bad else
-                     f"{len(rows)} layer(s) within {report['dtype']} tolerance on {dev.type}")
-        report["numeric_seconds"] = round(time.perf_counter() - t_num, 3)
+        # On a GPU or XPU the reference MoE (reads, then device math) overlaps the bit-exact checks
+        # (CPU threads); on a CPU both compete for the same cores, so they run one after the other.
+        with ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-reference") as side:
+            overlapped = side.submit(reference) if setup is not None and overlaps(setup[0]) else None
+            try:
+                _bit_exact(src, out, block, prefixes, findings, exhaustive, jobs, report, progress)
+            except BaseException:
+                if overlapped is not None:
+                    overlapped.cancel()
+                raise
+            rows = overlapped.result() if overlapped is not None else (reference() if setup is not None else [])
+        if setup is not None:
+            bad = [r for r in rows if not r["ok"]]
+            findings.add("reference MoE", not bad,
+                         "; ".join(f"{r['prefix']}: rel {r['rel']:.3g}, cosine {r['cosine']:.6f}" for r in bad[:5])
+                         if bad else
+                         f"{len(rows)} layer(s) within {report['dtype']} tolerance on {setup[0].type}")
+    return rows
+
+
+def overlaps(device) -> bool:
+    """Whether the reference MoE runs beside the bit-exact checks (its math is not on the CPU)."""
+    return device.type != "cpu"
+
+
+def _bit_exact(src, out, block, prefixes, findings: Findings, exhaustive, jobs, report, progress) -> None:
+    from .bits import check_layer_bits, check_passthrough, restore_torch_threads
+
+    t_bits = time.perf_counter()
+    bit_problems = []
+
+    def bits(prefix):
+        return check_layer_bits(src, out, prefix, block["layers"][prefix], block, exhaustive=exhaustive)
+
+    # layers are independent; numpy, pread and torch release the GIL
+    progress("bit-exact", 0, len(prefixes), "layers")
+    try:
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            for i, problems in enumerate(pool.map(bits, prefixes), 1):
+                bit_problems += problems
+                progress("bit-exact", i, len(prefixes), "layers")
+    finally:
+        restore_torch_threads()
+    findings.add("bit-exact experts", not bit_problems,
+                 "; ".join(bit_problems[:10]) if bit_problems else
+                 f"{len(prefixes)} layers: codes, zero points, row order, scales equal the source "
+                 f"({'every' if exhaustive else 'sampled'} expert also decoded nibble by nibble)")
+    pt = check_passthrough(src, out, block)
+    findings.add("pass-through tensors", not pt,
+                 "; ".join(pt[:10]) if pt else "every other tensor byte-identical to the source")
+    report["bit_exact_seconds"] = round(time.perf_counter() - t_bits, 3)
+
+
+def _numeric_setup(device, dtype, backend, report):
+    """(torch device, compute dtype, whether the real kernel runs); usage errors before any work."""
+    import torch
+
+    from .device import import_ipex, runtime_info, select_device
+    from .xpu_kernels import kernels_status
+
+    import_ipex()
+    dev = select_device(device)
+    tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+    if tdtype is None:
+        tdtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    available, why = kernels_status(dev)
+    if available and tdtype == torch.float32:
+        available, why = False, "the kernel runs bfloat16/float16 activations only (--dtype float32 asked)"
+    run_kernel = backend != "reference" and available
+    if backend == "xpu-kernels" and not available:
+        raise UsageError(f"--backend xpu-kernels: {why}")
+    report["device"] = runtime_info(dev)
+    report["dtype"] = str(tdtype).replace("torch.", "")
+    report["backend"] = {"requested": backend, "kernel_ran": run_kernel,
+                         "detail": "vllm_xpu_kernels XpuFusedMoe compared with the reference" if run_kernel
+                         else f"kernel run skipped: {why}" if backend != "reference"
+                         else "reference only (--backend reference)"}
+    return dev, tdtype, run_kernel
+
+
+def _reference_moe(src, out, block, chosen, setup, tokens, seed, report, progress) -> list[dict]:
+    from .device import synchronize
+    from .numeric import numeric_layer_safe
+
+    dev, tdtype, run_kernel = setup
+    rows = []
+    t_num = time.perf_counter()
+    progress("reference MoE", 0, len(chosen), "layers")
+    for i, prefix in enumerate(chosen):
+        synchronize(dev)
+        t = time.perf_counter()
+        row = numeric_layer_safe(src, out, prefix, block, dev, tdtype, tokens, seed + i, run_kernel)
+        synchronize(dev)
+        row["seconds"] = round(time.perf_counter() - t, 4)
+        rows.append(row)
+        progress("reference MoE", i + 1, len(chosen), "layers")
+    report["numeric_seconds"] = round(time.perf_counter() - t_num, 3)
     return rows

@@ -23,7 +23,6 @@ from .read import Checkpoint, open_source
 from .write import write_checkpoint, write_part
 from .write.split import part_shards
 
-
 #: Default --jobs ceiling (see convert()).
 MAX_DEFAULT_JOBS = 8
 

@@ -97,7 +97,8 @@ def test_model_card_keeps_the_source_card_and_adds_one_section(synth, tmp_path):
     text = card[len(src_card):].decode("utf-8")
     assert text.count(CARD_BEGIN) == 1 and text.count(CARD_END) == 1
     section = text[text.index(CARD_BEGIN):text.index(CARD_END)]
-    for needle in (f'pip install "gptq2xpu[vllm]=={__version__}"', f'pip install "gptq2xpu=={__version__}"',
+    for needle in (f"# gptq2xpu {__version__}: clone its repository, then pip install -e .",
+                   f"# gptq2xpu {__version__} in vLLM's Python environment",
                    "vllm serve . --tensor-parallel-size 2", 'LLM(model=".", tensor_parallel_size=2)',
                    "gptq2xpu verify .", f"gptq2xpu verify . --source path/to/{info.path.name}",
                    "`model.layers.0.mlp`", "| 4 | 128 | 64 | 32 / 32 | float16 |",

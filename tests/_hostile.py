@@ -1,8 +1,8 @@
-"""Helpers shared by the hostile-input, interruption, fuzz and exit-code tests.
+"""Helpers of the hostile-input, interruption, fuzz and exit-code tests.
 
-Not a test module (no ``test_`` prefix).  Everything here builds mutated *copies* of the real
-AutoRound fixture (``tests/fixtures/qwen3moe-g128``, never modified) or drives the CLI as a
-subprocess and checks the "fail cleanly, lose nothing" contract:
+Everything here builds mutated *copies* of the AutoRound fixture (``helpers.FIXTURE``, never
+modified) or checks the "fail cleanly, lose nothing" contract of a CLI run
+(``helpers.run_cli``):
 
 * the exit code;
 * stderr holds exactly one non-empty line (warnings aside when allowed), naming what it should;
@@ -17,17 +17,10 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
-from helpers import write_arrays
+from helpers import FIXTURE, load_tensors, write_arrays
 
-from gptq2xpu.safetensors_io import NUMPY_DTYPES, read_header
-
-REPO = Path(__file__).resolve().parent.parent
-FIXTURE = REPO / "tests" / "fixtures" / "qwen3moe-g128"
 SHARD = "model.safetensors"
 L0 = "model.layers.0.mlp"
 L1 = "model.layers.1.mlp"
@@ -44,32 +37,14 @@ def fixture_copy(dst: Path, *, side_files: bool = False) -> Path:
     return dst
 
 
-# ------------------------------------------------------------------------------ tensors
-
-
-def load_tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
-    """Every tensor of a safetensors file as ``{name: (dtype, array)}`` in file order (writeable copies).
-
-    numpy dtypes come back typed and shaped; BF16 as uint16, float8 as uint8 (shaped)."""
-    hdr = read_header(path)
-    raw = Path(path).read_bytes()
-    out = {}
-    for t in sorted(hdr.tensors.values(), key=lambda t: t.start):
-        buf = np.frombuffer(raw[t.start:t.end], dtype=np.uint8).copy()
-        dt = NUMPY_DTYPES.get(t.dtype) or (np.dtype("<u2") if t.dtype == "BF16" else np.dtype("u1"))
-        out[t.name] = (t.dtype, buf.view(dt).reshape(t.shape))
-    return out
-
-
-def save_tensors(path: Path, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
-    write_arrays(path, tensors, {"format": "pt"})
+# ------------------------------------------------------------------------------ mutations
 
 
 def mutate(root: Path, fn, shard: str = SHARD) -> None:
     """Rewrite ``root/shard`` after ``fn(tensors)`` edited the ``{name: (dtype, array)}`` dict in place."""
     t = load_tensors(root / shard)
     fn(t)
-    save_tensors(root / shard, t)
+    write_arrays(root / shard, t, {"format": "pt"})
 
 
 def edit_config(root: Path, fn) -> None:
@@ -77,20 +52,6 @@ def edit_config(root: Path, fn) -> None:
     cfg = json.loads(p.read_text())
     fn(cfg)
     p.write_text(json.dumps(cfg, indent=2))
-
-
-def raw_header(path: Path) -> tuple[dict, bytes]:
-    """(header JSON object, data section bytes) of a safetensors file, without validation."""
-    raw = Path(path).read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
-
-
-def write_raw(path: Path, header: dict | bytes, data: bytes) -> None:
-    """Write a safetensors file from an arbitrary header (no validation) and data bytes."""
-    body = header if isinstance(header, bytes) else json.dumps(header).encode()
-    body += b" " * (-(8 + len(body)) % 8)
-    Path(path).write_bytes(len(body).to_bytes(8, "little") + body + data)
 
 
 def split_into_index(root: Path, *, n_shards: int = 2) -> dict[str, str]:
@@ -102,22 +63,14 @@ def split_into_index(root: Path, *, n_shards: int = 2) -> dict[str, str]:
     for i in range(n_shards):
         fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
         part = {n: tensors[n] for n in names[i * per:(i + 1) * per]}
-        save_tensors(root / fname, part)
+        write_arrays(root / fname, part, {"format": "pt"})
         wm.update({n: fname for n in part})
     (root / SHARD).unlink()
     (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}, indent=1))
     return wm
 
 
-# ------------------------------------------------------------------------------ CLI + checks
-
-
-def cli(*args, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    e = dict(os.environ)
-    e.pop("GPTQ2XPU_DEBUG", None)
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "gptq2xpu", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=e)
+# ------------------------------------------------------------------------------ checks
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

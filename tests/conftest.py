@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 
@@ -22,25 +21,13 @@ def synth(tmp_path):
     return make
 
 
-FIXTURE = Path(__file__).parent / "fixtures" / "qwen3moe-g128"
-
-
 @pytest.fixture
-def cli(capsys):
-    """Run the CLI in-process: ``cli("convert", src, out, "--json") -> (exit_code, stdout, stderr)``."""
-    from gptq2xpu.cli import main
+def cli():
+    """Run the CLI in-process: ``cli("convert", src, out, "--json") -> (exit_code, stdout, stderr)``
+    (``helpers.cli``)."""
+    from helpers import cli
 
-    def run(*args):
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return cli
 
 
 @pytest.fixture

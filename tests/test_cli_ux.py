@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 from _planting import edit_block
-from conftest import FIXTURE
-from test_exit_codes import cli_hooked
+from helpers import FIXTURE, REPO, run_cli
 
 from gptq2xpu import __version__
 from gptq2xpu.cli import COMMANDS, ROOT_EXAMPLES, app
@@ -31,8 +30,6 @@ from gptq2xpu.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
 from gptq2xpu.read import open_source
 from gptq2xpu.safetensors_io import read_header
 from gptq2xpu.testing.synth import make_checkpoint
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +143,11 @@ def test_json_on_every_failure(cli, converted, tmp_path):
 
 def test_json_when_interrupted_or_internal_error(tmp_path):
     out = tmp_path / "out"
-    proc = cli_hooked("gptq2xpu.write.shards:ShardWriter.write", "SIGINT", "convert", FIXTURE, out, "--json")
+    write = "gptq2xpu.write.shards:ShardWriter.write"
+    proc = run_cli("convert", FIXTURE, out, "--json", faults=[(write, "SIGINT", 1)])
     doc = envelope_of(proc.stdout, proc.returncode)
     assert proc.returncode == EXIT_INTERRUPTED and doc["error"] == "interrupted" and not out.exists()
-    proc = cli_hooked("gptq2xpu.write.shards:ShardWriter.write", "RuntimeError", "--json", "convert", FIXTURE, out)
+    proc = run_cli("--json", "convert", FIXTURE, out, faults=[(write, "raise", 1)])
     doc = envelope_of(proc.stdout, proc.returncode)
     assert proc.returncode == EXIT_INTERNAL and doc["error"] == "internal error" and "injected bug" in doc["message"]
 

@@ -16,21 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _planting import cli, convert, edit_block, failed_checks, patch_tensor, read_tensor, shard_of, verify_json
-from helpers import write_arrays
+from _planting import convert, edit_block, failed_checks, output_tensor, patch_tensor, verify_json
+from helpers import CT_FIXTURE, load_tensors, read_tensor, write_arrays
 
 from gptq2xpu.errors import EXIT_INPUT, EXIT_VERIFY
 from gptq2xpu.safetensors_io import read_header
 from gptq2xpu.testing.synth import make_checkpoint, pack_int32
 
-FIXTURE = Path(__file__).parent / "fixtures" / "ct-pack-quantized"
 L, E, K, N, G = 2, 4, 128, 64, 32
 PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
 def truth(layer: int, role: str) -> tuple[np.ndarray, np.ndarray]:
     """(int values [E, out, in] in -8..7, scale bits uint16 [E, out, in/G]) from the ground-truth file."""
-    gt = FIXTURE / "ground_truth.safetensors"
+    gt = CT_FIXTURE / "ground_truth.safetensors"
     b = read_tensor(gt, f"layers.{layer}.{role}.codes_hi_lo").astype(np.int16)
     vals = np.empty(b.shape[:-1] + (2 * b.shape[-1],), dtype=np.int16)
     vals[..., 0::2] = (b >> 4) - 8          # even column: high nibble
@@ -49,28 +48,24 @@ def xpu_values(packed: np.ndarray, encoding: str) -> np.ndarray:
     return np.where(nib >= 8, nib - 16, nib)
 
 
-def out_tensor(out: Path, name: str) -> np.ndarray:
-    return read_tensor(shard_of(out, name), name)
-
-
 # ----------------------------------------------------------------------------- the real fixture
 
 
 def test_fixture_is_what_compressed_tensors_writes():
-    cfg = json.loads((FIXTURE / "config.json").read_text())
+    cfg = json.loads((CT_FIXTURE / "config.json").read_text())
     q = cfg["quantization_config"]
     assert (q["quant_method"], q["format"], q["version"], q["quantization_status"]) == \
         ("compressed-tensors", "pack-quantized", "0.20.0", "compressed")
     w = q["config_groups"]["group_0"]["weights"]
     assert (w["num_bits"], w["type"], w["symmetric"], w["strategy"], w["group_size"]) == (4, "int", True, "group", 32)
-    hdr = read_header(FIXTURE / "model.safetensors")
+    hdr = read_header(CT_FIXTURE / "model.safetensors")
     name = "model.layers.1.mlp.experts.3.down_proj"
     packed, scale = hdr.tensors[f"{name}.weight_packed"], hdr.tensors[f"{name}.weight_scale"]
     assert (packed.dtype, packed.shape) == ("I32", (K, N // 8))
     assert (scale.dtype, scale.shape) == ("BF16", (K, N // G))
-    assert read_tensor(FIXTURE / "model.safetensors", f"{name}.weight_shape").tolist() == [K, N]
+    assert read_tensor(CT_FIXTURE / "model.safetensors", f"{name}.weight_shape").tolist() == [K, N]
     assert not any(n.endswith(("weight_zero_point", "weight_g_idx")) for n in hdr.tensors)
-    assert sum(p.stat().st_size for p in FIXTURE.iterdir()) < 300_000
+    assert sum(p.stat().st_size for p in CT_FIXTURE.iterdir()) < 300_000
 
 
 def test_fixture_packing_matches_the_documented_layout():
@@ -80,36 +75,36 @@ def test_fixture_packing_matches_the_documented_layout():
             vals, scales = truth(layer, role)
             for e in range(E):
                 name = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
-                words = read_tensor(FIXTURE / "model.safetensors", f"{name}.weight_packed").view(np.uint32)
+                words = read_tensor(CT_FIXTURE / "model.safetensors", f"{name}.weight_packed").view(np.uint32)
                 unpacked = np.stack([(words >> (4 * j)) & 0xF for j in range(8)], axis=-1).reshape(words.shape[0], -1)
                 assert np.array_equal(unpacked.astype(np.int16) - 8, vals[e]), name
-                assert np.array_equal(read_tensor(FIXTURE / "model.safetensors", f"{name}.weight_scale"), scales[e])
+                assert np.array_equal(read_tensor(CT_FIXTURE / "model.safetensors", f"{name}.weight_scale"), scales[e])
 
 
 @pytest.mark.parametrize("encoding", ["u4b8", "s4"])
 def test_fixture_converts_bit_exact_and_verifies(tmp_path, encoding):
     out = tmp_path / "out"
-    summary = convert(FIXTURE, out, "--nibble-encoding", encoding)
+    summary = convert(CT_FIXTURE, out, "--nibble-encoding", encoding)
     assert summary["quantization"]["quant_method"] == "compressed-tensors"
     assert [(lyr["action"], lyr["kind"]) for lyr in summary["layers"]] == [("convert", "compressed-tensors")] * L
     for layer in range(L):
         p = f"model.layers.{layer}.mlp.experts"
-        w13 = xpu_values(out_tensor(out, f"{p}.w13_qweight"), encoding)      # [E, 2N, K]
-        w2 = xpu_values(out_tensor(out, f"{p}.w2_qweight"), encoding)        # [E, K, N]
-        s13 = out_tensor(out, f"{p}.w13_scales")                            # bf16 bits [E, 2N, K/G]
-        s2 = out_tensor(out, f"{p}.w2_scales")
+        w13 = xpu_values(output_tensor(out, f"{p}.w13_qweight"), encoding)      # [E, 2N, K]
+        w2 = xpu_values(output_tensor(out, f"{p}.w2_qweight"), encoding)        # [E, K, N]
+        s13 = output_tensor(out, f"{p}.w13_scales")                            # bf16 bits [E, 2N, K/G]
+        s2 = output_tensor(out, f"{p}.w2_scales")
         (gv, gs), (uv, us), (dv, ds) = (truth(layer, r) for r in ("gate", "up", "down"))
         assert np.array_equal(w13[:, :N], gv) and np.array_equal(w13[:, N:], uv) and np.array_equal(w2, dv)
         assert np.array_equal(s13[:, :N], gs) and np.array_equal(s13[:, N:], us) and np.array_equal(s2, ds)
-    code, report = verify_json(out, "--source", FIXTURE)
+    code, report = verify_json(out, "--source", CT_FIXTURE)
     assert code == 0 and report["status"] == "ok", report["failures"]
     assert all(r["ok"] for r in report["layers"]) and len(report["layers"]) == L
 
 
 def test_fixture_tensor_parallel_ranks(tmp_path):
     out = tmp_path / "out"
-    convert(FIXTURE, out, "--tp-size", "2", "--emit-ranks", "--scale-dtype", "float16")
-    code, report = verify_json(out, "--source", FIXTURE)
+    convert(CT_FIXTURE, out, "--tp-size", "2", "--emit-ranks", "--scale-dtype", "float16")
+    code, report = verify_json(out, "--source", CT_FIXTURE)
     assert code == 0, report["failures"]
     assert any(c["check"] == "tensor-parallel ranks" and c["ok"] for c in report["checks"])
 
@@ -133,8 +128,8 @@ def test_synth_ct_converts_and_verifies(tmp_path, spec, options):
     convert(info.path, out, *options)
     encoding = "s4" if "s4" in options else "u4b8"
     for layer in info.moe_layers:
-        w13 = xpu_values(out_tensor(out, f"{layer.prefix}.experts.w13_qweight"), encoding)
-        w2 = xpu_values(out_tensor(out, f"{layer.prefix}.experts.w2_qweight"), encoding)
+        w13 = xpu_values(output_tensor(out, f"{layer.prefix}.experts.w13_qweight"), encoding)
+        w2 = xpu_values(output_tensor(out, f"{layer.prefix}.experts.w2_qweight"), encoding)
         n = layer.codes["gate"].shape[1]
         assert np.array_equal(w13[:, :n], layer.codes["gate"].astype(np.int16) - 8)
         assert np.array_equal(w13[:, n:], layer.codes["up"].astype(np.int16) - 8)
@@ -148,7 +143,7 @@ def test_synth_ct_converts_and_verifies(tmp_path, spec, options):
 
 @pytest.mark.parametrize("spec,field", [(dict(asymmetric=True), "weight_zero_point"),
                                         (dict(act_order=True), "weight_g_idx")])
-def test_synth_ct_refusals(tmp_path, spec, field):
+def test_synth_ct_refusals(cli, tmp_path, spec, field):
     info = make_checkpoint(tmp_path / "src", **dict(SYNTH, **spec))
     code, stdout, stderr = cli("convert", info.path, tmp_path / "out")
     assert code == EXIT_INPUT, stderr
@@ -160,10 +155,9 @@ def _fixture_with(tmp_path: Path, field: str, make) -> Path:
     """A copy of the fixture where every expert projection also has ``field`` = ``make(name, out, in)``
     (as compressed-tensors writes an asymmetric or actorder checkpoint: on every module)."""
     src = tmp_path / "src"
-    shutil.copytree(FIXTURE, src)
+    shutil.copytree(CT_FIXTURE, src)
     path = src / "model.safetensors"
-    hdr = read_header(path)
-    arrays = {name: (entry.dtype, read_tensor(path, name)) for name, entry in hdr.tensors.items()}
+    arrays = load_tensors(path)
     for layer in range(L):
         for role, proj in PROJ.items():
             out_f, in_f = (K, N) if role == "down" else (N, K)
@@ -201,7 +195,7 @@ def test_fixture_symmetric_zero_points_accepted(tmp_path):
 
 @pytest.mark.parametrize("odd,everywhere,named", [(3, 0, ODD_ZP), (-1, 0, ODD_ZP),
                                                   (None, -8, "model.layers.0.mlp.experts.0.gate_proj")])
-def test_fixture_asymmetric_zero_points_refused(tmp_path, odd, everywhere, named):
+def test_fixture_asymmetric_zero_points_refused(cli, tmp_path, odd, everywhere, named):
     """One non-zero zero point refuses the layer, naming its tensor.  -8 everywhere packs to all-zero
     words: still asymmetric (the data is decoded, not compared with 0)."""
     src = _fixture_with(tmp_path, "weight_zero_point", _zero_points(odd, everywhere))
@@ -218,7 +212,7 @@ def _g_idx(odd_module: str | None = None):
     return make
 
 
-def test_fixture_actorder_refused_and_static_g_idx_accepted(tmp_path):
+def test_fixture_actorder_refused_and_static_g_idx_accepted(cli, tmp_path):
     odd = "model.layers.0.mlp.experts.3.up_proj"
     src = _fixture_with(tmp_path / "a", "weight_g_idx", _g_idx(odd))
     code, _, stderr = cli("convert", src, tmp_path / "a" / "out")

@@ -11,29 +11,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FIXTURE
-from xpu_decode import as_float32, decode_layer, dequant, gptq_unpack, raw_tensors
+from helpers import FIXTURE, read_tensors
+from xpu_decode import as_float32, check_layer_matches_truth, decode_layer, dequant, gptq_unpack
 
 from gptq2xpu.contract import CONFIG_BLOCK, MANIFEST_NAME
 from gptq2xpu.convert import convert
 from gptq2xpu.plan import ConvertOptions
 
 FAMILIES = ["qwen2_moe", "qwen3_moe", "qwen3_5_moe", "qwen3_next", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe"]
-
-
-def check_layer_matches_truth(out_dir, layer, tensors, *, encoding="u4b8"):
-    d = decode_layer(out_dir, layer.prefix, tensors)
-    n = layer.codes["gate"].shape[1]
-    p = d["w13"].shape[1] // 2
-    np.testing.assert_array_equal(d["w13"][:, :n], layer.codes["gate"])
-    np.testing.assert_array_equal(d["w13"][:, p : p + n], layer.codes["up"])
-    np.testing.assert_array_equal(d["w2"][:, :, :n], layer.codes["down"])
-    for role, got in (("gate", d["w13_scales"][:, :n]), ("up", d["w13_scales"][:, p : p + n]),
-                      ("down", d["w2_scales"][:, :, : d["w2_scales"].shape[2] * n // p])):
-        truth = layer.scales[role]
-        rep = got.shape[-1] // truth.shape[-1]
-        np.testing.assert_array_equal(got, np.repeat(truth, rep, axis=-1))
-    return d
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -44,8 +29,8 @@ def test_family_end_to_end(synth, tmp_path, family):
     result = convert(info.path, out, jobs=2)
     gptq_layers = [lyr for lyr in info.moe_layers if lyr.kind == "gptq"]
     assert result["converted_layers"] == len(gptq_layers) > 0
-    tensors = raw_tensors(out)
-    src = raw_tensors(info.path)
+    tensors = read_tensors(out)
+    src = read_tensors(info.path)
     for layer in gptq_layers:
         check_layer_matches_truth(out, layer, tensors)
         assert not any(n.startswith(layer.prefix + ".experts.0.") for n in tensors)
@@ -63,8 +48,8 @@ def test_router_shared_experts_and_dense_mlp_are_never_experts(synth, tmp_path):
     info = synth(family="deepseek_v3", first_dense=1, num_layers=3, hidden=128, moe_intermediate=64, num_experts=4, group_size=32)
     out = tmp_path / "out"
     convert(info.path, out, jobs=1)
-    tensors = raw_tensors(out)
-    src = raw_tensors(info.path)
+    tensors = read_tensors(out)
+    src = read_tensors(info.path)
     keep = [n for n in src if ".mlp.gate." in n or ".shared_experts." in n or ".mlp.gate_proj." in n]
     assert any(n.endswith("e_score_correction_bias") for n in keep)
     assert any(".mlp.gate_proj.qweight" in n for n in keep)          # dense layer 0
@@ -79,7 +64,7 @@ def test_router_shared_experts_and_dense_mlp_are_never_experts(synth, tmp_path):
 def test_qwen2_shared_expert_gate_untouched(synth, tmp_path):
     info = synth(family="qwen2_moe", hidden=128, moe_intermediate=64, num_experts=4, group_size=32)
     convert(info.path, tmp_path / "out", jobs=1)
-    tensors, src = raw_tensors(tmp_path / "out"), raw_tensors(info.path)
+    tensors, src = read_tensors(tmp_path / "out"), read_tensors(info.path)
     names = [n for n in src if "shared_expert" in n]
     assert any("shared_expert_gate" in n for n in names) and any("shared_expert.down_proj" in n for n in names)
     assert all(tensors[n] == src[n] for n in names)
@@ -90,9 +75,9 @@ def test_autoround_fixture_bit_exact_and_moe_output(tmp_path):
     converted tensors matches AutoRound's own output in reference.safetensors."""
     out = tmp_path / "out"
     convert(FIXTURE, out, jobs=2)
-    tensors = raw_tensors(out)
-    src = raw_tensors(FIXTURE)
-    ref = {k: as_float32(*v[:2], v[2]) for k, v in raw_tensors_file(FIXTURE / "reference.safetensors").items()}
+    tensors = read_tensors(out)
+    src = read_tensors(FIXTURE)
+    ref = {k: as_float32(*v) for k, v in read_tensors(FIXTURE / "reference.safetensors").items()}
     for layer in (0, 1):
         prefix = f"model.layers.{layer}.mlp"
         d = decode_layer(out, prefix, tensors)
@@ -123,16 +108,6 @@ def test_autoround_fixture_bit_exact_and_moe_output(tmp_path):
         want = ref[f"layers.{layer}.block_out"].astype(np.float64)
         rel = np.linalg.norm(y - want) / np.linalg.norm(want)
         assert rel < 1e-3, rel   # AutoRound computed in fp16; an exact forward lands at ~6e-4
-
-
-def raw_tensors_file(path):
-    import struct
-
-    data = path.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    hdr = json.loads(data[8 : 8 + n])
-    return {k: (v["dtype"], tuple(v["shape"]), data[8 + n + v["data_offsets"][0] : 8 + n + v["data_offsets"][1]])
-            for k, v in hdr.items() if k != "__metadata__"}
 
 
 def _folder_bytes(folder):
@@ -220,10 +195,10 @@ def test_s4_nibble_encoding(synth, tmp_path):
     info = synth(family="qwen3_moe", hidden=128, moe_intermediate=64, num_experts=4, group_size=32)
     convert(info.path, tmp_path / "u", options=ConvertOptions())
     convert(info.path, tmp_path / "s", options=ConvertOptions(nibble_encoding="s4"))
-    u, s = raw_tensors(tmp_path / "u"), raw_tensors(tmp_path / "s")
+    u, s = read_tensors(tmp_path / "u"), read_tensors(tmp_path / "s")
     name = info.moe_layers[0].prefix + ".experts.w13_qweight"
     assert bytes(b ^ 0x88 for b in u[name][2]) == s[name][2]
-    check_layer_matches_truth(tmp_path / "s", info.moe_layers[0], s, encoding="s4")
+    check_layer_matches_truth(tmp_path / "s", info.moe_layers[0], s)
     assert json.loads((tmp_path / "s" / "config.json").read_text())[CONFIG_BLOCK]["nibble_encoding"] == "s4"
 
 
@@ -235,7 +210,7 @@ def test_group_sizes_regrouped_losslessly(synth, tmp_path, group, hidden, inter,
     out = tmp_path / "out"
     convert(info.path, out)
     layer = info.moe_layers[0]
-    check_layer_matches_truth(out, layer, raw_tensors(out))
+    check_layer_matches_truth(out, layer, read_tensors(out))
     info_block = json.loads((out / "config.json").read_text())[CONFIG_BLOCK]["layers"][layer.prefix]
     assert (info_block["w13_group_size"], info_block["w2_group_size"]) == want
 
@@ -255,7 +230,7 @@ def test_sharded_output_index_and_side_files(synth, tmp_path):
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    tensors = raw_tensors(out)
+    tensors = read_tensors(out)
     assert set(index["weight_map"]) == set(tensors)
     assert index["metadata"]["total_size"] == sum(len(v[2]) for v in tensors.values())
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "LICENSE"):
@@ -327,13 +302,13 @@ def test_quantized_router_passthrough_and_dequantize(synth, tmp_path, cli):
     code, out, err = cli("convert", info.path, tmp_path / "keep", "--json")
     assert code == 0, err
     assert any("router is GPTQ-quantized" in w for w in json.loads(out)["warnings"])
-    kept, src = raw_tensors(tmp_path / "keep"), raw_tensors(info.path)
+    kept, src = read_tensors(tmp_path / "keep"), read_tensors(info.path)
     qnames = [n for n in src if ".mlp.gate.q" in n]
     assert qnames and all(kept[n] == src[n] for n in qnames)
     assert cli("verify", tmp_path / "keep", "--source", info.path)[0] == 0
     code, out, err = cli("convert", info.path, tmp_path / "deq", "--dequantize-router", "--json")
     assert code == 0, err
-    deq = raw_tensors(tmp_path / "deq")
+    deq = read_tensors(tmp_path / "deq")
     prefix = info.moe_layers[0].prefix
     assert not any(n.startswith(prefix + ".gate.q") for n in deq)
     dt, shape, raw = deq[prefix + ".gate.weight"]

@@ -9,8 +9,8 @@ import shutil
 import signal
 
 import pytest
-from _faults import run_with_faults
-from _hostile import FIXTURE, cli, fixture_copy, leftovers, tree_hashes
+from _hostile import fixture_copy, leftovers, tree_hashes
+from helpers import FIXTURE, run_cli
 
 from gptq2xpu.contract import MANIFEST_NAME
 from gptq2xpu.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
@@ -27,8 +27,8 @@ def old_and_new(tmp_path_factory):
     """An existing OUTPUT (u4b8) and the hashes of what replacing it with --nibble-encoding s4 gives."""
     base = tmp_path_factory.mktemp("publish")
     src = fixture_copy(base / "src", side_files=True)
-    assert cli("convert", src, base / "old").returncode == 0
-    assert cli("convert", src, base / "new", "--nibble-encoding", "s4").returncode == 0
+    assert run_cli("convert", src, base / "old").returncode == 0
+    assert run_cli("convert", src, base / "new", "--nibble-encoding", "s4").returncode == 0
     return src, tree_hashes(base / "old"), tree_hashes(base / "new"), base
 
 
@@ -41,7 +41,7 @@ def fresh_output(old_and_new, tmp_path):
 
 
 def replace(src, out, *faults):
-    return run_with_faults(list(faults), "convert", src, out, "--overwrite", "--nibble-encoding", "s4")
+    return run_cli("convert", src, out, "--overwrite", "--nibble-encoding", "s4", faults=faults)
 
 
 def hidden(out):
@@ -57,7 +57,7 @@ def test_overwrite_never_replaces_another_models_folder(tmp_path):
     shutil.copytree(FIXTURE, other)                      # a config.json, shards, the user's files
     (other / "notes.md").write_text("mine")
     before = tree_hashes(other)
-    proc = cli("convert", src, other, "--overwrite")
+    proc = run_cli("convert", src, other, "--overwrite")
     assert proc.returncode == EXIT_USAGE and "not a gptq2xpu output" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert tree_hashes(other) == before and hidden(other) == []
@@ -67,7 +67,7 @@ def test_overwrite_never_replaces_a_conversion_the_user_added_files_to(old_and_n
     src, out = fresh_output(old_and_new, tmp_path)
     (out / "my-eval-results.json").write_text("{}")
     before = tree_hashes(out)
-    proc = cli("convert", src, out, "--overwrite")
+    proc = run_cli("convert", src, out, "--overwrite")
     assert proc.returncode == EXIT_USAGE and "my-eval-results.json" in proc.stderr, proc.stderr
     assert tree_hashes(out) == before
 
@@ -76,7 +76,7 @@ def test_overwrite_never_replaces_a_conversion_holding_a_link(old_and_new, tmp_p
     src, out = fresh_output(old_and_new, tmp_path)
     (tmp_path / "elsewhere").mkdir()
     (out / "data").symlink_to(tmp_path / "elsewhere")
-    proc = cli("convert", src, out, "--overwrite")
+    proc = run_cli("convert", src, out, "--overwrite")
     assert proc.returncode == EXIT_USAGE and "symbolic link" in proc.stderr, proc.stderr
     assert (out / "data").is_symlink() and (tmp_path / "elsewhere").is_dir()
 
@@ -85,10 +85,10 @@ def test_an_empty_output_folder_is_used_without_overwrite(tmp_path):
     src = fixture_copy(tmp_path / "src")
     out = tmp_path / "out"
     out.mkdir()
-    proc = cli("convert", src, out)
+    proc = run_cli("convert", src, out)
     assert proc.returncode == EXIT_OK, proc.stderr
     assert (out / MANIFEST_NAME).is_file() and hidden(out) == []
-    assert cli("verify", out).returncode == EXIT_OK
+    assert run_cli("verify", out).returncode == EXIT_OK
 
 
 # ------------------------------------------------------------------------------ split runs
@@ -101,7 +101,7 @@ def test_part_never_writes_into_a_folder_it_did_not_make(tmp_path):
     (out / "README.md").write_text("the user's own readme")
     (out / "config.json").write_text('{"mine": true}')
     before = tree_hashes(out)
-    proc = cli("convert", src, out, "--part", "1/1")
+    proc = run_cli("convert", src, out, "--part", "1/1")
     assert proc.returncode == EXIT_USAGE and "README.md" in proc.stderr, proc.stderr
     assert tree_hashes(out) == before
 
@@ -110,19 +110,19 @@ def test_parts_and_finalize_refuse_a_foreign_file_added_meanwhile(tmp_path):
     src = fixture_copy(tmp_path / "src")
     out = tmp_path / "shared"
     args = ("--max-shard-size", "2MB")
-    assert cli("convert", src, out, "--part", "1/2", *args).returncode == EXIT_OK
+    assert run_cli("convert", src, out, "--part", "1/2", *args).returncode == EXIT_OK
     (out / "notes.txt").write_text("mine")
-    proc = cli("convert", src, out, "--part", "2/2", *args)
+    proc = run_cli("convert", src, out, "--part", "2/2", *args)
     assert proc.returncode == EXIT_USAGE and "notes.txt" in proc.stderr
     (out / "notes.txt").unlink()
-    assert cli("convert", src, out, "--part", "2/2", *args).returncode == EXIT_OK
+    assert run_cli("convert", src, out, "--part", "2/2", *args).returncode == EXIT_OK
     (out / "notes.txt").write_text("mine")
-    proc = cli("finalize", out)
+    proc = run_cli("finalize", out)
     assert proc.returncode == EXIT_USAGE and "notes.txt" in proc.stderr
     assert (out / "notes.txt").read_text() == "mine" and not (out / MANIFEST_NAME).exists()
     (out / "notes.txt").unlink()
-    assert cli("finalize", out).returncode == EXIT_OK
-    assert cli("verify", out).returncode == EXIT_OK
+    assert run_cli("finalize", out).returncode == EXIT_OK
+    assert run_cli("verify", out).returncode == EXIT_OK
 
 
 def test_finalize_again_after_it_was_cut_short(tmp_path):
@@ -130,17 +130,17 @@ def test_finalize_again_after_it_was_cut_short(tmp_path):
     final documents that differ from what it writes are refused, not overwritten."""
     src = fixture_copy(tmp_path / "src")
     out = tmp_path / "shared"
-    assert cli("convert", src, out, "--part", "1/1").returncode == EXIT_OK
-    proc = run_with_faults([("gptq2xpu.write.split:manifest_bytes", "SIGKILL", 1)], "finalize", out)
+    assert run_cli("convert", src, out, "--part", "1/1").returncode == EXIT_OK
+    proc = run_cli("finalize", out, faults=[("gptq2xpu.write.split:manifest_bytes", "SIGKILL", 1)])
     assert proc.returncode == -signal.SIGKILL
     assert (out / "config.json").is_file() and not (out / MANIFEST_NAME).exists()
     cfg = (out / "config.json").read_text()
     (out / "config.json").write_text(cfg.replace('"gptq2xpu"', '"edited"'))
-    proc = cli("finalize", out)
+    proc = run_cli("finalize", out)
     assert proc.returncode == EXIT_USAGE and "config.json" in proc.stderr
     (out / "config.json").write_text(cfg)
-    assert cli("finalize", out).returncode == EXIT_OK
-    assert cli("verify", out).returncode == EXIT_OK
+    assert run_cli("finalize", out).returncode == EXIT_OK
+    assert run_cli("verify", out).returncode == EXIT_OK
 
 
 # ------------------------------------------------------------------------------ publishing
@@ -205,11 +205,11 @@ def test_sigkill_at_every_moment_of_publishing(old_and_new, tmp_path, moment, fa
     # the next run (here: a dry run is not enough, a real conversion elsewhere in the same folder
     # would not look; the next conversion to OUTPUT does) tidies: restores the parked old output,
     # removes the rest, and never deletes an output
-    proc = cli("convert", src, out)
+    proc = run_cli("convert", src, out)
     assert proc.returncode == EXIT_USAGE and "already exists" in proc.stderr, proc.stderr
     assert tree_hashes(out) == (old if expect == "old" else new)
     assert hidden(out) == []
-    assert cli("verify", out).returncode == EXIT_OK
+    assert run_cli("verify", out).returncode == EXIT_OK
 
 
 def test_stale_folders_that_are_not_ours_are_left_alone(tmp_path):
@@ -221,7 +221,7 @@ def test_stale_folders_that_are_not_ours_are_left_alone(tmp_path):
     for folder in strangers:
         folder.mkdir()
         (folder / "thesis.tex").write_text("not a conversion")
-    proc = cli("convert", src, out)
+    proc = run_cli("convert", src, out)
     assert proc.returncode == EXIT_OK, proc.stderr
     for folder in strangers:
         assert (folder / "thesis.tex").read_text() == "not a conversion"
@@ -231,10 +231,10 @@ def test_stale_folders_that_are_not_ours_are_left_alone(tmp_path):
 def test_killed_runs_partial_folder_is_removed_by_the_next_run(tmp_path):
     src = fixture_copy(tmp_path / "src")
     out = tmp_path / "out"
-    proc = run_with_faults([(WRITE, "SIGKILL", 1)], "convert", src, out)
+    proc = run_cli("convert", src, out, faults=[(WRITE, "SIGKILL", 1)])
     assert proc.returncode == -signal.SIGKILL
     assert any(STAGE_TAG in h for h in hidden(out)) and not out.exists()
-    assert cli("convert", src, out).returncode == EXIT_OK
+    assert run_cli("convert", src, out).returncode == EXIT_OK
     assert hidden(out) == []
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert not any(name.startswith(".") for name in manifest["files"])

@@ -4,30 +4,17 @@ Each documented code is reached by at least one real scenario per command where 
 meet that situation; every failure is one line on stderr without a traceback, and ``--debug``
 (or ``GPTQ2XPU_DEBUG=1``) adds the traceback.
 
-Interruptions are real signals: a tiny wrapper process patches one function of the running command
-to send the signal to its own process while the command is working (no sleeps, no races), then
-runs the real CLI entry point.
+Interruptions are real signals: the command runs with one of its functions patched to send the
+signal to its own process while the command is working (no sleeps, no races; ``helpers.run_cli``).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
-from _hostile import (
-    FIXTURE,
-    L1,
-    REPO,
-    SHARD,
-    assert_clean_failure,
-    cli,
-    fixture_copy,
-    leftovers,
-    mutate,
-)
+from _hostile import L1, SHARD, assert_clean_failure, fixture_copy, leftovers, mutate
+from helpers import FIXTURE, run_cli
 
 from gptq2xpu import errors
 from gptq2xpu.errors import (
@@ -40,40 +27,14 @@ from gptq2xpu.errors import (
     EXIT_VERIFY,
 )
 
-SIGNAL_WRAPPER = r"""
-import importlib, os, signal, sys
-target, signame, *argv = sys.argv[1:]
-modname, qual = target.split(":")
-obj = importlib.import_module(modname)
-*owners, attr = qual.split(".")
-for o in owners:
-    obj = getattr(obj, o)
-orig = getattr(obj, attr)
-def hooked(*a, **k):
-    if signame == "RuntimeError":
-        raise RuntimeError("injected bug for the exit-code test")
-    os.kill(os.getpid(), getattr(signal, signame))
-    return orig(*a, **k)
-setattr(obj, attr, hooked)
-from gptq2xpu.cli import main
-main(argv)
-"""
-
-
-def cli_hooked(target: str, what: str, *args) -> subprocess.CompletedProcess:
-    """Run the CLI with ``target`` ("module:Qual.name") patched to send signal ``what`` to itself
-    (or raise an unexpected RuntimeError when ``what == "RuntimeError"``) when first called."""
-    env = dict(os.environ)
-    env.pop("GPTQ2XPU_DEBUG", None)
-    return subprocess.run([sys.executable, "-c", SIGNAL_WRAPPER, target, what, *map(str, args)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+WRITE = "gptq2xpu.write.shards:ShardWriter.write"
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     base = tmp_path_factory.mktemp("codes")
     out = base / "out"
-    proc = cli("convert", FIXTURE, out)
+    proc = run_cli("convert", FIXTURE, out)
     assert proc.returncode == EXIT_OK, proc.stderr
     return out
 
@@ -110,44 +71,45 @@ def test_exit_code_table_is_documented():
 def test_convert_codes(tmp_path, broken):
     out = tmp_path / "out"
     # 2: usage -- a bad --part, an unknown option, a missing argument, an existing OUTPUT
-    assert_clean_failure(cli("convert", FIXTURE, out, "--part", "3/2"), EXIT_USAGE, out, "--part")
-    assert_clean_failure(cli("convert", FIXTURE, out, "--no-such-option"), EXIT_USAGE, out, "--no-such-option")
-    assert_clean_failure(cli("convert", FIXTURE), EXIT_USAGE, None, "output")
-    assert_clean_failure(cli("convert", FIXTURE, out, "--jobs", "0"), EXIT_USAGE, out, "--jobs")
-    assert_clean_failure(cli("convert", FIXTURE, out, "--max-shard-size", "lots"), EXIT_USAGE, out, "--max-shard-size")
+    assert_clean_failure(run_cli("convert", FIXTURE, out, "--part", "3/2"), EXIT_USAGE, out, "--part")
+    assert_clean_failure(run_cli("convert", FIXTURE, out, "--no-such-option"), EXIT_USAGE, out, "--no-such-option")
+    assert_clean_failure(run_cli("convert", FIXTURE), EXIT_USAGE, None, "output")
+    assert_clean_failure(run_cli("convert", FIXTURE, out, "--jobs", "0"), EXIT_USAGE, out, "--jobs")
+    assert_clean_failure(run_cli("convert", FIXTURE, out, "--max-shard-size", "lots"), EXIT_USAGE, out,
+                         "--max-shard-size")
     # 3: bad input
-    assert_clean_failure(cli("convert", broken, out), EXIT_INPUT, out, "non-finite scale")
-    assert_clean_failure(cli("convert", tmp_path / "nope", out), EXIT_INPUT, out, "no such folder")
+    assert_clean_failure(run_cli("convert", broken, out), EXIT_INPUT, out, "non-finite scale")
+    assert_clean_failure(run_cli("convert", tmp_path / "nope", out), EXIT_INPUT, out, "no such folder")
     # 5: I/O error -- OUTPUT's parent is a regular file
     (tmp_path / "file").write_text("")
-    assert_clean_failure(cli("convert", FIXTURE, tmp_path / "file" / "out"), EXIT_IO, tmp_path / "file" / "out")
+    assert_clean_failure(run_cli("convert", FIXTURE, tmp_path / "file" / "out"), EXIT_IO, tmp_path / "file" / "out")
     # 130: SIGINT and SIGTERM while a shard is being written; the partial folder is removed
     for sig in ("SIGINT", "SIGTERM"):
-        proc = cli_hooked("gptq2xpu.write.shards:ShardWriter.write", sig, "convert", FIXTURE, out)
+        proc = run_cli("convert", FIXTURE, out, faults=[(WRITE, sig, 1)])
         assert_clean_failure(proc, EXIT_INTERRUPTED, out, "interrupted", sig)
     # 0, and then 2 because OUTPUT exists
-    assert cli("convert", FIXTURE, out).returncode == EXIT_OK
-    proc = cli("convert", FIXTURE, out)
+    assert run_cli("convert", FIXTURE, out).returncode == EXIT_OK
+    proc = run_cli("convert", FIXTURE, out)
     assert proc.returncode == EXIT_USAGE and "already exists" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_finalize_codes(tmp_path, converted):
-    assert_clean_failure(cli("finalize", tmp_path), EXIT_USAGE, None, "no split conversion")
-    assert_clean_failure(cli("finalize", converted), EXIT_USAGE, None, "already finalized")
+    assert_clean_failure(run_cli("finalize", tmp_path), EXIT_USAGE, None, "no split conversion")
+    assert_clean_failure(run_cli("finalize", converted), EXIT_USAGE, None, "already finalized")
 
 
 # ------------------------------------------------------------------------------ inspect
 
 
 def test_inspect_codes(tmp_path, broken):
-    assert cli("inspect", FIXTURE).returncode == EXIT_OK
-    assert_clean_failure(cli("inspect", FIXTURE, "--tp-size", "0"), EXIT_USAGE, None, "--tp-size")
-    assert_clean_failure(cli("inspect", FIXTURE, "--bogus"), EXIT_USAGE, None, "--bogus")
-    assert_clean_failure(cli("inspect", tmp_path / "nope"), EXIT_INPUT, None, "no such folder")
+    assert run_cli("inspect", FIXTURE).returncode == EXIT_OK
+    assert_clean_failure(run_cli("inspect", FIXTURE, "--tp-size", "0"), EXIT_USAGE, None, "--tp-size")
+    assert_clean_failure(run_cli("inspect", FIXTURE, "--bogus"), EXIT_USAGE, None, "--bogus")
+    assert_clean_failure(run_cli("inspect", tmp_path / "nope"), EXIT_INPUT, None, "no such folder")
     src = fixture_copy(tmp_path / "src")
     (src / SHARD).write_bytes((src / SHARD).read_bytes()[:1000])
-    assert_clean_failure(cli("inspect", src), EXIT_INPUT, None, SHARD)
-    proc = cli_hooked("gptq2xpu.convert:build_plan", "SIGINT", "inspect", FIXTURE)
+    assert_clean_failure(run_cli("inspect", src), EXIT_INPUT, None, SHARD)
+    proc = run_cli("inspect", FIXTURE, faults=[("gptq2xpu.convert:build_plan", "SIGINT", 1)])
     assert_clean_failure(proc, EXIT_INTERRUPTED, None, "interrupted")
 
 
@@ -155,25 +117,25 @@ def test_inspect_codes(tmp_path, broken):
 
 
 def test_verify_codes(tmp_path, converted):
-    assert cli("verify", converted).returncode == EXIT_OK
-    assert_clean_failure(cli("verify", converted, "--backend", "nope"), EXIT_USAGE, None, "--backend")
-    assert_clean_failure(cli("verify", converted, "--tokens", "0"), EXIT_USAGE, None, "--tokens")
-    assert_clean_failure(cli("verify", tmp_path / "nope"), EXIT_INPUT, None, "no such folder")
+    assert run_cli("verify", converted).returncode == EXIT_OK
+    assert_clean_failure(run_cli("verify", converted, "--backend", "nope"), EXIT_USAGE, None, "--backend")
+    assert_clean_failure(run_cli("verify", converted, "--tokens", "0"), EXIT_USAGE, None, "--tokens")
+    assert_clean_failure(run_cli("verify", tmp_path / "nope"), EXIT_INPUT, None, "no such folder")
     # 4: one flipped byte in the data of a converted shard
     bad = tmp_path / "bad"
-    proc = cli("convert", FIXTURE, bad)
+    proc = run_cli("convert", FIXTURE, bad)
     assert proc.returncode == EXIT_OK
     shard = bad / "model.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    proc = cli("verify", bad)
+    proc = run_cli("verify", bad)
     line = assert_clean_failure(proc, EXIT_VERIFY, None, "verification failed", "model.safetensors")
     assert "sha256" in (line + proc.stdout)
     # 130
-    proc = cli_hooked("gptq2xpu.verify.runner:verify", "SIGTERM", "verify", converted)
+    proc = run_cli("verify", converted, faults=[("gptq2xpu.verify.runner:verify", "SIGTERM", 1)])
     assert_clean_failure(proc, EXIT_INTERRUPTED, None, "interrupted", "SIGTERM")
-    proc = cli_hooked("gptq2xpu.verify.runner:verify", "SIGINT", "verify", converted)
+    proc = run_cli("verify", converted, faults=[("gptq2xpu.verify.runner:verify", "SIGINT", 1)])
     assert_clean_failure(proc, EXIT_INTERRUPTED, None, "interrupted", "SIGINT")
 
 
@@ -182,24 +144,25 @@ def test_verify_codes(tmp_path, converted):
 
 def test_unexpected_exception_is_exit_1_one_line(tmp_path):
     out = tmp_path / "out"
-    proc = cli_hooked("gptq2xpu.write.shards:ShardWriter.write", "RuntimeError", "convert", FIXTURE, out)
+    proc = run_cli("convert", FIXTURE, out, faults=[(WRITE, "raise", 1)])
     line = assert_clean_failure(proc, EXIT_INTERNAL, out, "internal error", "RuntimeError", "--debug")
     assert "injected bug" in line
-    proc = cli_hooked("gptq2xpu.write.shards:ShardWriter.write", "RuntimeError", "--debug", "convert", FIXTURE, out)
+    proc = run_cli("--debug", "convert", FIXTURE, out, faults=[(WRITE, "raise", 1)])
     assert proc.returncode == EXIT_INTERNAL and "Traceback" in proc.stderr
     assert not out.exists() and leftovers(out) == []
 
 
 def test_debug_shows_traceback_for_expected_failures(tmp_path, broken):
     out = tmp_path / "out"
-    plain = cli("convert", broken, out)
+    plain = run_cli("convert", broken, out)
     assert plain.returncode == EXIT_INPUT and "Traceback" not in plain.stderr
-    for dbg in (cli("--debug", "convert", broken, out), cli("convert", broken, out, env={"GPTQ2XPU_DEBUG": "1"})):
+    for dbg in (run_cli("--debug", "convert", broken, out),
+                run_cli("convert", broken, out, env={"GPTQ2XPU_DEBUG": "1"})):
         assert dbg.returncode == EXIT_INPUT
         assert "Traceback (most recent call last)" in dbg.stderr and "InputError" in dbg.stderr
         # the one-line message still ends the output
         assert dbg.stderr.strip().splitlines()[-1] == plain.stderr.strip()
     # usage errors too
-    dbg = cli("--debug", "convert", FIXTURE, out, "--part", "9/2")
+    dbg = run_cli("--debug", "convert", FIXTURE, out, "--part", "9/2")
     assert dbg.returncode == EXIT_USAGE and "Traceback" in dbg.stderr
     assert not out.exists() and leftovers(out) == []

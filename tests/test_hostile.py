@@ -25,22 +25,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _hostile import (
-    FIXTURE,
     L0,
     L1,
     SHARD,
     assert_clean_failure,
-    cli,
     edit_config,
     fixture_copy,
     leftovers,
-    load_tensors,
     mutate,
-    raw_header,
     split_into_index,
     tree_hashes,
-    write_raw,
 )
+from helpers import FIXTURE, load_tensors, raw_header, run_cli, write_raw
 
 INDEX = "model.safetensors.index.json"
 
@@ -274,7 +270,7 @@ def test_convert_refuses_cleanly(tmp_path, mutation, code, words):
     mutation(src)
     before = tree_hashes(tmp_path)  # the source and everything beside it (e.g. a symlink target)
     out = tmp_path / "out"
-    proc = cli("convert", src, out)
+    proc = run_cli("convert", src, out)
     assert_clean_failure(proc, code, out, *words)
     after = tree_hashes(tmp_path)
     assert after == before, "source files were modified (or something was left beside OUTPUT)"
@@ -291,7 +287,7 @@ def test_inspect_reports_cleanly(tmp_path, mutation, words):
     src = fixture_copy(tmp_path / "src")
     mutation(src)
     before = tree_hashes(src)
-    proc = cli("inspect", src, "--json")
+    proc = run_cli("inspect", src, "--json")
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
     doc = json.loads(proc.stdout)  # --json: one object whatever the outcome
@@ -310,7 +306,7 @@ def test_inspect_reports_cleanly(tmp_path, mutation, words):
 def test_output_equal_to_source(tmp_path):
     src = fixture_copy(tmp_path / "src")
     before = tree_hashes(src)
-    proc = cli("convert", src, src)
+    proc = run_cli("convert", src, src)
     assert_clean_failure(proc, 2, None, "source folder")
     assert tree_hashes(src) == before
     assert leftovers(src) == []
@@ -320,7 +316,7 @@ def test_output_inside_source(tmp_path):
     src = fixture_copy(tmp_path / "src")
     before = tree_hashes(src)
     out = src / "converted"
-    proc = cli("convert", src, out)
+    proc = run_cli("convert", src, out)
     assert_clean_failure(proc, 2, out, "inside")
     assert tree_hashes(src) == before
 
@@ -330,7 +326,7 @@ def test_output_is_symlink_to_source(tmp_path):
     before = tree_hashes(src)
     link = tmp_path / "out"
     link.symlink_to(src)
-    proc = cli("convert", src, link, "--overwrite")
+    proc = run_cli("convert", src, link, "--overwrite")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert tree_hashes(src) == before
 
@@ -340,7 +336,7 @@ def test_output_exists_without_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    proc = cli("convert", src, out)
+    proc = run_cli("convert", src, out)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -348,7 +344,7 @@ def test_output_exists_without_overwrite(tmp_path):
     assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
     assert leftovers(out) == []
     # --overwrite does not replace a folder that is not a converted checkpoint either
-    proc = cli("convert", src, out, "--overwrite")
+    proc = run_cli("convert", src, out, "--overwrite")
     assert proc.returncode == 2 and "not a gptq2xpu output" in proc.stderr and "precious.txt" in proc.stderr
     assert (out / "precious.txt").read_text() == "keep me"
 
@@ -356,24 +352,24 @@ def test_output_exists_without_overwrite(tmp_path):
 def test_overwrite_replaces_only_when_complete(tmp_path):
     src = fixture_copy(tmp_path / "src", side_files=True)
     out = tmp_path / "out"
-    assert cli("convert", src, out).returncode == 0
+    assert run_cli("convert", src, out).returncode == 0
     first = tree_hashes(out)
 
     # a failing run with --overwrite leaves the old OUTPUT exactly as it was
     bad = fixture_copy(tmp_path / "bad")
     mutate(bad, _nan_scale)
-    proc = cli("convert", bad, out, "--overwrite")
+    proc = run_cli("convert", bad, out, "--overwrite")
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     assert tree_hashes(out) == first
     assert leftovers(out) == []
 
     # a complete run replaces it, atomically: nothing hidden remains
-    proc = cli("convert", src, out, "--overwrite", "--scale-dtype", "bfloat16")
+    proc = run_cli("convert", src, out, "--overwrite", "--scale-dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr
     assert tree_hashes(out) != first
     assert json.loads((out / "config.json").read_text())["gptq2xpu"]["scale_dtype"] == "bfloat16"
     assert leftovers(out) == []
-    v = cli("verify", out)
+    v = run_cli("verify", out)
     assert v.returncode == 0, v.stdout + v.stderr
 
 
@@ -381,7 +377,7 @@ def test_output_parent_is_a_file(tmp_path):
     src = fixture_copy(tmp_path / "src")
     (tmp_path / "afile").write_text("x")
     out = tmp_path / "afile" / "out"
-    proc = cli("convert", src, out)
+    proc = run_cli("convert", src, out)
     assert_clean_failure(proc, 5, out, "cannot create", str(tmp_path / "afile"))
     assert (tmp_path / "afile").read_text() == "x"
 
@@ -399,13 +395,13 @@ def test_all_zero_scale_group_warns_and_converts(tmp_path):
 
     mutate(src, zero_group)
     out = tmp_path / "out"
-    proc = cli("convert", src, out, "--json")
+    proc = run_cli("convert", src, out, "--json")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     warnings = json.loads(proc.stdout)["warnings"]
     assert len(warnings) == 1, warnings
     assert f"{L1}.experts.7.up_proj.scales" in warnings[0] and "256 scale(s) are exactly zero" in warnings[0]
-    assert cli("verify", out).returncode == 0
+    assert run_cli("verify", out).returncode == 0
 
 
 def test_negative_scales_are_not_warned_about(tmp_path):
@@ -416,11 +412,11 @@ def test_negative_scales_are_not_warned_about(tmp_path):
     assert 0.3 < (scales < 0).mean() < 0.7, "the fixture is expected to hold ~half negative scales"
     src = fixture_copy(tmp_path / "src")
     out = tmp_path / "out"
-    proc = cli("convert", src, out, "--json")
+    proc = run_cli("convert", src, out, "--json")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == ""
     assert json.loads(proc.stdout)["warnings"] == []
-    ins = cli("inspect", src, "--json")
+    ins = run_cli("inspect", src, "--json")
     assert ins.returncode == 0 and json.loads(ins.stdout)["warnings"] == []
 
 
@@ -437,7 +433,7 @@ def test_pickle_only_folder_is_refused_without_unpickling(tmp_path):
     write_pickle_trap(src, marker)
     before = tree_hashes(src)
     for cmd in (["convert", src, tmp_path / "out"], ["inspect", src]):
-        proc = cli(*cmd)
+        proc = run_cli(*cmd)
         assert_clean_failure(proc, 3, tmp_path / "out", "pickle", "pytorch_model.bin")
     assert not marker.exists(), "a pickle was loaded"
     assert tree_hashes(src) == before
@@ -445,7 +441,7 @@ def test_pickle_only_folder_is_refused_without_unpickling(tmp_path):
     # safetensors next to a pickle: the pickle is ignored (and not copied as a side file)
     fixture_copy(src)
     out = tmp_path / "out"
-    assert cli("convert", src, out).returncode == 0
+    assert run_cli("convert", src, out).returncode == 0
     assert not marker.exists()
     assert not (out / "pytorch_model.bin").exists()
 

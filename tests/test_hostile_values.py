@@ -10,7 +10,8 @@ import shutil
 
 import numpy as np
 import pytest
-from _hostile import L0, cli, edit_config, fixture_copy, mutate
+from _hostile import L0, edit_config, fixture_copy, mutate
+from helpers import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,14 +36,14 @@ def one_error_line(proc):
 def test_odd_routing_values_are_bad_input(tmp_path, key, value):
     src = fixture_copy(tmp_path / "src")
     edit_config(src, lambda c: c.__setitem__(key, value))
-    proc = cli("inspect", src)
+    proc = run_cli("inspect", src)
     assert proc.returncode == EXIT_INPUT and key in one_error_line(proc)
 
 
 def test_string_routed_scaling_factor_is_bad_input(tmp_path):
     src = fixture_copy(tmp_path / "src")
     edit_config(src, lambda c: c.update(model_type="deepseek_v3", routed_scaling_factor="2.5"))
-    proc = cli("inspect", src)
+    proc = run_cli("inspect", src)
     assert proc.returncode == EXIT_INPUT and "routed_scaling_factor" in one_error_line(proc)
 
 
@@ -50,7 +51,7 @@ def test_lone_surrogate_in_a_config_string_is_bad_input(tmp_path):
     src = fixture_copy(tmp_path / "src")
     text = (src / "config.json").read_text()
     (src / "config.json").write_text(text.replace('"model_type"', '"note": "\\ud800", "model_type"', 1))
-    proc = cli("convert", src, tmp_path / "out")
+    proc = run_cli("convert", src, tmp_path / "out")
     assert proc.returncode == EXIT_INPUT and "config.json" in one_error_line(proc)
     assert not (tmp_path / "out").exists()
 
@@ -63,9 +64,9 @@ def test_tensor_name_with_a_huge_number_passes_through(tmp_path):
     name = "model.extra." + "9" * 5000 + ".weight"
     mutate(src, lambda t: t.__setitem__(name, ("F32", np.arange(4, dtype=np.float32))))
     out = tmp_path / "out"
-    proc = cli("convert", src, out)
+    proc = run_cli("convert", src, out)
     assert proc.returncode == EXIT_OK, proc.stderr
-    assert cli("verify", out, "--source", src, "--no-numeric").returncode == EXIT_OK
+    assert run_cli("verify", out, "--source", src, "--no-numeric").returncode == EXIT_OK
 
 
 def test_expert_numbered_beyond_any_model_is_refused_without_allocating(tmp_path):
@@ -77,14 +78,14 @@ def test_expert_numbered_beyond_any_model_is_refused_without_allocating(tmp_path
             t[f"{L0}.experts.99999999999.gate_proj.{field}"] = (dtype, arr.copy())
 
     mutate(src, add)
-    proc = cli("inspect", src, timeout=60)
+    proc = run_cli("inspect", src, timeout=60)
     assert proc.returncode == EXIT_INPUT and "out of range" in one_error_line(proc)
 
 
 @pytest.mark.parametrize("part", ["1/10000000000", "3/2", "0/4", "1/" + "9" * 5000])
 def test_absurd_part_counts_are_usage_errors(tmp_path, part):
     src = fixture_copy(tmp_path / "src")
-    proc = cli("convert", src, tmp_path / "out", "--part", part, timeout=60)
+    proc = run_cli("convert", src, tmp_path / "out", "--part", part, timeout=60)
     assert proc.returncode == EXIT_USAGE and "--part" in one_error_line(proc)
     assert not (tmp_path / "out").exists()
 
@@ -106,10 +107,10 @@ def test_float16_cast_that_overflows_is_refused_naming_the_tensor(tmp_path):
                     t[key] = ("F32", t[key][1].astype(np.float32))
 
     mutate(src, big)
-    proc = cli("convert", src, tmp_path / "out", "--scale-dtype", "float16")
+    proc = run_cli("convert", src, tmp_path / "out", "--scale-dtype", "float16")
     assert proc.returncode == EXIT_INPUT and name in one_error_line(proc) and "F16" in proc.stderr
     assert not (tmp_path / "out").exists()
-    proc = cli("convert", src, tmp_path / "out2", "--scale-dtype", "bfloat16")
+    proc = run_cli("convert", src, tmp_path / "out2", "--scale-dtype", "bfloat16")
     assert proc.returncode == EXIT_INPUT and "model.layers.1" in proc.stderr or proc.returncode == EXIT_OK
 
 
@@ -121,7 +122,7 @@ def converted(tmp_path_factory):
     base = tmp_path_factory.mktemp("block")
     src = fixture_copy(base / "src")
     out = base / "out"
-    assert cli("convert", src, out).returncode == EXIT_OK
+    assert run_cli("convert", src, out).returncode == EXIT_OK
     return src, out, json.loads((out / "config.json").read_text())
 
 
@@ -187,19 +188,19 @@ def test_a_broken_block_fails_verify_finalize_and_the_loader_cleanly(converted, 
     edit(doc[CONFIG_BLOCK])
     (bad / "config.json").write_text(json.dumps(doc))
     for args in (("verify", bad), ("verify", bad, "--source", src, "--no-numeric")):
-        proc = cli(*args)
+        proc = run_cli(*args)
         assert proc.returncode == EXIT_VERIFY, proc.stdout + proc.stderr
         assert "config block" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(InputError):
         open_converted(bad)
     # finalize reads the config it writes from the part plan: a tampered one is refused
     split = tmp_path / "split"
-    assert cli("convert", src, split, "--part", "1/1").returncode == EXIT_OK
+    assert run_cli("convert", src, split, "--part", "1/1").returncode == EXIT_OK
     plan = split / ".gptq2xpu-parts" / "plan.json"
     pdoc = json.loads(plan.read_text())
     pcfg = json.loads(pdoc["config"])
     edit(pcfg[CONFIG_BLOCK])
     pdoc["config"] = json.dumps(pcfg)
     plan.write_text(json.dumps(pdoc))
-    proc = cli("finalize", split)
+    proc = run_cli("finalize", split)
     assert proc.returncode == EXIT_INPUT and "plan.json" in one_error_line(proc)

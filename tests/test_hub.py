@@ -11,10 +11,8 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
-from conftest import FIXTURE
+from helpers import FIXTURE, run_cli
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -36,11 +34,10 @@ def make_cache(cache, repo="acme/tiny-moe-gptq", src=FIXTURE, revision_ref="main
     return snap
 
 
-def run(args, cache, **env):
-    e = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache.parent / "hfhome"),
-         **env}
-    return subprocess.run([sys.executable, "-m", "gptq2xpu", *map(str, args)], capture_output=True, text=True, env=e,
-                          timeout=120)
+def run(args, cache):
+    """The CLI in a fresh interpreter: huggingface_hub reads these variables at import."""
+    return run_cli(*args, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+                               "HF_HOME": str(cache.parent / "hfhome")})
 
 
 def test_convert_from_repo_id_via_offline_cache(tmp_path):

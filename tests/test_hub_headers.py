@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from _hubserver import FakeHub
+from helpers import REPO
 
 from gptq2xpu.cli.output import ENVELOPE_KEYS
 from gptq2xpu.convert import make_plan
@@ -28,7 +29,6 @@ from gptq2xpu.read.remote import open_hub_headers
 from gptq2xpu.safetensors_io import MAX_HEADER_BYTES, read_header
 
 REPO_ID = "acme/moe-gptq"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +324,7 @@ def test_cli_subprocess_honours_hf_endpoint_and_keeps_torch_away(folder, tmp_pat
         hub.add_folder(REPO_ID, folder)
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache"),
                "HF_HOME": str(tmp_path / "home"),
-               "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+               "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         env.pop("HF_HUB_OFFLINE", None)
         r = subprocess.run([sys.executable, "-c", script, "inspect", REPO_ID, "--json"], capture_output=True,
                            text=True, env=env, timeout=120)

@@ -22,18 +22,10 @@ import time
 from pathlib import Path
 
 import pytest
-from _hostile import (
-    REPO,
-    SHARD,
-    assert_clean_failure,
-    cli,
-    fixture_copy,
-    leftovers,
-    tree_hashes,
-)
+from _hostile import SHARD, assert_clean_failure, fixture_copy, leftovers, tree_hashes
+from helpers import REPO, run_cli
 
-STAGE_TAG = ".gptq2xpu-partial-"
-
+from gptq2xpu.write.output import STAGE_TAG
 
 # ------------------------------------------------------------------------------ a slow-enough source
 
@@ -77,7 +69,7 @@ def wait_mid_write(proc: subprocess.Popen, out: Path, timeout: float = 60) -> Pa
 
 
 def check_output_manifest(out: Path) -> dict:
-    v = cli("verify", out)
+    v = run_cli("verify", out)
     assert v.returncode == 0, v.stdout + v.stderr
     return tree_hashes(out)
 
@@ -95,7 +87,7 @@ def test_sigkill_mid_run_then_clean_rerun(big_source, tmp_path):
     assert not out.exists(), "a killed run must leave no OUTPUT"
     assert stage.is_dir(), "expected the killed run's hidden partial folder (nothing else could remove it)"
 
-    rerun = cli("convert", big_source, out, "--jobs", "2")
+    rerun = run_cli("convert", big_source, out, "--jobs", "2")
     assert rerun.returncode == 0, rerun.stderr
     assert "Traceback" not in rerun.stderr
     assert not stage.exists(), "the stale partial folder of the killed run was not removed"
@@ -105,7 +97,7 @@ def test_sigkill_mid_run_then_clean_rerun(big_source, tmp_path):
 
 def test_sigkill_during_overwrite_keeps_old_output(big_source, tmp_path):
     out = tmp_path / "out"
-    first = cli("convert", fixture_copy(tmp_path / "small"), out)  # an existing converted OUTPUT
+    first = run_cli("convert", fixture_copy(tmp_path / "small"), out)  # an existing converted OUTPUT
     assert first.returncode == 0, first.stderr
     before = tree_hashes(out)
 
@@ -169,12 +161,12 @@ def test_disk_full_enospc(tmp_path):
     before = tree_hashes(src)
     with tmpfs(tmp_path / "small", "size=3m") as small:
         out = small / "out"
-        ok = cli("convert", src, out)
+        ok = run_cli("convert", src, out)
         assert ok.returncode == 0, ok.stderr
         kept = tree_hashes(out)
 
         # --overwrite on a full disk: I/O error, the previous OUTPUT untouched, nothing left behind
-        proc = cli("convert", src, out, "--overwrite", "--scale-dtype", "bfloat16")
+        proc = run_cli("convert", src, out, "--overwrite", "--scale-dtype", "bfloat16")
         assert proc.returncode == 5, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert "no space left on device" in proc.stderr
@@ -182,7 +174,7 @@ def test_disk_full_enospc(tmp_path):
 
         # a fresh OUTPUT on the full disk: nothing at OUTPUT, no partial folder
         out2 = small / "out2"
-        proc = cli("convert", src, out2)
+        proc = run_cli("convert", src, out2)
         assert_clean_failure(proc, 5, out2, "no space left on device", str(small))
         assert sorted(p.name for p in small.iterdir()) == ["out"]
     assert tree_hashes(src) == before
@@ -197,7 +189,7 @@ def test_read_only_output_parent(tmp_path):
         ro.chmod(0o555)
         try:
             out = ro / "out"
-            proc = cli("convert", src, out)
+            proc = run_cli("convert", src, out)
             assert_clean_failure(proc, 5, out, "permission denied")
         finally:
             ro.chmod(0o755)
@@ -205,19 +197,19 @@ def test_read_only_output_parent(tmp_path):
     # root ignores permission bits: use a read-only tmpfs, and remount a used one read-only
     with tmpfs(ro, "size=8m") as mnt:
         out = mnt / "out"
-        assert cli("convert", src, out).returncode == 0
+        assert run_cli("convert", src, out).returncode == 0
         kept = tree_hashes(out)
         r = subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True, text=True)
         if r.returncode != 0:
             pytest.skip(f"cannot remount read-only: {r.stderr.strip()}")
-        proc = cli("convert", src, mnt / "new")
+        proc = run_cli("convert", src, mnt / "new")
         assert_clean_failure(proc, 5, mnt / "new", "read-only file system")
-        proc = cli("convert", src, out, "--overwrite")
+        proc = run_cli("convert", src, out, "--overwrite")
         assert proc.returncode == 5 and "read-only file system" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
         assert tree_hashes(out) == kept
         # a missing parent on a read-only file system cannot be created either
-        proc = cli("convert", src, mnt / "a" / "b" / "out")
+        proc = run_cli("convert", src, mnt / "a" / "b" / "out")
         assert_clean_failure(proc, 5, mnt / "a" / "b" / "out", "read-only file system")
     assert tree_hashes(src) == before
 

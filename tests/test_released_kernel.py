@@ -10,30 +10,27 @@ release's ``apply`` and is compared with the reference MoE. No Intel XPU exists 
 
 from __future__ import annotations
 
-import json
 import sys
 import types
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from _planting import convert, read_tensor, shard_of, verify_json
+from _planting import convert, reference_moe, router_weight, verify_json
 from _released_kernel import implement_zp_all, readme_block
+from helpers import REPO
 
 from gptq2xpu.errors import UsageError
 from gptq2xpu.load import make_xpu_fused_moe, open_converted
 from gptq2xpu.testing.synth import make_checkpoint
 from gptq2xpu.verify import xpu_kernels
-from gptq2xpu.verify.reference import compare, moe_forward, route
-from gptq2xpu.verify.unpack import xpu_dequant
+from gptq2xpu.verify.reference import compare, route
 from gptq2xpu.xpu_handover import build_fused_moe
 
 K, N, E, G, TOP_K = 128, 192, 4, 64, 2
 PREFIXES = ("model.layers.0.mlp", "model.layers.1.mlp")
 SPEC = dict(family="qwen3_moe", hidden=K, moe_intermediate=N, num_experts=E, top_k=TOP_K, group_size=G,
             num_layers=2, attention=False, vocab=32)
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +46,6 @@ def conv(tmp_path_factory):
 
 def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
-
-
-def _reference(out: Path, prefix: str, x: torch.Tensor) -> torch.Tensor:
-    """The MoE from the full converted tensors read straight from the shards (not through the
-    loader), scales in x's dtype, routed with the layer's router."""
-    enc = json.loads((out / "config.json").read_text())["gptq2xpu"]["nibble_encoding"]
-    t = {w: torch.from_numpy(read_tensor(shard_of(out, f"{prefix}.experts.{w}"), f"{prefix}.experts.{w}"))
-         for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales")}
-    w13 = xpu_dequant(t["w13_qweight"], t["w13_scales"].to(x.dtype), enc)
-    w2 = xpu_dequant(t["w2_qweight"], t["w2_scales"].to(x.dtype), enc)
-    gate = f"{prefix}.gate.weight"
-    router = torch.from_numpy(read_tensor(shard_of(out, gate), gate).astype(np.uint32) << 16).view(torch.float32)
-    tw, ti = route(x, router, TOP_K)
-    return moe_forward(x.float(), w13, w2, tw, ti)
 
 
 def _x(dtype=torch.bfloat16, tokens=16, seed=1) -> torch.Tensor:
@@ -136,7 +119,7 @@ def test_readme_example_runs_against_the_release(conv, released_kernel, which):
     assert gemms[0]["B_ptr"] == moe[PREFIXES[1]].w13.data_ptr() and gemms[0]["scales"] is not None
     y = env["out"]
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
-    want = _reference(out, PREFIXES[1], x)
+    want = reference_moe(out, PREFIXES[1], x, TOP_K)
     assert compare(y.float(), want)["rel"] < 8e-3
     env["ckpt"].close()
 
@@ -153,9 +136,7 @@ def test_run_xpu_fused_moe_through_the_release(conv, released_kernel, monkeypatc
         lw = ck.layer(PREFIXES[0], dtype=dtype)                      # as stored
     kept = [t.clone() for t in (lw.w13, lw.w2)]
     x = _x(dtype, seed=5)
-    router = torch.from_numpy(read_tensor(shard_of(out, f"{PREFIXES[0]}.gate.weight"), f"{PREFIXES[0]}.gate.weight")
-                              .astype(np.uint32) << 16).view(torch.float32)
-    tw, ti = route(x, router, TOP_K)
+    tw, ti = route(x, router_weight(out, PREFIXES[0]), TOP_K)
     y = xpu_kernels.run_xpu_fused_moe(x, lw.w13, lw.w13_scales, lw.w2, lw.w2_scales, tw, ti, None, top_k=TOP_K,
                                       renormalize=True, encoding=encoding)
     assert released_kernel.zp_calls == (2 * E if encoding == "u4b8" else 0)
@@ -164,7 +145,8 @@ def test_run_xpu_fused_moe_through_the_release(conv, released_kernel, monkeypatc
     if encoding == "s4":
         assert released_kernel.ops.gemm_calls[0]["B_ptr"] == lw.w13.data_ptr()
     assert torch.equal(lw.w13, kept[0]) and torch.equal(lw.w2, kept[1]) and lw.w13.dtype == torch.uint8
-    assert compare(y.float(), _reference(out, PREFIXES[0], x))["rel"] < (2e-3 if dtype == torch.float16 else 8e-3)
+    bound = 2e-3 if dtype == torch.float16 else 8e-3
+    assert compare(y.float(), reference_moe(out, PREFIXES[0], x, TOP_K))["rel"] < bound
 
 
 @pytest.mark.parametrize("encoding", ["u4b8", "s4"])

@@ -12,7 +12,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from _hostile import FIXTURE, assert_clean_failure, cli, write_raw
+from _hostile import assert_clean_failure
+from helpers import FIXTURE, run_cli, write_raw
 
 from gptq2xpu import safetensors_io
 from gptq2xpu.errors import InputError
@@ -61,7 +62,7 @@ def test_header_filled_to_the_cap_with_empty_tensors_is_refused_cheaply(tmp_path
     count = (MAX_HEADER_BYTES - 64) // 60  # entries of at most 60 bytes: ~1.75 M
     n = _empty_tensors_header(src / "model.safetensors", count, fill_to=MAX_HEADER_BYTES - 8)
     assert count > MAX_TENSORS and n <= MAX_HEADER_BYTES
-    proc = cli("inspect", src, timeout=300)  # the timeout only guards against a hang
+    proc = run_cli("inspect", src, timeout=300)  # the timeout only guards against a hang
     line = assert_clean_failure(proc, 3, None, "model.safetensors", f"more than {MAX_TENSORS} tensors")
     assert "Traceback" not in proc.stderr, line
 

@@ -1,42 +1,29 @@
-"""Tests of the synthetic checkpoint writer (gptq2xpu.testing.synth): the packer, the layouts per family and
-per messy case, determinism and the pickle trap.  Files are read back with a tiny independent
-safetensors reader and unpacker written here, not with package code."""
+"""Tests of the synthetic checkpoint writer (gptq2xpu.testing.synth): the packer, the layouts per family
+and per messy case, determinism and the pickle trap.  Files are read back with the tests' own
+safetensors reader (``helpers``) and an unpacker written here, not with package code."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_tensors
 
 from gptq2xpu.testing import synth as S
 from gptq2xpu.testing.synth import FAMILIES
 
-NP = {"I32": "<i4", "I64": "<i8", "F16": "<f2", "F32": "<f4", "BF16": "<u2", "U8": "u1"}
-
-
-# ------------------------------------------------------------------ independent reader / unpacker
+# ------------------------------------------------------------------ reader / independent unpacker
 
 
 def read_st(path) -> dict[str, tuple[str, list[int], np.ndarray]]:
-    """name -> (dtype, shape, array) straight from the bytes (BF16 as uint16)."""
-    raw = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    out = {}
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        b, end = e["data_offsets"]
-        arr = np.frombuffer(raw[8 + n + b : 8 + n + end], dtype=NP[e["dtype"]]).reshape(e["shape"])
-        out[name] = (e["dtype"], e["shape"], arr)
-    return out
+    """name -> (dtype, shape, array) in file order (BF16 as uint16)."""
+    return {name: (dtype, list(arr.shape), arr) for name, (dtype, arr) in load_tensors(path).items()}
 
 
 def read_all(info) -> dict:

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+from helpers import REPO
+
+PYPROJECT = REPO / "pyproject.toml"
 
 SAMPLE = '''
 import os

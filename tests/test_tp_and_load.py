@@ -23,16 +23,17 @@ import numpy as np
 import pytest
 import torch
 from _planting import (
-    cli,
     convert,
     copy_output,
     failed_checks,
+    output_tensor,
     patch_tensor,
-    read_tensor,
+    reference_moe,
     reseal,
-    shard_of,
+    router_weight,
     verify_json,
 )
+from helpers import cli, read_tensor
 
 from gptq2xpu.errors import EXIT_VERIFY, InputError, UsageError
 from gptq2xpu.load import make_xpu_fused_moe, open_converted
@@ -69,8 +70,7 @@ def tp(tmp_path_factory):
 
 def full(out: Path, prefix: str, what: str) -> np.ndarray:
     """A converted tensor read straight from its shard (not through the loader)."""
-    name = f"{prefix}.experts.{what}"
-    return read_tensor(shard_of(out, name), name)
+    return output_tensor(out, f"{prefix}.experts.{what}")
 
 
 def block(out: Path) -> dict:
@@ -186,9 +186,7 @@ def test_padding_adds_exactly_nothing(tp):
         g13 = torch.from_numpy(np.concatenate([layer.dequant("gate"), layer.dequant("up")], axis=1))
         g2 = torch.from_numpy(layer.dequant("down"))
         assert torch.equal(torch.cat([c13[:, :N], c13[:, 256:256 + N]], 1), g13) and torch.equal(c2[:, :, :N], g2)
-        router = torch.from_numpy(read_tensor(shard_of(out, f"{prefix}.gate.weight"), f"{prefix}.gate.weight")
-                                  .astype(np.uint32) << 16).view(torch.float32)
-        tw, ti = route(x, router, 2)
+        tw, ti = route(x, router_weight(out, prefix), 2)
         want = moe_forward(x, g13, g2, tw, ti)
         got = moe_forward(x, c13, c2, tw, ti)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
@@ -392,18 +390,6 @@ def test_loader_refuses_headers_the_block_does_not_describe(tp, tmp_path):
 # ----------------------------------------------------------------------------- through the released kernel
 
 
-def _reference(out: Path, prefix: str, x: torch.Tensor) -> torch.Tensor:
-    """The MoE from the full tensors read straight from the shards, scales in x's dtype."""
-    enc = block(out)["nibble_encoding"]
-    t = [torch.from_numpy(full(out, prefix, w)) for w in WHAT]
-    w13 = xpu_dequant(t[0], t[1].to(x.dtype), enc)
-    w2 = xpu_dequant(t[2], t[3].to(x.dtype), enc)
-    router = torch.from_numpy(read_tensor(shard_of(out, f"{prefix}.gate.weight"), f"{prefix}.gate.weight")
-                              .astype(np.uint32) << 16).view(torch.float32)
-    tw, ti = route(x, router, 2)
-    return moe_forward(x.float(), w13, w2, tw, ti)
-
-
 @pytest.mark.parametrize("which,t,signed", [("t2", 2, True), ("t4", 4, None), ("t4n", 4, False), ("t1", 3, True)])
 def test_ranks_through_released_kernel_sum_to_full_layer(tp, released_kernel, which, t, signed):
     """One XpuFusedMoe per rank, each built from that rank's loader slice: the partial outputs sum
@@ -426,5 +412,5 @@ def test_ranks_through_released_kernel_sum_to_full_layer(tp, released_kernel, wh
             moe.apply(output=part, hidden_states=x, topk_weights=tw, topk_ids=ti)
             total += part.float()
     assert released_kernel.zp_calls == converted
-    full_out = _reference(out, PREFIXES[0], x)
+    full_out = reference_moe(out, PREFIXES[0], x, 2)
     torch.testing.assert_close(total, full_out, rtol=2e-3, atol=2e-4)

@@ -8,7 +8,8 @@ import os
 import shutil
 
 import pytest
-from _hostile import cli, fixture_copy, split_into_index, tree_hashes
+from _hostile import fixture_copy, split_into_index, tree_hashes
+from helpers import run_cli
 
 from gptq2xpu.contract import MANIFEST_NAME
 from gptq2xpu.errors import EXIT_INPUT, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, InputError
@@ -22,7 +23,7 @@ def converted(tmp_path_factory):
     base = tmp_path_factory.mktemp("paths")
     src = fixture_copy(base / "src", side_files=True)
     out = base / "out"
-    assert cli("convert", src, out, "--tp-size", "2", "--emit-ranks").returncode == EXIT_OK
+    assert run_cli("convert", src, out, "--tp-size", "2", "--emit-ranks").returncode == EXIT_OK
     return src, out
 
 
@@ -57,7 +58,7 @@ def test_source_quant_config_linked_outside_is_refused(tmp_path, secret, name):
     (src / "config.json").write_text(json.dumps(cfg))
     secret.write_text(json.dumps(qc))
     (src / name).symlink_to(secret)
-    proc = cli("inspect", src)
+    proc = run_cli("inspect", src)
     assert proc.returncode == EXIT_INPUT and name in one_error_line(proc) and "outside" in proc.stderr
 
 
@@ -68,7 +69,7 @@ def test_source_index_linked_outside_is_refused(tmp_path, secret):
     secret.write_text(index.read_text())
     index.unlink()
     index.symlink_to(secret)
-    proc = cli("inspect", src)
+    proc = run_cli("inspect", src)
     assert proc.returncode == EXIT_INPUT and "model.safetensors.index.json" in one_error_line(proc)
 
 
@@ -82,7 +83,7 @@ def test_source_config_that_is_not_a_file_is_an_error_not_an_absence(tmp_path, w
         (src / "config.json").symlink_to("/dev/zero")
     else:
         (src / "config.json").mkdir()
-    proc = cli("inspect", src, timeout=60)  # a FIFO must not block the open
+    proc = run_cli("inspect", src, timeout=60)  # a FIFO must not block the open
     line = one_error_line(proc)
     assert proc.returncode == EXIT_INPUT and "config.json" in line
 
@@ -93,11 +94,11 @@ def test_side_file_fifo_and_bad_names_are_not_copied(tmp_path):
     (src / "notes:v1.txt").write_text("x")
     (src / "a\\b.md").write_text("x")
     out = tmp_path / "out"
-    proc = cli("convert", src, out, timeout=60)
+    proc = run_cli("convert", src, out, timeout=60)
     assert proc.returncode == EXIT_OK, proc.stderr
     assert "notes:v1.txt" in proc.stderr and "tokenizer.model" in proc.stderr  # warned about
     assert not any(p.name in ("tokenizer.model", "notes:v1.txt", "a\\b.md") for p in out.iterdir())
-    assert cli("verify", out).returncode == EXIT_OK  # the conversion passes its own verification
+    assert run_cli("verify", out).returncode == EXIT_OK  # the conversion passes its own verification
 
 
 # ------------------------------------------------------------------------------ OUTPUT
@@ -109,12 +110,12 @@ def test_split_output_with_planted_links_is_refused(tmp_path, secret):
     out.mkdir()
     (out / ".gptq2xpu-parts").symlink_to(secret.parent)
     before = tree_hashes(secret.parent)
-    proc = cli("convert", src, out, "--part", "1/1")
+    proc = run_cli("convert", src, out, "--part", "1/1")
     assert proc.returncode == EXIT_USAGE and ".gptq2xpu-parts" in one_error_line(proc)
     assert tree_hashes(secret.parent) == before
     (out / ".gptq2xpu-parts").unlink()
     (out / f".model.safetensors.tmp-{os.getpid()}-x").symlink_to(secret)
-    proc = cli("convert", src, out, "--part", "1/1")
+    proc = run_cli("convert", src, out, "--part", "1/1")
     assert proc.returncode == EXIT_USAGE
     assert secret.read_text() == SECRET
 
@@ -122,14 +123,14 @@ def test_split_output_with_planted_links_is_refused(tmp_path, secret):
 def test_finalize_refuses_records_naming_paths_outside(tmp_path):
     src = fixture_copy(tmp_path / "src")
     out = tmp_path / "shared"
-    assert cli("convert", src, out, "--part", "1/1").returncode == EXIT_OK
+    assert run_cli("convert", src, out, "--part", "1/1").returncode == EXIT_OK
     rec = out / ".gptq2xpu-parts" / "part-1-of-1.json"
     good = rec.read_text()
     for evil in ("../escape.txt", "/etc/passwd", "sub/../../x"):
         doc = json.loads(good)
         doc["files"][evil] = {"sha256": "0" * 64, "size": 1}
         rec.write_text(json.dumps(doc))
-        proc = cli("finalize", out)
+        proc = run_cli("finalize", out)
         assert proc.returncode == EXIT_INPUT and "part-1-of-1.json" in one_error_line(proc), proc.stderr
         assert not (out / MANIFEST_NAME).exists()
     rec.write_text(good)
@@ -137,7 +138,7 @@ def test_finalize_refuses_records_naming_paths_outside(tmp_path):
     doc = json.loads(plan.read_text())
     doc["parts"] = 10**12
     plan.write_text(json.dumps(doc))
-    proc = cli("finalize", out, timeout=60)
+    proc = run_cli("finalize", out, timeout=60)
     assert proc.returncode == EXIT_INPUT and "parts" in one_error_line(proc)
 
 
@@ -155,7 +156,7 @@ def test_verify_never_reads_through_links(converted, tmp_path, secret, what):
     moved = tmp_path / "elsewhere" / target
     shutil.move(out / target, moved)
     (out / target).symlink_to(moved)
-    proc = cli("verify", out)
+    proc = run_cli("verify", out)
     assert proc.returncode in (EXIT_VERIFY, EXIT_INPUT), proc.stdout + proc.stderr
     assert "link" in (proc.stdout + proc.stderr)
 
@@ -178,7 +179,7 @@ def test_verify_flags_anything_unlisted(converted, tmp_path, what):
     out = copy_of(out, tmp_path)
     extra = out / "extra"
     {"fifo": lambda: os.mkfifo(extra), "folder": lambda: extra.mkdir(), "file": lambda: extra.write_text("x")}[what]()
-    proc = cli("verify", out, timeout=60)
+    proc = run_cli("verify", out, timeout=60)
     assert proc.returncode == EXIT_VERIFY and "extra" in proc.stdout + proc.stderr
 
 
@@ -189,7 +190,7 @@ def test_long_lists_of_problems_stay_one_short_line(converted, tmp_path):
     for i in range(50_000):
         manifest["files"][f"missing/file-{i:05d}.bin"] = {"sha256": "0" * 64, "size": 1}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
-    proc = cli("verify", out)
+    proc = run_cli("verify", out)
     assert proc.returncode == EXIT_VERIFY
     assert max(len(x) for x in (proc.stdout + proc.stderr).splitlines()) < 2000
     assert "more)" in proc.stdout + proc.stderr

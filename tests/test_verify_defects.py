@@ -7,29 +7,34 @@ check.  Standalone ``verify`` must fail on corruption (a flipped byte, a deleted
 removed tensor).  And there must be no false alarm on good conversions of every family synth
 writes, every encoding and scale dtype, regrouped and per-channel scales, and the AutoRound fixture.
 
-Everything runs the CLI in-process (see ``tests/_planting.py``); sources are built once per module.
+Everything runs the CLI in-process (``helpers.cli``); sources are built once per module.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 from _planting import (
+    BASE,
+    DEFECTS,
     INDEX,
-    bf16_truncate,
+    L0,
+    L1,
+    E,
+    K,
+    N,
     convert,
     copy_output,
     failed_checks,
     flip_byte,
-    patch_output_tensor,
-    read_tensor,
+    plant_nibble_swap,
     remove_tensor,
+    reseal,
     shard_of,
+    tensor_name,
     verify_json,
 )
+from helpers import FIXTURE, read_tensor, tensor_span
 
 from gptq2xpu.contract import CONFIG_BLOCK
 from gptq2xpu.errors import EXIT_VERIFY
@@ -38,13 +43,6 @@ from gptq2xpu.read.checkpoint import open_checkpoint
 from gptq2xpu.testing.synth import FAMILIES, make_checkpoint
 from gptq2xpu.verify.numeric import numeric_layer
 from gptq2xpu.verify.reference import TOLERANCES
-
-FIXTURE = Path(__file__).parent / "fixtures" / "qwen3moe-g128"
-
-K, N, E, G = 128, 64, 8, 32
-L0, L1 = "model.layers.0.mlp", "model.layers.1.mlp"
-BASE = dict(family="qwen3_moe", hidden=K, moe_intermediate=N, num_experts=E, top_k=2, group_size=G,
-            num_layers=2, attention=False, vocab=32)
 
 
 @pytest.fixture(scope="module")
@@ -65,89 +63,7 @@ def base_bf16(tmp_path_factory):
     return info, root / "good"
 
 
-def _name(prefix, what):
-    return f"{prefix}.experts.{what}"
-
-
-# --------------------------------------------------------------------------- the defects
-# Each planter modifies the output folder (bytes only: dtypes and shapes unchanged, so the
-# index and the headers stay valid) and re-seals the manifest.
-
-
-def plant_nibble_swap(out, info, e=3, prefix=L0):
-    """Low/high nibbles of every byte of one expert's w13 rows swapped."""
-    def fn(w):
-        w[e] = (w[e] << 4) | (w[e] >> 4)
-        return w
-    before, after = patch_output_tensor(out, _name(prefix, "w13_qweight"), fn)
-    assert not np.array_equal(before, after)
-
-
-def plant_gate_up_swap(out, info, e=5, prefix=L0):
-    """One expert's gate and up halves swapped (codes and their scales together)."""
-    for what in ("w13_qweight", "w13_scales"):
-        def fn(w):
-            w[e] = np.concatenate([w[e, N:], w[e, :N]])
-            return w
-        patch_output_tensor(out, _name(prefix, what), fn)
-
-
-def plant_scales_doubled(out, info, e=2, prefix=L1):
-    """One expert's scales doubled (fp16: exactly one more in the exponent)."""
-    for what in ("w13_scales", "w2_scales"):
-        def fn(s):
-            s[e] = (s[e].astype(np.float32) * 2).astype(np.float16)
-            return s
-        patch_output_tensor(out, _name(prefix, what), fn)
-
-
-def plant_router_changed(out, info, prefix=L1):
-    """One value of a router weight changed (bf16 raw bits)."""
-    def fn(w):
-        w[1, 7] ^= np.uint16(0x0100)
-        return w
-    patch_output_tensor(out, f"{prefix}.gate.weight", fn)
-
-
-def plant_w2_column_shift(out, info, e=6, prefix=L0):
-    """One expert's w2 rows shifted by one byte (two input columns) along N."""
-    def fn(w):
-        w[e] = np.roll(w[e], 1, axis=1)
-        return w
-    patch_output_tensor(out, _name(prefix, "w2_qweight"), fn)
-
-
-def plant_w13_row_shift(out, info, e=1, prefix=L1):
-    """One expert's w13 rows off by one (a wrong row offset when stacking)."""
-    def fn(w):
-        w[e] = np.roll(w[e], 1, axis=0)
-        return w
-    patch_output_tensor(out, _name(prefix, "w13_qweight"), fn)
-
-
-def plant_bf16_truncated(out, info, e=4, prefix=L0):
-    """One expert's fp16 -> bf16 scale cast done by truncation instead of round-to-nearest-even."""
-    layer = next(lyr for lyr in info.moe_layers if lyr.prefix == prefix)
-    want = np.concatenate([layer.scales["gate"][e], layer.scales["up"][e]])  # float32 [2N, K/G]
-
-    def fn(s):
-        s[e] = bf16_truncate(want)
-        return s
-    before, after = patch_output_tensor(out, _name(prefix, "w13_scales"), fn)
-    assert not np.array_equal(before, after), "no scale rounds up; pick another seed"
-
-
-DEFECTS = {
-    # name: (planter, uses the bf16 conversion, checks that must fail)
-    "nibble order swapped in one expert": (plant_nibble_swap, False, {"bit-exact experts", "reference MoE"}),
-    "gate/up halves swapped in one expert": (plant_gate_up_swap, False, {"bit-exact experts", "reference MoE"}),
-    "one expert's scales doubled": (plant_scales_doubled, False, {"bit-exact experts", "reference MoE"}),
-    "router weight changed": (plant_router_changed, False, {"pass-through tensors"}),
-    "w2 of one expert column-shifted": (plant_w2_column_shift, False, {"bit-exact experts", "reference MoE"}),
-    "w13 of one expert row-shifted": (plant_w13_row_shift, False, {"bit-exact experts", "reference MoE"}),
-    "scales of one expert cast to bf16 by truncation": (plant_bf16_truncated, True,
-                                                         {"bit-exact experts", "reference MoE"}),
-}
+# --------------------------------------------------------------------------- the defects (tests/_planting.py)
 
 
 @pytest.mark.parametrize("defect", list(DEFECTS))
@@ -217,11 +133,9 @@ def test_numeric_check_passes_good_output(base):
 def test_standalone_flipped_byte_without_reseal(base, tmp_path):
     info, good = base
     out = copy_output(good, tmp_path / "out")
-    shard = shard_of(out, _name(L0, "w2_qweight"))
-    from gptq2xpu.safetensors_io import read_header
-
-    entry = read_header(shard).tensors[_name(L0, "w2_qweight")]
-    flip_byte(shard, entry.start + entry.nbytes // 2)
+    shard = shard_of(out, tensor_name(L0, "w2_qweight"))
+    _, _, start, end = tensor_span(shard, tensor_name(L0, "w2_qweight"))
+    flip_byte(shard, start + (end - start) // 2)
     code, report = verify_json(out)
     assert code == EXIT_VERIFY
     assert "manifest" in failed_checks(report)
@@ -242,7 +156,7 @@ def test_standalone_deleted_file(base, tmp_path):
 def test_standalone_deleted_shard(base, tmp_path):
     info, good = base
     out = copy_output(good, tmp_path / "out")
-    shard_of(out, _name(L0, "w13_qweight")).unlink()
+    shard_of(out, tensor_name(L0, "w13_qweight")).unlink()
     code, report = verify_json(out)
     assert code == EXIT_VERIFY
     assert {"manifest", "index and shards"} <= failed_checks(report), report["failures"]
@@ -259,8 +173,8 @@ def test_standalone_extra_file(base, tmp_path):
 
 
 @pytest.mark.parametrize("tensor,check", [
-    (_name(L1, "w2_scales"), "layout"),
-    (_name(L0, "w13_qweight"), "layout"),
+    (tensor_name(L1, "w2_scales"), "layout"),
+    (tensor_name(L0, "w13_qweight"), "layout"),
     (f"{L1}.gate.weight", "routers"),
 ])
 def test_standalone_tensor_removed_and_resealed(base, tmp_path, tensor, check):
@@ -281,7 +195,7 @@ def test_standalone_tensor_removed_from_shard_only(base, tmp_path):
     """The shard lost a tensor the (re-sealed, untouched) index still lists: index and shards disagree."""
     info, good = base
     out = copy_output(good, tmp_path / "out")
-    remove_tensor(out, _name(L0, "w2_scales"), update_index=False)
+    remove_tensor(out, tensor_name(L0, "w2_scales"), update_index=False)
     code, report = verify_json(out)
     assert code == EXIT_VERIFY
     assert "index and shards" in failed_checks(report), report["failures"]
@@ -292,14 +206,12 @@ def test_manifest_reseal_helper_is_faithful(base, tmp_path):
     info, good = base
     out = copy_output(good, tmp_path / "out")
     before = (out / "gptq2xpu-manifest.json").read_bytes()
-    from _planting import reseal
-
     reseal(out, "model.safetensors", INDEX)
     assert (out / "gptq2xpu-manifest.json").read_bytes() == before
     plant_nibble_swap(out, info)
     code, report = verify_json(out)
     assert code == 0 and not failed_checks(report), report["failures"]
-    assert read_tensor(out / "model.safetensors", _name(L0, "w13_qweight")).shape == (E, 2 * N, K // 2)
+    assert read_tensor(out / "model.safetensors", tensor_name(L0, "w13_qweight")).shape == (E, 2 * N, K // 2)
 
 
 # --------------------------------------------------------------------------- no false alarm

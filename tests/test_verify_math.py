@@ -1,16 +1,17 @@
 """The verifier's math: independent unpackers, the reference MoE, routing, tolerances, the fixture.
 
-The packers used here are written inside this file, as plain numpy shifts, so that the unpackers
-are checked against a definition of the formats and not against themselves.
+The packers and the naive loops used here (``tests/_int4.py``) are plain numpy shifts and loops
+written from the contract, so that the unpackers are checked against a definition of the formats
+and not against themselves.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from _int4 import int4_layers, naive_gptq_dequant, naive_moe, pack_gptq_cols, pack_gptq_rows, pack_xpu
+from helpers import FIXTURE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,48 +31,6 @@ from gptq2xpu.verify.unpack import (
     xpu_codes,
     xpu_dequant,
 )
-
-FIXTURE = Path(__file__).parent / "fixtures" / "qwen3moe-g128"
-
-
-# --------------------------------------------------------------------------- test-side packers
-
-
-def pack_gptq_rows(codes: np.ndarray) -> torch.Tensor:
-    """uint8 codes [..., K, N] -> int32 [..., K/8, N]; row 8r+j in bits 4j.. of row r."""
-    k = codes.shape[-2]
-    acc = np.zeros(codes.shape[:-2] + (k // 8, codes.shape[-1]), dtype=np.uint32)
-    for j in range(8):
-        acc |= codes[..., j::8, :].astype(np.uint32) << np.uint32(4 * j)
-    return torch.from_numpy(acc.view(np.int32).copy())
-
-
-def pack_gptq_cols(values: np.ndarray) -> torch.Tensor:
-    """uint8 values [..., G, N] -> int32 [..., G, N/8]; column 8c+j in bits 4j.. of column c."""
-    n = values.shape[-1]
-    acc = np.zeros(values.shape[:-1] + (n // 8,), dtype=np.uint32)
-    for j in range(8):
-        acc |= values[..., j::8].astype(np.uint32) << np.uint32(4 * j)
-    return torch.from_numpy(acc.view(np.int32).copy())
-
-
-def pack_xpu(codes: np.ndarray, encoding: str) -> torch.Tensor:
-    """u4b8 codes [..., R, C] -> uint8 [..., R, C/2]; column 2j low nibble, 2j+1 high nibble."""
-    stored = codes if encoding == "u4b8" else (codes.astype(np.int16) - 8) & 0xF
-    lo = stored[..., 0::2].astype(np.uint8)
-    hi = stored[..., 1::2].astype(np.uint8)
-    return torch.from_numpy((lo | (hi << 4)).astype(np.uint8))
-
-
-def naive_gptq_dequant(codes, zeros, scales, g_idx) -> np.ndarray:
-    """[K, N] codes, [G, N] zeros/scales (float64), [K] g_idx -> [N, K] float64, by loops over k."""
-    k, n = codes.shape
-    out = np.empty((n, k))
-    for kk in range(k):
-        g = g_idx[kk]
-        out[:, kk] = (codes[kk, :].astype(np.float64) - zeros[g, :]) * scales[g, :]
-    return out
-
 
 # --------------------------------------------------------------------------- unpack: worked examples
 
@@ -183,23 +142,6 @@ def test_unpack_rejects_bad_arguments():
 # --------------------------------------------------------------------------- unpack: properties
 
 
-@st.composite
-def int4_layers(draw):
-    """Random codes [E, K, N] and scales [E, G, N] with a GPTQ group size or a single group."""
-    experts = draw(st.integers(1, 3))
-    group = draw(st.sampled_from([8, 16, 32, None]))  # None: one group over all of K (g = -1)
-    groups = draw(st.integers(1, 4)) if group else 1
-    k = (group or 8 * draw(st.integers(1, 8))) * groups
-    n = 8 * draw(st.integers(1, 4))
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    codes = rng.integers(0, 16, size=(experts, k, n), dtype=np.uint8)
-    mags = np.exp2(rng.uniform(-12, 2, size=(experts, groups, n)))
-    scales = torch.from_numpy(mags * rng.choice([-1.0, 1.0], size=mags.shape))
-    scale_dtype = draw(st.sampled_from([torch.float16, torch.bfloat16]))
-    return codes, scales.to(scale_dtype), group
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layer=int4_layers(), encoding=st.sampled_from(["u4b8", "s4"]))
 def test_codes_round_trip(layer, encoding):
@@ -245,26 +187,6 @@ def test_gptq_and_xpu_dequant_agree_exactly(layer, zero_format, with_g_idx, enco
 
 
 # --------------------------------------------------------------------------- reference MoE
-
-
-def naive_moe(x, w13, w2, topk_weights, topk_ids, b13=None, b2=None):
-    """Per token, per chosen expert, in float64: the definition of the block."""
-    tokens, hidden = x.shape
-    inter = w13.shape[1] // 2
-    out = torch.zeros(tokens, hidden, dtype=torch.float64)
-    for t in range(tokens):
-        for j in range(topk_ids.shape[1]):
-            e = int(topk_ids[t, j])
-            xt = x[t].double()
-            h = w13[e].double() @ xt
-            if b13 is not None:
-                h = h + b13[e].double()
-            act = torch.nn.functional.silu(h[:inter]) * h[inter:]
-            y = w2[e].double() @ act
-            if b2 is not None:
-                y = y + b2[e].double()
-            out[t] += float(topk_weights[t, j]) * y
-    return out
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

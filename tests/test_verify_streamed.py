@@ -4,19 +4,30 @@ The fast paths must compute what the plain ones compute: the dequantized values 
 (same exact products, same single rounding), the MoE within execution noise of the plain
 whole-layer forward and of a float64 one, and the numerical check must fail planted defects
 exactly as hard as the whole-layer check does. The packers are the test-side numpy ones of
-tests/test_verify_math.py, so everything is anchored to the format definitions.
+tests/_int4.py, so everything is anchored to the format definitions.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+from _int4 import int4_layers, naive_gptq_dequant, naive_moe, pack_gptq_cols, pack_gptq_rows, pack_xpu
+from _planting import BASE, DEFECTS, L0, L1, convert, copy_output
+from helpers import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_verify_math import int4_layers, naive_gptq_dequant, naive_moe, pack_gptq_cols, pack_gptq_rows, pack_xpu
 
+from gptq2xpu.contract import CONFIG_BLOCK
+from gptq2xpu.read import open_source
+from gptq2xpu.read.checkpoint import open_checkpoint
+from gptq2xpu.testing.synth import make_checkpoint
 from gptq2xpu.verify.experts import ConvertedExperts, SourceExperts
+from gptq2xpu.verify.numeric import numeric_layer, numeric_layer_safe
 from gptq2xpu.verify.reference import (
     TOLERANCES,
     DenseExperts,
@@ -451,11 +462,6 @@ def test_streamed_tolerances_cover_dtype_noise():
 
 
 def _numeric(src_path, out_path, streamed, dtype=torch.float32, tokens=8, seed=0):
-    from gptq2xpu.contract import CONFIG_BLOCK
-    from gptq2xpu.read import open_source
-    from gptq2xpu.read.checkpoint import open_checkpoint
-    from gptq2xpu.verify.numeric import numeric_layer_safe
-
     with open_source(src_path) as src, open_checkpoint(out_path) as conv:
         block = conv.config[CONFIG_BLOCK]
         rows = {}
@@ -464,8 +470,6 @@ def _numeric(src_path, out_path, streamed, dtype=torch.float32, tokens=8, seed=0
                 rows[prefix] = numeric_layer_safe(src, conv, prefix, block, torch.device("cpu"), dtype, tokens,
                                                   seed + i, False)
             else:
-                from gptq2xpu.verify.numeric import numeric_layer
-
                 rows[prefix] = numeric_layer(src, conv, prefix, block["layers"][prefix], block,
                                              device=torch.device("cpu"), dtype=dtype, tokens=tokens, seed=seed + i,
                                              streamed=streamed)
@@ -488,10 +492,6 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    from _planting import convert
-
-    from gptq2xpu.testing.synth import make_checkpoint
-
     root = tmp_path_factory.mktemp("streamed")
     made = {}
     for name, (spec, options) in CASES.items():
@@ -532,17 +532,13 @@ def test_numeric_layer_streamed_in_16_bit_dtypes(dtype, outputs):
 
 
 # --------------------------------------------------------------------------- planted defects, both paths
-# The planters of tests/test_verify_defects.py, on their base (K 128, N 64, 8 experts, top-2,
-# group 32); one token, so most experts are reached only by the every-expert pass.
+# The planters of tests/_planting.py (as tests/test_verify_defects.py uses them), on their base
+# (K 128, N 64, 8 experts, top-2, group 32); one token, so most experts are reached only by the
+# every-expert pass.
 
 
 @pytest.fixture(scope="module")
 def defect_bases(tmp_path_factory):
-    from _planting import convert
-    from test_verify_defects import BASE
-
-    from gptq2xpu.testing.synth import make_checkpoint
-
     root = tmp_path_factory.mktemp("streamed_defects")
     info = make_checkpoint(root / "src", **BASE)
     convert(info.path, root / "good")
@@ -557,9 +553,6 @@ NUMERIC_DEFECTS = ["nibble order swapped in one expert", "gate/up halves swapped
 
 @pytest.mark.parametrize("defect", NUMERIC_DEFECTS)
 def test_planted_defects_fail_streamed_as_hard_as_whole_layer(defect, defect_bases, tmp_path):
-    from _planting import copy_output
-    from test_verify_defects import DEFECTS, L0, L1
-
     planter, bf16, _ = DEFECTS[defect]
     info, root = defect_bases
     out = copy_output(root / ("good_bf16" if bf16 else "good"), tmp_path / "out")
@@ -585,9 +578,6 @@ def test_streamed_reference_imports_nothing_of_the_converter():
     """The streamed reference is independent of the converter: computing both sides of a layer
     loads none of repack, formats, write, convert, plan (a fresh interpreter, so nothing the
     test session imported counts)."""
-    import subprocess
-    import sys
-
     code = """
 import sys, torch
 from gptq2xpu.verify.experts import ConvertedExperts, SourceExperts
@@ -610,11 +600,7 @@ bad = sorted(m for m in sys.modules if m.split(".")[:2] in (["gptq2xpu", "repack
              ["gptq2xpu", "write"], ["gptq2xpu", "convert"], ["gptq2xpu", "plan"]))
 print(bad)
 """
-    import os
-    from pathlib import Path
-
-    repo = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=repo)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", proc.stdout

@@ -60,12 +60,12 @@ from _vllm import (  # noqa: E402
     run_vllm,
     vllm_loadable_source,
 )
+from helpers import FIXTURE  # noqa: E402
 
 from gptq2xpu.testing.synth import make_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
-FIXTURE = Path(__file__).parent / "fixtures" / "qwen3moe-g128"
 BASE = dict(hidden=128, moe_intermediate=64, num_experts=8, top_k=2, num_layers=2, vocab=128, seed=7)
 #: name -> synth spec (None: the AutoRound fixture), MoE layers whose experts are float in the source
 CHECKPOINTS = {

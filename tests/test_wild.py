@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_convert import check_layer_matches_truth
-from xpu_decode import raw_tensors
+from helpers import read_tensors
+from xpu_decode import check_layer_matches_truth
 
 from gptq2xpu.contract import CONFIG_BLOCK, MANIFEST_NAME
 from gptq2xpu.testing.synth import write_pickle_trap
@@ -20,7 +20,7 @@ def convert_and_check(cli, info, out, *extra, verify=True):
     code, stdout, err = cli("convert", info.path, out, "--json", *extra)
     assert code == 0, err
     summary = json.loads(stdout)
-    tensors, src = raw_tensors(out), raw_tensors(info.path)
+    tensors, src = read_tensors(out), read_tensors(info.path)
     for layer in info.moe_layers:
         if info.expected_kinds[layer.prefix] == "gptq":
             check_layer_matches_truth(out, layer, tensors)
@@ -131,12 +131,12 @@ def test_layers_straddling_many_shards_in_any_order(synth, tmp_path, cli):
 
 def test_vision_tower_gate_proj_passes_through(synth, tmp_path, cli):
     info = synth(family="qwen3_5_moe", vision=True, **SMALL)
-    src = raw_tensors(info.path)
+    src = read_tensors(info.path)
     visual = [n for n in src if n.startswith("model.visual.")]
     assert any(".mlp.gate_proj." in n for n in visual)
     summary = convert_and_check(cli, info, tmp_path / "out")
     assert not any(lyr["prefix"].startswith("model.visual") for lyr in summary["layers"])
-    out = raw_tensors(tmp_path / "out")
+    out = read_tensors(tmp_path / "out")
     assert all(out[n] == src[n] for n in visual)
 
 

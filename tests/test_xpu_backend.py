@@ -1,8 +1,7 @@
 """Device selection and the optional vllm_xpu_kernels backend, tested without any Intel XPU.
 
-``run_xpu_fused_moe`` runs the released vllm-xpu-kernels 0.1.16.2 Python interface on CPU with its
-native ops faked (fixture ``released_kernel``, ``tests/_released_kernel.py``); the status checks
-use a stand-in module, since they only ask whether the interface imports.
+``run_xpu_fused_moe`` and the status checks run the released vllm-xpu-kernels 0.1.16.2 Python
+interface on CPU with its native ops faked (fixture ``released_kernel``, ``tests/_released_kernel.py``).
 """
 
 from __future__ import annotations
@@ -22,28 +21,7 @@ from gptq2xpu.verify.unpack import xpu_dequant
 IPEX = "intel_extension_for_pytorch"
 
 
-# --------------------------------------------------------------------------- a stand-in interface
-
-
-@pytest.fixture
-def fake_interface(monkeypatch):
-    """Install a stand-in vllm_xpu_kernels.fused_moe_interface (import checks only); pretend the
-    CPU is an XPU."""
-
-    def install(available=True):
-        pkg = types.ModuleType("vllm_xpu_kernels")
-        pkg.__path__ = []
-        mod = types.ModuleType("vllm_xpu_kernels.fused_moe_interface")
-        mod.XpuFusedMoe = type("XpuFusedMoe", (), {})
-        mod.FUSEDMOE_AVAILABLE = available
-        mod.FUSEDMOE_UNAVAILABLE_REASON = None if available else "libsycl.so.8: cannot open shared object file"
-        pkg.fused_moe_interface = mod
-        monkeypatch.setitem(sys.modules, "vllm_xpu_kernels", pkg)
-        monkeypatch.setitem(sys.modules, "vllm_xpu_kernels.fused_moe_interface", mod)
-        monkeypatch.setattr(xpu_kernels, "_is_xpu", lambda device: True)
-        return mod
-
-    return install
+# --------------------------------------------------------------------------- the released interface
 
 
 @pytest.fixture
@@ -79,26 +57,25 @@ def test_status_unavailable_off_xpu(device):
 
 
 def test_status_module_missing(monkeypatch):
-    monkeypatch.setattr(xpu_kernels, "_is_xpu", lambda device: True)
     monkeypatch.setitem(sys.modules, "vllm_xpu_kernels", None)  # import raises ModuleNotFoundError
     assert xpu_kernels.kernels_status("xpu") == (False, "vllm_xpu_kernels not installed")
 
 
-def test_status_native_ops_missing(fake_interface):
-    fake_interface(available=False)
+def test_status_native_ops_missing(released_kernel, monkeypatch):
+    monkeypatch.setattr(released_kernel.module, "FUSEDMOE_AVAILABLE", False)
+    monkeypatch.setattr(released_kernel.module, "FUSEDMOE_UNAVAILABLE_REASON",
+                        "libsycl.so.8: cannot open shared object file")
     available, reason = xpu_kernels.kernels_status("xpu")
     assert not available and "libsycl.so.8" in reason
 
 
-def test_status_class_missing(fake_interface):
-    fake_interface()
-    del sys.modules["vllm_xpu_kernels.fused_moe_interface"].XpuFusedMoe
+def test_status_class_missing(released_kernel, monkeypatch):
+    monkeypatch.delattr(released_kernel.module, "XpuFusedMoe")
     available, reason = xpu_kernels.kernels_status("xpu")
     assert not available and "XpuFusedMoe" in reason
 
 
-def test_status_available_with_module_on_xpu(fake_interface):
-    fake_interface()
+def test_status_available_with_module_on_xpu(released_kernel):
     available, reason = xpu_kernels.kernels_status("xpu")
     assert available and "XpuFusedMoe" in reason
 

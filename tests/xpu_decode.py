@@ -1,30 +1,16 @@
 """Test-only, independent decoding of converted outputs (plain numpy, written from the contract).
 
-Nothing here imports gptq2xpu's repack or verify code: it is the third path the tests compare.
+Nothing here imports gptq2xpu: it is the third path the tests compare (files are read with
+``helpers.read_tensors``, which does not either).
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
-
-
-def raw_tensors(path: Path) -> dict[str, tuple[str, tuple, bytes]]:
-    """name -> (dtype, shape, raw bytes) for every tensor of every safetensors file under a folder."""
-    out = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        data = f.read_bytes()
-        n = struct.unpack("<Q", data[:8])[0]
-        hdr = json.loads(data[8 : 8 + n])
-        for name, spec in hdr.items():
-            if name == "__metadata__":
-                continue
-            s, e = spec["data_offsets"]
-            out[name] = (spec["dtype"], tuple(spec["shape"]), data[8 + n + s : 8 + n + e])
-    return out
+from helpers import read_tensors
 
 
 def as_float32(dtype: str, shape, raw: bytes) -> np.ndarray:
@@ -44,16 +30,6 @@ def nibbles(raw: bytes, shape, encoding: str = "u4b8") -> np.ndarray:
     return codes
 
 
-def gptq_pack(codes: np.ndarray) -> np.ndarray:
-    """codes [..., K, N] (0..15) -> GPTQ qweight int32 [..., K/8, N]: input 8r+j in bits 4j.."""
-    k = codes.shape[-2]
-    c = codes.astype(np.uint32).reshape(codes.shape[:-2] + (k // 8, 8) + codes.shape[-1:])
-    words = np.zeros(codes.shape[:-2] + (k // 8,) + codes.shape[-1:], np.uint32)
-    for j in range(8):
-        words |= c[..., j, :] << np.uint32(4 * j)
-    return words.view(np.int32)
-
-
 def gptq_unpack(qweight: np.ndarray) -> np.ndarray:
     """GPTQ qweight int32 [..., K/8, N] -> codes [..., K, N]."""
     w = qweight.view(np.uint32)
@@ -63,7 +39,7 @@ def gptq_unpack(qweight: np.ndarray) -> np.ndarray:
 
 def decode_layer(folder: Path, prefix: str, tensors=None) -> dict:
     """Converted layer -> codes and float32 scales, with the layout contract applied."""
-    tensors = tensors or raw_tensors(folder)
+    tensors = tensors or read_tensors(folder)
     cfg = json.loads((Path(folder) / "config.json").read_text())["gptq2xpu"]
     enc = cfg["nibble_encoding"]
     out = {}
@@ -80,3 +56,19 @@ def decode_layer(folder: Path, prefix: str, tensors=None) -> dict:
 def dequant(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     g = codes.shape[-1] // scales.shape[-1]
     return (codes.astype(np.float32) - 8) * np.repeat(scales, g, axis=-1)
+
+
+def check_layer_matches_truth(out_dir, layer, tensors=None) -> None:
+    """A converted layer's codes and scales equal the synthetic checkpoint's ground truth (``layer``:
+    a ``gptq2xpu.testing.synth`` MoE layer), bit for bit."""
+    d = decode_layer(out_dir, layer.prefix, tensors)
+    n = layer.codes["gate"].shape[1]
+    p = d["w13"].shape[1] // 2
+    np.testing.assert_array_equal(d["w13"][:, :n], layer.codes["gate"])
+    np.testing.assert_array_equal(d["w13"][:, p : p + n], layer.codes["up"])
+    np.testing.assert_array_equal(d["w2"][:, :, :n], layer.codes["down"])
+    for role, got in (("gate", d["w13_scales"][:, :n]), ("up", d["w13_scales"][:, p : p + n]),
+                      ("down", d["w2_scales"][:, :, : d["w2_scales"].shape[2] * n // p])):
+        truth = layer.scales[role]
+        rep = got.shape[-1] // truth.shape[-1]
+        np.testing.assert_array_equal(got, np.repeat(truth, rep, axis=-1))

@@ -150,8 +150,17 @@ def test_qzeros_v1_v2(synth, fmt, word):
 
 
 def test_checkpoint_format_can_be_omitted(synth):
-    info = synth(write_checkpoint_format=False)
-    assert "checkpoint_format" not in info.config["quantization_config"]
+    """As AutoRound writes it: config.json has no checkpoint_format and the qzeros are v1's
+    (0x77777777, what a missing checkpoint_format means); nothing else differs from the default."""
+    omitted, written = synth(write_checkpoint_format=False), synth()
+    on_disk = json.loads((omitted.path / "config.json").read_text())["quantization_config"]
+    default = json.loads((written.path / "config.json").read_text())["quantization_config"]
+    assert "checkpoint_format" not in on_disk and default.pop("checkpoint_format") == "gptq"
+    assert on_disk == default and "checkpoint_format" not in omitted.config["quantization_config"]
+    t, t_default = read_all(omitted), read_all(written)
+    assert t.keys() == t_default.keys() and all(np.array_equal(t[n][2], t_default[n][2]) for n in t)
+    qz = [a for n, (_, _, a) in t.items() if n.endswith(".qzeros")]
+    assert qz and all(np.all(a.view(np.uint32) == 0x77777777) for a in qz)
 
 
 def test_g_idx_monotonic_vs_act_order(synth):

@@ -80,8 +80,14 @@ def test_status_available_with_module_on_xpu(released_kernel):
     assert available and "XpuFusedMoe" in reason
 
 
-def test_real_device_check_is_device_type():
-    assert xpu_kernels._is_xpu(torch.device("xpu")) and not xpu_kernels._is_xpu(torch.device("cpu"))
+def test_status_takes_any_xpu_device_and_no_other(released_kernel):
+    """The device check itself (only the kernel's native ops are faked here): every spelling of an
+    XPU device reaches the interface, and no other device does, even with the interface installed."""
+    for device in ("xpu", "xpu:1", torch.device("xpu", 0)):
+        assert xpu_kernels.kernels_status(device) == (True, f"vllm_xpu_kernels XpuFusedMoe on {torch.device(device)}")
+    for device in ("cpu", "cuda:0", torch.device("meta")):
+        kind = torch.device(device).type
+        assert xpu_kernels.kernels_status(device) == (False, f"device is {kind}, the kernel runs only on xpu")
 
 
 # --------------------------------------------------------------------------- run_xpu_fused_moe

@@ -10,8 +10,8 @@ modules stubbed).  No Intel XPU ran any of this.  What that release does with in
 * unless ``w13`` carries the attribute ``xpu_fused_moe``, the constructor rewrites both weights
   once from offset-8 nibbles into two's-complement ones (``implement_zp``, per byte ``^ 0x88``)
   into new **int8** buffers, and rebinds ``w13.data`` / ``w2.data`` to them;
-* its grouped GEMM reads packed int4 only from an **int8** weight with scales (per the contract
-  doc, ``shared/docs/xpu-int4-contract.md``, "dtype convention").
+* its grouped GEMM reads packed int4 only from an **int8** weight with scales (``docs/contract.md``,
+  "What the runtime does at load").
 
 So :func:`build_fused_moe` hands over
 

@@ -30,7 +30,7 @@ is removed right after it (untimed), so only one output exists at a time (``--sy
 ``sync`` before every run).  Peak RSS is that of the one measured process (GNU ``/usr/bin/time
 -f %M``; ``os.wait4``'s ``ru_maxrss`` where it is missing).
 
-Targets (issue 15), each a ratio measured in this run; ``--targets 2core|16core`` (default: by
+Performance targets, each a ratio measured in this run; ``--targets 2core|16core`` (default: by
 the core count) picks the limits:
 
   convert_vs_cp             2-core, 4 layers: <= 3.0;  16-core, 48 layers: <= 1.0
@@ -231,7 +231,7 @@ def make_source(path: Path, args, layers: int) -> dict:
             "files": len(info.files)}
 
 
-def _brief(r: dict) -> dict:
+def _timings(r: dict) -> dict:
     return {k: r[k] for k in ("wall_median_s", "wall_min_s", "wall_max_s", "walls_s", "peak_rss_mib", "cpu_median_s",
                               "user_cpu_median_s", "sys_cpu_median_s")}
 
@@ -342,7 +342,7 @@ def markdown(report: dict) -> str:
 
 
 def targets(report: dict, profile: str) -> dict:
-    """Issue 15's targets, each a value of this run against the limit of ``profile``."""
+    """The performance targets, each a value of this run against the limit of ``profile``."""
     limits = LIMITS[profile]
     h = report["headline"]
     values = {"convert_vs_cp": h["convert_vs_cp"], "bit_exact_vs_convert": h.get("bit_exact_vs_convert"),
@@ -585,8 +585,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             res = measure(sv, args.reps, logdir, say, args.sync, args.warmups)
             main_d = {"layers": report["source"].get("layers"), "bytes": report["source"]["bytes"],
-                      **_brief(res["convert_main"]), "copy_wall_median_s": res["copy_main"]["wall_median_s"]}
-            other_d = {"layers": info.get("layers"), "bytes": info["bytes"], **_brief(res["convert_other"]),
+                      **_timings(res["convert_main"]), "copy_wall_median_s": res["copy_main"]["wall_median_s"]}
+            other_d = {"layers": info.get("layers"), "bytes": info["bytes"], **_timings(res["convert_other"]),
                        "copy_wall_median_s": res["copy_other"]["wall_median_s"]}
             small, large = sorted((main_d, other_d), key=lambda d: d["bytes"])
             for d in (small, large):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time ``verify``'s reference MoE on CPU, per layer: whole-layer ("before") against streamed.
+"""Time ``verify``'s reference MoE on CPU, per layer: whole-layer against streamed.
 
 It builds a full-width Qwen3-30B-A3B MoE layer (``synth.make_checkpoint(fast=True)``: 128 experts,
 hidden K = 2048, moe_intermediate N = 768, group 128, top-8, GPTQ v1 with fp16 scales) and its
@@ -8,8 +8,8 @@ conversion, or takes both (``--source SRC --output OUT``), and runs
 float32 (the CPU default), with ``--threads`` torch threads:
 
   whole      ``streamed=False``: both sides dequantized as whole layers [E, 2N, K] + [E, K, N],
-             two batched GEMMs per pass (the code before issue 15, still the GPU path)
-  streamed   ``streamed=True``: one expert at a time into reused buffers (the CPU default now)
+             two batched GEMMs per pass (the GPU path)
+  streamed   ``streamed=True``: one expert at a time into reused buffers (the CPU default)
 
 Each run is its own child process (so its peak RSS is its own), variants interleaved round-robin
 over ``--reps`` after one untimed warm-up each, so drift on a shared machine hits both alike.
@@ -29,7 +29,7 @@ and each variant's check result (``rel`` and ``every_expert_rel`` between the tw
 a float64 forward of the same weights (the exact products (q - 8) * scale, float64 GEMMs), on the
 layer's own seeded tokens, routed and every-expert: the numbers TOLERANCES' rationale is about.
 
-    python scripts/bench_reference.py --threads 16                 # the issue-15 figure
+    python scripts/bench_reference.py --threads 16                 # the 16-core figure
     python scripts/bench_reference.py --threads 2 --reps 3 --json-out ref.json
     python scripts/bench_reference.py --experts 8 --hidden 256 --intermediate 128 --reps 1  # smoke
 """

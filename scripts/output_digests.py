@@ -71,15 +71,9 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def run(only: set[str] | None, jobs: int = 2) -> dict[str, dict[str, str]]:
-    try:
-        from gptq2xpu.testing.synth import make_checkpoint
-    except ImportError:  # layouts before the synthetic generator moved
-        from gptq2xpu.testing.synth import make_checkpoint
     from gptq2xpu.convert import convert
-    try:
-        from gptq2xpu.options import ConvertOptions
-    except ImportError:
-        from gptq2xpu.plan import ConvertOptions
+    from gptq2xpu.plan import ConvertOptions
+    from gptq2xpu.testing.synth import make_checkpoint
 
     results = {}
     # a fixed folder: config.json records where the source was, and runs must be comparable

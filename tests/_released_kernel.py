@@ -3,8 +3,8 @@
 Its own files are imported from the installed distribution (``pip install --no-deps
 vllm-xpu-kernels==0.1.16.2``; CI installs it): ``vllm_xpu_kernels/moe_utils.py`` and
 ``vllm_xpu_kernels/fused_moe_interface.py``, run as they are. Only what cannot run without an
-Intel GPU is replaced, by test code written from the contract doc
-(``shared/docs/xpu-int4-contract.md``), never from upstream code:
+Intel GPU is replaced, by test code written from the contract (``docs/contract.md``), never from
+upstream code:
 
 * the native modules ``vllm_xpu_kernels._C``, ``._moe_C``, ``._xpu_C`` by empty modules (the
   package's ``__init__`` is not run either: it loads attention kernels this test has no use for);

@@ -1,4 +1,4 @@
-"""The command line a demanding user expects (issue 13): flags in any position, one JSON object
+"""The command line a demanding user expects: flags in any position, one JSON object
 for every outcome, help with real examples and choices, bounded numbers, a wrong --source named as
 such, progress on a terminal only, publishable config blocks, plain messages.
 

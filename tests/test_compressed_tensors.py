@@ -1,4 +1,4 @@
-"""compressed-tensors ``pack-quantized`` input (issue 5, part 2).
+"""compressed-tensors ``pack-quantized`` input.
 
 ``tests/fixtures/ct-pack-quantized`` was packed by the real compressed-tensors 0.20.0 compressor
 (see its README and ``scripts/make_ct_fixture.py``); these tests do not need that package.  The

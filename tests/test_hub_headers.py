@@ -1,4 +1,4 @@
-"""`inspect REPO_ID` reads only configs and safetensors headers over HTTP (issue 13, item 8).
+"""`inspect REPO_ID` reads only configs and safetensors headers over HTTP.
 
 The hub cannot be reached here: a local look-alike (tests/_hubserver.py) serves a small sharded
 synthetic checkpoint on 127.0.0.1 with range support, and huggingface_hub is pointed at it.

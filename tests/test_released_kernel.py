@@ -168,7 +168,7 @@ def test_verify_backend_xpu_kernels_runs_the_release(conv, released_kernel, monk
 
 
 def test_planted_int8_into_the_constructor_is_refused(conv, released_kernel):
-    """The old hand-over planted inside build_fused_moe (int8 s4 bytes marked xpu_fused_moe, straight
+    """A wrong hand-over planted inside build_fused_moe (int8 s4 bytes marked xpu_fused_moe, straight
     into the constructor, see test_release_takes_int4_only_from_uint8): the object is refused."""
     with open_converted(conv.out["s4"]) as ck:
         lw = ck.layer(PREFIXES[0])
@@ -207,7 +207,7 @@ def test_release_implement_zp_is_xor_0x88(released_kernel):
 
 def test_release_takes_int4_only_from_uint8(released_kernel):
     """uint8 w13: int4, inter size N, scales kept, an int8 copy rewritten by implement_zp; int8 w13
-    (what gptq2xpu.load handed over for s4 so far): a 16-bit weight, inter size K/4, scales dropped."""
+    (s4 bytes handed over as they are stored): a 16-bit weight, inter size K/4, scales dropped."""
     gen = torch.Generator().manual_seed(0)
     w13 = torch.randint(0, 256, (E, 2 * N, K // 2), dtype=torch.uint8, generator=gen)
     w2 = torch.randint(0, 256, (E, K, N // 2), dtype=torch.uint8, generator=gen)

@@ -1,4 +1,4 @@
-"""What ``convert`` writes for serving (issue 12, items 1 and 4), without vLLM.
+"""What ``convert`` writes for serving, without vLLM.
 
 * No file in OUTPUT may still declare the source's GPTQ method: every place a source keeps its
   quantization description (config.json, a nested text_config, quantization_config.json,
@@ -6,7 +6,7 @@
   verbatim inside; where vLLM looks (config.json, then text_config) it finds the gptq2xpu method.
 * The model card (README.md) is the source's card, unchanged, followed by one gptq2xpu section;
   without a source card it stands alone.
-* Outputs written before this change (config.json still saying gptq) stay verifiable.
+* Outputs of earlier gptq2xpu versions (config.json still saying gptq) stay verifiable.
 * The plugin's vLLM version gate, and the config block's passed-through layers as the plugin reads them.
 """
 

@@ -1,4 +1,4 @@
-"""Test runs clean up after themselves (issue 13.13): pyproject.toml's pytest settings remove a
+"""Test runs clean up after themselves: pyproject.toml's pytest settings remove a
 passing test's temporary folder at once and a passing session's base folder at the end, and keep
 only what failed."""
 

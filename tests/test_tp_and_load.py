@@ -1,5 +1,5 @@
 """Tensor-parallel-ready output (``convert --tp-size/--emit-ranks``) and the runtime loader
-``gptq2xpu.load`` (issue 5, parts 1 and 3).
+``gptq2xpu.load``.
 
 The source is shaped like Qwen3-30B-A3B's problem case, scaled down: N = 192 with group 64.
 T = 2 gives 96 per rank, which holds whole groups only of 32: w2's scales are regrouped to 32.

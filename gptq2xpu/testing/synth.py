@@ -222,7 +222,6 @@ class SynthSpec:
     quant_format: str = "gptq"   # or "compressed-tensors" (pack-quantized)
     fast: bool = False           # benchmarks: random qweight words, no ground truth
     seed: int = 0
-    # --- extras (not in the original brief) ---
     write_checkpoint_format: bool = True   # False: omit "checkpoint_format" (AutoRound does; means v1)
     metadata: dict | None = None           # safetensors __metadata__ (default {"format": "pt"})
 

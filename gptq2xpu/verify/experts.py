@@ -21,7 +21,8 @@ order of the input dimension, so their float sums may round differently: that is
 noise :data:`.reference.TOLERANCES` is sized for.
 
 Every object also has a plain mode (``fast=False``): the whole-layer functions applied to one
-expert's slice, for hosts the lookup tables do not support (big-endian) and for the tests.
+expert's slice, for hosts the lookup tables do not support (big-endian), and the definition the
+fast paths are checked against.
 
 The objects may be called from several threads at once (``moe_forward_streamed`` runs experts
 on worker threads): each thread gets its own buffers; the packed tensors are only read.

@@ -1,8 +1,8 @@
 """The verifier's own unpacking of int4 weights: GPTQ on one side, the XPU layout on the other.
 
 This is the second, independent path of gptq2xpu: it is written from the layout contract
-(``shared/docs/xpu-int4-contract.md``) alone and never imports the converter's repack code, so a
-mistake in one path shows up as a disagreement with the other.
+(``docs/contract.md``) alone and never imports the converter's repack code, so a mistake in one
+path shows up as a disagreement with the other.
 
 Every function takes torch tensors with any number of leading dimensions (usually experts) and
 works on whatever device they live on.

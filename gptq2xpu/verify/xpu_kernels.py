@@ -42,7 +42,7 @@ ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _is_xpu(device: torch.device) -> bool:
-    """Whether ``device`` is an Intel XPU (a function of its own so tests can fake a device)."""
+    """Whether ``device`` is an Intel XPU."""
     return device.type == "xpu"
 
 

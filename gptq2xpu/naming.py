@@ -46,19 +46,22 @@ class Family:
 #: name-driven and works for any family using the patterns above.
 FAMILIES: tuple[Family, ...] = (
     Family("qwen2_moe", ("qwen2_moe",), "Qwen2-MoE / Qwen1.5-MoE (mlp.experts, shared_expert + shared_expert_gate)"),
-    Family("qwen3_moe", ("qwen3_moe", "qwen3_vl_moe", "qwen3_vl_moe_text"), "Qwen3-MoE (mlp.experts, no shared expert)"),
+    Family("qwen3_moe", ("qwen3_moe", "qwen3_vl_moe", "qwen3_vl_moe_text"),
+           "Qwen3-MoE (mlp.experts, no shared expert)"),
     Family("qwen3_5_moe", ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_6_moe", "qwen3_6_moe_text"),
            "Qwen3.5/3.6-MoE (model.language_model.*, shared_expert, MTP layers)"),
     Family("qwen3_next", ("qwen3_next",), "Qwen3-Next (shared_expert + shared_expert_gate, MTP layers)"),
     Family("mixtral", ("mixtral",), "Mixtral (block_sparse_moe, w1/w3/w2)"),
     Family("deepseek_v2", ("deepseek_v2",), "DeepSeek-V2 (dense first layers, shared_experts)"),
-    Family("deepseek_v3", ("deepseek_v3", "kimi_k2"), "DeepSeek-V3 (dense first layers, shared_experts, e_score_correction_bias)"),
+    Family("deepseek_v3", ("deepseek_v3", "kimi_k2"),
+           "DeepSeek-V3 (dense first layers, shared_experts, e_score_correction_bias)"),
     Family("glm4_moe", ("glm4_moe",), "GLM-4.5 MoE (dense first layers, shared_experts, e_score_correction_bias)"),
 )
 
 MAX_EXPERT_DIGITS = 9
 _EXPERT = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)\.(?P<field>[^.]+)$")
-_FUSED = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<what>gate_up_proj|down_proj|gate_proj|up_proj)(?P<suffix>_bias|_blocks|_scales)?$")
+_FUSED = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<what>gate_up_proj|down_proj|gate_proj|up_proj)"
+                    r"(?P<suffix>_bias|_blocks|_scales)?$")
 _ROUTER = re.compile(r"^(?P<prefix>.+)\.(gate|router)\.(?P<field>[^.]+)$")
 _SHARED = re.compile(r"^(?P<prefix>.+)\.(shared_experts?|shared_expert_gate)\.")
 

@@ -74,7 +74,8 @@ def quantization_config(plan) -> dict:
         "quant_method": QUANT_METHOD,
         "format": "xpu-int4-moe",
         "format_version": FORMAT_VERSION,
-        "experts": f"int4 routed experts of the MoE layers listed in config.json \"{CONFIG_BLOCK}\" (layout, shapes, groups)",
+        "experts": f"int4 routed experts of the MoE layers listed in config.json \"{CONFIG_BLOCK}\" "
+                   "(layout, shapes, groups)",
         "source_quantization_config": json.loads(json.dumps(plan.quant.raw)),
         "source_found_in": plan.quant.found_in,
     }
@@ -153,7 +154,8 @@ def card_section(plan) -> str:
         CARD_BEGIN,
         "## Converted for Intel XPU fused MoE by gptq2xpu",
         "",
-        f"Converted by gptq2xpu {version} from `{plan.published_origin()['origin']}` ({plan.family}, {src['quant_method']} "
+        f"Converted by gptq2xpu {version} from `{plan.published_origin()['origin']}` ({plan.family}, "
+        f"{src['quant_method']} "
         f"`{src['checkpoint_format']}`, quantization config from `{src['found_in']}`; source fingerprint "
         f"`{plan.fingerprint or 'n/a'}`).",
         "",
@@ -178,7 +180,8 @@ def card_section(plan) -> str:
     if unconverted:
         lines += [f"Kept unchanged (not int4, `--keep-unsupported`): {_names(unconverted)}.", ""]
     if block["dequantized_routers"]:
-        lines += [f"Routers written as float weights (`--dequantize-router`): {_names(block['dequantized_routers'])}.", ""]
+        routers = _names(block["dequantized_routers"])
+        lines += [f"Routers written as float weights (`--dequantize-router`): {routers}.", ""]
     if block["quantized_routers"]:
         lines += [f"GPTQ-quantized routers passed through: {_names(block['quantized_routers'])}.", ""]
     lines += [
@@ -229,14 +232,15 @@ def card_section(plan) -> str:
 def _layer_rows(conv) -> list[str]:
     """One table row per run of layers with the same shapes (48 identical layers: one row)."""
     groups: list[tuple[tuple, list[str]]] = []
-    for l in conv:
-        g = l.geometry
-        key = (l.experts, l.hidden, f"{l.intermediate}" + (f" ({g.padded})" if g.padded != l.intermediate else ""),
-               f"{g.g13} / {g.g2}", {"F16": "float16", "BF16": "bfloat16"}.get(l.scale_dtype, l.scale_dtype))
+    for lyr in conv:
+        g = lyr.geometry
+        key = (lyr.experts, lyr.hidden,
+               f"{lyr.intermediate}" + (f" ({g.padded})" if g.padded != lyr.intermediate else ""),
+               f"{g.g13} / {g.g2}", {"F16": "float16", "BF16": "bfloat16"}.get(lyr.scale_dtype, lyr.scale_dtype))
         if groups and groups[-1][0] == key:
-            groups[-1][1].append(l.prefix)
+            groups[-1][1].append(lyr.prefix)
         else:
-            groups.append((key, [l.prefix]))
+            groups.append((key, [lyr.prefix]))
     rows = []
     for key, prefixes in groups:
         label = f"`{prefixes[0]}`" if len(prefixes) == 1 else f"`{prefixes[0]}` ... `{prefixes[-1]}` ({len(prefixes)})"

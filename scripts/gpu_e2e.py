@@ -79,13 +79,15 @@ def main() -> None:
     res["convert_seconds"] = round(t, 2)
     res["convert_gib_per_s"] = round(conv["bytes_in"] / 2**30 / t, 3)
     t, gpu = run_cli("verify", out, "--source", src, "--device", args.device, "--tokens", args.tokens)
-    res["gpu_verify"] = {"wall_seconds": round(t, 2), "status": gpu["status"], "bit_exact_seconds": gpu.get("bit_exact_seconds"),
-                         "numeric_seconds": gpu.get("numeric_seconds"), "device": gpu.get("device"), "dtype": gpu.get("dtype"),
-                         **layer_stats(gpu)}
+    res["gpu_verify"] = {"wall_seconds": round(t, 2), "status": gpu["status"],
+                         "bit_exact_seconds": gpu.get("bit_exact_seconds"),
+                         "numeric_seconds": gpu.get("numeric_seconds"), "device": gpu.get("device"),
+                         "dtype": gpu.get("dtype"), **layer_stats(gpu)}
     if args.cpu_layers:
         t, cpu = run_cli("verify", out, "--source", src, "--device", "cpu", "--dtype", gpu.get("dtype", "bfloat16"),
                          "--layers", args.cpu_layers, "--tokens", args.tokens)
-        res["cpu_verify"] = {"wall_seconds": round(t, 2), "status": cpu["status"], "threads": os.cpu_count(), **layer_stats(cpu)}
+        res["cpu_verify"] = {"wall_seconds": round(t, 2), "status": cpu["status"], "threads": os.cpu_count(),
+                             **layer_stats(cpu)}
     text = json.dumps(res, indent=2)
     print(text)
     if args.json_out:

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
         "max_ms": max(dm),
     }
     packed_bytes = sum(t.numel() for t in host.values())
-    check = cross_check(device, dtype, dev, s13, s2, router, x, args.top_k, out) if args.check else None
+    check = cross_check(dtype, dev, s13, s2, router, x, args.top_k, out) if args.check else None
     return {
         "config": {
             "experts": args.experts,
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def cross_check(device, dtype, dev, s13, s2, router, x, top_k, out) -> dict:
+def cross_check(dtype, dev, s13, s2, router, x, top_k, out) -> dict:
     """The device's dequant must equal the CPU's bit for bit; its MoE output must be within the
     compute dtype's TOLERANCES of a float32 forward on the CPU over the same weights."""
     cpu = torch.device("cpu")

@@ -114,7 +114,7 @@ def main(out: Path) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_((torch.randn(p.shape, generator=gen) * 0.05).to(p.dtype))
-        for name, mod in model.named_modules():
+        for _, mod in model.named_modules():
             if isinstance(mod, nn.RMSNorm):
                 mod.weight.copy_((1 + torch.randn(HIDDEN, generator=gen) * 0.05).to(torch.bfloat16))
 
@@ -163,7 +163,8 @@ def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     save_file(truth, out / "ground_truth.safetensors",
-              metadata={"format": "gptq2xpu-ground-truth", "codes": "value+8, two per byte, even column in the high nibble"})
+              metadata={"format": "gptq2xpu-ground-truth",
+                        "codes": "value+8, two per byte, even column in the high nibble"})
     (out / "config.json").write_text(json.dumps(model_config(), indent=2, sort_keys=True) + "\n")
     saved = QuantizationConfig.from_pretrained(model, format="pack-quantized")
     ModelCompressor(quantization_config=saved).update_config(str(out))
@@ -175,4 +176,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "ct-pack-quantized")
+    default = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "ct-pack-quantized"
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else default)

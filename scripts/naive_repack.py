@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-EXPERT = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.(?P<field>\w+)$")
+EXPERT = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)"
+                    r"\.(?P<field>\w+)$")
 ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
 
@@ -51,7 +52,7 @@ def main(src: Path, out: Path) -> None:
     for prefix, fields in layers.items():
         experts = 1 + max(e for e, _ in fields)
 
-        def stack(role: str, field: str) -> torch.Tensor:
+        def stack(role: str, field: str, fields=fields, experts=experts) -> torch.Tensor:
             return torch.stack([state[fields[(e, role)][field]] for e in range(experts)])
 
         gate, up, down = (stack(r, "qweight") for r in ("gate", "up", "down"))     # [E, in/8, out] int32
@@ -59,7 +60,8 @@ def main(src: Path, out: Path) -> None:
         w2 = down.transpose(1, 2).contiguous()                                           # [E, K, N/8]
         s_gate, s_up, s_down = (stack(r, "scales") for r in ("gate", "up", "down"))   # [E, in/g, out]
         result[f"{prefix}.experts.w13_qweight"] = w13.view(torch.uint8)                   # [E, 2N, K/2]
-        result[f"{prefix}.experts.w13_scales"] = torch.cat([s_gate.transpose(1, 2), s_up.transpose(1, 2)], dim=1).contiguous()
+        w13_scales = torch.cat([s_gate.transpose(1, 2), s_up.transpose(1, 2)], dim=1).contiguous()
+        result[f"{prefix}.experts.w13_scales"] = w13_scales
         result[f"{prefix}.experts.w2_qweight"] = w2.view(torch.uint8)                     # [E, K, N/2]
         result[f"{prefix}.experts.w2_scales"] = s_down.transpose(1, 2).contiguous()
         for f in fields.values():

@@ -50,7 +50,8 @@ def matrix():
     yield "sharded", dict(family="deepseek_v3", shard_size=20_000, shuffle_index=True, **SMALL, **dense), \
         dict(max_shard_size=30_000)
     yield "compressed-tensors", dict(family="qwen3_moe", quant_format="compressed-tensors", **SMALL), {}
-    yield "router-dequant", dict(family="qwen2_moe", quantized_router=True, **dict(SMALL, num_experts=8)), dict(dequantize_router=True)
+    yield "router-dequant", dict(family="qwen2_moe", quantized_router=True, **dict(SMALL, num_experts=8)), \
+        dict(dequantize_router=True)
     yield "router-kept", dict(family="qwen2_moe", quantized_router=True, **dict(SMALL, num_experts=8)), {}
     yield "mtp-fused", dict(family="qwen3_5_moe", mtp=True, fused_float_mtp=True, **SMALL), {}
     yield "dynamic", dict(family="qwen3_moe", num_layers=3, **SMALL,

@@ -41,7 +41,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(f, "pt") as fh:
-            for name in fh.keys():
+            for name in fh.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
                 out[name] = fh.get_tensor(name)
     return out
 

@@ -27,7 +27,8 @@ def test_bench_smoke(tmp_path):
 
     doc = json.loads(out.read_text())
     variants = doc["variants"]
-    assert set(variants) == {"copy_cp", "copy_copytree", "convert", "naive", "verify", "verify_source", "verify_numeric"}
+    assert set(variants) == {"copy_cp", "copy_copytree", "convert", "naive", "verify", "verify_source",
+                             "verify_numeric"}
     for name, v in variants.items():
         assert v["reps"] == 1, name
         assert v["wall_median_s"] > 0 and v["wall_min_s"] > 0, name

@@ -119,7 +119,8 @@ def entry(draw):
                       and all(type(d) is int and 0 <= d < 10 for d in shape))
         if consistent and draw(st.booleans()):
             begin = draw(st.integers(0, 600))
-            e["data_offsets"] = [begin, begin + math.prod(shape) * DTYPE_SIZES[dtype] + draw(st.sampled_from([0, 0, 0, 1, -1]))]
+            size = math.prod(shape) * DTYPE_SIZES[dtype]
+            e["data_offsets"] = [begin, begin + size + draw(st.sampled_from([0, 0, 0, 1, -1]))]
         else:
             e["data_offsets"] = draw(OFFSETS)
     if draw(st.integers(0, 9)) == 0:
@@ -382,7 +383,8 @@ OVERRIDES = st.one_of(
     ANY_JSON,
 )
 GPTQ_QC = st.fixed_dictionaries({}, optional={
-    "quant_method": st.one_of(st.sampled_from(["gptq", "GPTQ", "auto-round", "intel/auto-round", "awq", "compressed-tensors"]), JSON_LEAF),
+    "quant_method": st.one_of(st.sampled_from(["gptq", "GPTQ", "auto-round", "intel/auto-round", "awq",
+                                               "compressed-tensors"]), JSON_LEAF),
     "bits": st.one_of(st.sampled_from([4, 8]), JSON_LEAF),
     "group_size": st.one_of(st.sampled_from([-1, 32, 128]), JSON_LEAF),
     "sym": JSON_LEAF, "desc_act": JSON_LEAF,
@@ -400,7 +402,8 @@ CT_QC = st.fixed_dictionaries({"quant_method": st.just("compressed-tensors")}, o
     "format": JSON_LEAF,
     "config_groups": st.one_of(st.dictionaries(st.text(max_size=3), st.one_of(
         st.fixed_dictionaries({"weights": CT_WEIGHTS}), ANY_JSON), max_size=2), ANY_JSON),
-    "ignore": st.one_of(st.lists(st.one_of(PATTERN, PATTERN.map(lambda p: "re:" + p), JSON_LEAF), max_size=3), ANY_JSON),
+    "ignore": st.one_of(st.lists(st.one_of(PATTERN, PATTERN.map(lambda p: "re:" + p), JSON_LEAF), max_size=3),
+                        ANY_JSON),
 })
 QC = st.one_of(GPTQ_QC, CT_QC, ANY_JSON)
 
@@ -424,7 +427,10 @@ MODULES = ["m.e.0.up", "a", "x.gate", "", "b.b.b.b"]  # short names: a pathologi
 @FUZZ
 @given(config_dict(), st.one_of(st.none(), QC.map(lambda q: json.dumps(q).encode()), st.binary(max_size=40)),
        st.sampled_from(["quantization_config.json", "quantize_config.json"]))
-@example({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "group_size": 128}}}, "ignore": 5}}, None, "quantize_config.json")
+@example({"quantization_config": {"quant_method": "compressed-tensors",
+                                  "config_groups": {"g": {"weights": {"num_bits": 4, "group_size": 128}}},
+                                  "ignore": 5}},
+         None, "quantize_config.json")
 @example({"quantization_config": {"dynamic": {"a{99999999999}": {}}}}, None, "quantize_config.json")
 @example({"quantization_config": {"dynamic": {"(" * 999 + ")" * 999: {}}}}, None, "quantize_config.json")
 def test_quant_config_fuzz(scratch_dir, config, side_file, side_name):

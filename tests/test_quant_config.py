@@ -23,7 +23,8 @@ def cfg(dynamic):
 
 
 def test_real_world_rules_are_accepted_and_applied(tmp_path):
-    qc = read_quant_config(tmp_path, cfg({p: ({} if p.startswith("-:") else {"group_size": 64}) for p in REAL_PATTERNS}))
+    rules = {p: ({} if p.startswith("-:") else {"group_size": 64}) for p in REAL_PATTERNS}
+    qc = read_quant_config(tmp_path, cfg(rules))
     assert not qc.module("model.layers.0.mlp.gate").quantized
     assert qc.module("model.layers.3.mlp.experts.7.up_proj").group_size == 64
     assert qc.module("lm_head").quantized and qc.module("lm_head").group_size == 128
@@ -49,7 +50,8 @@ def test_first_match_wins_and_exclusion(tmp_path):
 
 
 def test_nested_text_config_and_separate_files(tmp_path):
-    qc = read_quant_config(tmp_path, {"text_config": {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32}}})
+    nested = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    qc = read_quant_config(tmp_path, {"text_config": {"quantization_config": nested}})
     assert qc.group_size == 32 and qc.found_in == "config.json:text_config.quantization_config"
     (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 64, "desc_act": False}))
     qc = read_quant_config(tmp_path, {})

@@ -49,8 +49,8 @@ def test_agrees_with_python_re(pattern, texts):
 
 REAL = [r".*\.mlp\.gate$", r"model\.layers\.[0-9]+\.mlp\.experts\..*", r".*(shared_expert|gate)$",
         r".*layers\.(1|2)\.mlp\.experts\.(?:\d+)\.down_proj", r"lm_head", r"(?s).*"]
-NAMES = ["model.layers.0.mlp.gate", "model.layers.12.mlp.experts.7.up_proj", "lm_head", "model.layers.1.mlp.experts.3.down_proj",
-         "mtp.layers.0.mlp.shared_expert", "x\ny", ""]
+NAMES = ["model.layers.0.mlp.gate", "model.layers.12.mlp.experts.7.up_proj", "lm_head",
+         "model.layers.1.mlp.experts.3.down_proj", "mtp.layers.0.mlp.shared_expert", "x\ny", ""]
 
 
 @pytest.mark.parametrize("pattern", REAL)

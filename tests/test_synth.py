@@ -238,7 +238,8 @@ def test_family_layout(synth, family):
                   "shared_experts": f"{p}.shared_experts.gate_proj.qweight"}
         for style, name in shared.items():
             assert (name in info.tensors) == (style == fam.shared_style and fam.shared_default)
-        assert (f"{p}.shared_expert_gate.weight" in info.tensors) == (fam.shared_style == "shared_expert" and fam.shared_default)
+        has_gate = fam.shared_style == "shared_expert" and fam.shared_default
+        assert (f"{p}.shared_expert_gate.weight" in info.tensors) == has_gate
     if dense:
         d = f"{fam.layer_prefix}.0.mlp"
         assert _shape(info, f"{d}.gate_proj.qweight") == [K // 8, 2 * N]
@@ -346,7 +347,8 @@ def test_separate_quant_config_files(synth, where, file):
 
 def test_side_files(synth):
     info = synth()
-    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "LICENSE"):
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+              "LICENSE"):
         assert (info.path / f).is_file()
     assert "chat_template" in json.loads((info.path / "tokenizer_config.json").read_text())
     assert json.loads((info.path / "tokenizer.json").read_text())["model"]["type"] == "WordLevel"
@@ -417,7 +419,8 @@ def test_dynamic_exclusion_and_overrides(synth):
     assert "model.layers.1.mlp.experts.0.up_proj.qweight" not in info.tensors
     assert all(n in info.passthrough_names for n in l1.expert_names)
     t = read_all(info)
-    assert np.array_equal(bf16_to_f32(t["model.layers.1.mlp.experts.5.down_proj.weight"][2]), l1.float_weights["down"][5])
+    down = bf16_to_f32(t["model.layers.1.mlp.experts.5.down_proj.weight"][2])
+    assert np.array_equal(down, l1.float_weights["down"][5])
 
 
 def test_8bit_override_and_mixed(synth):
@@ -514,8 +517,10 @@ def test_deterministic(tmp_path):
     S.make_checkpoint(tmp_path / "c", **dict(kw, seed=8))
     c = _file_bytes(tmp_path / "c")
     assert c["config.json"] == a["config.json"]
-    st = lambda d: {k: v for k, v in d.items() if k.endswith(".safetensors")}
-    assert st(c) != st(a)
+    def weights(d):
+        return {k: v for k, v in d.items() if k.endswith(".safetensors")}
+
+    assert weights(c) != weights(a)
 
 
 # -------------------------------------------------------------------------------- pickle trap

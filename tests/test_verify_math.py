@@ -323,7 +323,8 @@ def test_tolerances_cover_dtype_noise():
     """Each dtype's forward sits within half its tolerance of the exact (float64) forward, so two
     valid implementations pass against each other; a single corrupted expert fails by far."""
     x, w13, s13, w2, s2, tw, ti = _random_int4_moe(0, experts=16, hidden=512, inter=256, tokens=32, top_k=4)
-    exact = moe_forward(x, xpu_dequant(w13, s13, "u4b8", torch.float64), xpu_dequant(w2, s2, "u4b8", torch.float64), tw, ti)
+    exact = moe_forward(x, xpu_dequant(w13, s13, "u4b8", torch.float64), xpu_dequant(w2, s2, "u4b8", torch.float64),
+                        tw, ti)
     outs = {}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         outs[dtype] = moe_forward(x, xpu_dequant(w13, s13, "u4b8", dtype), xpu_dequant(w2, s2, "u4b8", dtype), tw, ti)
@@ -344,7 +345,8 @@ def test_tolerances_cover_dtype_noise():
     bad = w13.clone()
     e = int(ti[0, 0])
     bad[e] = (bad[e] >> 4) | (bad[e] << 4)
-    broken = moe_forward(x, xpu_dequant(bad, s13, "u4b8", torch.bfloat16), xpu_dequant(w2, s2, "u4b8", torch.bfloat16), tw, ti)
+    broken = moe_forward(x, xpu_dequant(bad, s13, "u4b8", torch.bfloat16), xpu_dequant(w2, s2, "u4b8", torch.bfloat16),
+                         tw, ti)
     stats = compare(broken, outs[torch.bfloat16])
     assert stats["rel"] > 10 * TOLERANCES["bfloat16"]["rel"]
     assert not within_tolerance(stats, torch.bfloat16)
@@ -383,7 +385,8 @@ def _source_expert(model, layer, expert, proj, dtype):
 
 
 def _source_layer(model, layer, dtype):
-    w13 = torch.stack([torch.cat([_source_expert(model, layer, e, "gate", dtype), _source_expert(model, layer, e, "up", dtype)]) for e in range(8)])
+    w13 = torch.stack([torch.cat([_source_expert(model, layer, e, "gate", dtype),
+                                  _source_expert(model, layer, e, "up", dtype)]) for e in range(8)])
     w2 = torch.stack([_source_expert(model, layer, e, "down", dtype) for e in range(8)])
     return w13, w2
 

@@ -145,7 +145,8 @@ def test_pickles_are_never_loaded(synth, tmp_path, cli):
     only_pickle = tmp_path / "pickle_only"
     only_pickle.mkdir()
     write_pickle_trap(only_pickle, marker)
-    (only_pickle / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    config = {"model_type": "qwen3_moe", "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    (only_pickle / "config.json").write_text(json.dumps(config))
     for cmd in (("inspect", only_pickle), ("convert", only_pickle, tmp_path / "o1")):
         code, _, err = cli(*cmd)
         assert code == 3 and "pickle" in err
@@ -159,7 +160,8 @@ def test_pickles_are_never_loaded(synth, tmp_path, cli):
 
 
 def test_inspect_table_lists_every_layer(synth, tmp_path, cli):
-    info = synth(family="qwen3_5_moe", mtp=True, num_layers=3, dynamic={r"-:.*layers\.2\.mlp\.experts\..*": {}}, **SMALL)
+    info = synth(family="qwen3_5_moe", mtp=True, num_layers=3, dynamic={r"-:.*layers\.2\.mlp\.experts\..*": {}},
+                 **SMALL)
     code, out, err = cli("inspect", info.path, "--json")
     assert code == 0, err
     k = kinds(json.loads(out))

@@ -6,7 +6,8 @@ JOBS.json: ``{"prompts": [[token ids], ...], "jobs": [{"name", "model", "tp": 1,
 "fake_vllm_version": null}, ...]}``.  For each job: build ``LLM(model=...)`` (the gptq2xpu plugin
 loads through its entry point, as in ``vllm serve``), compute the top-20 prompt logprobs of every
 prompt, describe the MoE layers' methods, and free the engine.  A job that fails records its error
-and the next one runs.  vLLM's log (the plugin's lines included) goes to stdout, as with ``vllm serve``.  Started by ``tests/test_vllm_serving.py`` (which sets the environment:
+and the next one runs.  vLLM's log (the plugin's lines included) goes to stdout, as with
+``vllm serve``.  Started by ``tests/test_vllm_serving.py`` (which sets the environment:
 tensor-parallel jobs need their own process), usable by hand to reproduce a number.
 """
 
@@ -29,7 +30,8 @@ def describe_moe(model):
         if qm is not None and type(module).__name__ == "RoutedExperts":
             backend = getattr(qm, "wna16_moe_backend", None)
             out[name] = {"method": type(qm).__name__, "backend": getattr(backend, "value", backend),
-                         "params": {n: [str(p.dtype), list(p.shape)] for n, p in module.named_parameters(recurse=False)}}
+                         "params": {n: [str(p.dtype), list(p.shape)]
+                                    for n, p in module.named_parameters(recurse=False)}}
     return out
 
 
@@ -80,7 +82,8 @@ def run_job(job, prompts):
 
 
 def main(argv):
-    spec = json.loads(open(argv[1]).read())
+    with open(argv[1]) as fh:
+        spec = json.load(fh)
     import torch
     import vllm  # noqa: F401 - configures vLLM's logging first
 

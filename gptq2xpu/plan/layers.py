@@ -78,8 +78,8 @@ def _fused_float_layer(ckpt, group: ExpertGroup, quant, common) -> LayerPlan:
 def _check_numbering(group: ExpertGroup) -> None:
     """Experts are numbered 0..E-1 without a gap (found without allocating anything per number)."""
     if group.bad_indices:
-        raise _Refusal("broken", f"expert number {group.bad_indices[0][:20]}{'...' if len(group.bad_indices[0]) > 20 else ''} "
-                                 "is out of range")
+        number = group.bad_indices[0]
+        raise _Refusal("broken", f"expert number {number[:20]}{'...' if len(number) > 20 else ''} is out of range")
     indices = sorted(group.experts)
     if indices[-1] != len(indices) - 1:
         missing = next(i for i, e in enumerate(indices) if i != e)

@@ -575,9 +575,13 @@ class _Builder:
     def attention(self, p: str, layer: int, K: int, float_all: bool = False, full: bool = False) -> None:
         fam, s = self.fam, self.spec
         H, kvh, hd = _heads(K)
-        lin = lambda name, i, o, **kw: self.linear(f"{p}.{name}", i, o, force_float=float_all, **kw)
+
+        def lin(name, i, o, **kw):
+            return self.linear(f"{p}.{name}", i, o, force_float=float_all, **kw)
+
         style = fam.attention
-        if style in ("qwen3_gated", "qwen3") and fam.hybrid and not full and not _is_full_attention(layer, s.num_layers):
+        linear_attention = fam.hybrid and not full and not _is_full_attention(layer, s.num_layers)
+        if style in ("qwen3_gated", "qwen3") and linear_attention:
             la = f"{p}.linear_attn"
             nv = max(1, K // 128)
             if fam.model_type == "qwen3_next":
@@ -771,8 +775,8 @@ class _Builder:
                 kind = "gptq" if bits_set == {4} else "int8" if bits_set == {8} else "mixed"
             else:
                 kind = "mixed"
-            lay = SynthLayer(p, kind, num_experts=len(experts), expert_names=names,
-                             bits=(bits_set.pop() if len(bits_set) == 1 else 0) if kind not in ("float", "excluded") else 16)
+            bits = (bits_set.pop() if len(bits_set) == 1 else 0) if kind not in ("float", "excluded") else 16
+            lay = SynthLayer(p, kind, num_experts=len(experts), expert_names=names, bits=bits)
             for role in ROLES:
                 groups = {ex[role].group for ex in experts if ex[role].kind == "gptq"}
                 if len(groups) == 1:
@@ -780,8 +784,9 @@ class _Builder:
                 if s.fast:
                     continue
                 if kind in ("float", "excluded"):
-                    lay.float_weights[role] = np.stack(
-                        [self.float_values(f"{ex[role].name}.weight", (ex[role].out_f, ex[role].in_f)) for ex in experts])
+                    lay.float_weights[role] = np.stack([self.float_values(f"{ex[role].name}.weight",
+                                                                          (ex[role].out_f, ex[role].in_f))
+                                                        for ex in experts])
                 elif kind in ("gptq", "int8") and role in lay.group_size:
                     lay.codes[role] = np.stack([self.codes(ex[role]) for ex in experts])
                     lay.scales[role] = np.stack([self.scales(ex[role])[1] for ex in experts])

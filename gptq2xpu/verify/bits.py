@@ -21,6 +21,7 @@ converted layer:
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 
@@ -185,10 +186,10 @@ class LayerBits:
                 continue
             if not _same_bytes_2d(want, got):
                 r, c = np.argwhere(want != got)[0]
-                self.bad(f"expert {e} {role}: byte [{r}, {c}] is 0x{int(got[r, c]):02X}, source says 0x{int(want[r, c]):02X}")
-        if p > n:
-            if not ((w13[n:p] == pad).all() and (w13[p + n :] == pad).all() and (w2[:, n // 2 :] == pad).all()):
-                self.bad(f"expert {e}: padding is not code 8 (weight 0)")
+                self.bad(f"expert {e} {role}: byte [{r}, {c}] is 0x{int(got[r, c]):02X}, "
+                         f"source says 0x{int(want[r, c]):02X}")
+        if p > n and not all((rows == pad).all() for rows in (w13[n:p], w13[p + n :], w2[:, n // 2 :])):
+            self.bad(f"expert {e}: padding is not code 8 (weight 0)")
         return w13, w2
 
     def check_zero_points(self, e: int) -> None:
@@ -231,7 +232,8 @@ class LayerBits:
             return
         n, p = self.n, self.p  # something differs: expert by expert, for the messages
         for e in range(self.e):
-            for role, got, g_out, cols in (("gate", s13[e, :n], self.g13, self.k), ("up", s13[e, p : p + n], self.g13, self.k),
+            for role, got, g_out, cols in (("gate", s13[e, :n], self.g13, self.k),
+                                           ("up", s13[e, p : p + n], self.g13, self.k),
                                            ("down", s2[e, :, : n // self.g2], self.g2, n)):
                 src = _scales_f32(self.src, self.name(e, role, field))
                 per_out = src if self.fmt == "compressed-tensors" else src.T      # [out, groups_in]
@@ -241,8 +243,9 @@ class LayerBits:
                 want = _cast_bits(per_out[:, idx], self.scale_dtype)
                 if not np.array_equal(want, got):
                     r, c = np.argwhere(want != got)[0]
-                    self.bad(f"expert {e} {role} scales [{r}, {c}]: 0x{int(got[r, c]):04X}, source gives 0x{int(want[r, c]):04X}")
-            if p > n and ((s13[e, n:p] != 0).any() or (s13[e, p + n :] != 0).any() or (s2[e, :, n // self.g2 :] != 0).any()):
+                    self.bad(f"expert {e} {role} scales [{r}, {c}]: 0x{int(got[r, c]):04X}, "
+                             f"source gives 0x{int(want[r, c]):04X}")
+            if p > n and any((pad != 0).any() for pad in (s13[e, n:p], s13[e, p + n :], s2[e, :, n // self.g2 :])):
                 self.bad(f"expert {e}: padding scales are not 0")
 
     def _scales_all_equal(self, s13: np.ndarray, s2: np.ndarray, field: str) -> bool:
@@ -351,10 +354,9 @@ def _import_torch_in_background() -> None:
         return  # imported, or already being imported; the lock is never released: once is enough
 
     def run():
-        try:
+        # an error here is raised again by the foreground import, where torch is used
+        with contextlib.suppress(Exception):
             _torch()
-        except Exception:  # pragma: no cover - the foreground import raises it where torch is used
-            pass
 
     threading.Thread(target=run, name="gptq2xpu-import-torch", daemon=True).start()
 
@@ -393,7 +395,8 @@ def check_layer_bits(src, out, prefix, info, block, *, exhaustive=False) -> list
 def check_passthrough(src: Checkpoint, out: Checkpoint, block: dict) -> list[str]:
     """Every tensor outside the converted experts: present in both, byte-identical."""
     layers = block.get("layers", {})
-    converted_out = {f"{p}.experts.{w}" for p in layers for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales")}
+    converted_out = {f"{p}.experts.{w}" for p in layers
+                     for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales")}
     dequantized = set(block.get("dequantized_routers", []))
     dequant_prefixes = {d.rsplit(".", 1)[0] + "." for d in dequantized}
     expert_prefixes = tuple(f"{p}.experts." for p in layers)

@@ -76,7 +76,8 @@ def _check_inputs(x, w13, w13_scales, w2, w2_scales) -> tuple[int, int, int]:
             f"expected w13 [E, 2N, {hidden // 2}] and w2 [E, {hidden}, N/2] for x [T, {hidden}]; "
             f"got {tuple(w13.shape)}, {tuple(w2.shape)}"
         )
-    for name, scales, rows, cols in (("w13_scales", w13_scales, two_n, hidden), ("w2_scales", w2_scales, hidden, inter)):
+    for name, scales, rows, cols in (("w13_scales", w13_scales, two_n, hidden),
+                                     ("w2_scales", w2_scales, hidden, inter)):
         if scales.dim() != 3 or scales.shape[:2] != (experts, rows):
             raise ValueError(f"{name} must be [{experts}, {rows}, G], got {tuple(scales.shape)}")
         if scales.dtype != x.dtype:

@@ -52,7 +52,8 @@ def register_config() -> None:
 def base_config(source: dict) -> QuantizationConfig:
     """vLLM's own config for the source's quantization description (what vLLM would use for the source)."""
     if not isinstance(source, dict):
-        raise InputError(f"quantization_config.source_quantization_config: expected an object, found {type(source).__name__}")
+        raise InputError("quantization_config.source_quantization_config: expected an object, "
+                         f"found {type(source).__name__}")
     method = str(source.get("quant_method", "gptq")).lower().replace("compressed_tensors", "compressed-tensors")
     known = [m for m in QUANTIZATION_METHODS if m != QUANT_METHOD]
     name = method if method in known else None
@@ -114,7 +115,7 @@ class Gptq2XpuConfig(QuantizationConfig):
         return []  # convert writes the description into config.json
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "Gptq2XpuConfig":
+    def from_config(cls, config: dict[str, Any]) -> Gptq2XpuConfig:
         check_vllm_version(vllm.__version__)
         if str(config.get("quant_method", "")).lower() != QUANT_METHOD:
             return cls(config)  # an older output: its quantization_config is the source's own

@@ -102,14 +102,17 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
 
     # ------------------------------------------------------------------------------ shapes
 
-    def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype, moe_parallel_config):
+    # vLLM's signature: the size per rank is the config block's, not intermediate_size_per_partition
+    def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition,  # noqa: ARG002 (vLLM's signature)
+                            act_dtype, moe_parallel_config):
         e, par = self.entry, moe_parallel_config
         if par.use_ep:
             raise InputError(f"{self.prefix}: expert parallelism is not supported for gptq2xpu checkpoints; "
                              "serve without --enable-expert-parallel")
         if self.moe.intermediate_size != e.intermediate_size or hidden_size != e.hidden_size:
             raise InputError(f"{self.prefix}: the model config says hidden {hidden_size}, expert intermediate "
-                             f"{self.moe.intermediate_size}; the converted layer has {e.hidden_size}, {e.intermediate_size}")
+                             f"{self.moe.intermediate_size}; the converted layer has {e.hidden_size}, "
+                             f"{e.intermediate_size}")
         t, p = par.tp_size, e.padded_intermediate_size
         if p % t or (p // t) % e.w2_group_size or (p // t) % 8:
             raise InputError(
@@ -126,8 +129,9 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
         self.moe.intermediate_size_per_partition_unpadded = p // t
         return rounded
 
-    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                       **extra_weight_attrs):
+    # vLLM's signature: the dtypes are the converted checkpoint's, and no extra attributes are set
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition,
+                       params_dtype, **extra_weight_attrs):  # noqa: ARG002 (vLLM's signature)
         e = self.entry
         if num_experts != e.experts:
             raise InputError(f"{self.prefix}: the model has {num_experts} experts, the converted layer {e.experts}")
@@ -159,7 +163,8 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
     def load_rank_slice(self, name: str, dst: torch.Tensor, full: torch.Tensor) -> None:
         """Copy this rank's slice of the checkpoint tensor ``full`` (contract shape) into ``dst``."""
         e = self.entry
-        want, dtype = e.shapes[name], (torch.uint8 if name in (W13_QWEIGHT, W2_QWEIGHT) else _SCALE_DTYPES[e.scale_dtype])
+        want = e.shapes[name]
+        dtype = torch.uint8 if name in (W13_QWEIGHT, W2_QWEIGHT) else _SCALE_DTYPES[e.scale_dtype]
         if tuple(full.shape) != want or full.dtype != dtype:
             raise InputError(f"{e.tensor(name)}: {full.dtype} {list(full.shape)} in the checkpoint, expected {dtype} "
                              f"{list(want)} (config.json block)")

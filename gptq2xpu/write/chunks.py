@@ -101,7 +101,8 @@ class ShardSource:
                 out.extend((start + e * step, lambda lyr=layer, k=kind, e=e, n=per: self._scales(lyr, k, e, n))
                            for e in range(0, layer.experts, per))
             elif kind == "router":
-                out.append((start, lambda lyr=self.plan.layer(item.ref), t=item.tensor: self._router(lyr, t)))
+                layer = self.plan.layer(item.ref)
+                out.append((start, lambda lyr=layer, t=item.tensor: self._router(lyr, t)))
             else:  # pragma: no cover - plan and writer are built together
                 raise AssertionError(kind)
         return out

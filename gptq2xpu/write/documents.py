@@ -78,7 +78,8 @@ def manifest_base(plan: Plan) -> dict:
         "source_fingerprint": plan.fingerprint,
         "layers": {
             "converted": [layer.prefix for layer in plan.converted],
-            "passthrough": [layer.prefix for layer in plan.layers if layer.action == "passthrough" and layer.kind != "unsupported"],
+            "passthrough": [layer.prefix for layer in plan.layers
+                            if layer.action == "passthrough" and layer.kind != "unsupported"],
             "unconverted": [layer.prefix for layer in plan.layers if layer.kind == "unsupported"],
         },
     }

@@ -45,7 +45,7 @@ def write_ranks(plan: Plan, folder: Path) -> dict:
                 with open(path, "wb") as fh:
                     fh.write(layout.header)
                     digest.update(layout.header)
-                    for tensor, slicer in items:
+                    for _, slicer in items:
                         for chunk in slicer(full):
                             mv = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
                             digest.update(mv)
@@ -54,9 +54,12 @@ def write_ranks(plan: Plan, folder: Path) -> dict:
                 raise io_error("cannot write", path, exc) from None
             rel = f"{rank_folder(r, t)}/model.safetensors"
             files[rel] = {"sha256": digest.hexdigest(), "size": layout.file_size}
-            doc = {"tp_rank": r, "tp_size": t, "layers": {lyr.prefix: {"intermediate_slice": [r * lyr.geometry.padded // t, (r + 1) * lyr.geometry.padded // t]}
-                                                          for lyr in plan.converted}}
-            files[f"{rank_folder(r, t)}/rank.json"] = write_doc(sub, "rank.json", (json.dumps(doc, indent=2) + "\n").encode())
+            slices = {lyr.prefix: {"intermediate_slice": [r * lyr.geometry.padded // t,
+                                                          (r + 1) * lyr.geometry.padded // t]}
+                      for lyr in plan.converted}
+            doc = {"tp_rank": r, "tp_size": t, "layers": slices}
+            files[f"{rank_folder(r, t)}/rank.json"] = write_doc(sub, "rank.json",
+                                                                (json.dumps(doc, indent=2) + "\n").encode())
     finally:
         full.close()
     return files

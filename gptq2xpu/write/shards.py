@@ -67,7 +67,7 @@ class ShardWriter:
         self.jobs = max(1, int(jobs))
         self.pool = BufferPool()
         self.source = ShardSource(plan, ckpt, self.pool)
-        self._progress = progress or (lambda n: None)
+        self._progress = progress or (lambda _: None)
         self._progress_lock = threading.Lock()
         self._stop = threading.Event()
         self.ahead = max(4, AHEAD_PER_JOB * self.jobs // max(1, shards_at_once))

@@ -544,11 +544,3 @@ def encode_header(doc: dict) -> bytes:
     body += b" " * (-(8 + len(body)) % 8)
     return struct.pack("<Q", len(body)) + body
 
-
-def dtype_name(dt: np.dtype) -> str:
-    """numpy dtype -> safetensors dtype name."""
-    dt = np.dtype(dt)
-    for name, candidate in NUMPY_DTYPES.items():
-        if candidate == dt.newbyteorder("<") or candidate == dt:
-            return name
-    raise ValueError(f"no safetensors dtype for numpy {dt}")

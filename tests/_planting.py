@@ -179,12 +179,6 @@ def edit_block(folder: Path, fn) -> None:
 # ------------------------------------------------------------------------------- floats
 
 
-def f16_bits_to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    return a.astype(np.float32)
-
-
 def bf16_truncate(x: np.ndarray) -> np.ndarray:
     """float32 -> bf16 bits by truncation (the wrong cast: no round-to-nearest-even)."""
     return (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)

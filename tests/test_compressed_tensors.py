@@ -19,6 +19,7 @@ import pytest
 from _planting import convert, edit_block, failed_checks, output_tensor, patch_tensor, verify_json
 from helpers import CT_FIXTURE, load_tensors, read_tensor, write_arrays
 
+from gptq2xpu.contract import CONFIG_BLOCK, parse_block
 from gptq2xpu.errors import EXIT_INPUT, EXIT_VERIFY
 from gptq2xpu.safetensors_io import read_header
 from gptq2xpu.testing.synth import make_checkpoint, pack_int32
@@ -86,6 +87,10 @@ def test_fixture_converts_bit_exact_and_verifies(tmp_path, encoding):
     out = tmp_path / "out"
     summary = convert(CT_FIXTURE, out, "--nibble-encoding", encoding)
     assert summary["quantization"]["quant_method"] == "compressed-tensors"
+    block = parse_block(json.loads((out / "config.json").read_text())[CONFIG_BLOCK])
+    for entry in block.layers.values():  # what the source was, as the block records it
+        assert (entry.source_format, entry.source_group_size) == ("compressed-tensors", {r: G for r in PROJ})
+        assert entry.source_projections == PROJ
     assert [(lyr["action"], lyr["kind"]) for lyr in summary["layers"]] == [("convert", "compressed-tensors")] * L
     for layer in range(L):
         p = f"model.layers.{layer}.mlp.experts"

@@ -156,6 +156,9 @@ def test_block_lists_passed_through_and_unconverted_layers(synth, tmp_path):
     convert(info.path, out, "--keep-unsupported")
     block = parse_block(json.loads((out / "config.json").read_text())[CONFIG_BLOCK])
     assert set(block.layers) == {"model.layers.0.mlp"}
+    entry = block.layers["model.layers.0.mlp"]  # what the source was, as the block records it
+    assert (entry.source_format, entry.source_projections, entry.source_group_size) == (
+        "gptq", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, {"gate": 32, "up": 32, "down": 32})
     assert block.passthrough == {"model.layers.1.mlp": "float"}
     assert block.unconverted == ("model.layers.2.mlp",)
 

@@ -374,7 +374,6 @@ class _Linear:
     kind: str                 # "gptq" | "float"
     bits: int = 4
     group: int = 128          # effective group (in_f for per-channel)
-    config_group: int = 128   # as the config says (-1 for per-channel)
     tensors: list[str] = field(default_factory=list)
 
 
@@ -496,7 +495,7 @@ class _Builder:
                bias: bool = False, ignore_listed: bool = True, style: str = "normal") -> _Linear:
         kind, bits, cgroup = self.decide(module, force_float)
         if kind == "float":
-            lin = _Linear(module, in_f, out_f, "float", 0, 0, 0)
+            lin = _Linear(module, in_f, out_f, "float", 0, 0)
             lin.tensors.append(self.add_float(f"{module}.weight", (out_f, in_f), style))
             if ignore_listed:
                 self.float_linear_modules.append(module)
@@ -507,7 +506,7 @@ class _Builder:
             per = 32 // bits
             if in_f % per or out_f % per:
                 raise ValueError(f"{module}: {in_f}x{out_f} cannot be packed {per} per int32")
-            lin = _Linear(module, in_f, out_f, "gptq", bits, group, cgroup)
+            lin = _Linear(module, in_f, out_f, "gptq", bits, group)
             if self.ct:
                 self._ct_tensors(lin)
                 self.ct_settings.setdefault((bits, cgroup), []).append(module)

@@ -2,7 +2,7 @@
 
 Everything here builds mutated *copies* of the AutoRound fixture (``helpers.FIXTURE``, never
 modified) or checks the "fail cleanly, lose nothing" contract of a CLI run
-(``helpers.run_cli``):
+(``helpers.run_cli`` or ``helpers.cli``; :func:`one_error_line` is its stderr part):
 
 * the exit code;
 * stderr holds exactly one non-empty line (warnings aside when allowed), naming what it should;
@@ -93,27 +93,22 @@ def leftovers(output: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{Path(output).name}.gptq2xpu-"))
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [layer for layer in stderr.splitlines() if layer.strip()]
+def one_error_line(stderr: str, *, ignore_warnings: bool = False, context: str | None = None) -> str:
+    """The one line a failure writes: stderr holds exactly one non-empty line (lines starting with
+    "warning" aside, with ``ignore_warnings``), ``gptq2xpu: ...``, and no traceback.  Returns it."""
+    lines = [x for x in stderr.splitlines() if x.strip() and not (ignore_warnings and x.startswith("warning"))]
+    assert len(lines) == 1 and lines[0].startswith("gptq2xpu: ") and "Traceback" not in stderr, context or stderr
+    return lines[0]
 
 
-def assert_clean_failure(proc, code: int, output: Path | None, *must_name: str, source: Path | None = None,
-                         before: dict | None = None, allow_warnings: bool = False) -> str:
+def assert_clean_failure(proc, code: int, output: Path | None, *must_name: str) -> str:
     """The one contract every failure must keep.  Returns the error line."""
     ctx = f"exit {proc.returncode}\nstdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-4000:]}"
     assert proc.returncode == code, ctx
-    assert "Traceback" not in proc.stderr, ctx
-    lines = error_lines(proc.stderr)
-    if allow_warnings:
-        lines = [layer for layer in lines if "warning" not in layer.lower()]
-    assert len(lines) == 1, ctx
-    line = lines[0]
-    assert line.startswith("gptq2xpu: "), ctx
+    line = one_error_line(proc.stderr, context=ctx)
     for word in must_name:
         assert word.lower() in line.lower(), f"{word!r} not named in: {line}"
     if output is not None:
         assert not Path(output).exists() and not Path(output).is_symlink(), ctx
         assert leftovers(output) == [], ctx
-    if source is not None and before is not None:
-        assert tree_hashes(source) == before, "source files were modified"
     return line

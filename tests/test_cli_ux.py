@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _hostile import one_error_line
 from _planting import edit_block
 from helpers import FIXTURE, REPO, run_cli
 
@@ -40,12 +41,6 @@ def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("ux") / "out"
     convert(FIXTURE, out)
     return out
-
-
-def one_line(err: str) -> str:
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("gptq2xpu: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def envelope_of(stdout: str, code: int) -> dict:
@@ -124,7 +119,7 @@ def test_json_on_every_failure(cli, converted, tmp_path):
     ]
     for args, want, words in cases:
         code, out, err = cli(*args, "--json")
-        line = one_line(err)
+        line = one_error_line(err)
         doc = envelope_of(out, code)
         assert code == want, (args, err)
         assert words in doc["message"] and line == f"gptq2xpu: {doc['error']}: {doc['message']}", (doc, line)
@@ -223,7 +218,7 @@ def test_help_lists_real_choices_and_bounds(cli):
     assert f"--family [{'|'.join(FAMILIES)}]" in " ".join(_help(cli, "demo").split())
     # the choices are checked, not only shown
     code, _, err = cli("convert", FIXTURE, "out", "--scale-dtype", "float64")
-    assert code == EXIT_USAGE and "float64" in one_line(err)
+    assert code == EXIT_USAGE and "float64" in one_error_line(err)
 
 
 # ------------------------------------------------------------------------------ numbers have bounds
@@ -245,14 +240,14 @@ def test_help_lists_real_choices_and_bounds(cli):
 def test_out_of_range_numbers_are_usage_errors(cli, tmp_path, converted, args, named):
     args = [converted if a == "OUT" and args[0] == "verify" else tmp_path / "out" if a == "OUT" else a for a in args]
     code, out, err = cli(*args)
-    assert code == EXIT_USAGE and named in one_line(err), err
+    assert code == EXIT_USAGE and named in one_error_line(err), err
     assert not (tmp_path / "out").exists()
 
 
 def test_layers_outside_the_checkpoint_are_usage_errors(cli, converted):
     for spec in ("5-99", "2", "1-0", "x"):
         code, _, err = cli("verify", converted, "--source", FIXTURE, "--layers", spec, "--no-numeric")
-        assert code == EXIT_USAGE and "--layers" in one_line(err), (spec, err)
+        assert code == EXIT_USAGE and "--layers" in one_error_line(err), (spec, err)
 
 
 # ------------------------------------------------------------------------------ a wrong --source
@@ -264,7 +259,7 @@ NOT_IT = "SOURCE is not the checkpoint"
 def test_wrong_source_of_another_family(cli, tmp_path, converted):
     other = make_checkpoint(tmp_path / "mixtral", family="mixtral").path
     code, out, err = cli("verify", converted, "--source", other)
-    line = one_line(err)
+    line = one_error_line(err)
     assert code == EXIT_INPUT and NOT_IT in line and f"{converted} was made from" in line and out == ""
 
 
@@ -278,7 +273,7 @@ def test_wrong_source_same_shapes_other_weights(cli, tmp_path):
     out = tmp_path / "out"
     assert cli("convert", first, out)[0] == EXIT_OK
     code, _, err = cli("verify", out, "--source", second)
-    line = one_line(err)
+    line = one_error_line(err)
     assert code == EXIT_INPUT and NOT_IT in line and "weights differ" in line
     code, out_json, err = cli("verify", out, "--source", first, "--json")
     assert code == EXIT_OK and envelope_of(out_json, code)["warnings"] == [], err
@@ -295,7 +290,7 @@ def test_output_without_recorded_fingerprints(cli, tmp_path, converted):
     assert "records no source fingerprint" in err and envelope_of(stdout, code)["warnings"]
     other = make_checkpoint(tmp_path / "mixtral", family="mixtral").path
     code, _, err = cli("verify", out, "--source", other)
-    line = one_line(err)
+    line = one_error_line(err)
     assert code == EXIT_INPUT and NOT_IT in line and "compared by shape" in line
     # same shapes, other weights: nothing can tell it from a wrong conversion, so the checks say it
     src = make_checkpoint(tmp_path / "src", seed=1).path
@@ -309,7 +304,7 @@ def test_output_without_recorded_fingerprints(cli, tmp_path, converted):
 
 def test_a_converted_folder_as_source(cli, converted):
     code, _, err = cli("verify", converted, "--source", converted)
-    assert code == EXIT_INPUT and NOT_IT in one_line(err)
+    assert code == EXIT_INPUT and NOT_IT in one_error_line(err)
 
 
 # ------------------------------------------------------------------------------ plain messages
@@ -317,12 +312,12 @@ def test_a_converted_folder_as_source(cli, converted):
 
 def test_messages_for_the_wrong_kind_of_folder(cli, converted, tmp_path):
     code, _, err = cli("verify", converted / "model.safetensors")
-    assert code == EXIT_INPUT and "is a file; verify takes the converted folder" in one_line(err)
+    assert code == EXIT_INPUT and "is a file; verify takes the converted folder" in one_error_line(err)
     code, _, err = cli("verify", FIXTURE)
-    assert code == EXIT_INPUT and "not a gptq2xpu output" in one_line(err)
+    assert code == EXIT_INPUT and "not a gptq2xpu output" in one_error_line(err)
     for args in (("inspect", converted), ("convert", converted, tmp_path / "again")):
         code, _, err = cli(*args)
-        line = one_line(err)
+        line = one_error_line(err)
         assert code == EXIT_INPUT and "already converted" in line and f"gptq2xpu verify {converted}" in line
         assert "no MoE layers" not in line
     assert not (tmp_path / "again").exists()
@@ -330,11 +325,11 @@ def test_messages_for_the_wrong_kind_of_folder(cli, converted, tmp_path):
 
 def test_options_that_would_do_nothing(cli, converted, tmp_path, monkeypatch):
     code, _, err = cli("convert", FIXTURE, tmp_path / "out", "--revision", "main")
-    assert code == EXIT_USAGE and "--revision" in one_line(err) and "local folder" in err
+    assert code == EXIT_USAGE and "--revision" in one_error_line(err) and "local folder" in err
     code, _, err = cli("inspect", FIXTURE, "--revision", "v1")
-    assert code == EXIT_USAGE and "--revision" in one_line(err)
+    assert code == EXIT_USAGE and "--revision" in one_error_line(err)
     code, _, err = cli("verify", converted, "--source", FIXTURE, "--revision", "main", "--no-numeric")
-    assert code == EXIT_USAGE and "--revision" in one_line(err)
+    assert code == EXIT_USAGE and "--revision" in one_error_line(err)
     # verify's source-only options without --source: run the standalone checks, say they were ignored
     code, out, err = cli("verify", converted, "--device", "cpu", "--seed", "3", "--json")
     assert code == EXIT_OK and "warning: --device, --seed ignored" in err
@@ -359,7 +354,8 @@ def test_an_existing_empty_output_folder_is_accepted(cli, tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     code, _, err = cli("convert", FIXTURE, other)
-    assert code == EXIT_USAGE and "already exists" in one_line(err) and (other / "notes.txt").read_text() == "mine"
+    assert code == EXIT_USAGE and "already exists" in one_error_line(err)
+    assert (other / "notes.txt").read_text() == "mine"
 
 
 # ------------------------------------------------------------------------------ tensor-parallel costs

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _hostile import one_error_line
 from _hubserver import FakeHub
 from helpers import REPO
 
@@ -84,12 +85,11 @@ def _header_ends(folder: Path) -> dict[str, int]:
 
 
 def _one_line_error(code, err, *needles):
-    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 3, err
-    assert len(lines) == 1 and "Traceback" not in err, err
+    line = one_error_line(err)
     for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+        assert n in line, line
+    return line
 
 
 # ------------------------------------------------------------------------------ the HTTP path

@@ -8,7 +8,7 @@ import os
 import shutil
 
 import pytest
-from _hostile import fixture_copy, split_into_index, tree_hashes
+from _hostile import fixture_copy, one_error_line, split_into_index, tree_hashes
 from helpers import run_cli
 
 from gptq2xpu.contract import MANIFEST_NAME
@@ -41,12 +41,6 @@ def copy_of(out, tmp_path):
     return dst
 
 
-def one_error_line(proc):
-    lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("gptq2xpu: ") and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
-
-
 # ------------------------------------------------------------------------------ sources
 
 
@@ -59,7 +53,7 @@ def test_source_quant_config_linked_outside_is_refused(tmp_path, secret, name):
     secret.write_text(json.dumps(qc))
     (src / name).symlink_to(secret)
     proc = run_cli("inspect", src)
-    assert proc.returncode == EXIT_INPUT and name in one_error_line(proc) and "outside" in proc.stderr
+    assert proc.returncode == EXIT_INPUT and name in one_error_line(proc.stderr) and "outside" in proc.stderr
 
 
 def test_source_index_linked_outside_is_refused(tmp_path, secret):
@@ -70,7 +64,7 @@ def test_source_index_linked_outside_is_refused(tmp_path, secret):
     index.unlink()
     index.symlink_to(secret)
     proc = run_cli("inspect", src)
-    assert proc.returncode == EXIT_INPUT and "model.safetensors.index.json" in one_error_line(proc)
+    assert proc.returncode == EXIT_INPUT and "model.safetensors.index.json" in one_error_line(proc.stderr)
 
 
 @pytest.mark.parametrize("what", ["fifo", "dev-zero", "folder"])
@@ -84,7 +78,7 @@ def test_source_config_that_is_not_a_file_is_an_error_not_an_absence(tmp_path, w
     else:
         (src / "config.json").mkdir()
     proc = run_cli("inspect", src, timeout=60)  # a FIFO must not block the open
-    line = one_error_line(proc)
+    line = one_error_line(proc.stderr)
     assert proc.returncode == EXIT_INPUT and "config.json" in line
 
 
@@ -111,7 +105,7 @@ def test_split_output_with_planted_links_is_refused(tmp_path, secret):
     (out / ".gptq2xpu-parts").symlink_to(secret.parent)
     before = tree_hashes(secret.parent)
     proc = run_cli("convert", src, out, "--part", "1/1")
-    assert proc.returncode == EXIT_USAGE and ".gptq2xpu-parts" in one_error_line(proc)
+    assert proc.returncode == EXIT_USAGE and ".gptq2xpu-parts" in one_error_line(proc.stderr)
     assert tree_hashes(secret.parent) == before
     (out / ".gptq2xpu-parts").unlink()
     (out / f".model.safetensors.tmp-{os.getpid()}-x").symlink_to(secret)
@@ -131,7 +125,7 @@ def test_finalize_refuses_records_naming_paths_outside(tmp_path):
         doc["files"][evil] = {"sha256": "0" * 64, "size": 1}
         rec.write_text(json.dumps(doc))
         proc = run_cli("finalize", out)
-        assert proc.returncode == EXIT_INPUT and "part-1-of-1.json" in one_error_line(proc), proc.stderr
+        assert proc.returncode == EXIT_INPUT and "part-1-of-1.json" in one_error_line(proc.stderr), proc.stderr
         assert not (out / MANIFEST_NAME).exists()
     rec.write_text(good)
     plan = out / ".gptq2xpu-parts" / "plan.json"
@@ -139,7 +133,7 @@ def test_finalize_refuses_records_naming_paths_outside(tmp_path):
     doc["parts"] = 10**12
     plan.write_text(json.dumps(doc))
     proc = run_cli("finalize", out, timeout=60)
-    assert proc.returncode == EXIT_INPUT and "parts" in one_error_line(proc)
+    assert proc.returncode == EXIT_INPUT and "parts" in one_error_line(proc.stderr)
 
 
 # ------------------------------------------------------------------------------ converted folders

@@ -5,6 +5,10 @@ folder each finish once started: a SIGINT or SIGTERM arriving meanwhile is recor
 the caller afterwards, who then knows which state the run left (the old OUTPUT, or the new one).
 Signals are only held in the main thread (the only one Python delivers them to); elsewhere the
 block runs unguarded.
+
+Once OUTPUT is published the run's outcome is decided (:func:`decide`): the command line's handler
+(:func:`on_signal`) then records a late signal instead of failing the run, so that the exit code
+keeps saying which output is at OUTPUT.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+
+from .errors import Interrupted
 
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -46,3 +52,39 @@ def held():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class _Run:
+    """The command-line run in progress: whether its outcome is decided, and a signal after that."""
+
+    decided = False
+    late: signal.Signals | None = None
+
+
+def begin() -> None:
+    """A new run: nothing decided yet."""
+    _Run.decided, _Run.late = False, None
+
+
+def decide() -> None:
+    """OUTPUT is published: a later SIGINT/SIGTERM no longer fails the run."""
+    _Run.decided = True
+
+
+def on_signal(signum, _frame) -> None:
+    """The command line's SIGINT/SIGTERM handler: stop the run (exit 130) while nothing is
+    published, record the signal once the outcome is decided.  Raises :class:`Interrupted`, not
+    KeyboardInterrupt, which typer would turn into a silent ``return 130``."""
+    if _Run.decided:
+        _Run.late = _Run.late or signal.Signals(signum)
+        return
+    if signum == signal.SIGTERM:
+        raise Interrupted("terminated by SIGTERM")
+    raise Interrupted("stopped by SIGINT (Ctrl-C)")
+
+
+def late_warning() -> str | None:
+    """What to say about a signal that arrived after the outcome was decided (None: none did)."""
+    if _Run.late is None:
+        return None
+    return f"{_Run.late.name} arrived after OUTPUT was published; the run completed and OUTPUT is the new output"

@@ -24,8 +24,8 @@ import sys
 import click
 import typer
 
-from .. import __version__
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, Gptq2XpuError, Interrupted, UsageError
+from .. import __version__, interrupts
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, Gptq2XpuError, UsageError
 from .help import Command, Group
 from .options import DebugOpt, JsonOpt, QuietOpt
 from .output import SESSION, Flags, envelope, print_json
@@ -120,15 +120,6 @@ ROOT_EXAMPLES = [
 app.info.epilog = _epilog(ROOT_EXAMPLES, JSON_CONTRACT, EXIT_CODES)
 
 
-def _on_sigterm(_signum, _frame):
-    raise Interrupted("terminated by SIGTERM")
-
-
-def _on_sigint(_signum, _frame):
-    # Not KeyboardInterrupt: typer turns that into a silent ``return 130``; this reaches main().
-    raise Interrupted("stopped by SIGINT (Ctrl-C)")
-
-
 def _message(exc: Gptq2XpuError) -> str:
     return exc.message + (f" ({exc.hint})" if exc.hint else "")
 
@@ -160,10 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     SESSION.reset(scan_flags(argv))
     command = _command_name(argv)
     saved = {}
+    interrupts.begin()
     try:
-        saved[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+        saved[signal.SIGTERM] = signal.signal(signal.SIGTERM, interrupts.on_signal)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            saved[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
+            saved[signal.SIGINT] = signal.signal(signal.SIGINT, interrupts.on_signal)
     except ValueError:  # not the main thread (embedded use)
         pass
     code, kind, message = 0, None, None   # kind and message: the error, when there is one
@@ -193,8 +185,10 @@ def main(argv: list[str] | None = None) -> None:
         _traceback()
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())
         code, kind, message = EXIT_INTERNAL, "internal error", f"{detail} (re-run with --debug and report it)"
-    for sig, handler in saved.items():  # embedded callers get their handlers back
-        signal.signal(sig, handler)
+    interrupts.decide()  # the code is set: a signal from here on only gets a warning
+    late = interrupts.late_warning()
+    if late and code == 0:
+        sys.stderr.write(f"warning: {late}\n")
     if kind is not None:
         sys.stderr.write(f"gptq2xpu: {kind}: {message}\n")
     try:
@@ -205,4 +199,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
     except BrokenPipeError:  # `gptq2xpu ... --json | head`: the reader left
         pass
+    for sig, handler in saved.items():  # embedded callers get their handlers back
+        signal.signal(sig, handler)
     raise SystemExit(code)

@@ -18,7 +18,7 @@ from ..contract import INDEX_NAME, MANIFEST_NAME
 from ..plan import Plan
 from ..read import Checkpoint
 from .documents import config_bytes, index_bytes, manifest_base, manifest_bytes, side_files, write_doc, write_side_files
-from .output import check_output, discard, make_stage, publish, recover_stale
+from .output import discard, make_stage, prepare_output, publish
 from .ranks import write_ranks
 from .shards import write_shards
 from .split import finalize, write_part
@@ -32,8 +32,7 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, output: Path, *, jobs: int = 
     """Write the whole converted checkpoint at ``output`` (atomically: see :mod:`.output`).
     Returns the manifest's file records."""
     output = Path(os.path.abspath(output))  # "." or "out/.." must name the folder, not the cwd entry
-    plan.warnings.extend(recover_stale(output))
-    check_output(output, ckpt.root, overwrite=overwrite)
+    plan.warnings.extend(prepare_output(output, ckpt.root, overwrite=overwrite))
     plan.warnings.extend(side_files(ckpt.folder)[1])  # refuses escaping links before writing anything
     stage = make_stage(output)
     try:

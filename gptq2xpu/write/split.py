@@ -125,6 +125,7 @@ def finalize(output: Path) -> dict:
         p = output / name
         if not p.is_file() or p.is_symlink() or p.stat().st_size != rec["size"]:
             raise InputError(f"{p}: missing or of the wrong size; re-run its part")
+    _remove_temps(output, allowed | set(finals) | {MANIFEST_NAME})
     for name, data in finals.items():
         files[name] = write_doc(output, name, data)
     manifest = manifest_bytes(plan_doc["manifest"], files)
@@ -168,6 +169,20 @@ def _check_split_folder(output: Path, allowed: set[str], finals: dict[str, bytes
             continue
         raise UsageError(f"{output}: holds {name}, which a split conversion of this source did not write; use an "
                          "empty or new OUTPUT folder")
+
+
+def _remove_temps(output: Path, names: set[str]) -> None:
+    """Remove the temporary files of ``names`` a killed run left (every part has finished, so no
+    part is writing them any more): the finished OUTPUT holds exactly what its manifest lists."""
+    for entry in os.scandir(output):
+        m = _TEMP.fullmatch(entry.name)
+        if m and m["name"] in names and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise io_error("cannot remove the temporary file", Path(entry.path), exc) from None
 
 
 def _part_member(entry: os.DirEntry) -> bool:

@@ -10,11 +10,11 @@ import signal
 
 import pytest
 from _hostile import fixture_copy, leftovers, tree_hashes
-from helpers import FIXTURE, run_cli
+from helpers import FIXTURE, cli, run_cli
 
 from gptq2xpu.contract import MANIFEST_NAME
 from gptq2xpu.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from gptq2xpu.write.output import OLD_TAG, STAGE_TAG
+from gptq2xpu.write.output import INCOMPLETE_MARKER, OLD_TAG, STAGE_TAG
 
 PUBLISH = "gptq2xpu.write.output:_exchange"
 RENAME = "gptq2xpu.write.output:os.rename"
@@ -239,3 +239,122 @@ def test_killed_runs_partial_folder_is_removed_by_the_next_run(tmp_path):
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert not any(name.startswith(".") for name in manifest["files"])
     assert not os.path.exists(out / ".gptq2xpu-incomplete")
+
+
+# ------------------------------------------------------------------------------ after a SIGKILL, and hostile siblings
+
+
+DEAD = 4_000_000  # above any pid in use here, below Linux's pid_max limit
+
+
+@pytest.mark.parametrize("token", [str(DEAD), "0123456789ab"])
+def test_a_parked_output_is_never_deleted_when_output_exists(old_and_new, tmp_path, token):
+    """A killed fallback publish left the old output parked, and OUTPUT holds something else now:
+    the parked output stays, whatever the run does, and the user is told where it is."""
+    src, _, _, base = old_and_new
+    out = tmp_path / "out"
+    park = tmp_path / f".out{OLD_TAG}{token}"
+    shutil.copytree(base / "old", park)
+    kept = tree_hashes(park)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    proc = run_cli("convert", src, out)
+    assert proc.returncode == EXIT_USAGE and "already exists" in proc.stderr, proc.stderr
+    assert str(park) in proc.stderr and str(out) in proc.stderr
+    assert tree_hashes(park) == kept and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()                            # an empty OUTPUT: the run goes ahead
+    proc = run_cli("convert", src, out)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert str(park) in proc.stderr and tree_hashes(park) == kept
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "park-then-rename"])
+def test_a_file_added_to_output_during_the_run_is_never_deleted(old_and_new, tmp_path, monkeypatch, exchange):
+    """The user's file lands in OUTPUT after the run's first check, right before the swap: the
+    old folder goes back to OUTPUT unchanged, nothing is published (exit 2), nothing is left."""
+    from gptq2xpu.write import output
+
+    src, out = fresh_output(old_and_new, tmp_path)
+    real = output._exchange
+
+    def add_then_exchange(a, b):
+        if b == out:
+            (out / "eval-results.json").write_text("hours of work")
+        return real(a, b) if exchange else False
+
+    monkeypatch.setattr(output, "_exchange", add_then_exchange)
+    code, _, err = cli("convert", src, out, "--overwrite", "--nibble-encoding", "s4")
+    assert code == EXIT_USAGE and "eval-results.json" in err and "published nothing" in err, err
+    assert (out / "eval-results.json").read_text() == "hours of work"
+    (out / "eval-results.json").unlink()
+    assert tree_hashes(out) == old_and_new[1] and hidden(out) == []
+
+
+def test_a_stale_stage_named_with_this_runs_pid_is_removed(tmp_path):
+    """In a container every run may get the same pid: a killed run's folder named with it is not
+    taken for this run's own (liveness is the folder's lock, not a pid)."""
+    src = fixture_copy(tmp_path / "src")
+    out = tmp_path / "out"
+    stale = tmp_path / f".out{STAGE_TAG}{os.getpid()}"
+    stale.mkdir()
+    (stale / INCOMPLETE_MARKER).touch()
+    code, _, err = cli("convert", src, out)
+    assert code == EXIT_OK, err
+    assert not stale.exists() and hidden(out) == []
+
+
+def test_a_live_runs_stage_is_left_alone(tmp_path):
+    """A folder whose lock another process holds belongs to a live run: never touched."""
+    from gptq2xpu.write import output
+
+    src = fixture_copy(tmp_path / "src")
+    out = tmp_path / "out"
+    live = tmp_path / f".out{STAGE_TAG}0123456789ab"
+    live.mkdir()
+    (live / INCOMPLETE_MARKER).touch()
+    fd = output._lock(live)
+    try:
+        proc = run_cli("convert", src, out)
+    finally:
+        os.close(fd)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert (live / INCOMPLETE_MARKER).exists()
+
+
+def test_an_uninspectable_stale_sibling_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    from gptq2xpu.write import output
+
+    stale = tmp_path / f".out{STAGE_TAG}{DEAD}"
+    stale.mkdir()
+
+    def denied(_folder):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(output, "converted_output_problem", denied)
+    lines = output.recover_stale(tmp_path / "out")
+    assert stale.is_dir() and len(lines) == 1 and "Permission denied" in lines[0] and str(stale) in lines[0]
+
+
+def test_an_output_name_of_255_bytes(tmp_path):
+    """Hidden sibling names stay within the file system's name limit."""
+    src = fixture_copy(tmp_path / "src")
+    out = tmp_path / ("o" * 255)
+    proc = run_cli("convert", src, out)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", out.name])
+    assert run_cli("verify", out).returncode == EXIT_OK
+
+
+def test_finalize_removes_temporary_files_of_killed_part_runs(tmp_path):
+    src = fixture_copy(tmp_path / "src")
+    out = tmp_path / "shared"
+    args = ("--max-shard-size", "1MB")
+    assert run_cli("convert", src, out, "--part", "1/2", *args).returncode == EXIT_OK
+    shard = sorted(p.name for p in out.glob("*.safetensors"))[0]
+    (out / f".{shard}.tmp-4000000-k1lled00").write_bytes(b"half a shard")  # what a SIGKILL leaves
+    assert run_cli("convert", src, out, "--part", "2/2", *args).returncode == EXIT_OK
+    proc = run_cli("finalize", out)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert not any(p.name.startswith(".") for p in out.iterdir())
+    verify = run_cli("verify", out)
+    assert verify.returncode == EXIT_OK, verify.stdout + verify.stderr

@@ -13,6 +13,7 @@ The mount-based tests need CAP_SYS_ADMIN; where ``mount`` is refused they skip a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -261,3 +262,45 @@ def test_source_touched_during_real_run(big_source, tmp_path):
         os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
     result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert_clean_failure(result, 3, out, SHARD, "changed during the run")
+
+
+# ------------------------------------------------------------------------------ before and after the run
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_after_publishing_is_success(tmp_path, sig):
+    """Once OUTPUT is published the outcome is decided: a late signal gets a warning, exit 0,
+    since the exit code must say which output is at OUTPUT (the new one)."""
+    src = fixture_copy(tmp_path / "src")
+    out = tmp_path / "out"
+    proc = run_cli("convert", src, out, faults=[("gptq2xpu.write:publish", f"after:{sig}", 1)])
+    assert proc.returncode == 0, proc.stderr
+    assert sig in proc.stderr and "published" in proc.stderr
+    assert run_cli("verify", out).returncode == 0 and leftovers(out) == []
+
+
+_CTRL_C_WHILE_IMPORTING = r"""
+import os, signal, sys
+class CtrlC:
+    def find_spec(self, name, *_):
+        if name == "typer":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlC())
+from gptq2xpu.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("json_out", [False, True], ids=["text", "json"])
+def test_ctrl_c_while_starting_is_one_line(tmp_path, json_out):
+    """Ctrl-C while the command line is still being imported: exit 130, one line, no traceback."""
+    args = ["convert", str(tmp_path / "src"), str(tmp_path / "out")] + (["--json"] if json_out else [])
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_IMPORTING, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("gptq2xpu: interrupted:")
+    if json_out:
+        assert json.loads(proc.stdout)["exit_code"] == 130
+    assert not (tmp_path / "out").exists()

@@ -107,14 +107,20 @@ def test_header_strings_that_utf8_cannot_hold_are_refused(tmp_path, where):
 
 
 def _add_expert_spelling(src, spelling: str, *, keep_canonical: bool) -> None:
-    """Copy (or move, without ``keep_canonical``) expert 1 of layer 0 to ``experts.<spelling>``."""
-    def edit(header):
-        for name in [n for n in header if f"{L0}.experts.1." in n]:
-            header[name.replace(".experts.1.", f".experts.{spelling}.")] = header[name]
-            if not keep_canonical:
-                del header[name]
-
-    rewrite_header(src, edit)
+    """Copy (or move, without ``keep_canonical``) expert 1 of layer 0 to ``experts.<spelling>``:
+    the copy's bytes appended to the data, its codes changed (a different expert, not an overlap)."""
+    header, data = raw_header(src / SHARD)
+    data = bytearray(data)
+    for name in [n for n in header if f"{L0}.experts.1." in n]:
+        spec = header[name] if keep_canonical else header.pop(name)
+        begin, end = spec["data_offsets"]
+        blob = bytes(data[begin:end])
+        if name.endswith("qweight"):
+            blob = bytes(b ^ 0x11 for b in blob)
+        header[name.replace(".experts.1.", f".experts.{spelling}.")] = {
+            **spec, "data_offsets": [len(data), len(data) + len(blob)]}
+        data += blob
+    write_raw(src / SHARD, json.dumps(header).encode(), bytes(data))
 
 
 @pytest.mark.parametrize("spelling", ["01", "\u0661"])   # leading zero; ARABIC-INDIC DIGIT ONE

@@ -59,7 +59,11 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 MAX_EXPERT_DIGITS = 9
+#: ``\d`` on purpose: any Unicode decimal digit is recognised as an expert number, so that a
+#: spelling :func:`int` would also read (``01``, Arabic-Indic digits) is found and refused, not
+#: passed through beside the expert it duplicates.
 _EXPERT = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)\.(?P<field>[^.]+)$")
+_CANONICAL_NUMBER = re.compile(r"0|[1-9][0-9]*")
 _FUSED = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<what>gate_up_proj|down_proj|gate_proj|up_proj)"
                     r"(?P<suffix>_bias|_blocks|_scales)?$")
 _ROUTER = re.compile(r"^(?P<prefix>.+)\.(gate|router)\.(?P<field>[^.]+)$")
@@ -148,9 +152,9 @@ def routing_params(config: dict, family: str, num_experts: int) -> RoutingParams
     return RoutingParams(min(top_k, num_experts), scoring, renorm, float(scale))
 
 
-def _show(value) -> str:
+def _show(value, limit: int = 60) -> str:
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -174,15 +178,21 @@ class TensorMap:
 
 
 def classify(names) -> TensorMap:
-    """Sort tensor names into expert groups, routers, shared experts and the rest."""
+    """Sort tensor names into expert groups, routers, shared experts and the rest.
+
+    Expert numbers must be written as canonical ASCII decimals: every number then has one
+    spelling, so two tensor sets can never claim the same expert (one would be dropped)."""
     moe: dict[str, ExpertGroup] = {}
     rest = []
+    odd: list[tuple[str, re.Match]] = []
     for name in names:
         m = _EXPERT.match(name)
         if m:
             prefix = m["prefix"]
             grp = moe.get(prefix) or moe.setdefault(prefix, ExpertGroup(prefix))
-            if len(m["e"]) > MAX_EXPERT_DIGITS:
+            if not _CANONICAL_NUMBER.fullmatch(m["e"]):
+                odd.append((name, m))
+            elif len(m["e"]) > MAX_EXPERT_DIGITS:
                 grp.bad_indices.append(m["e"])
             else:
                 # projection and field names repeat for every expert: one string each, not one per tensor
@@ -197,6 +207,8 @@ def classify(names) -> TensorMap:
             grp.names.append(name)
             continue
         rest.append(name)
+    if odd:
+        _refuse_number(moe, *odd[0])
     routers: dict[str, list[str]] = {}
     shared: dict[str, list[str]] = {}
     for name in rest:
@@ -208,3 +220,17 @@ def classify(names) -> TensorMap:
         if m and m["prefix"] in moe:
             shared.setdefault(m["prefix"], []).append(name)
     return TensorMap(moe=moe, routers=routers, shared=shared)
+
+
+def _refuse_number(moe: dict[str, ExpertGroup], name: str, m: re.Match) -> None:
+    """InputError for a tensor whose expert number is not canonical, naming the tensor that holds
+    the same number canonically when there is one."""
+    number = m["e"]
+    value = int(number) if len(number) <= 2 * MAX_EXPERT_DIGITS else None
+    twin = moe[m["prefix"]].experts.get(value, {}).get(m["proj"], {}).get(m["field"])
+    if twin is not None:
+        raise InputError(f"tensors {_show(name, 200)} and {_show(twin, 200)} both hold expert {value} of "
+                         f"{_show(m['prefix'], 200)}; expert numbers must be written 0, 1, 2... (ASCII digits, "
+                         "no leading zero)")
+    raise InputError(f"tensor {_show(name, 200)}: expert number {_show(number)} is not written as a plain decimal "
+                     "(ASCII digits 0-9, no leading zero)")

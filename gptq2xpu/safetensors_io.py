@@ -381,12 +381,16 @@ def _parse_entries(text: str, path: str, table: TensorTable, first: int, data_st
             if table._rows.get(name, -1) >= first or name in bad_names:
                 raise ValueError(f"duplicate key {name!r}")
             try:
+                _check_text(name, f"{path}: tensor name")
                 if name == "__metadata__":
                     if metadata is not None:
                         raise ValueError("duplicate key '__metadata__'")
                     if not isinstance(spec, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                              for k, v in spec.items()):
                         raise InputError(f"{path}: __metadata__ must map strings to strings")
+                    for key, value in spec.items():
+                        _check_text(key, f"{path}: __metadata__ key")
+                        _check_text(value, f"{path}: __metadata__ value")
                     metadata = spec
                 else:
                     code, sid, begin, end = _check_entry(path, name, spec, table, data_size)
@@ -407,6 +411,15 @@ def _parse_entries(text: str, path: str, table: TensorTable, first: int, data_st
     if bad is not None:
         raise bad
     return metadata or {}
+
+
+def _check_text(text: str, what: str) -> None:
+    """A string of the header must be writable as UTF-8: JSON allows a lone surrogate escape
+    (``"\\ud800"``) that no UTF-8 document can hold, and a tensor name goes into OUTPUT's index."""
+    try:
+        text.encode("utf-8")
+    except UnicodeError:
+        raise InputError(f"{what} {text[:200]!r} is not valid UTF-8 text (a lone surrogate escape)") from None
 
 
 def _check_entry(path: str, name: str, spec, table: TensorTable, data_size: int) -> tuple[int, int, int, int]:

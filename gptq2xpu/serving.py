@@ -58,7 +58,7 @@ def supported_vllm_text() -> str:
 
 def check_vllm_version(version: str) -> None:
     """Raise :class:`InputError` (one line) unless ``version`` (``vllm.__version__``) is supported."""
-    m = re.match(r"^\s*(\d+)\.(\d+)", str(version))
+    m = re.match(r"^\s*([0-9]+)\.([0-9]+)", str(version))
     if m is None or (int(m[1]), int(m[2])) not in SUPPORTED_VLLM:
         raise InputError(
             f"gptq2xpu {__version__} serves converted checkpoints with vLLM {supported_vllm_text()} only, "

@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..formats import ProjSpec
 from ..naming import natural_key
 from ..read import QuantConfig
+from ..read.paths import text_name
 from ..repack import LayerGeometry
 from ..safetensors_io import PlannedTensor, ShardLayout
 from .options import ConvertOptions
@@ -249,7 +250,7 @@ class Plan:
         """The source as the config block records it: the repo id (with the revision asked for and
         the commit it resolved to) or the folder's name, never a local path, so that published
         outputs leak nothing and identical conversions write identical files on every machine."""
-        prov = dict(self.provenance) or {"folder": Path(self.origin).name}
+        prov = dict(self.provenance) or {"folder": text_name(Path(self.origin).name)}
         origin = prov.get("repo_id") or prov.get("folder") or ""
         return {"origin": origin, **prov}
 

@@ -5,8 +5,9 @@ itself are all untrusted: a name from an index or manifest may try to leave the 
 absolute paths), a file may be a link pointing elsewhere, a FIFO (opening it would block) or a
 device (``/dev/zero`` never ends).  Two policies:
 
-* ``links="inside"`` (sources): links are followed but must resolve inside the trusted root (a
-  Hugging Face cache snapshot links every file to ``../../blobs``);
+* ``links="inside"`` (sources): links are followed but must resolve inside the trusted root, or,
+  for a Hugging Face cache snapshot (every file a link to ``../../blobs/<hash>``), inside that
+  repository's ``blobs`` folder (:func:`hub_blobs`);
 * ``links="none"`` (converted outputs, which gptq2xpu writes without links): no link anywhere
   below the folder.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +41,10 @@ def check_member_name(name: object, what: str) -> str:
     if not isinstance(name, str) or not name or "\x00" in name or len(name) > 4096:
         raise InputError(f"{what}: bad file name {_short(name)}")
     try:
+        name.encode("utf-8")
         os.fsencode(name)
-    except UnicodeError:  # e.g. a lone surrogate from a JSON \ud800 escape
-        raise InputError(f"{what}: file name {_short(name)} cannot be a file name on this system") from None
+    except UnicodeError:  # a lone surrogate: a JSON \ud800 escape, or bytes of a name that are not UTF-8
+        raise InputError(f"{what}: file name {_short(name)} is not valid UTF-8 text") from None
     if name.startswith(("/", "\\")) or os.path.isabs(name) or "\\" in name or ":" in name:
         raise InputError(f"{what}: file {_short(name)} is an absolute path; it must stay inside the folder")
     parts = name.split("/")
@@ -50,8 +53,18 @@ def check_member_name(name: object, what: str) -> str:
     return name
 
 
+def text_name(name: str) -> str:
+    """``name`` as text any UTF-8 document can hold: the bytes of a file name that are not UTF-8
+    (kept by :func:`os.fsdecode` as lone surrogates) written as ``\\xNN``; other names unchanged."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeError:
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def portable_name(name: str) -> bool:
-    """Whether a top-level file name passes :func:`check_member_name` (side files are copied only then)."""
+    """Whether a top-level file name passes :func:`check_member_name` (side files are copied only
+    then): a name a manifest can list and ``verify`` accepts, so valid UTF-8 among the rest."""
     try:
         check_member_name(name, "")
     except InputError:
@@ -83,10 +96,16 @@ class Folder:
             want = os.path.join(os.path.realpath(self.root), *rel.split("/"))
             if os.path.realpath(path) != want:
                 raise InputError(f"{label}: is a symbolic link (or lies below one); a gptq2xpu output holds no links")
-        elif not is_inside(self.trusted_real, path):
+        elif not (is_inside(self.trusted_real, path) or self._in_hub_blobs(path)):
             raise InputError(f"{label}: is a link pointing outside the checkpoint folder; replace the link with the "
                              "file itself")
         return path
+
+    def _in_hub_blobs(self, path: Path) -> bool:
+        """Whether ``path`` resolves into the blobs of the Hugging Face cache repository whose
+        snapshot this folder is (:func:`hub_blobs`): a snapshot given by its path links there."""
+        blobs = hub_blobs(self.root)
+        return blobs is not None and is_inside(blobs, path)
 
     def open(self, rel: str, what: str | None = None) -> int:
         """A read-only descriptor of member ``rel``: checked by the policy, and a regular file."""
@@ -143,6 +162,25 @@ class Folder:
         """A JSON object from member ``rel`` (size-capped, UTF-8, every string writable again)."""
         label = what or rel
         return parse_json(self.read_bytes(rel, label, MAX_JSON_BYTES), label)
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_blobs(folder: Path) -> str | None:
+    """The real path of the ``blobs`` folder of the Hugging Face cache repository when ``folder``
+    is one of its snapshots (``<cache>/models--owner--name/snapshots/<commit>``, as huggingface_hub
+    lays it out: every file a link to ``../../blobs/<hash>``), else None.  Only that repository's
+    blobs folder is trusted, not the cache around it."""
+    real = os.path.realpath(folder)
+    snapshots, commit = os.path.split(real)
+    repo, kind = os.path.split(snapshots)
+    if kind != "snapshots" or not _COMMIT.fullmatch(commit) or not os.path.basename(repo).startswith("models--"):
+        return None
+    blobs = os.path.join(repo, "blobs")
+    if os.path.realpath(blobs) != blobs or not os.path.isdir(blobs):
+        return None
+    return blobs
 
 
 def parse_json(data: bytes, label: str) -> dict:

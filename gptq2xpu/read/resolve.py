@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from ..errors import InputError, UsageError
+from .paths import text_name
 
 #: Files a conversion needs from a hub repository (fnmatch patterns for ``allow_patterns``).
 ALLOW_PATTERNS = [
@@ -59,14 +60,16 @@ def provenance(source: str, folder: Path, revision: str | None) -> dict:
     """What a converted checkpoint records about its source: the same on every machine, and safe
     to publish (never a local path).  A hub repo id gives ``repo_id``, the ``revision`` asked for
     and the ``commit`` it resolved to; a local folder its name, or, for a folder of the Hugging
-    Face cache (``models--owner--name/snapshots/<commit>``), the repo id and commit it holds."""
+    Face cache (``models--owner--name/snapshots/<commit>``), the repo id and commit it holds.
+    Names taken from the file system are recorded as text (:func:`~gptq2xpu.read.paths.text_name`):
+    config.json is UTF-8, a folder name need not be."""
     local = Path(source).expanduser()
     folder = Path(folder)
     snapshot = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
     if local.exists() and not snapshot:
-        return {"folder": local.resolve().name}
+        return {"folder": text_name(local.resolve().name)}
     repo_id = source if not local.exists() else folder.parent.parent.name[len("models--"):].replace("--", "/")
-    return {"repo_id": repo_id, "revision": revision, "commit": folder.name if snapshot else None}
+    return {"repo_id": text_name(repo_id), "revision": revision, "commit": text_name(folder.name) if snapshot else None}
 
 
 def cached_snapshot(repo_id: str, *, revision: str | None = None, token: str | None = None) -> tuple[Path, Path, str]:

@@ -109,10 +109,25 @@ def write_side_files(plan: Plan, ckpt: Checkpoint, folder: Path) -> dict:
             for name, data in side_documents(plan, ckpt).items()}
 
 
+#: The longest file name :func:`temp_stem` keeps: ``.<name>.tmp-<pid>-<8 random>`` then stays
+#: within the usual NAME_MAX of 255 bytes.
+MAX_TEMP_STEM = 255 - len("..tmp--") - 10 - 8
+
+
+def temp_stem(name: str) -> str:
+    """What the temporary name of ``folder/name`` holds of ``name``: the name itself, or, for a
+    name so long that the temporary name would pass NAME_MAX, a digest of it (a side file may
+    legally be named with 255 bytes)."""
+    raw = os.fsencode(name)
+    if len(raw) <= MAX_TEMP_STEM:
+        return name
+    return "~" + hashlib.sha256(raw).hexdigest()[:32]
+
+
 def open_temp(folder: Path, name: str) -> tuple[int, Path]:
     """A new file beside ``folder/name`` under a fresh hidden name: created exclusively, never
     through a link planted there (``O_EXCL``), mode 0644.  Returns (descriptor, path)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{temp_stem(name)}.tmp-{os.getpid()}-", dir=folder)
     os.fchmod(fd, 0o644)
     return fd, Path(tmp)
 

@@ -29,6 +29,7 @@ from .documents import (
     manifest_bytes,
     side_documents,
     side_files,
+    temp_stem,
     write_doc,
     write_side_files,
 )
@@ -165,7 +166,7 @@ def _check_split_folder(output: Path, allowed: set[str], finals: dict[str, bytes
         if regular and name in finals and (finals[name] is None or _same_bytes(entry.path, finals[name])):
             continue
         m = _TEMP.fullmatch(name)
-        if regular and m and m["name"] in allowed | set(finals):
+        if regular and m and m["name"] in {temp_stem(n) for n in allowed | set(finals)}:
             continue
         raise UsageError(f"{output}: holds {name}, which a split conversion of this source did not write; use an "
                          "empty or new OUTPUT folder")

@@ -120,14 +120,23 @@ class ConvertedBlock:
     quantized_routers: tuple[str, ...] = ()
     dequantized_routers: tuple[str, ...] = ()
     checkpoint_format: str = "gptq"      # of the source: gptq (v1) | gptq_v2 | pack-quantized
-    fingerprint: str | None = None       # of the source
-    raw: dict = field(default_factory=dict, repr=False)
+    fingerprint: str | None = None       # of the source's headers
+    data_fingerprint: str | None = None  # of the source's sampled data
     passthrough: dict[str, str] = field(default_factory=dict)   # MoE prefix -> kind, experts passed through
     unconverted: tuple[str, ...] = ()    # MoE prefixes kept unchanged (--keep-unsupported)
 
     @property
     def top_k(self) -> int:
         return int(self.routing.get("top_k", 2))
+
+    def layer_top_k(self, layer: ConvertedLayer) -> int:
+        """Experts per token for ``layer``: the recorded top_k, else 2 (or fewer experts)."""
+        return int(self.routing.get("top_k", min(2, layer.experts)))
+
+    @property
+    def zero_offset(self) -> int:
+        """What the source's stored zero points are offset by: 1 for GPTQ v1 (zero - 1), else 0."""
+        return 1 if self.checkpoint_format == "gptq" else 0
 
 
 def parse_block(doc: object, where: str = f"config.json:{CONFIG_BLOCK}") -> ConvertedBlock:
@@ -152,23 +161,23 @@ def parse_block(doc: object, where: str = f"config.json:{CONFIG_BLOCK}") -> Conv
         raise InputError(f"{where}.layers: expected a non-empty object of converted MoE layers")
     layers = {prefix: _parse_layer(prefix, info, f"{where}.layers[{prefix!r}]", tp)
               for prefix, info in layers_doc.items()}
-    source = doc.get("source") if isinstance(doc.get("source"), dict) else {}
-    fmt = source.get("checkpoint_format", "gptq")
-    if fmt not in ("gptq", "gptq_v2", "pack-quantized"):
-        raise InputError(f"{where}.source.checkpoint_format: {fmt!r} is not gptq, gptq_v2 or pack-quantized")
-    fp = source.get("fingerprint")
+    source = _parse_source(doc.get("source", {}), f"{where}.source")
+    routing = _parse_routing(doc.get("routing", {}), f"{where}.routing")
+    fewest = min(layer.experts for layer in layers.values())
+    if routing.get("top_k", 1) > fewest:
+        raise InputError(f"{where}.routing.top_k: {routing['top_k']} is more than the {fewest} experts of a layer")
     return ConvertedBlock(
         nibble_encoding=enc,
         layers=layers,
         tp_size=tp,
         tp_ranks=tuple(ranks),
-        routing=_parse_routing(doc.get("routing") or {}, f"{where}.routing"),
+        routing=routing,
         routers=_names(doc.get("routers"), f"{where}.routers"),
         quantized_routers=_names(doc.get("quantized_routers"), f"{where}.quantized_routers"),
         dequantized_routers=_names(doc.get("dequantized_routers"), f"{where}.dequantized_routers"),
-        checkpoint_format=fmt,
-        fingerprint=fp if isinstance(fp, str) and fp else None,
-        raw=doc,
+        checkpoint_format=source["checkpoint_format"],
+        fingerprint=source["fingerprint"],
+        data_fingerprint=source["data_fingerprint"],
         passthrough={p: _kind(v, f"{where}.passthrough_layers[{p!r}]")
                      for p, v in _layer_map(doc.get("passthrough_layers"), f"{where}.passthrough_layers").items()},
         unconverted=tuple(_layer_map(doc.get("unconverted_layers"), f"{where}.unconverted_layers")),
@@ -193,6 +202,8 @@ def _parse_layer(prefix: str, info: object, where: str, tp: int) -> ConvertedLay
         raise InputError(f"{where}: group sizes {g13}/{g2} are not ones the kernel runs {KERNEL_GROUPS}")
     if k % g13 or k % 2:
         raise InputError(f"{where}: hidden_size {k} is not a multiple of its group size {g13}")
+    if n % 2:
+        raise InputError(f"{where}: intermediate_size {n} is odd (two inputs a byte)")
     if p % (tp * g2) or p % 2:
         raise InputError(f"{where}: padded_intermediate_size {p} does not split into {tp} rank(s) of whole groups "
                          f"of {g2}")
@@ -211,6 +222,22 @@ def _parse_layer(prefix: str, info: object, where: str, tp: int) -> ConvertedLay
         raise InputError(f"{where}.source_group_size: expected gate/up/down -> group size")
     src_groups = {r: _int(v, f"{where}.source_group_size.{r}", 1, _MAX_DIM) for r, v in groups.items()}
     return ConvertedLayer(prefix, e, k, n, p, g13, g2, sd, fmt, dict(proj), src_groups)
+
+
+def _parse_source(doc: object, where: str) -> dict:
+    """What the block records of the source: its format and fingerprints (absent: not recorded)."""
+    if not isinstance(doc, dict):
+        raise InputError(f"{where}: expected an object, found {_short(doc)}")
+    fmt = doc.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2", "pack-quantized"):
+        raise InputError(f"{where}.checkpoint_format: {_short(fmt)} is not gptq, gptq_v2 or pack-quantized")
+    out = {"checkpoint_format": fmt}
+    for key in ("fingerprint", "data_fingerprint"):
+        value = doc.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > 200):
+            raise InputError(f"{where}.{key}: expected a string, found {_short(value)}")
+        out[key] = value or None
+    return out
 
 
 def _parse_routing(doc: object, where: str) -> dict:

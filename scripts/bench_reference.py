@@ -92,21 +92,21 @@ def child(args) -> dict:
     """One measured ``numeric_layer`` call, in this process."""
     import torch
 
-    from gptq2xpu.contract import CONFIG_BLOCK
+    from gptq2xpu.contract import CONFIG_BLOCK, parse_block
     from gptq2xpu.read import open_source
     from gptq2xpu.read.checkpoint import open_checkpoint
     from gptq2xpu.verify.numeric import numeric_layer
 
     torch.set_num_threads(args.threads)
     with open_source(args.source) as src, open_checkpoint(args.output) as conv:
-        block = conv.config[CONFIG_BLOCK]
-        prefixes = list(block["layers"])
+        block = parse_block(conv.config[CONFIG_BLOCK])
+        prefixes = list(block.layers)
         prefix = prefixes[args.layer]
         rss0 = _status_mib("VmRSS")
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         busy0 = _busy_cpu_s()
         t0 = time.perf_counter()
-        row = numeric_layer(src, conv, prefix, block["layers"][prefix], block, device=torch.device("cpu"),
+        row = numeric_layer(src, conv, prefix, block.layers[prefix], block, device=torch.device("cpu"),
                             dtype=torch.float32, tokens=args.tokens, seed=args.seed,
                             streamed=args.variant == "streamed")
         wall = time.perf_counter() - t0
@@ -140,7 +140,7 @@ def accuracy(args, src_path: Path, out_path: Path) -> dict:
     """rel (and 1 - cosine) of each variant's two sides against a float64 forward, in float32."""
     import torch
 
-    from gptq2xpu.contract import CONFIG_BLOCK
+    from gptq2xpu.contract import CONFIG_BLOCK, parse_block
     from gptq2xpu.read import open_source
     from gptq2xpu.read.checkpoint import open_checkpoint
     from gptq2xpu.verify.experts import ConvertedExperts, SourceExperts
@@ -157,13 +157,13 @@ def accuracy(args, src_path: Path, out_path: Path) -> dict:
     torch.set_num_threads(args.threads)
     cpu, f32 = torch.device("cpu"), torch.float32
     with open_source(src_path) as src, open_checkpoint(out_path) as conv:
-        block = conv.config[CONFIG_BLOCK]
-        prefix = list(block["layers"])[args.layer]
-        info = block["layers"][prefix]
+        block = parse_block(conv.config[CONFIG_BLOCK])
+        prefix = list(block.layers)[args.layer]
+        info = block.layers[prefix]
         x, x_cov, tw, tid = layer_inputs(src, conv, prefix, info, block, device=cpu, tokens=args.tokens, seed=args.seed)
         loaded = load_source(src, prefix, info, cpu)
         w13, s13, w2, s2 = converted_weights(conv, prefix, block, f32, cpu, raw=True)
-    enc = block["nibble_encoding"]
+    enc = block.nibble_encoding
     offset, cast = _source_offset_and_cast(info, block)
     e = x_cov.shape[0]
     ones, ids = torch.ones(e, 1), torch.arange(e).unsqueeze(1)

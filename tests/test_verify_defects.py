@@ -36,7 +36,7 @@ from _planting import (
 )
 from helpers import FIXTURE, read_tensor, tensor_span
 
-from gptq2xpu.contract import CONFIG_BLOCK
+from gptq2xpu.contract import CONFIG_BLOCK, parse_block
 from gptq2xpu.errors import EXIT_VERIFY
 from gptq2xpu.read import open_source
 from gptq2xpu.read.checkpoint import open_checkpoint
@@ -103,11 +103,11 @@ def test_numeric_check_alone_catches(defect, base, tmp_path):
     out = copy_output(good, tmp_path / "out")
     planter(out, info)
     with open_source(info.path) as src, open_checkpoint(out) as conv:
-        block = conv.config[CONFIG_BLOCK]
+        block = parse_block(conv.config[CONFIG_BLOCK])
         rows = {}
-        for prefix in block["layers"]:
+        for prefix in block.layers:
             # one token, top-2: at most 2 of 8 experts are routed; the every-expert pass covers the rest
-            rows[prefix] = numeric_layer(src, conv, prefix, block["layers"][prefix], block, device=torch.device("cpu"),
+            rows[prefix] = numeric_layer(src, conv, prefix, block.layers[prefix], block, device=torch.device("cpu"),
                                          dtype=torch.float32, tokens=1, seed=0)
     planted_layer = L1 if defect == "one expert's scales doubled" else L0
     other = L0 if planted_layer == L1 else L1
@@ -120,9 +120,9 @@ def test_numeric_check_alone_catches(defect, base, tmp_path):
 def test_numeric_check_passes_good_output(base):
     info, good = base
     with open_source(info.path) as src, open_checkpoint(good) as conv:
-        block = conv.config[CONFIG_BLOCK]
-        for prefix in block["layers"]:
-            row = numeric_layer(src, conv, prefix, block["layers"][prefix], block, device=torch.device("cpu"),
+        block = parse_block(conv.config[CONFIG_BLOCK])
+        for prefix in block.layers:
+            row = numeric_layer(src, conv, prefix, block.layers[prefix], block, device=torch.device("cpu"),
                                 dtype=torch.float32, tokens=1, seed=0)
             assert row["ok"], row
 

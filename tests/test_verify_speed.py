@@ -45,9 +45,9 @@ def test_torch_threads_are_restored_after_the_byte_checks(tmp_path, monkeypatch)
 
 
 def _layer(src_path, out_path):
-    out, raw, _ = open_output(out_path)
+    out, _, block = open_output(out_path)
     src = open_source(src_path).__enter__()
-    return bits.LayerBits(src, out, L0, raw["layers"][L0], raw), out, src
+    return bits.LayerBits(src, out, L0, block.layers[L0], block), out, src
 
 
 def test_cross_check_decodes_every_row_of_a_sampled_expert(tmp_path):

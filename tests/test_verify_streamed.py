@@ -22,7 +22,7 @@ from helpers import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptq2xpu.contract import CONFIG_BLOCK
+from gptq2xpu.contract import CONFIG_BLOCK, parse_block
 from gptq2xpu.read import open_source
 from gptq2xpu.read.checkpoint import open_checkpoint
 from gptq2xpu.testing.synth import make_checkpoint
@@ -463,14 +463,14 @@ def test_streamed_tolerances_cover_dtype_noise():
 
 def _numeric(src_path, out_path, streamed, dtype=torch.float32, tokens=8, seed=0):
     with open_source(src_path) as src, open_checkpoint(out_path) as conv:
-        block = conv.config[CONFIG_BLOCK]
+        block = parse_block(conv.config[CONFIG_BLOCK])
         rows = {}
-        for i, prefix in enumerate(block["layers"]):
+        for i, prefix in enumerate(block.layers):
             if streamed is None:
                 rows[prefix] = numeric_layer_safe(src, conv, prefix, block, torch.device("cpu"), dtype, tokens,
                                                   seed + i, False)
             else:
-                rows[prefix] = numeric_layer(src, conv, prefix, block["layers"][prefix], block,
+                rows[prefix] = numeric_layer(src, conv, prefix, block.layers[prefix], block,
                                              device=torch.device("cpu"), dtype=dtype, tokens=tokens, seed=seed + i,
                                              streamed=streamed)
         return rows

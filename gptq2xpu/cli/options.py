@@ -39,8 +39,6 @@ def choices(enum: type[Enum]) -> str:
 #: bounds of the numeric options (inclusive)
 MAX_JOBS = 1024
 MAX_TP = 1024  # what a config block may record (gptq2xpu.contract)
-MAX_TOKENS = 65536
-MAX_SEED = 2**32 - 1
 MAX_PARTS = 10_000
 MAX_SHARD_BYTES = 2**50  # 1 PiB
 

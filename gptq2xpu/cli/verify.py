@@ -9,10 +9,9 @@ import typer
 from rich.table import Table
 
 from ..errors import VerificationError
+from ..verify.runner import MAX_SEED, MAX_TOKENS
 from .options import (
     MAX_JOBS,
-    MAX_SEED,
-    MAX_TOKENS,
     Backend,
     ComputeDtype,
     DebugOpt,

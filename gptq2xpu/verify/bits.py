@@ -27,6 +27,7 @@ import threading
 
 import numpy as np
 
+from ..contract import EXPERT_TENSORS, ConvertedBlock, ConvertedLayer
 from ..errors import InputError
 from ..read.checkpoint import Checkpoint
 from ..safetensors_io import NUMPY_DTYPES
@@ -112,19 +113,16 @@ def _cast_bits(values_f32: np.ndarray, dtype: str) -> np.ndarray:
 class LayerBits:
     """Bit-exact comparison of one converted layer against its source tensors."""
 
-    def __init__(self, src: Checkpoint, out: Checkpoint, prefix: str, info: dict, block: dict):
+    def __init__(self, src: Checkpoint, out: Checkpoint, prefix: str, info: ConvertedLayer, block: ConvertedBlock):
         self.src, self.out, self.prefix, self.info = src, out, prefix, info
-        self.e = int(info["experts"])
-        self.k = int(info["hidden_size"])
-        self.n = int(info["intermediate_size"])
-        self.p = int(info["padded_intermediate_size"])
-        self.g13 = int(info["w13_group_size"])
-        self.g2 = int(info["w2_group_size"])
-        self.fmt = info.get("source_format", "gptq")
-        self.proj = info["source_projections"]
-        self.xor = 0x88 if block["nibble_encoding"] == "s4" else 0
-        self.ckpt_format = block.get("source", {}).get("checkpoint_format", "gptq")
-        self.scale_dtype = {"float16": "F16", "bfloat16": "BF16"}.get(info["scale_dtype"], info["scale_dtype"])
+        self.e, self.k = info.experts, info.hidden_size
+        self.n, self.p = info.intermediate_size, info.padded_intermediate_size
+        self.g13, self.g2 = info.w13_group_size, info.w2_group_size
+        self.fmt = info.source_format
+        self.proj = info.source_projections
+        self.xor = 0x88 if block.nibble_encoding == "s4" else 0
+        self.ckpt_format = block.checkpoint_format
+        self.scale_dtype = info.scale_dtype
         self.problems: list[str] = []
         self._words: dict[tuple[int, int], np.ndarray] = {}   # expected-rows buffers, by shape
         self._bufs: dict[str, np.ndarray] = {}                # read buffers, reused expert after expert
@@ -214,7 +212,7 @@ class LayerBits:
             if gname in self.src.tensors:
                 gi = self.src.read(gname)
                 k_in = gi.shape[0] if gi.ndim else 0
-                groups = self.info["source_group_size"][role]
+                groups = self.info.source_group_size[role]
                 want = self._aranges.get((k_in, groups))
                 if want is None:
                     want = self._aranges[(k_in, groups)] = np.arange(k_in) // groups
@@ -309,10 +307,47 @@ class LayerBits:
                     break
 
 
+_FLOAT_SCALES = ("F16", "BF16", "F32")
+
+
+def source_header_problems(src: Checkpoint, layer: ConvertedLayer) -> list[str]:
+    """Where SOURCE's headers disagree with what the config block says of ``layer`` (experts, K, N,
+    projection names, source format and group sizes): the shapes every later read and every
+    reshape of the byte checks and the reference MoE rely on.  Empty when they agree."""
+    k, n = layer.hidden_size, layer.intermediate_size
+    ct = layer.source_format == "compressed-tensors"
+    problems: list[str] = []
+    for e in range(layer.experts):
+        for role, (ins, outs) in (("gate", (k, n)), ("up", (k, n)), ("down", (n, k))):
+            base = f"{layer.prefix}.experts.{e}.{layer.source_projections[role]}."
+            g = layer.source_group_size[role]
+            if ins % 8 or ins % g:
+                return [f"{base}*: input size {ins} is not a multiple of 8 and of the group size {g} the block records"]
+            want = ({"weight_packed": (("I32",), (outs, ins // 8)), "weight_scale": (_FLOAT_SCALES, (outs, ins // g))}
+                    if ct else
+                    {"qweight": (("I32",), (ins // 8, outs)), "scales": (_FLOAT_SCALES, (ins // g, outs)),
+                     "qzeros": (("I32",), (ins // g, outs // 8)), "g_idx": (("I32", "I64"), (ins,))})
+            for field, (dtypes, shape) in want.items():
+                ref = src.tensors.get(base + field)
+                if ref is None:
+                    if field in ("qzeros", "g_idx"):
+                        continue
+                    problems.append(f"{base + field}: missing from SOURCE")
+                elif ref.dtype not in dtypes or tuple(ref.shape) != shape:
+                    problems.append(f"{base + field}: {ref.dtype}{list(ref.shape)} in SOURCE, the config block "
+                                    f"implies {'/'.join(dtypes)}{list(shape)}")
+            if problems:
+                return problems[:3]
+    extra = f"{layer.prefix}.experts.{layer.experts}.{layer.source_projections['gate']}."
+    if extra + ("weight_packed" if ct else "qweight") in src.tensors:
+        problems.append(f"{layer.prefix}: SOURCE has more experts than the {layer.experts} the config block records")
+    return problems
+
+
 def sample_experts(num: int, count: int = 4) -> list[int]:
     """A deterministic spread of expert ids: first, last and evenly spaced ones between."""
-    if num <= count:
-        return list(range(num))
+    if num <= count or count < 2:
+        return list(range(min(num, count)))
     return sorted({round(i * (num - 1) / (count - 1)) for i in range(count)})
 
 
@@ -367,7 +402,7 @@ def check_layer_bits(src, out, prefix, info, block, *, exhaustive=False) -> list
         for e in range(lb.e):
             lb.check_zero_points(e)
             w13, w2 = lb.check_codes(e)
-            lb.cross_check_nibbles(e, w13, w2, block["nibble_encoding"])
+            lb.cross_check_nibbles(e, w13, w2, block.nibble_encoding)
         lb.check_scales()
         return lb.problems
     # The few sampled experts are decoded (torch) after every expert's bytes are compared (numpy),
@@ -386,18 +421,19 @@ def check_layer_bits(src, out, prefix, info, block, *, exhaustive=False) -> list
             kept[e] = (w13.copy(), w2.copy())  # the buffers are read into again for the next expert
     for e, (w13, w2) in kept.items():
         lb.problems = per_expert[e]
-        lb.cross_check_nibbles(e, w13, w2, block["nibble_encoding"])
+        lb.cross_check_nibbles(e, w13, w2, block.nibble_encoding)
     lb.problems = [m for msgs in per_expert for m in msgs][:20]
     lb.check_scales()
     return lb.problems
 
 
-def check_passthrough(src: Checkpoint, out: Checkpoint, block: dict) -> list[str]:
+def check_passthrough(src: Checkpoint, out: Checkpoint, block: ConvertedBlock) -> list[str]:
     """Every tensor outside the converted experts: present in both, byte-identical."""
-    layers = block.get("layers", {})
-    converted_out = {f"{p}.experts.{w}" for p in layers
-                     for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales")}
-    dequantized = set(block.get("dequantized_routers", []))
+    layers = block.layers
+    converted_out = {layer.tensor(w) for layer in layers.values() for w in EXPERT_TENSORS}
+    # a router recorded as dequantized is exempt from the byte comparison only where the source
+    # holds no float tensor of that name (it was quantized there)
+    dequantized = {d for d in block.dequantized_routers if d not in src.tensors}
     dequant_prefixes = {d.rsplit(".", 1)[0] + "." for d in dequantized}
     expert_prefixes = tuple(f"{p}.experts." for p in layers)
     problems = []

@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import time
 
-from ..errors import Gptq2XpuError
+from ..contract import EXPERT_TENSORS, ConvertedBlock, ConvertedLayer
+from ..errors import VerificationError
 from ..read.checkpoint import Checkpoint
 
 ROLES = ("gate", "up", "down")
-_SCALE_NAMES = {"float16": "F16", "bfloat16": "BF16"}
 
-def load_source(src: Checkpoint, prefix: str, info: dict, device) -> dict:
+
+def load_source(src: Checkpoint, prefix: str, info: ConvertedLayer, device) -> dict:
     """The layer's source expert tensors, stacked over experts and moved to ``device`` (packed)."""
     from ..torch_io import read_stacked
-    e = int(info["experts"])
-    proj = info["source_projections"]
-    fields = ("weight_packed", "weight_scale") if info.get("source_format") == "compressed-tensors" \
+    e = info.experts
+    proj = info.source_projections
+    fields = ("weight_packed", "weight_scale") if info.source_format == "compressed-tensors" \
         else ("qweight", "scales", "qzeros", "g_idx")
     loaded = {}
     for role in ROLES:
@@ -40,21 +41,20 @@ def load_source(src: Checkpoint, prefix: str, info: dict, device) -> dict:
     return loaded
 
 
-def _source_offset_and_cast(info: dict, block: dict):
+def _source_offset_and_cast(info: ConvertedLayer, block: ConvertedBlock):
     """The source's zero-point offset (1 for GPTQ v1, 0 for v2) and the dtype the converter cast
     its scales to (None when they were kept)."""
     import torch
 
-    offset = 1 if block.get("source", {}).get("checkpoint_format", "gptq") == "gptq" else 0
+    offset = block.zero_offset
     # --scale-dtype asked the converter to store the scales in another dtype: that cast (round to
     # nearest even, proven bit for bit by check_scales) is part of the conversion, so the source
     # side takes its scales through the same cast, and the tolerances stay those of execution noise.
-    name = _SCALE_NAMES.get(info.get("scale_dtype"), info.get("scale_dtype"))
-    cast = {"F16": torch.float16, "BF16": torch.bfloat16}.get(name)
+    cast = {"F16": torch.float16, "BF16": torch.bfloat16}.get(info.scale_dtype)
     return offset, cast
 
 
-def dequant_source(loaded: dict, info: dict, block: dict, dtype):
+def dequant_source(loaded: dict, info: ConvertedLayer, block: ConvertedBlock, dtype):
     """Source experts dequantized with the GPTQ formula: w13 [E, 2N, K], w2 [E, K, N]."""
     import torch
 
@@ -73,19 +73,18 @@ def dequant_source(loaded: dict, info: dict, block: dict, dtype):
     return torch.cat([out["gate"], out["up"]], dim=1), out["down"]
 
 
-def converted_weights(out: Checkpoint, prefix: str, block: dict, dtype, device, raw: bool = False):
+def converted_weights(out: Checkpoint, prefix: str, block: ConvertedBlock, dtype, device, raw: bool = False):
     from ..torch_io import read_tensor
     from .unpack import xpu_dequant
 
-    enc = block["nibble_encoding"]
-    w13, s13, w2, s2 = (read_tensor(out, f"{prefix}.experts.{w}", device)
-                        for w in ("w13_qweight", "w13_scales", "w2_qweight", "w2_scales"))
+    enc = block.nibble_encoding
+    w13, s13, w2, s2 = (read_tensor(out, f"{prefix}.experts.{w}", device) for w in EXPERT_TENSORS)
     if raw:
         return w13, s13, w2, s2
     return xpu_dequant(w13, s13, enc, dtype), xpu_dequant(w2, s2, enc, dtype)
 
 
-def router_weight(out: Checkpoint, src: Checkpoint, prefix: str, block: dict, device):
+def router_weight(out: Checkpoint, src: Checkpoint, prefix: str, block: ConvertedBlock, device):
     """The layer's router as float32 [E, K] (dequantized if it is GPTQ-quantized)."""
     import torch
 
@@ -97,16 +96,16 @@ def router_weight(out: Checkpoint, src: Checkpoint, prefix: str, block: dict, de
         return read_tensor(out, name).to(device=device, dtype=torch.float32)
     base = f"{prefix}.gate."
     if base + "qweight" in src.tensors:
-        offset = 1 if block.get("source", {}).get("checkpoint_format", "gptq") == "gptq" else 0
+        offset = block.zero_offset
         qz = read_tensor(src, base + "qzeros") if base + "qzeros" in src.tensors else None
         gi = read_tensor(src, base + "g_idx").long() if base + "g_idx" in src.tensors else None
         return gptq_dequant(read_tensor(src, base + "qweight"), read_tensor(src, base + "scales"), qz, gi,
                             zero_offset=offset, dtype=torch.float32).to(device)
-    raise Gptq2XpuError(f"{prefix}: no router weight ({name}) to route tokens with")
+    raise VerificationError(f"{prefix}: no router weight ({name}) to route tokens with")
 
 
-def layer_inputs(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, block: dict, *, device, tokens: int,
-                 seed: int):
+def layer_inputs(src: Checkpoint, out: Checkpoint, prefix: str, info: ConvertedLayer, block: ConvertedBlock, *,
+                 device, tokens: int, seed: int):
     """The seeded tokens of one layer's check and their routing: ``(x [T, K], x_cov [E, K], topk
     weights [T, k], topk ids [T, k])``, x_cov holding the every-expert pass's token per expert."""
     import torch
@@ -114,23 +113,22 @@ def layer_inputs(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, bloc
     from ..torch_io import read_tensor
     from .reference import route
 
-    routing = block.get("routing") or {}
-    e = int(info["experts"])
-    k = int(info["hidden_size"])
-    top_k = int(routing.get("top_k", min(2, e)))
+    routing = block.routing
+    e, k = info.experts, info.hidden_size
+    top_k = block.layer_top_k(info)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(tokens, k, generator=gen).to(device)
     x_cov = torch.randn(e, k, generator=gen).to(device)
     router = router_weight(out, src, prefix, block, device)
     bias_name = f"{prefix}.gate.e_score_correction_bias"
     bias = read_tensor(out, bias_name).to(device=device, dtype=torch.float32) if bias_name in out.tensors else None
-    tw, tid = route(x, router, top_k, scoring=routing.get("scoring", "softmax"),
-                    renormalize=bool(routing.get("renormalize", True)), correction_bias=bias,
-                    routed_scaling_factor=float(routing.get("routed_scaling_factor", 1.0)))
+    tw, tid = route(x, router, top_k, scoring=routing["scoring"], renormalize=routing["renormalize"],
+                    correction_bias=bias, routed_scaling_factor=routing["routed_scaling_factor"])
     return x, x_cov, tw, tid
 
 
-def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, block: dict, *, device, dtype,
+def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: ConvertedLayer, block: ConvertedBlock, *,
+                  device, dtype,
                   tokens: int, seed: int, kernel: bool = False, streamed: bool | None = None) -> dict:
     """The numerical check of one layer. ``streamed``: one expert at a time (default on a CPU),
     or the whole layer at once (default elsewhere); both compute the same checks."""
@@ -145,8 +143,7 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
     )
     from .unpack import xpu_dequant
 
-    routing = block.get("routing") or {}
-    e = int(info["experts"])
+    e = info.experts
     x, x_cov, tw, tid = layer_inputs(src, out, prefix, info, block, device=device, tokens=tokens, seed=seed)
     top_k = tid.shape[1]
     cov_w = torch.ones(e, 1, device=device)
@@ -160,7 +157,7 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
     synchronize(device)
     t1 = time.perf_counter()
     # compute: dequantize both sides, run the reference MoE on routed tokens and on every expert
-    enc = block["nibble_encoding"]
+    enc = block.nibble_encoding
     if streamed is None:
         streamed = torch.device(device).type == "cpu"
     if streamed:
@@ -193,7 +190,7 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
     packed_bytes = sum(t.numel() * t.element_size() for r in src_packed.values() for t in r.values()) + \
         sum(t.numel() * t.element_size() for t in (w13, s13, w2, s2))
     del src_packed
-    tp = int(block.get("tp_size", 1))
+    tp = block.tp_size
     tp_stats = None
     if tp > 1:
         y_ranks = rank_sum(out, prefix, info, block, tp, x.to(dtype), tw, tid, dtype, device, streamed=streamed)
@@ -226,15 +223,15 @@ def numeric_layer(src: Checkpoint, out: Checkpoint, prefix: str, info: dict, blo
         from .xpu_kernels import run_xpu_fused_moe
 
         y_k = run_xpu_fused_moe(x.to(dtype), w13, s13.to(dtype), w2, s2.to(dtype), tw, tid, None, top_k=top_k,
-                                renormalize=bool(routing.get("renormalize", True)), encoding=block["nibble_encoding"])
+                                renormalize=block.routing["renormalize"], encoding=enc)
         kstats = compare(y_k.float(), y_conv.float())
         result["kernel"] = {**kstats, "ok": within_kernel_tolerance(y_k, y_conv, dtype)}
         result["ok"] = result["ok"] and result["kernel"]["ok"]
     return result
 
 
-def rank_sum(out: Checkpoint, prefix: str, info: dict, block: dict, tp: int, x, tw, tid, dtype, device,
-             streamed: bool = False):
+def rank_sum(out: Checkpoint, prefix: str, info: ConvertedLayer, block: ConvertedBlock, tp: int, x, tw, tid, dtype,
+             device, streamed: bool = False):
     """Sum over tensor-parallel ranks of each rank's partial MoE output, every rank dequantized
     from its own slice of the packed bytes and scales (as a runtime holding one rank would);
     ``streamed``: one expert at a time, as :func:`numeric_layer` does on a CPU."""
@@ -244,10 +241,10 @@ def rank_sum(out: Checkpoint, prefix: str, info: dict, block: dict, tp: int, x, 
     from .reference import moe_forward, moe_forward_streamed
     from .unpack import xpu_dequant
 
-    enc = block["nibble_encoding"]
-    p = int(info["padded_intermediate_size"])
+    enc = block.nibble_encoding
+    p = info.padded_intermediate_size
     pt = p // tp
-    g2 = int(info["w2_group_size"])
+    g2 = info.w2_group_size
     w13, s13, w2, s2 = converted_weights(out, prefix, block, dtype, device, raw=True)
     total = None
     for r in range(tp):
@@ -266,8 +263,8 @@ def rank_sum(out: Checkpoint, prefix: str, info: dict, block: dict, tp: int, x, 
 
 def numeric_layer_safe(src, out, prefix, block, dev, tdtype, tokens, seed, run_kernel) -> dict:
     try:
-        return numeric_layer(src, out, prefix, block["layers"][prefix], block, device=dev, dtype=tdtype,
+        return numeric_layer(src, out, prefix, block.layers[prefix], block, device=dev, dtype=tdtype,
                              tokens=tokens, seed=seed, kernel=run_kernel)
-    except (ValueError, RuntimeError, KeyError) as exc:  # shapes a planted defect broke
+    except (ValueError, RuntimeError, KeyError, VerificationError) as exc:  # shapes a planted defect broke
         return {"prefix": prefix, "ok": False, "error": " ".join(str(exc).split()), "rel": float("nan"),
                 "cosine": float("nan"), "max_abs": float("nan")}

@@ -14,8 +14,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..contract import ConvertedBlock
 from ..errors import InputError, UsageError
 from .standalone import Findings, check_manifest, check_output_folder, verify_standalone
+
+#: Bounds of the reference MoE's token batch and seed (inclusive; the CLI's bounds too).
+MAX_TOKENS = 65536
+MAX_SEED = 2**32 - 1
 
 #: ``progress(stage, done, total, unit)``
 Progress = Callable[[str, int, int, str], None]
@@ -25,15 +30,41 @@ def _no_progress(*_args) -> None:
     return None
 
 
+def check_layers_spec(spec: str | None) -> None:
+    """The form of ``--layers`` before any work: ``sample:N`` with N >= 1, ranges ``a-b`` with a <= b
+    (indices and prefixes are checked against the layers once the output is open)."""
+    if not spec or spec == "all":
+        return
+    if spec.startswith("sample:"):
+        m = re.fullmatch(r"sample:0*(\d{1,18})", spec)
+        if not m or int(m[1]) < 1:
+            raise UsageError(f"--layers {spec!r}: sample:N takes a number of layers N from 1 to {10**18 - 1}, "
+                             "e.g. sample:4")
+        return
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)-(\d+)", part.strip())
+        if not part.strip() or (m and int(m[1]) > int(m[2])):
+            raise UsageError(f"--layers {spec!r}: {part.strip()!r} is not a layer index, range a-b (a <= b) or prefix")
+
+
+def _check_bounds(**values: tuple[object, int, int | None]) -> None:
+    """Each ``name=(value, low, high)`` an integer within its bounds (high None: unbounded)."""
+    for name, (value, low, high) in values.items():
+        if type(value) is not int or value < low or (high is not None and value > high):
+            upto = f"..{high}" if high is not None else " or more"
+            raise UsageError(f"--{name} {value!r}: expected an integer {low}{upto}")
+
+
 def select_layers(prefixes: list[str], spec: str | None) -> list[str]:
     """``None``/"all" -> all; "0,3,10-12" -> by index (negative counts from the end); "sample:N"."""
+    check_layers_spec(spec)
     if not spec or spec == "all":
         return list(prefixes)
     m = re.fullmatch(r"sample:(\d+)", spec)
     if m:
         from .bits import sample_experts
 
-        return [prefixes[i] for i in sample_experts(len(prefixes), max(1, int(m[1])))]
+        return [prefixes[i] for i in sample_experts(len(prefixes), int(m[1]))]
     chosen = []
     for part in spec.split(","):
         part = part.strip()
@@ -73,6 +104,8 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
         raise UsageError(f"--backend {backend!r}: choose auto, reference or xpu-kernels")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise UsageError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
+    check_layers_spec(layers)
+    _check_bounds(tokens=(tokens, 1, MAX_TOKENS), seed=(seed, 0, MAX_SEED), jobs=(jobs, 1, None))
     folder = Path(output)
     check_output_folder(folder)
     findings = Findings()
@@ -87,10 +120,10 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
     with ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-hash") as bg:
         hashing = bg.submit(check_manifest, folder, manifest, max(1, jobs - 1),
                             progress=lambda done, total: progress("hashing", done, total, "bytes"))
-        out, block = verify_standalone(folder, findings, jobs, skip_manifest=True)
+        out, block, mismatched = verify_standalone(folder, findings, jobs, skip_manifest=True)
         try:
             if source is not None and out is not None:
-                layer_rows = _against_source(out, block, source, findings, revision=revision, token=token,
+                layer_rows = _against_source(out, block, mismatched, source, findings, revision=revision, token=token,
                                              device=device, dtype=dtype, backend=backend, layers=layers,
                                              tokens=tokens, seed=seed, numeric=numeric, exhaustive=exhaustive,
                                              report=report, jobs=jobs, progress=progress)
@@ -109,19 +142,18 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
     return report
 
 
-def check_same_source(src, out, block: dict, source, warnings: list[str]) -> None:
+def check_same_source(src, out, block: ConvertedBlock, source, warnings: list[str]) -> None:
     """SOURCE must be the checkpoint OUTPUT was made from: its header fingerprint and its sampled
     data fingerprint must equal those recorded at conversion.  An output that records neither (an
     older one) is checked by shape instead: every converted layer must be a MoE layer of SOURCE with
     the same experts, K and N; a warning says that identity beyond shapes cannot be confirmed."""
-    recorded = block.get("source") if isinstance(block.get("source"), dict) else {}
     not_it = f"{source}: SOURCE is not the checkpoint {out.root} was made from"
-    fp, data_fp = recorded.get("fingerprint"), recorded.get("data_fingerprint")
-    if isinstance(fp, str) and fp:
+    fp, data_fp = block.fingerprint, block.data_fingerprint
+    if fp:
         if fp != src.fingerprint():
             raise InputError(f"{not_it} (its safetensors headers differ from the fingerprint recorded at "
                              f"conversion, {fp[:23]}...)")
-        if isinstance(data_fp, str) and data_fp and data_fp != src.data_fingerprint():
+        if data_fp and data_fp != src.data_fingerprint():
             raise InputError(f"{not_it} (same tensor names and shapes, but its weights differ from the data "
                              "fingerprint recorded at conversion)")
         return
@@ -132,8 +164,8 @@ def check_same_source(src, out, block: dict, source, warnings: list[str]) -> Non
     except InputError as exc:
         raise InputError(f"{not_it} ({exc.message})") from None
     have = {lyr.prefix: (lyr.experts, lyr.hidden, lyr.intermediate) for lyr in plan.layers}
-    for prefix, info in block["layers"].items():
-        want = (info.get("experts"), info.get("hidden_size"), info.get("intermediate_size"))
+    for prefix, info in block.layers.items():
+        want = (info.experts, info.hidden_size, info.intermediate_size)
         if prefix not in have:
             raise InputError(f"{not_it} (it has no MoE layer {prefix}; {out.root} records no source fingerprint, "
                              "so SOURCE was compared by shape)")
@@ -145,27 +177,30 @@ def check_same_source(src, out, block: dict, source, warnings: list[str]) -> Non
                     "mean a wrong --source")
 
 
-def _against_source(out, block, source, findings: Findings, *, revision, token, device, dtype, backend, layers,
-                    tokens, seed, numeric, exhaustive, report, jobs, progress) -> list[dict]:
+def _against_source(out, block: ConvertedBlock, mismatched: set[str], source, findings: Findings, *, revision, token,
+                    device, dtype, backend, layers, tokens, seed, numeric, exhaustive, report, jobs,
+                    progress) -> list[dict]:
     from ..read import open_source
+    from .bits import source_header_problems
 
-    prefixes = list(block.get("layers", {}))
+    prefixes = list(block.layers)
     chosen = select_layers(prefixes, layers)
     with open_source(source, revision=revision, token=token) as src:
         check_same_source(src, out, block, source, report["warnings"])
+        unread = _unreadable_layers(src, block, mismatched, source_header_problems)
         setup = _numeric_setup(device, dtype, backend, report) if numeric else None
         if setup is None:
             report["numeric"] = "skipped (--no-numeric)"
 
         def reference() -> list[dict]:
-            return _reference_moe(src, out, block, chosen, setup, tokens, seed, report, progress)
+            return _reference_moe(src, out, block, chosen, unread, setup, tokens, seed, report, progress)
 
         # On a GPU or XPU the reference MoE (reads, then device math) overlaps the bit-exact checks
         # (CPU threads); on a CPU both compete for the same cores, so they run one after the other.
         with ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-reference") as side:
             overlapped = side.submit(reference) if setup is not None and overlaps(setup[0]) else None
             try:
-                _bit_exact(src, out, block, prefixes, findings, exhaustive, jobs, report, progress)
+                _bit_exact(src, out, block, prefixes, unread, findings, exhaustive, jobs, report, progress)
             except BaseException:
                 if overlapped is not None:
                     overlapped.cancel()
@@ -180,19 +215,34 @@ def _against_source(out, block, source, findings: Findings, *, revision, token, 
     return rows
 
 
+def _unreadable_layers(src, block: ConvertedBlock, mismatched: set[str], source_problems) -> dict[str, str]:
+    """The layers no comparison may read by the config block's shapes, and why: their converted
+    tensors disagree with the block (the layout check said how), or SOURCE's headers do."""
+    unread = {prefix: "its converted tensors disagree with the config block (see layout)" for prefix in mismatched}
+    for prefix, layer in block.layers.items():
+        if prefix not in unread:
+            problems = source_problems(src, layer)
+            if problems:
+                unread[prefix] = "; ".join(problems)
+    return unread
+
+
 def overlaps(device) -> bool:
     """Whether the reference MoE runs beside the bit-exact checks (its math is not on the CPU)."""
     return device.type != "cpu"
 
 
-def _bit_exact(src, out, block, prefixes, findings: Findings, exhaustive, jobs, report, progress) -> None:
+def _bit_exact(src, out, block: ConvertedBlock, prefixes, unread: dict[str, str], findings: Findings, exhaustive,
+               jobs, report, progress) -> None:
     from .bits import check_layer_bits, check_passthrough, restore_torch_threads
 
     t_bits = time.perf_counter()
-    bit_problems = []
+    bit_problems = [f"{prefix}: not compared: {why}" for prefix, why in unread.items()]
 
     def bits(prefix):
-        return check_layer_bits(src, out, prefix, block["layers"][prefix], block, exhaustive=exhaustive)
+        if prefix in unread:
+            return []
+        return check_layer_bits(src, out, prefix, block.layers[prefix], block, exhaustive=exhaustive)
 
     # layers are independent; numpy, pread and torch release the GIL
     progress("bit-exact", 0, len(prefixes), "layers")
@@ -240,7 +290,8 @@ def _numeric_setup(device, dtype, backend, report):
     return dev, tdtype, run_kernel
 
 
-def _reference_moe(src, out, block, chosen, setup, tokens, seed, report, progress) -> list[dict]:
+def _reference_moe(src, out, block: ConvertedBlock, chosen, unread: dict[str, str], setup, tokens, seed, report,
+                   progress) -> list[dict]:
     from .device import synchronize
     from .numeric import numeric_layer_safe
 
@@ -251,7 +302,11 @@ def _reference_moe(src, out, block, chosen, setup, tokens, seed, report, progres
     for i, prefix in enumerate(chosen):
         synchronize(dev)
         t = time.perf_counter()
-        row = numeric_layer_safe(src, out, prefix, block, dev, tdtype, tokens, seed + i, run_kernel)
+        if prefix in unread:
+            row = {"prefix": prefix, "ok": False, "error": f"not run: {unread[prefix]}", "rel": float("nan"),
+                   "cosine": float("nan"), "max_abs": float("nan")}
+        else:
+            row = numeric_layer_safe(src, out, prefix, block, dev, tdtype, tokens, seed + i, run_kernel)
         synchronize(dev)
         row["seconds"] = round(time.perf_counter() - t, 4)
         rows.append(row)

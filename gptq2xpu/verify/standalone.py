@@ -156,11 +156,16 @@ def _scales_finite(ckpt: Checkpoint, name: str) -> bool:
     return bool(np.isfinite(raw).all())
 
 
-def check_layout(ckpt: Checkpoint, block: ConvertedBlock, findings: Findings) -> None:
-    """The converted tensors against the contract and the config block."""
+def check_layout(ckpt: Checkpoint, block: ConvertedBlock, findings: Findings) -> set[str]:
+    """The converted tensors against the contract and the config block; returns the prefixes of
+    the layers whose tensors disagree with the block (nothing may read them by the block's shapes)."""
     problems = []
+    mismatched = set()
     for layer in block.layers.values():
-        problems += _check_layer(ckpt, layer)
+        found = _check_layer(ckpt, layer)
+        if found:
+            mismatched.add(layer.prefix)
+        problems += found
     findings.add("layout", not problems, listing(problems, 20) if problems else
                  f"{len(block.layers)} layers: dtypes, shapes, groups, scale dtype, finite scales")
 
@@ -188,6 +193,7 @@ def check_layout(ckpt: Checkpoint, block: ConvertedBlock, findings: Findings) ->
             bad.append(f"{name} (dequantized router) missing or not float")
     n_routers = len(block.routers) + len(block.dequantized_routers)
     findings.add("routers", not bad, listing(bad) if bad else f"{n_routers} router tensors present and float")
+    return mismatched
 
 
 def check_ranks(folder: Path, ckpt: Checkpoint, block: ConvertedBlock, findings: Findings) -> None:
@@ -283,30 +289,32 @@ def check_output_folder(folder: Path) -> None:
                      f"{MANIFEST_NAME})")
 
 
-def verify_standalone(folder: Path, findings: Findings, jobs: int = 2, *,
-                      skip_manifest: bool = False) -> tuple[Checkpoint | None, dict | None]:
+def verify_standalone(folder: Path, findings: Findings, jobs: int = 2, *, skip_manifest: bool = False
+                      ) -> tuple[Checkpoint | None, ConvertedBlock | None, set[str]]:
     """All standalone checks; ``skip_manifest`` when the caller hashes the manifest files itself
     (``runner.verify`` does, in the background, overlapping the hashing with the other checks).
-    Returns the opened output and its validated config block (raw), or Nones when it cannot be."""
+    Returns the opened output, its validated config block and the prefixes of the layers whose
+    tensors disagree with the block (Nones and nothing when the output cannot be opened or its
+    block does not parse)."""
     folder = Path(folder)
     check_output_folder(folder)
     if not skip_manifest:
         check_manifest(folder, findings, jobs)
     try:
-        ckpt, raw, block = open_output(folder)
+        ckpt, _, block = open_output(folder)
     except InputError as exc:
         if "not a gptq2xpu output" in str(exc):
             raise
         findings.fail("index and shards", str(exc))
-        return None, None
+        return None, None, set()
     findings.add("index and shards", True, f"{len(ckpt.shards)} shard(s), {len(ckpt.tensors)} tensors, headers "
                  "valid, index agrees")
     if isinstance(block, str):
         findings.fail("config block", block)
         ckpt.close()
-        return None, None
+        return None, None, set()
     findings.add("config block", True, f"format_version {FORMAT_VERSION}, nibble_encoding {block.nibble_encoding}, "
                  f"{len(block.layers)} converted layer(s)")
-    check_layout(ckpt, block, findings)
+    mismatched = check_layout(ckpt, block, findings)
     check_ranks(folder, ckpt, block, findings)
-    return ckpt, raw
+    return ckpt, block, mismatched

@@ -157,21 +157,13 @@ def check_same_source(src, out, block: ConvertedBlock, source, warnings: list[st
             raise InputError(f"{not_it} (same tensor names and shapes, but its weights differ from the data "
                              "fingerprint recorded at conversion)")
         return
-    from ..plan import build_plan
+    from .bits import source_header_problems
 
-    try:
-        plan = build_plan(src)
-    except InputError as exc:
-        raise InputError(f"{not_it} ({exc.message})") from None
-    have = {lyr.prefix: (lyr.experts, lyr.hidden, lyr.intermediate) for lyr in plan.layers}
-    for prefix, info in block.layers.items():
-        want = (info.experts, info.hidden_size, info.intermediate_size)
-        if prefix not in have:
-            raise InputError(f"{not_it} (it has no MoE layer {prefix}; {out.root} records no source fingerprint, "
-                             "so SOURCE was compared by shape)")
-        if have[prefix] != want:
-            raise InputError(f"{not_it} ({prefix} has E, K, N = {have[prefix]}, {out.root} says {want}; "
-                             f"{out.root} records no source fingerprint, so SOURCE was compared by shape)")
+    for layer in block.layers.values():
+        problems = source_header_problems(src, layer)
+        if problems:
+            raise InputError(f"{not_it} ({problems[0]}; {out.root} records no source fingerprint, so SOURCE was "
+                             "compared by shape)")
     warnings.append(f"{out.root} records no source fingerprint (made by an older gptq2xpu?): SOURCE matches it in "
                     "shape, but cannot be confirmed to be the checkpoint it was made from; a mismatch below may "
                     "mean a wrong --source")

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from _hostile import edit_config, fixture_copy, one_error_line
-from helpers import run_cli
+from _planting import copy_output, patch_tensor, shard_of
+from helpers import cli, run_cli
 
 from gptq2xpu.errors import EXIT_INPUT, InputError
+from gptq2xpu.read.checkpoint import Checkpoint
 from gptq2xpu.read.paths import MAX_CONFIG_BYTES, MAX_JSON_BYTES, Folder
+from gptq2xpu.testing.synth import make_checkpoint
+from gptq2xpu.verify import standalone
 
 # ------------------------------------------------------------------------------ config patterns
 
@@ -52,3 +57,70 @@ def test_config_too_large_once_indented_is_refused_before_writing(tmp_path):
     line = one_error_line(proc.stderr, ignore_warnings=True)
     assert proc.returncode == EXIT_INPUT and "config.json" in line and "OUTPUT" in line, line
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ verify reads in pieces
+
+
+@pytest.fixture(scope="module")
+def ranked_output(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bounds")
+    info = make_checkpoint(root / "src", family="qwen3_moe", hidden=128, moe_intermediate=192, num_experts=4,
+                           top_k=2, group_size=64, num_layers=1, attention=False, vocab=32)
+    out = root / "out"
+    code, _, stderr = cli("convert", info.path, out, "--tp-size", "2", "--emit-ranks")
+    assert code == 0, stderr
+    return out
+
+
+def _reads(monkeypatch) -> dict[str, int]:
+    """Record the largest single read of each tensor."""
+    largest: dict[str, int] = {}
+    original = Checkpoint.read_into
+
+    def spy(self, ref, out, *, offset=0):
+        largest[ref.name] = max(largest.get(ref.name, 0), out.nbytes)
+        return original(self, ref, out, offset=offset)
+
+    monkeypatch.setattr(Checkpoint, "read_into", spy)
+    return largest
+
+
+def test_verify_reads_scales_in_bounded_pieces(ranked_output, monkeypatch):
+    monkeypatch.setattr(standalone, "CHUNK_BYTES", 64)
+    largest = _reads(monkeypatch)
+    ckpt, _, block = standalone.open_output(ranked_output)
+    with ckpt:
+        findings = standalone.Findings()
+        standalone.check_layout(ckpt, block, findings)
+        assert findings.ok, findings.failures
+        scales = [n for n in largest if n.endswith("_scales")]
+        assert scales and all(largest[n] <= 64 < ckpt.ref(n).nbytes for n in scales)
+
+
+def test_verify_finds_a_bad_scale_in_the_last_piece(ranked_output, tmp_path, monkeypatch):
+    monkeypatch.setattr(standalone, "CHUNK_BYTES", 64)
+    out = copy_output(ranked_output, tmp_path / "out")
+    name = "model.layers.0.mlp.experts.w2_scales"
+
+    def last_inf(a):
+        a.reshape(-1)[-1] = np.inf
+        return a
+
+    patch_tensor(shard_of(out, name), name, last_inf)
+    ckpt, _, block = standalone.open_output(out)
+    with ckpt:
+        findings = standalone.Findings()
+        standalone.check_layout(ckpt, block, findings)
+    assert not findings.ok and f"{name}: non-finite scales" in findings.failures[0]
+
+
+def test_rank_check_reads_one_expert_at_a_time(ranked_output, monkeypatch):
+    largest = _reads(monkeypatch)
+    ckpt, _, block = standalone.open_output(ranked_output)
+    with ckpt:
+        findings = standalone.Findings()
+        standalone.check_ranks(ranked_output, ckpt, block, findings)
+        assert findings.ok, findings.failures
+        assert len(largest) == 4
+        assert all(largest[n] <= ckpt.ref(n).nbytes // ckpt.ref(n).shape[0] for n in largest)

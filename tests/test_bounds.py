@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from _hostile import edit_config, fixture_copy, one_error_line
 from _planting import copy_output, patch_tensor, shard_of
-from helpers import cli, run_cli
+from helpers import cli, read_tensors, run_cli, write_raw
 
 from gptq2xpu.errors import EXIT_INPUT, InputError
+from gptq2xpu.read import checkpoint
 from gptq2xpu.read.checkpoint import Checkpoint
 from gptq2xpu.read.paths import MAX_CONFIG_BYTES, MAX_JSON_BYTES, Folder
 from gptq2xpu.testing.synth import make_checkpoint
@@ -124,3 +131,50 @@ def test_rank_check_reads_one_expert_at_a_time(ranked_output, monkeypatch):
         assert findings.ok, findings.failures
         assert len(largest) == 4
         assert all(largest[n] <= ckpt.ref(n).nbytes // ckpt.ref(n).shape[0] for n in largest)
+
+
+# ------------------------------------------------------------------------------ shard descriptors
+
+
+def _one_shard_per_tensor(src: Path) -> list[str]:
+    """Rewrite the fixture's single shard as one shard per tensor, with an index."""
+    tensors = read_tensors(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    weight_map = {}
+    for i, (name, (dtype, shape, raw)) in enumerate(tensors.items()):
+        file = f"model-{i + 1:05d}-of-{len(tensors):05d}.safetensors"
+        write_raw(src / file, {name: {"dtype": dtype, "shape": list(shape), "data_offsets": [0, len(raw)]}}, raw)
+        weight_map[name] = file
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return sorted(set(weight_map.values()))
+
+
+def test_more_shards_than_the_descriptor_limit_convert(tmp_path):
+    src = fixture_copy(tmp_path / "src")
+    files = _one_shard_per_tensor(src)
+    limit = 100
+    assert len(files) > limit
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    proc = subprocess.run([sys.executable, "-m", "gptq2xpu", "convert", str(src), str(tmp_path / "out"), "-q"],
+                          capture_output=True, text=True, timeout=120, preexec_fn=low_limit)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_a_shard_swapped_while_closed_is_detected_on_reopen(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "MAX_OPEN_SHARDS", 1)
+    src = fixture_copy(tmp_path / "src")
+    files = _one_shard_per_tensor(src)
+    with checkpoint.open_checkpoint(src) as ckpt:
+        by_file = {ref.file: name for name, ref in ckpt.tensors.items()}
+        first, second = by_file[files[0]], by_file[files[1]]
+        ckpt.read(first)
+        ckpt.read(second)  # the descriptor of files[0] is closed to make room
+        assert len(ckpt._fds) == 1
+        shutil.copy2(src / files[0], tmp_path / "copy")
+        os.replace(tmp_path / "copy", src / files[0])  # same bytes, same mtime, another file
+        with pytest.raises(InputError, match=f"{files[0]}: source file was replaced"):
+            ckpt.read(first)

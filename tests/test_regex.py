@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptq2xpu.read.regex import MAX_STATES, Regex, Unsupported
+from gptq2xpu.read import regex as regex_module
+from gptq2xpu.read.regex import MAX_STATES, Budget, Regex, Unsupported
 
 # ------------------------------------------------------------------------- same answers as re
 
@@ -91,3 +92,40 @@ def test_catastrophic_patterns_finish(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# ------------------------------------------------------------------------- bounded memory
+
+
+def _dfa_weight(regex: Regex) -> int:
+    return sum(len(chars) + 1 for chars, _ in regex._dfa) + len(regex._cache)
+
+
+def test_dfa_memory_stays_bounded_by_the_pattern_size():
+    """``.*a.{9}`` has a DFA of 2**10 states; matching many names must not keep them all."""
+    regex, theirs = Regex(r".*a.{9}b"), re.compile(r".*a.{9}b")
+    limit = 64 * (len(regex._states) + 16)
+    for n in range(3000):
+        text = format(n * 2654435761 % (1 << 24), "024b").replace("0", "a").replace("1", "c")
+        assert regex.match(text) == (theirs.match(text) is not None)
+        assert _dfa_weight(regex) <= limit
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(patterns(), st.lists(st.text(alphabet="ab.1_ \n", max_size=12), min_size=1, max_size=8))
+def test_agrees_with_python_re_while_dropping_tables(pattern, texts):
+    """With the smallest table limit the DFA is dropped mid-match all the time: same answers."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(regex_module, "DFA_WEIGHT_PER_STATE", 1)
+        ours, theirs = Regex(pattern), re.compile(pattern)
+        for text in texts * 2:
+            assert ours.match(text) == (theirs.match(text) is not None), (pattern, text)
+            assert ours.fullmatch(text) == (theirs.fullmatch(text) is not None), (pattern, text)
+
+
+def test_patterns_sharing_a_budget_are_bounded_together():
+    budget = Budget(60)
+    Regex("a{40}", budget)
+    with pytest.raises(Unsupported, match="together"):
+        Regex("b{40}", budget)
+    Regex("b{40}")  # alone it is fine

@@ -19,8 +19,10 @@ import hashlib
 import json
 import os
 import re
+import resource
 import threading
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -49,6 +51,16 @@ DATA_SAMPLES = 8
 DATA_SAMPLE_BYTES = 4096
 
 
+def _open_shard_limit() -> int:
+    """How many shard descriptors a checkpoint keeps open: a quarter of the process's descriptor
+    limit, at most 64 (checkpoints of thousands of shards must not exhaust it)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 64 if soft == resource.RLIM_INFINITY else max(4, min(64, soft // 4))
+
+
+MAX_OPEN_SHARDS = _open_shard_limit()
+
+
 #: Where one source tensor lives: ``file`` (relative to the root), ``name``, ``dtype``, ``shape``,
 #: absolute byte range ``start..end``, ``nbytes``.  Made on demand from the checkpoint's compact
 #: :class:`~gptq2xpu.safetensors_io.TensorTable` (``ref.entry`` is the object itself).
@@ -71,18 +83,51 @@ class Checkpoint:
     #: :func:`gptq2xpu.read.resolve.provenance`): never a local path
     provenance: dict = field(default_factory=dict)
     _stats: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
-    _fds: dict[str, int] = field(default_factory=dict, repr=False)
+    _fds: OrderedDict[str, int] = field(default_factory=OrderedDict, repr=False)  # least recently used first
+    _users: dict[str, int] = field(default_factory=dict, repr=False)
+    _ids: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # ------------------------------------------------------------------ reading tensor data
-    def _fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
+    # At most MAX_OPEN_SHARDS descriptors stay open (plus those in use right now): the least
+    # recently used idle one is closed to make room.  A shard opened again must be the same file
+    # (device and inode) as the first time, so a file swapped during the run is still caught.
+
+    @contextlib.contextmanager
+    def _shard(self, file: str) -> Iterator[int]:
+        """A descriptor of shard ``file``, not closed while the block runs."""
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                self._close_idle(MAX_OPEN_SHARDS - 1)
+                fd = self._fds[file] = self._reopen(file)
+            self._fds.move_to_end(file)
+            self._users[file] = self._users.get(file, 0) + 1
+        try:
+            yield fd
+        finally:
             with self._lock:
-                fd = self._fds.get(file)
-                if fd is None:
-                    fd = self._fds[file] = self.folder.open(file)
+                self._users[file] -= 1
+                self._close_idle(MAX_OPEN_SHARDS)
+
+    def _reopen(self, file: str) -> int:
+        fd = self.folder.open(file)
+        try:
+            st = os.fstat(fd)
+            if self._ids.setdefault(file, (st.st_dev, st.st_ino)) != (st.st_dev, st.st_ino):
+                raise InputError(f"{file}: source file was replaced during the run; re-run on a stable copy")
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
+
+    def _close_idle(self, keep: int) -> None:
+        """Close least recently used descriptors no one is reading through until ``keep`` remain."""
+        if len(self._fds) <= keep:
+            return
+        for file in [f for f in self._fds if not self._users.get(f)][: max(0, len(self._fds) - keep)]:
+            with contextlib.suppress(OSError):
+                os.close(self._fds.pop(file))
 
     def ref(self, name: str) -> TensorRef:
         try:
@@ -100,7 +145,8 @@ class Checkpoint:
 
     def read_into(self, ref: TensorRef, out: np.ndarray, *, offset: int = 0) -> None:
         """Fill contiguous ``out`` with the tensor's bytes starting ``offset`` bytes into it."""
-        read_into(self._fd(ref.file), ref.start + offset, out, f"{ref.file}: tensor {ref.name!r}")
+        with self._shard(ref.file) as fd:
+            read_into(fd, ref.start + offset, out, f"{ref.file}: tensor {ref.name!r}")
 
     # ------------------------------------------------------------------ integrity over a run
     def check_unchanged(self) -> None:
@@ -123,7 +169,8 @@ class Checkpoint:
 
         def prefix(file: str, hdr: SafetensorsHeader) -> bytes:
             buf = np.empty(hdr.data_start, dtype=np.uint8)
-            read_into(self._fd(file), 0, buf, file)
+            with self._shard(file) as fd:
+                read_into(fd, 0, buf, file)
             return buf.tobytes()
 
         return fingerprint_headers((f, hdr.file_size, prefix(f, hdr)) for f, hdr in sorted(self.shards.items()))
@@ -144,7 +191,8 @@ class Checkpoint:
                 spans = [(start + round(i * step), DATA_SAMPLE_BYTES) for i in range(DATA_SAMPLES)]
             for offset, length in spans:
                 buf = np.empty(length, dtype=np.uint8)
-                read_into(self._fd(file), offset, buf, file)
+                with self._shard(file) as fd:
+                    read_into(fd, offset, buf, file)
                 h.update(buf.tobytes())
         return "sha256:" + h.hexdigest()
 
@@ -464,9 +512,9 @@ def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path
                       index_file=index_file, folder=folder, revision=revision, _stats=stats)
     try:
         for file in files:
-            fd = ckpt._fd(file)
-            shards[file] = read_header_fd(fd, file, table=table)
-            st = os.fstat(fd)
+            with ckpt._shard(file) as fd:
+                shards[file] = read_header_fd(fd, file, table=table)
+                st = os.fstat(fd)
             stats[file] = (st.st_size, st.st_mtime_ns)
         ckpt.tensors = tensor_map(shards, weight_map, index_file)
     except BaseException:

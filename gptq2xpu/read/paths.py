@@ -25,8 +25,14 @@ from pathlib import Path
 
 from ..errors import InputError
 
-#: The largest JSON document (config, index, manifest) read from an untrusted folder.
+#: The largest JSON document (index, manifest, split records) read from an untrusted folder: the
+#: index of the largest MoE checkpoints is tens of MB.
 MAX_JSON_BYTES = 64 * 1024 * 1024
+#: The largest model or quantization config.  Real ones are kilobytes, and parsing JSON takes many
+#: times its size in memory, so these get a cap of their own; gptq2xpu refuses to write a
+#: config.json that its own readers would refuse.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+CONFIG_DOCUMENTS = frozenset({"config.json", "quantize_config.json", "quantization_config.json"})
 LINK_POLICIES = ("inside", "none")
 
 
@@ -159,9 +165,14 @@ class Folder:
             os.close(fd)
 
     def read_json(self, rel: str, what: str | None = None) -> dict:
-        """A JSON object from member ``rel`` (size-capped, UTF-8, every string writable again)."""
+        """A JSON object from member ``rel`` (size-capped by kind, UTF-8, every string writable again)."""
         label = what or rel
-        return parse_json(self.read_bytes(rel, label, MAX_JSON_BYTES), label)
+        return parse_json(self.read_bytes(rel, label, json_limit(rel)), label)
+
+
+def json_limit(rel: str) -> int:
+    """The size cap of JSON document ``rel``: configs have a smaller one than indexes and manifests."""
+    return MAX_CONFIG_BYTES if Path(rel).name in CONFIG_DOCUMENTS else MAX_JSON_BYTES
 
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")

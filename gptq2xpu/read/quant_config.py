@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .paths import Folder
-from .regex import Regex, Unsupported
+from .regex import Budget, Regex, Unsupported
 
 NESTED_CONFIG_KEYS = ("text_config", "language_config", "llm_config", "thinker_config", "model_config")
 
@@ -102,10 +102,11 @@ def _as_int(value, key, where) -> int:
     return value
 
 
-def _compile(pattern: str, where: str) -> Regex:
-    """A config pattern, compiled for linear-time matching (see :mod:`gptq2xpu.read.regex`)."""
+def _compile(pattern: str, where: str, budget: Budget) -> Regex:
+    """A config pattern, compiled for linear-time matching (see :mod:`gptq2xpu.read.regex`); all
+    patterns of one config draw on one ``budget``, which bounds the time and memory of matching."""
     try:
-        return Regex(pattern)
+        return Regex(pattern, budget)
     except Unsupported as exc:
         raise InputError(f"{where}: regular expression {pattern[:100]!r}: {exc}") from None
 
@@ -162,6 +163,7 @@ def read_quant_config(folder: Folder | Path, config: dict) -> QuantConfig:
         found_in=where,
         raw=raw,
     )
+    budget = Budget()
     dynamic = raw.get("dynamic") or {}
     if not isinstance(dynamic, dict):
         raise InputError(f"{where}: 'dynamic' must be an object of pattern -> overrides")
@@ -172,7 +174,7 @@ def read_quant_config(folder: Folder | Path, config: dict) -> QuantConfig:
             sign, pattern = key[0], key[2:]
         if not isinstance(overrides, dict):
             raise InputError(f"{where}: dynamic rule {key!r} must map to an object")
-        qc.dynamic.append((sign, pattern, overrides, _compile(pattern, f"{where}: dynamic rule {key!r}")))
+        qc.dynamic.append((sign, pattern, overrides, _compile(pattern, f"{where}: dynamic rule {key!r}", budget)))
     extra = raw.get("extra_config") or {}
     if not isinstance(extra, dict):
         raise InputError(f"{where}: 'extra_config' must be an object")
@@ -181,7 +183,7 @@ def read_quant_config(folder: Folder | Path, config: dict) -> QuantConfig:
             raise InputError(f"{where}: extra_config {key!r} must map to an object")
         regex = None
         if any(c in key for c in "*[]()+?\\^$|"):
-            regex = _compile(key, f"{where}: extra_config {key!r}")
+            regex = _compile(key, f"{where}: extra_config {key!r}", budget)
         qc.extra.append((key, overrides, regex))
     return qc
 
@@ -220,6 +222,7 @@ def _read_compressed_tensors(raw: dict, where: str) -> QuantConfig:
         found_in=where,
         raw=raw,
     )
+    budget = Budget()
     ignore = raw.get("ignore") or []
     if not isinstance(ignore, list):
         raise InputError(f"{where}: 'ignore' must be a list of module names or re: patterns")
@@ -227,7 +230,7 @@ def _read_compressed_tensors(raw: dict, where: str) -> QuantConfig:
         if not isinstance(item, str):
             raise InputError(f"{where}: ignore entries must be strings, found {item!r}")
         if item.startswith("re:"):
-            qc.ignore.append((item, _compile(item[3:], f"{where}: ignore {item!r}")))
+            qc.ignore.append((item, _compile(item[3:], f"{where}: ignore {item!r}", budget)))
         else:
             qc.ignore.append((item, None))
     return qc

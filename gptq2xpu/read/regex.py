@@ -32,14 +32,35 @@ with warnings.catch_warnings():
 import re
 
 #: Largest pattern accepted, in characters and in NFA states (bounded repeats are unrolled).
+#: MAX_STATES also bounds the patterns of one :class:`Budget` together.
 MAX_PATTERN_LEN = 2000
 MAX_STATES = 20_000
+#: Memory of the lazily built DFA of a pattern, in NFA-state references per NFA state of the pattern.
+DFA_WEIGHT_PER_STATE = 32
 
 _ALLOWED_FLAGS = re.UNICODE | re.VERBOSE | re.DOTALL | re.ASCII
 
 
 class Unsupported(ValueError):
     """The pattern uses a construct this matcher does not run (message says which)."""
+
+
+class Budget:
+    """NFA states shared by patterns that are matched together, such as the rules of one config.
+
+    Matching a name against every rule costs up to (states of all rules) x (name length), and
+    each rule's DFA memory grows with its state count, so it is the total over the rules that
+    must be bounded, not each pattern alone."""
+
+    def __init__(self, states: int = MAX_STATES):
+        self.states = states
+        self.left = states
+
+    def take(self) -> None:
+        if self.left <= 0:
+            raise Unsupported(f"patterns together expand to more than {self.states} states "
+                              "(large bounded repeats or too many rules)")
+        self.left -= 1
 
 
 # --------------------------------------------------------------------------------- the NFA
@@ -57,7 +78,7 @@ class Regex:
     """A compiled pattern: :meth:`match` is ``re.match`` (anchored at the start, any prefix may
     match) and :meth:`fullmatch` is ``re.fullmatch``, both returning a bool."""
 
-    def __init__(self, pattern: str):
+    def __init__(self, pattern: str, budget: Budget | None = None):
         if len(pattern) > MAX_PATTERN_LEN:
             raise Unsupported(f"pattern longer than {MAX_PATTERN_LEN} characters")
         try:
@@ -75,9 +96,12 @@ class Regex:
         self._asserts = False
         self._states: list[_State] = []
         self._word = self._category(C.CATEGORY_WORD)
+        self._budget = budget or Budget()
         self._dfa: list[tuple[frozenset, bool]] = []
         self._dfa_ids: dict[tuple[frozenset, bool], int] = {}
         self._cache: dict = {}
+        self._weight = 0
+        self._generation = 0
         try:
             start, ends = self._build(list(tree))
         except RecursionError:
@@ -85,11 +109,13 @@ class Regex:
         accept = self._add(_State("match"))
         self._patch(ends, accept)
         self._start = start
+        self._weight_limit = DFA_WEIGHT_PER_STATE * (len(self._states) + 16)
 
     # ------------------------------------------------------------------ construction
     def _add(self, state: _State) -> int:
         if len(self._states) >= MAX_STATES:
             raise Unsupported(f"pattern expands to more than {MAX_STATES} states (large bounded repeats)")
+        self._budget.take()
         self._states.append(state)
         return len(self._states) - 1
 
@@ -251,7 +277,10 @@ class Regex:
     # ------------------------------------------------------------------ running
     # The NFA is run as a lazily built DFA: a set of NFA states is one DFA state, and each
     # (DFA state, character, position context) transition is computed once and cached, so a
-    # step costs a dictionary lookup.  Without the cache the cost is still linear.
+    # step costs a dictionary lookup.  Without the cache the cost is still linear.  One DFA state
+    # holds up to every NFA state, so the tables are weighed (NFA-state references plus cache
+    # entries) and dropped whenever they outgrow a limit proportional to the pattern: memory stays
+    # bounded by the pattern's size, and a dropped table only costs recomputation.
 
     def _context(self, text: str, pos: int):
         if not self._asserts:
@@ -284,16 +313,38 @@ class Regex:
                     stack.append(st.out)
             else:
                 accepted = True
-        key = (frozenset(chars), accepted)
+        return self._intern((frozenset(chars), accepted))
+
+    def _intern(self, key: tuple[frozenset, bool]) -> int:
+        """The id of a DFA state, dropping all tables first if adding it would pass the limit."""
         dfa = self._dfa_ids.get(key)
         if dfa is None:
+            if self._weight + len(key[0]) + 1 > self._weight_limit:
+                self._forget()
+            self._weight += len(key[0]) + 1
             dfa = self._dfa_ids[key] = len(self._dfa)
             self._dfa.append(key)
         return dfa
 
+    def _remember(self, key: tuple, nxt: int) -> int:
+        """Cache a transition; when the tables are full, drop them and keep only its target."""
+        if self._weight >= self._weight_limit:
+            target = self._dfa[nxt]
+            self._forget()
+            return self._intern(target)
+        self._cache[key] = nxt
+        self._weight += 1
+        return nxt
+
+    def _forget(self) -> None:
+        """Drop the DFA and its transitions; ids handed out before are void (see ``_generation``)."""
+        self._dfa.clear()
+        self._dfa_ids.clear()
+        self._cache.clear()
+        self._weight = 0
+        self._generation += 1
+
     def _run(self, text: str, full: bool) -> bool:
-        if len(self._cache) > 200_000:  # bound the memory of the cache, not the work
-            self._cache.clear()
         cache, dfa, states = self._cache, self._dfa, self._states
         cur = self._closure([self._start], self._context(text, 0))
         for pos, ch in enumerate(text):
@@ -306,7 +357,10 @@ class Regex:
             key = (cur, ch, ctx)
             nxt = cache.get(key)
             if nxt is None:
-                nxt = cache[key] = self._closure([states[i].out for i in chars if states[i].test(ch)], ctx)
+                generation = self._generation
+                nxt = self._closure([states[i].out for i in chars if states[i].test(ch)], ctx)
+                if generation == self._generation:  # else ``cur`` in ``key`` names a dropped state
+                    nxt = self._remember(key, nxt)
             cur = nxt
         return dfa[cur][1]
 

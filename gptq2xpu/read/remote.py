@@ -124,7 +124,7 @@ class HubHeaders(Checkpoint):
     def fingerprint(self) -> str:
         return self.header_fingerprint
 
-    def _fd(self, file: str) -> int:
+    def _reopen(self, file: str) -> int:
         raise InputError(f"{self.origin}: {file}: only its header was fetched over HTTP; "
                          "`convert` downloads the tensor data")
 

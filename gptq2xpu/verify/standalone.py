@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +38,12 @@ from ..contract import (
 from ..errors import InputError
 from ..read.checkpoint import Checkpoint, open_checkpoint
 from ..read.paths import Folder, check_member_name, walk
+from ..safetensors_io import DTYPE_SIZES
 
 FLOAT = {"F16", "BF16", "F32", "F64"}
+#: Tensor data is checked in pieces of at most this many bytes: what verify holds does not grow
+#: with the size a (possibly crafted) header claims.
+CHUNK_BYTES = 16 << 20
 
 
 @dataclass
@@ -147,13 +151,27 @@ def check_manifest(folder: Path, findings: Findings, jobs: int = 2,
     return doc
 
 
-def _scales_finite(ckpt: Checkpoint, name: str) -> bool:
+def _pieces(ckpt: Checkpoint, name: str) -> Iterator[np.ndarray]:
+    """The tensor's bytes, in successive views of one reused buffer of at most CHUNK_BYTES (a
+    multiple of 8, so every piece holds whole elements)."""
     ref = ckpt.ref(name)
-    raw = ckpt.read(name)
-    if ref.dtype == "BF16":
-        u = raw.view(np.uint16)
-        return not bool(((u & 0x7F80) == 0x7F80).any())
-    return bool(np.isfinite(raw).all())
+    buf = np.empty(min(CHUNK_BYTES, ref.nbytes), dtype=np.uint8)
+    for offset in range(0, ref.nbytes, CHUNK_BYTES):
+        piece = buf[: min(CHUNK_BYTES, ref.nbytes - offset)]
+        ckpt.read_into(ref, piece, offset=offset)
+        yield piece
+
+
+def _scales_finite(ckpt: Checkpoint, name: str) -> bool:
+    """No inf or NaN among the scales (F16 or BF16), read piece by piece."""
+    bf16 = ckpt.ref(name).dtype == "BF16"
+    for piece in _pieces(ckpt, name):
+        if bf16:
+            if ((piece.view(np.uint16) & 0x7F80) == 0x7F80).any():
+                return False
+        elif not np.isfinite(piece.view(np.float16)).all():
+            return False
+    return True
 
 
 def check_layout(ckpt: Checkpoint, block: ConvertedBlock, findings: Findings) -> set[str]:
@@ -218,18 +236,7 @@ def check_ranks(folder: Path, ckpt: Checkpoint, block: ConvertedBlock, findings:
                     if name not in rk.tensors or name not in ckpt.tensors:
                         problems.append(f"{rel}: {name} missing")
                         continue
-                    whole = _as_words(ckpt, name)
-                    part = _as_words(rk, name)
-                    if whole.ndim != 3 or part.ndim != 3 or whole.shape[:1] != part.shape[:1]:
-                        ok = False
-                    elif what.startswith("w13"):
-                        rows = part.shape[1] // 2
-                        want = np.concatenate([whole[:, r * rows : (r + 1) * rows],
-                                               whole[:, p + r * rows : p + (r + 1) * rows]], axis=1)
-                        ok = rows * t == p and want.shape == part.shape and np.array_equal(want, part)
-                    else:
-                        cols = part.shape[2]
-                        ok = cols * t == whole.shape[2] and np.array_equal(whole[:, :, r * cols : (r + 1) * cols], part)
+                    ok = _is_rank_slice(ckpt, rk, name, what, r, t, p)
                     if not ok:
                         problems.append(f"{rel}: {name} is not rank {r}'s slice of the full tensor "
                                         f"(N slice {r * pt}..{(r + 1) * pt})")
@@ -237,10 +244,41 @@ def check_ranks(folder: Path, ckpt: Checkpoint, block: ConvertedBlock, findings:
                  f"{t} rank folders, each exactly its slice of every converted tensor")
 
 
-def _as_words(ckpt: Checkpoint, name: str) -> np.ndarray:
+def _is_rank_slice(ckpt: Checkpoint, rk: Checkpoint, name: str, what: str, r: int, t: int, p: int) -> bool:
+    """Whether rank ``r``'s ``name`` is its slice of the full tensor (w13: N rows of both halves at
+    padded size ``p``; w2: K columns), compared one expert at a time so memory stays per expert."""
+    whole_ref, part_ref = ckpt.ref(name), rk.ref(name)
+    ws, ps = tuple(whole_ref.shape), tuple(part_ref.shape)
+    if whole_ref.dtype != part_ref.dtype or len(ws) != 3 or len(ps) != 3 or ws[0] != ps[0]:
+        return False
+    if what.startswith("w13"):
+        rows = ps[1] // 2
+        if rows * t != p or ps[1:] != (2 * rows, ws[2]) or ws[1] < 2 * p:
+            return False
+    else:
+        cols = ps[2]
+        if cols * t != ws[2] or ps[1] != ws[1]:
+            return False
+    item = DTYPE_SIZES[whole_ref.dtype]
+    for e in range(ws[0]):
+        whole, part = _expert_rows(ckpt, name, e), _expert_rows(rk, name, e)
+        if what.startswith("w13"):
+            want = np.concatenate([whole[r * rows : (r + 1) * rows], whole[p + r * rows : p + (r + 1) * rows]])
+        else:
+            want = whole[:, r * cols * item : (r + 1) * cols * item]
+        if not np.array_equal(want, part):
+            return False
+    return True
+
+
+def _expert_rows(ckpt: Checkpoint, name: str, e: int) -> np.ndarray:
+    """Expert ``e`` of a 3-D expert tensor as a (rows, bytes per row) array of its raw bytes."""
     ref = ckpt.ref(name)
-    raw = ckpt.read(name)
-    return raw.view(np.uint16).reshape(ref.shape) if ref.dtype in ("F16", "BF16") else raw.reshape(ref.shape)
+    shape = tuple(ref.shape)
+    per = ref.nbytes // shape[0]
+    buf = np.empty(per, dtype=np.uint8)
+    ckpt.read_into(ref, buf, offset=e * per)
+    return buf.reshape(shape[1], shape[2] * DTYPE_SIZES[ref.dtype])
 
 
 def _check_layer(ckpt: Checkpoint, layer: ConvertedLayer) -> list[str]:

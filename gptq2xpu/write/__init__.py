@@ -34,10 +34,11 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, output: Path, *, jobs: int = 
     output = Path(os.path.abspath(output))  # "." or "out/.." must name the folder, not the cwd entry
     plan.warnings.extend(prepare_output(output, ckpt.root, overwrite=overwrite))
     plan.warnings.extend(side_files(ckpt.folder)[1])  # refuses escaping links before writing anything
+    config = config_bytes(plan, ckpt)  # refuses one too large before writing anything
     stage = make_stage(output)
     try:
         files = write_shards(plan, ckpt, stage, range(len(plan.shards)), jobs, progress)
-        files.update(write_documents(plan, ckpt, stage, files))
+        files.update(write_documents(plan, ckpt, stage, files, config))
         ckpt.check_unchanged()
         if before_publish is not None:
             before_publish()
@@ -51,12 +52,12 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, output: Path, *, jobs: int = 
     return files
 
 
-def write_documents(plan: Plan, ckpt: Checkpoint, folder: Path, shard_files: dict) -> dict:
-    """Side files, index, config.json, rank folders, and last the manifest of everything."""
+def write_documents(plan: Plan, ckpt: Checkpoint, folder: Path, shard_files: dict, config: bytes) -> dict:
+    """Side files, index, config.json (``config``: its bytes), rank folders, and last the manifest."""
     files = {}
     files.update(write_side_files(plan, ckpt, folder))
     files[INDEX_NAME] = write_doc(folder, INDEX_NAME, index_bytes(plan))
-    files["config.json"] = write_doc(folder, "config.json", config_bytes(plan, ckpt))
+    files["config.json"] = write_doc(folder, "config.json", config)
     if plan.options.emit_ranks:
         files.update(write_ranks(plan, folder))
     write_doc(folder, MANIFEST_NAME, manifest_bytes(manifest_base(plan), {**shard_files, **files}))

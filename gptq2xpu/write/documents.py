@@ -15,12 +15,12 @@ from pathlib import Path
 
 from .. import __version__, serving
 from ..contract import CONFIG_BLOCK, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME
-from ..errors import io_error
+from ..errors import InputError, io_error
 from ..naming import natural_key
 from ..plan import Plan
 from ..read import Checkpoint
 from ..read.checkpoint import PICKLE_SUFFIXES
-from ..read.paths import Folder, portable_name
+from ..read.paths import MAX_CONFIG_BYTES, Folder, portable_name
 
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 SKIP_FILES = {"config.json", INDEX_NAME, MANIFEST_NAME}
@@ -54,9 +54,16 @@ def side_files(folder: Folder) -> tuple[list[str], list[str]]:
 
 
 def config_bytes(plan: Plan, ckpt: Checkpoint) -> bytes:
+    """OUTPUT's config.json, encoded once.  Indentation can make it several times the source's size,
+    so one over the cap every reader of a converted folder enforces is refused before anything is
+    written: convert never produces an output its own verify would reject."""
     cfg = serving.serving_config(ckpt.config, plan)  # quantization_config: the gptq2xpu method
     cfg[CONFIG_BLOCK] = plan.config_block()
-    return (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    data = (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    if len(data) > MAX_CONFIG_BYTES:
+        raise InputError(f"{ckpt.root / 'config.json'}: written into OUTPUT it would be {len(data)} bytes, more than "
+                         f"the {MAX_CONFIG_BYTES} a config.json may have")
+    return data
 
 
 def index_bytes(plan: Plan) -> bytes:

@@ -87,15 +87,27 @@ class Checkpoint:
     _users: dict[str, int] = field(default_factory=dict, repr=False)
     _ids: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _keep_all: bool = field(default=False, repr=False)  # few enough shards to keep every one open
 
     # ------------------------------------------------------------------ reading tensor data
-    # At most MAX_OPEN_SHARDS descriptors stay open (plus those in use right now): the least
-    # recently used idle one is closed to make room.  A shard opened again must be the same file
+    # A checkpoint of at most MAX_OPEN_SHARDS shards keeps each one open once opened.  A larger
+    # one keeps at most MAX_OPEN_SHARDS open (plus those in use right now): the least recently
+    # used idle one is closed to make room (bookkeeping under a lock that many reader threads
+    # would contend for, hence only there).  A shard opened again must be the same file
     # (device and inode) as the first time, so a file swapped during the run is still caught.
 
     @contextlib.contextmanager
     def _shard(self, file: str) -> Iterator[int]:
         """A descriptor of shard ``file``, not closed while the block runs."""
+        if self._keep_all:  # the common case: no bookkeeping (and no lock) per read
+            fd = self._fds.get(file)
+            if fd is None:
+                with self._lock:
+                    fd = self._fds.get(file)
+                    if fd is None:
+                        fd = self._fds[file] = self._reopen(file)
+            yield fd
+            return
         with self._lock:
             fd = self._fds.get(file)
             if fd is None:
@@ -509,7 +521,8 @@ def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path
     stats: dict[str, tuple[int, int]] = {}
     table = TensorTable()
     ckpt = Checkpoint(root=root, origin=origin or str(root), config=config, shards=shards, tensors=table,
-                      index_file=index_file, folder=folder, revision=revision, _stats=stats)
+                      index_file=index_file, folder=folder, revision=revision, _stats=stats,
+                      _keep_all=len(files) <= MAX_OPEN_SHARDS)
     try:
         for file in files:
             with ckpt._shard(file) as fd:

@@ -315,6 +315,9 @@ def test_messages_for_the_wrong_kind_of_folder(cli, converted, tmp_path):
     assert code == EXIT_INPUT and "is a file; verify takes the converted folder" in one_error_line(err)
     code, _, err = cli("verify", FIXTURE)
     assert code == EXIT_INPUT and "not a gptq2xpu output" in one_error_line(err)
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("verify", tmp_path / "empty")
+    assert code == EXIT_INPUT and "not a gptq2xpu output: it holds neither" in one_error_line(err)
     for args in (("inspect", converted), ("convert", converted, tmp_path / "again")):
         code, _, err = cli(*args)
         line = one_error_line(err)
@@ -342,6 +345,25 @@ def test_options_that_would_do_nothing(cli, converted, tmp_path, monkeypatch):
     assert code == EXIT_OK and "warning" not in err
     code, _, err = cli("verify", converted, "--token", "hf_y")
     assert code == EXIT_OK and "warning: --token ignored" in err
+    # a token typed for a local SOURCE folder does nothing either: every command says so
+    for args in (("inspect", FIXTURE), ("convert", FIXTURE, tmp_path / "tok"),
+                 ("verify", converted, "--source", FIXTURE, "--no-numeric")):
+        code, out, err = cli(*args, "--token", "hf_y", "--json")
+        note = f"--token ignored: SOURCE {FIXTURE} is a local folder"
+        assert code == EXIT_OK and f"warning: {note}" in err, (args, err)
+        assert any(w.startswith(note) for w in envelope_of(out, code)["warnings"]), args
+        code, _, err = cli(*args[:2], "-q") if args[0] == "inspect" else (EXIT_OK, "", "")
+        assert code == EXIT_OK and "--token" not in err
+
+
+def test_a_source_that_is_neither_folder_nor_reachable_repo_says_both(cli, tmp_path, converted, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    for args in (("convert", "no-such-model", tmp_path / "out"), ("inspect", "no-such-model"),
+                 ("verify", converted, "--source", "no-such-model")):
+        code, _, err = cli(*args)
+        line = one_error_line(err)
+        assert code == EXIT_INPUT and "no-such-model: no such folder; as a Hugging Face repo id:" in line, (args, line)
 
 
 def test_an_existing_empty_output_folder_is_accepted(cli, tmp_path):

@@ -22,6 +22,7 @@ from .options import (
     TpOpt,
     convert_options,
     parse_part,
+    unused_token,
 )
 from .output import session_output
 from .render import render_convert
@@ -35,6 +36,7 @@ EXAMPLES = [
 
 
 def convert(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(metavar="SOURCE", help="GPTQ checkpoint: a local folder or a Hugging Face "
                                           "repo id.")],
     output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Folder to create (appears only when complete; "
@@ -80,6 +82,9 @@ def convert(
         result = run(source, output, options=options, jobs=jobs, overwrite=overwrite, dry_run=dry_run,
                      part=parse_part(part), revision=revision, token=token,
                      progress=lambda done, total: update("converting", done, total))
+    token_note = unused_token(ctx, source)
+    if token_note:
+        result.setdefault("warnings", []).insert(0, token_note)
     for w in result.get("warnings", []):
         out.warn(w)
     if dry_run:

@@ -19,6 +19,7 @@ from .options import (
     TokenOpt,
     TpOpt,
     convert_options,
+    unused_token,
 )
 from .output import session_output
 from .render import render_inspect
@@ -31,6 +32,7 @@ EXAMPLES = [
 
 
 def inspect(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(metavar="SOURCE", help="GPTQ checkpoint: a local folder or a Hugging Face "
                                           "repo id.")],
     revision: RevisionOpt = None,
@@ -69,6 +71,9 @@ def inspect(
     if hub is not None and hub.range_ignored:
         out.warn(f"{hub.repo_id}: the server ignored HTTP Range for {len(hub.range_ignored)} file(s) "
                  f"({sorted(hub.range_ignored)[0]} ...); only the headers were read from the full responses")
+    token_note = unused_token(ctx, source)
+    if token_note:
+        data["warnings"].insert(0, token_note)
     for w in data["warnings"]:
         out.warn(w)
     out.result(data, render_inspect, f"{data['moe_layers']} MoE layer(s): {data['converted_layers']} to convert, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -116,3 +117,11 @@ def given(ctx: typer.Context, name: str) -> bool:
     """Whether parameter ``name`` was typed on the command line (not a default, not an env var)."""
     source = ctx.get_parameter_source(name)
     return source is not None and source.name == "COMMANDLINE"
+
+
+def unused_token(ctx: typer.Context, source: str | None) -> str | None:
+    """The warning for a ``--token`` typed with a local SOURCE folder, which needs none (the
+    ``HF_TOKEN`` variable is not warned about: it is set for every command alike)."""
+    if source is None or not given(ctx, "token") or not Path(source).expanduser().is_dir():
+        return None
+    return f"--token ignored: SOURCE {source} is a local folder (the token is for Hugging Face repo ids)"

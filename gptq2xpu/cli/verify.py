@@ -22,6 +22,7 @@ from .options import (
     TokenOpt,
     choices,
     given,
+    unused_token,
     value,
 )
 from .output import session_output
@@ -116,6 +117,9 @@ def verify(
         report = run(output, source, revision=revision, token=token, device=value(device), dtype=value(dtype),
                      backend=value(backend), layers=layers, tokens=tokens, seed=seed, numeric=numeric,
                      exhaustive=exhaustive, jobs=jobs, progress=update)
+    token_note = unused_token(ctx, source)
+    if token_note:
+        report["warnings"].insert(0, token_note)
     for w in report.get("warnings", []):
         out.warn(w)
     if unused:

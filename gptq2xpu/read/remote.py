@@ -188,9 +188,11 @@ def _from_cache(repo_id, revision, token, origin, read: HubRead, why: str) -> Ch
     try:
         folder, trusted, _ = cached_snapshot(repo_id, revision=revision, token=token)
     except InputError as exc:
-        if why == OFFLINE:
-            raise
-        raise InputError(f"{exc.message}; {why}") from None
+        detail = exc.message.removeprefix(f"{repo_id}: ")
+        if why != OFFLINE:  # the cache's "the hub cannot be reached" is too vague: say why it was not
+            detail = (f"not in the local Hugging Face cache, and {why.replace(f'{repo_id}: ', '')}"
+                      if detail.startswith("not in the local Hugging Face cache") else f"{detail}; {why}")
+        raise InputError(f"{repo_id}: no such folder; as a Hugging Face repo id: {detail}") from None
     if folder.parent.name == "snapshots" and _COMMIT.fullmatch(folder.name):
         read.commit = folder.name
     return open_checkpoint(folder, origin, trusted_root=trusted, revision=revision)

@@ -53,7 +53,11 @@ def resolve_source(source: str, *, revision: str | None = None, token: str | Non
         return path, path, str(source)
     if not looks_like_repo_id(source):
         raise InputError(f"{source}: no such folder, and not a Hugging Face repo id (owner/name)")
-    return _download(source, revision, token)
+    try:
+        return _download(source, revision, token)
+    except InputError as exc:  # say both readings of SOURCE: a typo'd folder reads as a repo id
+        raise InputError(f"{source}: no such folder; as a Hugging Face repo id: "
+                         f"{exc.message.removeprefix(f'{source}: ')}") from None
 
 
 def provenance(source: str, folder: Path, revision: str | None) -> dict:

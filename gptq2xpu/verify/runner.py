@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..contract import ConvertedBlock
 from ..errors import InputError, UsageError
-from .standalone import Findings, check_manifest, check_output_folder, verify_standalone
+from .standalone import Findings, check_manifest, check_output_folder, check_some_output, verify_standalone
 
 #: Bounds of the reference MoE's token batch and seed (inclusive; the CLI's bounds too).
 MAX_TOKENS = 65536
@@ -108,6 +108,7 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
     _check_bounds(tokens=(tokens, 1, MAX_TOKENS), seed=(seed, 0, MAX_SEED), jobs=(jobs, 1, None))
     folder = Path(output)
     check_output_folder(folder)
+    check_some_output(folder)
     findings = Findings()
     manifest = Findings()
     report: dict = {"output": str(output), "source": str(source) if source else None, "warnings": []}

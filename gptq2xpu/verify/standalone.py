@@ -13,6 +13,7 @@ Nothing here imports the converter's repack code.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -327,6 +328,13 @@ def check_output_folder(folder: Path) -> None:
                      f"{MANIFEST_NAME})")
 
 
+def check_some_output(folder: Path) -> None:
+    """A folder holding neither a manifest nor a config.json is no gptq2xpu output at all (bad
+    input, exit 3); one holding either is judged by the checks (a damaged output fails them)."""
+    if not any(os.path.lexists(folder / name) for name in (MANIFEST_NAME, "config.json")):
+        raise InputError(f"{folder}: not a gptq2xpu output: it holds neither {MANIFEST_NAME} nor config.json")
+
+
 def verify_standalone(folder: Path, findings: Findings, jobs: int = 2, *, skip_manifest: bool = False
                       ) -> tuple[Checkpoint | None, ConvertedBlock | None, set[str]]:
     """All standalone checks; ``skip_manifest`` when the caller hashes the manifest files itself
@@ -336,6 +344,7 @@ def verify_standalone(folder: Path, findings: Findings, jobs: int = 2, *, skip_m
     block does not parse)."""
     folder = Path(folder)
     check_output_folder(folder)
+    check_some_output(folder)
     if not skip_manifest:
         check_manifest(folder, findings, jobs)
     try:

@@ -192,6 +192,11 @@ FAMILIES: dict[str, FamilyInfo] = {
 # ----------------------------------------------------------------------------------- the spec
 
 
+#: DeepSeek's multi-head latent attention: vLLM's MLA kernels take kv_lora_rank + qk_rope_head_dim
+#: of 320, 512 or 576 only, so the synthetic models use 256 + 64 (vLLM can serve them).
+MLA_KV_RANK, MLA_ROPE, MLA_NOPE, MLA_V = 256, 64, 32, 32
+
+
 @dataclass
 class SynthSpec:
     family: str = "qwen3_moe"   # a key of FAMILIES
@@ -607,8 +612,8 @@ class _Builder:
                 self.add_float(f"{p}.self_attn.q_norm.weight", (hd,), "norm")
                 self.add_float(f"{p}.self_attn.k_norm.weight", (hd,), "norm")
         elif style in ("deepseek_v2", "deepseek_v3"):
-            nope, rope, vhd = 32, 32, 32
-            kv_rank = K // 2
+            nope, rope, vhd = MLA_NOPE, MLA_ROPE, MLA_V
+            kv_rank = MLA_KV_RANK
             if style == "deepseek_v2":
                 lin("self_attn.q_proj", K, H * (nope + rope))
             else:
@@ -875,8 +880,8 @@ def _text_config(spec: SynthSpec, fam: FamilyInfo) -> dict:
         else:
             cfg["n_group"], cfg["topk_group"] = _n_group(E)
         if fam.attention.startswith("deepseek"):
-            cfg.update(kv_lora_rank=K // 2, q_lora_rank=(K // 2 if fam.attention == "deepseek_v3" else None),
-                       qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32)
+            cfg.update(kv_lora_rank=MLA_KV_RANK, q_lora_rank=(K // 2 if fam.attention == "deepseek_v3" else None),
+                       qk_nope_head_dim=MLA_NOPE, qk_rope_head_dim=MLA_ROPE, v_head_dim=MLA_V)
             cfg.pop("head_dim")
         if fam.mtp_style == "layer":
             cfg["num_nextn_predict_layers"] = 1 if spec.mtp else 0

@@ -35,7 +35,15 @@ from vllm.model_executor.layers.quantization import (
 )
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from ..contract import CONFIG_BLOCK, FORMAT_VERSION, W13_QWEIGHT, ConvertedBlock, expert_tensor, parse_block
+from ..contract import (
+    CONFIG_BLOCK,
+    EXPERT_TENSORS,
+    FORMAT_VERSION,
+    W13_QWEIGHT,
+    ConvertedBlock,
+    expert_tensor,
+    parse_block,
+)
 from ..errors import InputError
 from ..serving import QUANT_METHOD, check_vllm_version
 
@@ -139,7 +147,21 @@ class Gptq2XpuConfig(QuantizationConfig):
         return self._base.get_cache_scale_mapper()
 
     def get_checkpoint_weight_mapper(self):
-        return self._base.get_checkpoint_weight_mapper()
+        """The source method's mapping, plus: each converted layer's four tensors renamed to where
+        vLLM keeps its routed experts' parameters (``<prefix>.experts.routed_experts.w13_qweight``).
+        Models whose loader indexes the model's parameters by name (DeepSeek-V2/V3, Kimi-K2) find
+        them there; loaders that go module by module hand the name to the experts module, which
+        passes it on to :func:`~gptq2xpu.vllm_plugin.moe.route_stacked_tensors`'s loader."""
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        from .moe import routed_experts_child
+
+        child = routed_experts_child()
+        base = self._base.get_checkpoint_weight_mapper()
+        if not child:
+            return base
+        renames = {f".experts.{n}": f".experts.{child}.{n}" for n in EXPERT_TENSORS}
+        return base | WeightsMapper(orig_to_new_suffix=renames)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         self._mapper = hf_to_vllm_mapper

@@ -237,15 +237,29 @@ def _repeat_groups(scales: torch.Tensor, factor: int) -> torch.Tensor:
     return scales if factor == 1 else scales.repeat_interleave(factor, dim=-1)
 
 
+def routed_experts_child() -> str:
+    """The attribute under which vLLM's MoE runner keeps its ``RoutedExperts`` module (read from
+    the installed vLLM: the prefix its expert-mapping helper puts before ``w13_*``), "" if none."""
+    import inspect
+
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    param = inspect.signature(RoutedExperts.make_expert_params_mapping).parameters.get("routed_experts_prefix")
+    return param.default if param is not None and isinstance(param.default, str) else ""
+
+
 def _route_stacked_tensors(layer) -> None:
     """Send the four converted tensors straight to their parameters' loaders.
 
     vLLM hands an experts module's checkpoint tensors to ``RoutedExperts.load_weights``, which knows
     per-expert and fused HF layouts only; wrap it (on this layer only) so that the names of our four
-    parameters go to ``param.weight_loader`` and everything else to vLLM's loader unchanged.
+    parameters go to ``param.weight_loader`` and everything else to vLLM's loader unchanged.  The
+    names may arrive qualified by the runner's attribute for this module (see
+    ``Gptq2XpuConfig.get_checkpoint_weight_mapper``).
     """
     original = layer.load_weights
-    ours = set(EXPERT_TENSORS)
+    child = routed_experts_child()
+    ours = {**{n: n for n in EXPERT_TENSORS}, **({f"{child}.{n}": n for n in EXPERT_TENSORS} if child else {})}
 
     def load_weights(weights):
         loaded = []
@@ -253,9 +267,9 @@ def _route_stacked_tensors(layer) -> None:
         def others():
             for name, tensor in weights:
                 if name in ours:
-                    param = getattr(layer, name)
+                    param = getattr(layer, ours[name])
                     param.weight_loader(param, tensor)
-                    loaded.append(name)
+                    loaded.append(ours[name])
                 else:
                     yield name, tensor
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 
 import pytest
 from _hostile import fixture_copy, leftovers, tree_hashes
@@ -358,3 +359,42 @@ def test_finalize_removes_temporary_files_of_killed_part_runs(tmp_path):
     assert not any(p.name.startswith(".") for p in out.iterdir())
     verify = run_cli("verify", out)
     assert verify.returncode == EXIT_OK, verify.stdout + verify.stderr
+
+
+# ------------------------------------------------------------------------------ aliases of SOURCE
+
+
+@pytest.fixture
+def bind(tmp_path):
+    """``bind(src, dst)``: mount ``src`` again at ``dst`` (needs root); unmounted afterwards."""
+    mounted = []
+
+    def mount(src, dst):
+        dst.mkdir()
+        proc = subprocess.run(["mount", "--bind", str(src), str(dst)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot bind-mount here (needs root and mount): {proc.stderr.strip()}")
+        mounted.append(dst)
+
+    yield mount
+    for dst in reversed(mounted):
+        subprocess.run(["umount", str(dst)], check=True)
+
+
+def test_output_inside_source_reached_through_a_bind_mount_is_refused(tmp_path, bind):
+    src = fixture_copy(tmp_path / "src")
+    before = tree_hashes(src)
+    bind(src, tmp_path / "alias")
+    code, _, err = cli("convert", src, tmp_path / "alias" / "out")
+    assert code == EXIT_USAGE and "inside it" in err, err
+    assert tree_hashes(src) == before
+
+
+def test_output_holding_the_source_through_a_bind_mount_is_refused(tmp_path, bind):
+    outer = tmp_path / "outer"
+    src = fixture_copy(outer / "src")
+    before = tree_hashes(src)
+    bind(outer, tmp_path / "alias")
+    code, _, err = cli("convert", src, tmp_path / "alias", "--overwrite")
+    assert code == EXIT_USAGE and "contains the source" in err, err
+    assert tree_hashes(src) == before

@@ -114,12 +114,37 @@ def prepare_output(output: Path, source_root: Path, *, overwrite: bool) -> list[
 
 
 def check_not_source(output: Path, source_root: Path) -> None:
-    out_real = os.path.realpath(output)
-    src_real = os.path.realpath(source_root)
-    if out_real == src_real or out_real.startswith(src_real.rstrip(os.sep) + os.sep):
+    """Refuse an OUTPUT that is SOURCE, lies inside it or holds it.  Folders are compared by
+    identity (device and inode), not by path: a bind mount or another alias of SOURCE spells a
+    different path to the very same folder."""
+    source_id = _identity(source_root)
+    if source_id is not None and source_id in _lineage(output):
         raise UsageError(f"{output}: OUTPUT is the source folder or inside it; choose a folder outside {source_root}")
-    if src_real.startswith(out_real.rstrip(os.sep) + os.sep):
+    output_id = _identity(output)
+    if output_id is not None and output_id in _lineage(source_root):
         raise UsageError(f"{output}: OUTPUT contains the source folder {source_root}; choose another folder")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of what ``path`` leads to; None where nothing is there (yet)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _lineage(path: Path) -> set[tuple[int, int]]:
+    """The identities of ``path`` and of every existing folder above it, both along the path as
+    spelled (``..`` taken lexically) and along its resolved form, so no alias is missed."""
+    found = set()
+    for spelled in {os.path.abspath(path), os.path.realpath(path)}:
+        here = Path(spelled)
+        for folder in (here, *here.parents):
+            ident = _identity(folder)
+            if ident is not None:
+                found.add(ident)
+    return found
 
 
 def make_parent(output: Path) -> None:

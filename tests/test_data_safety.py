@@ -82,6 +82,25 @@ def test_overwrite_never_replaces_a_conversion_holding_a_link(old_and_new, tmp_p
     assert (out / "data").is_symlink() and (tmp_path / "elsewhere").is_dir()
 
 
+def test_overwrite_never_removes_an_empty_folder_the_user_added(old_and_new, tmp_path):
+    src, out = fresh_output(old_and_new, tmp_path)
+    (out / "placeholder").mkdir()
+    before = tree_hashes(out)
+    proc = run_cli("convert", src, out, "--overwrite")
+    assert proc.returncode == EXIT_USAGE and "placeholder/" in proc.stderr, proc.stderr
+    assert (out / "placeholder").is_dir() and tree_hashes(out) == before
+
+
+def test_overwrite_replaces_an_output_with_rank_folders(tmp_path):
+    """The folders a conversion's files lie in (tp-ranks/...) are part of it."""
+    src = fixture_copy(tmp_path / "src")
+    out = tmp_path / "out"
+    assert run_cli("convert", src, out, "--tp-size", "2", "--emit-ranks").returncode == EXIT_OK
+    proc = run_cli("convert", src, out, "--overwrite", "--tp-size", "2", "--emit-ranks", "--nibble-encoding", "s4")
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert run_cli("verify", out).returncode == EXIT_OK
+
+
 def test_an_empty_output_folder_is_used_without_overwrite(tmp_path):
     src = fixture_copy(tmp_path / "src")
     out = tmp_path / "out"
@@ -288,6 +307,27 @@ def test_a_file_added_to_output_during_the_run_is_never_deleted(old_and_new, tmp
     assert code == EXIT_USAGE and "eval-results.json" in err and "published nothing" in err, err
     assert (out / "eval-results.json").read_text() == "hours of work"
     (out / "eval-results.json").unlink()
+    assert tree_hashes(out) == old_and_new[1] and hidden(out) == []
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "park-then-rename"])
+def test_an_empty_folder_added_to_output_during_the_run_is_never_deleted(old_and_new, tmp_path, monkeypatch,
+                                                                          exchange):
+    from gptq2xpu.write import output
+
+    src, out = fresh_output(old_and_new, tmp_path)
+    real = output._exchange
+
+    def add_then_exchange(a, b):
+        if b == out:
+            (out / "placeholder").mkdir()
+        return real(a, b) if exchange else False
+
+    monkeypatch.setattr(output, "_exchange", add_then_exchange)
+    code, _, err = cli("convert", src, out, "--overwrite", "--nibble-encoding", "s4")
+    assert code == EXIT_USAGE and "placeholder/" in err and "published nothing" in err, err
+    assert (out / "placeholder").is_dir()
+    (out / "placeholder").rmdir()
     assert tree_hashes(out) == old_and_new[1] and hidden(out) == []
 
 

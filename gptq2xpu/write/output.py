@@ -57,7 +57,7 @@ _locks: dict[Path, int] = {}  # stage folder -> the open descriptor holding its 
 
 def converted_output_problem(folder: Path) -> str | None:
     """None when ``folder`` is provably a gptq2xpu output (manifest, config block, and only the
-    files the manifest lists); else what disproves it, in a few words."""
+    files the manifest lists and the folders they lie in); else what disproves it, in a few words."""
     try:
         tree = walk(folder)
         if tree.others:
@@ -75,10 +75,17 @@ def converted_output_problem(folder: Path) -> str | None:
     except InputError as exc:
         return str(exc)
     foreign = sorted(set(tree.files) - set(files) - {MANIFEST_NAME})
+    foreign += sorted(f"{rel}/" for rel in set(tree.folders) - _folders_of(files))
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         return f"{foreign[0]}{more} is not part of the conversion"
     return None
+
+
+def _folders_of(files: dict) -> set[str]:
+    """The folders a conversion's listed files lie in; any other folder, even an empty one, is
+    someone else's (replacing the output would delete it)."""
+    return {str(parent) for name in files for parent in Path(name).parents if str(parent) != "."}
 
 
 def is_empty_folder(path: Path) -> bool:

@@ -14,7 +14,7 @@ from _hostile import fixture_copy, leftovers, tree_hashes
 from helpers import FIXTURE, cli, run_cli
 
 from gptq2xpu.contract import MANIFEST_NAME
-from gptq2xpu.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from gptq2xpu.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from gptq2xpu.write.output import INCOMPLETE_MARKER, OLD_TAG, STAGE_TAG
 
 PUBLISH = "gptq2xpu.write.output:_exchange"
@@ -438,3 +438,64 @@ def test_output_holding_the_source_through_a_bind_mount_is_refused(tmp_path, bin
     code, _, err = cli("convert", src, tmp_path / "alias", "--overwrite")
     assert code == EXIT_USAGE and "contains the source" in err, err
     assert tree_hashes(src) == before
+
+
+# ------------------------------------------------------------------------------ finalize vouches for what it publishes
+
+
+def three_parts(tmp_path):
+    src = fixture_copy(tmp_path / "src", side_files=True)
+    out = tmp_path / "shared"
+    for i in (1, 2, 3):
+        assert run_cli("convert", src, out, "--part", f"{i}/3", "--max-shard-size", "300KB").returncode == EXIT_OK
+    return out, sorted(out.glob("*.safetensors"))[0]
+
+
+def flip_last_bytes(path):
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    with open(path, "r+b") as fh:                          # in place: same size, same inode
+        fh.write(data)
+
+
+def test_finalize_refuses_a_part_shard_changed_since_its_part_run(tmp_path):
+    out, shard = three_parts(tmp_path)
+    flip_last_bytes(shard)
+    proc = run_cli("finalize", out)
+    assert proc.returncode == EXIT_INPUT and shard.name in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (out / MANIFEST_NAME).exists()
+
+
+def test_finalize_rehashes_shards_of_records_without_their_stat(tmp_path):
+    """Records of earlier versions hold no size/mtime/inode: their shards are read again."""
+    out, shard = three_parts(tmp_path)
+    for rec in (out / ".gptq2xpu-parts").glob("part-*.json"):
+        doc = json.loads(rec.read_text())
+        doc.pop("written", None)
+        rec.write_text(json.dumps(doc))
+    stat = shard.stat()
+    flip_last_bytes(shard)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    proc = run_cli("finalize", out)
+    assert proc.returncode == EXIT_INPUT and shard.name in proc.stderr, proc.stderr
+
+
+def test_finalize_of_a_copied_split_output_checks_and_accepts_it(tmp_path):
+    out, _ = three_parts(tmp_path)
+    copy = tmp_path / "copied"
+    shutil.copytree(out, copy)                              # new inodes: every shard is hashed again
+    proc = run_cli("finalize", copy)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert run_cli("verify", copy).returncode == EXIT_OK
+
+
+def test_finalize_reads_no_shard_whose_stat_is_unchanged(tmp_path, monkeypatch):
+    from gptq2xpu.write import split
+
+    out, _ = three_parts(tmp_path)
+    read = []
+    real = split._sha256
+    monkeypatch.setattr(split, "_sha256", lambda reader, name: read.append(name) or real(reader, name))
+    code, _, err = cli("finalize", out)
+    assert code == EXIT_OK, err
+    assert read and not any(name.endswith(".safetensors") for name in read), read

@@ -5,7 +5,11 @@ OUTPUT is shared by parts running at once (a CI matrix, a Slurm array), so nothi
 file is written through a temporary name and renamed.  What may be in a split OUTPUT is exactly
 known (its planned shards and side files, ``.gptq2xpu-parts/`` with the plan and one record per
 finished part, temporary files of those), and both steps refuse a folder holding anything else, so
-a user's own files are never overwritten.  Part records are untrusted when ``finalize`` reads them.
+a user's own files are never overwritten.  Part records are untrusted when ``finalize`` reads them,
+and it publishes only what it can vouch for: a shard whose size, mtime and inode are still what its
+part run recorded keeps the recorded sha256 (reading a large model again would double finalize's
+cost); any other file (side files, shards edited, replaced or copied since, records of earlier
+versions) is hashed again and refused when it differs.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ..errors import InputError, UsageError, io_error
 from ..plan import Plan
 from ..read import Checkpoint
 from ..read.paths import Folder, parse_json, portable_name
+from ..verify.standalone import sha256_fd
 from .documents import (
     config_bytes,
     index_bytes,
@@ -42,6 +47,8 @@ MAX_PARTS = 10_000
 _TEMP = re.compile(r"\.(?P<name>.+)\.tmp-\d+-[A-Za-z0-9_]+")
 _RECORD = re.compile(r"part-(\d{1,5})-of-(\d{1,5})\.json")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+WRITTEN = "written"
+_STAT_FIELDS = ("size", "mtime_ns", "ino")
 
 
 def part_shards(plan: Plan, part: int, parts: int) -> list[int]:
@@ -85,11 +92,13 @@ def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int
             raise UsageError(f"{output}: holds parts of a different conversion (source, options or part count differ)")
     write_doc(pdir, PLAN_DOC, json.dumps(docs, indent=1).encode())
     files = write_shards(plan, ckpt, output, part_shards(plan, part, parts), jobs, progress)
+    written = {name: _stat_record(output / name) for name in files}
     files.update(write_side_files(plan, ckpt, output))
     ckpt.check_unchanged()
     if before_publish is not None:
         before_publish()
-    write_doc(pdir, f"part-{part}-of-{parts}.json", json.dumps({"files": files}, indent=1).encode())
+    record = {"files": files, WRITTEN: written}
+    write_doc(pdir, f"part-{part}-of-{parts}.json", json.dumps(record, indent=1).encode())
     return files
 
 
@@ -108,13 +117,16 @@ def finalize(output: Path) -> dict:
     allowed = set(plan_doc["shards"]) | set(plan_doc["side_files"])
     finals = {INDEX_NAME: plan_doc["index"].encode(), "config.json": plan_doc["config"].encode("utf-8")}
     files: dict[str, dict] = {}
+    written: dict[str, dict] = {}
     missing = []
     for i in range(1, parts + 1):
         rec = f"{PARTS_DIR}/part-{i}-of-{parts}.json"
         if not reader.exists(rec):
             missing.append(str(i))
             continue
-        files.update(_read_record(reader, rec, allowed))
+        listed, stats = _read_record(reader, rec, allowed)
+        files.update(listed)
+        written.update(stats)
     if missing:
         raise UsageError(f"{output}: part(s) {', '.join(missing[:10])} of {parts} not finished yet")
     for name in plan_doc["shards"]:
@@ -126,6 +138,9 @@ def finalize(output: Path) -> dict:
         p = output / name
         if not p.is_file() or p.is_symlink() or p.stat().st_size != rec["size"]:
             raise InputError(f"{p}: missing or of the wrong size; re-run its part")
+        if written.get(name) != _stat_record(p) and _sha256(reader, name) != rec["sha256"]:
+            raise InputError(f"{p}: changed since its part run wrote it (its sha256 is not the recorded one); "
+                             "re-run its part")
     _remove_temps(output, allowed | set(finals) | {MANIFEST_NAME})
     for name, data in finals.items():
         files[name] = write_doc(output, name, data)
@@ -228,8 +243,11 @@ def _read_plan(reader: Folder) -> dict:
     return doc
 
 
-def _read_record(reader: Folder, rel: str, allowed: set[str]) -> dict[str, dict]:
-    files = reader.read_json(rel).get("files")
+def _read_record(reader: Folder, rel: str, allowed: set[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """A part's record: the manifest records of the files it wrote, and how its shards stood on
+    disk just after it wrote them (absent from records of earlier versions)."""
+    doc = reader.read_json(rel)
+    files, written = doc.get("files"), doc.get(WRITTEN, {})
     if not isinstance(files, dict):
         raise InputError(f"{rel}: 'files' must map file names to their sha256 and size")
     for name, rec in files.items():
@@ -238,4 +256,19 @@ def _read_record(reader: Folder, rel: str, allowed: set[str]) -> dict[str, dict]
         if not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and _SHA256.fullmatch(rec["sha256"])
                 and type(rec.get("size")) is int and rec["size"] >= 0):
             raise InputError(f"{rel}: the record of {name} needs a sha256 and a size")
-    return files
+    if not isinstance(written, dict) or not all(
+            name in files and isinstance(st, dict) and set(st) == set(_STAT_FIELDS)
+            and all(type(v) is int for v in st.values()) for name, st in written.items()):
+        raise InputError(f"{rel}: '{WRITTEN}' must map the files it wrote to their {', '.join(_STAT_FIELDS)}")
+    return files, written
+
+
+def _stat_record(path: Path) -> dict[str, int]:
+    """How a file stands on disk: unchanged size, mtime and inode let ``finalize`` trust a part's
+    sha256 without reading a shard again; anything else (edited, replaced, copied) means reading it."""
+    st = os.stat(path, follow_symlinks=False)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def _sha256(reader: Folder, name: str) -> str:
+    return sha256_fd(reader.open(name))

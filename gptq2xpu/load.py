@@ -169,7 +169,13 @@ class ConvertedCheckpoint:
             # parse_block accepted only the exact folder names tp-ranks/rank-RRR-of-TTT; no link on the way
             rel = self.block.tp_ranks[rank]
             self._ckpt.folder.check(rel)
-            self._ranks[rank] = open_checkpoint(self.path / rel, links="none")
+            ckpt = open_checkpoint(self.path / rel, links="none")
+            try:
+                _check_rank_doc(ckpt, self.path / rel, rank, size)
+            except BaseException:
+                ckpt.close()
+                raise
+            self._ranks[rank] = ckpt
         return self._ranks[rank]
 
     def close(self) -> None:
@@ -205,6 +211,16 @@ def make_xpu_fused_moe(layer: MoELayerWeights, n_experts_per_token: int, *, acti
     return build_fused_moe(kernel_class(), layer.w13, layer.w13_scales, layer.w2, layer.w2_scales,
                            encoding=layer.encoding, n_experts_per_token=n_experts_per_token, activation=activation,
                            w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, **kwargs)
+
+
+def _check_rank_doc(ckpt: Checkpoint, folder: Path, rank: int, size: int) -> None:
+    """A rank folder says which rank it holds (``rank.json``): folders renamed or swapped would
+    otherwise hand one rank another rank's weights, which have the very same shapes."""
+    doc = ckpt.folder.read_json("rank.json")
+    found = (doc.get("tp_rank"), doc.get("tp_size"))
+    if found != (rank, size) or not all(type(v) is int for v in found):
+        raise InputError(f"{folder}: its rank.json names rank {str(found[0])[:20]} of {str(found[1])[:20]}, "
+                         f"but the config block puts rank {rank} of {size} in this folder")
 
 
 def _check_headers(ckpt: Checkpoint, info: ConvertedLayer, names: dict[str, str], p: int) -> None:

@@ -387,6 +387,22 @@ def test_loader_refuses_headers_the_block_does_not_describe(tp, tmp_path):
         open_converted(out)
 
 
+def test_loader_refuses_rank_folders_that_hold_another_rank(tp, tmp_path):
+    """Swapped rank folders have the same shapes: only each folder's rank.json tells them apart."""
+    out = copy_output(tp.out["t2"], tmp_path / "out")
+    ranks = out / "tp-ranks"
+    (ranks / "rank-000-of-002").rename(ranks / "swap")
+    (ranks / "rank-001-of-002").rename(ranks / "rank-000-of-002")
+    (ranks / "swap").rename(ranks / "rank-001-of-002")
+    with open_converted(out) as ck:
+        for r in (0, 1):
+            with pytest.raises(InputError) as exc:
+                ck.layer(PREFIXES[0], tp_rank=r, tp_size=2)
+            folder = ranks / f"rank-00{r}-of-002"
+            assert str(exc.value) == (f"{folder}: its rank.json names rank {1 - r} of 2, but the config block puts "
+                                      f"rank {r} of 2 in this folder")
+
+
 # ----------------------------------------------------------------------------- through the released kernel
 
 

@@ -139,13 +139,20 @@ class ConvertedBlock:
         return 1 if self.checkpoint_format == "gptq" else 0
 
 
+def check_format_version(doc: dict, where: str) -> None:
+    """Refuse a document (config block, manifest) of a format version this tool does not know:
+    its meaning may differ in ways no other check would notice."""
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION or type(version) is not int:
+        raise InputError(f"{where}: format_version {repr(version)[:40]} is not {FORMAT_VERSION} "
+                         "(written by another gptq2xpu?)")
+
+
 def parse_block(doc: object, where: str = f"config.json:{CONFIG_BLOCK}") -> ConvertedBlock:
     """Validate a config block read from an untrusted folder; :class:`InputError` names the key."""
     if not isinstance(doc, dict):
         raise InputError(f"{where}: expected an object, found {type(doc).__name__}")
-    version = doc.get("format_version")
-    if version != FORMAT_VERSION or type(version) is not int:
-        raise InputError(f"{where}: format_version {version!r} is not {FORMAT_VERSION} (written by another gptq2xpu?)")
+    check_format_version(doc, where)
     enc = doc.get("nibble_encoding")
     if enc not in ENCODINGS:
         raise InputError(f"{where}: nibble_encoding {enc!r} is not one of {', '.join(ENCODINGS)}")

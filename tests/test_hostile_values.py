@@ -199,3 +199,18 @@ def test_a_broken_block_fails_verify_finalize_and_the_loader_cleanly(converted, 
     plan.write_text(json.dumps(pdoc))
     proc = run_cli("finalize", split)
     assert proc.returncode == EXIT_INPUT and "plan.json" in one_error_line(proc.stderr, ignore_warnings=True)
+
+
+@pytest.mark.parametrize("version", [99, "1", None])
+def test_a_manifest_of_an_unknown_format_version_fails_verify(converted, tmp_path, version):
+    src, out, _ = converted
+    bad = tmp_path / "out"
+    shutil.copytree(out, bad)
+    manifest = bad / "gptq2xpu-manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["format_version"] = version
+    manifest.write_text(json.dumps(doc))
+    for args in (("verify", bad), ("verify", bad, "--source", src, "--no-numeric")):
+        proc = run_cli(*args)
+        assert proc.returncode == EXIT_VERIFY, proc.stdout + proc.stderr
+        assert f"format_version {version!r} is not 1" in proc.stdout + proc.stderr, proc.stdout + proc.stderr

@@ -34,6 +34,7 @@ from ..contract import (
     W13_SCALES,
     ConvertedBlock,
     ConvertedLayer,
+    check_format_version,
     parse_block,
 )
 from ..errors import InputError
@@ -99,6 +100,7 @@ def check_manifest(folder: Path, findings: Findings, jobs: int = 2,
         return None
     try:
         doc = reader.read_json(MANIFEST_NAME)
+        check_format_version(doc, MANIFEST_NAME)
         files = doc.get("files")
         if not isinstance(files, dict):
             raise InputError("'files' is not an object")

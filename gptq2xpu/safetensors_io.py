@@ -181,7 +181,7 @@ class TensorTable(Mapping):
         if r != len(self._start):
             if r >= first_row:
                 raise InputError(f"{path}: safetensors header is not valid JSON (duplicate key {name!r})")
-            raise InputError(f"tensor {name!r} appears in both {self._file_of_row(r)} and {path}")
+            raise InputError(f"tensor {name!r} appears in both {shown(self._file_of_row(r))} and {shown(path)}")
         if r >= MAX_TENSORS:
             del rows[name]
             raise InputError(f"{path}: more than {MAX_TENSORS} tensors; refusing a header this large")
@@ -251,6 +251,13 @@ class FileTensors(Mapping):
         r = self._row(name)
         return default if r is None else self.table._entry(name, r)
 
+
+
+def shown(name: str | None) -> str:
+    """A file name as a message that compares it with another prints it: as it is when plain
+    printable ASCII, else escaped, so that names which differ only invisibly (Unicode NFC/NFD
+    twins, control characters) never print alike."""
+    return name if name is not None and name.isascii() and name.isprintable() else ascii(name)
 
 @dataclass
 class SafetensorsHeader:

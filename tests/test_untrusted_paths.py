@@ -188,3 +188,39 @@ def test_long_lists_of_problems_stay_one_short_line(converted, tmp_path):
     assert proc.returncode == EXIT_VERIFY
     assert max(len(x) for x in (proc.stdout + proc.stderr).splitlines()) < 2000
     assert "more)" in proc.stdout + proc.stderr
+
+
+def test_index_entry_with_a_dot_segment_is_named_for_what_it_is(tmp_path):
+    """``./x`` stays inside the folder: the message says what is wrong with it instead."""
+    src = fixture_copy(tmp_path / "src")
+    wm = split_into_index(src)
+    first = sorted(set(wm.values()))[0]
+    index = src / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    tensor = next(k for k, v in doc["weight_map"].items() if v == first)
+    doc["weight_map"][tensor] = "./" + first
+    index.write_text(json.dumps(doc))
+    proc = run_cli("inspect", src)
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == EXIT_INPUT and "not a plain relative name" in line and "leaves" not in line, line
+
+
+def test_shard_names_that_differ_only_in_unicode_normalisation_print_apart(tmp_path):
+    import unicodedata
+
+    src = fixture_copy(tmp_path / "src")
+    wm = split_into_index(src)
+    first = sorted(set(wm.values()))[0]
+    nfc, nfd = (unicodedata.normalize(form, "modél.safetensors") for form in ("NFC", "NFD"))
+    os.rename(src / first, src / nfc)
+    shutil.copy(src / nfc, src / nfd)
+    index = src / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    tensors = [k for k, v in doc["weight_map"].items() if v == first]
+    for i, tensor in enumerate(tensors):
+        doc["weight_map"][tensor] = nfc if i % 2 else nfd
+    index.write_text(json.dumps(doc))
+    proc = run_cli("inspect", src)
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == EXIT_INPUT and "appears in both" in line, line
+    assert ascii(nfc) in line and ascii(nfd) in line, line

@@ -54,8 +54,11 @@ def check_member_name(name: object, what: str) -> str:
     if name.startswith(("/", "\\")) or os.path.isabs(name) or "\\" in name or ":" in name:
         raise InputError(f"{what}: file {_short(name)} is an absolute path; it must stay inside the folder")
     parts = name.split("/")
-    if any(p in ("", ".", "..") for p in parts):
+    if ".." in parts:
         raise InputError(f"{what}: file {_short(name)} leaves the folder")
+    if any(p in ("", ".") for p in parts):
+        raise InputError(f"{what}: file {_short(name)} is not a plain relative name (no './', '//' or "
+                         "trailing '/')")
     return name
 
 

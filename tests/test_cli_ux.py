@@ -250,6 +250,55 @@ def test_layers_outside_the_checkpoint_are_usage_errors(cli, converted):
         assert code == EXIT_USAGE and "--layers" in one_error_line(err), (spec, err)
 
 
+@pytest.mark.parametrize("text, size", [
+    ("1PiB", 2**50), ("1pib", 2**50), ("1PB", 10**15), ("0.5PiB", 2**49), ("1024TiB", 2**50),
+    ("1125899906842624", 2**50), ("2.3GB", 2_300_000_000), ("5GB", 5 * 10**9),
+])
+def test_every_size_up_to_one_pib_is_accepted_exactly(text, size):
+    from gptq2xpu.cli.options import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["1125899906842625", "2PiB", "1.001PiB", "1" * 40])
+def test_a_size_above_the_bound_names_the_bound(text):
+    from gptq2xpu.cli.options import parse_size
+    from gptq2xpu.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"at most 1 PiB \(1125899906842624 bytes\)"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("args, named", [
+    (("convert", "", "OUT"), "SOURCE"),
+    (("convert", FIXTURE, ""), "OUTPUT"),
+    (("convert", FIXTURE, "OUT", "--revision", ""), "--revision"),
+    (("convert", FIXTURE, "OUT", "--token", ""), "--token"),
+    (("convert", FIXTURE, "OUT", "--part", ""), "--part"),
+    (("convert", FIXTURE, "OUT", "--max-shard-size", ""), "--max-shard-size"),
+    (("inspect", ""), "SOURCE"),
+    (("verify", ""), "OUTPUT"),
+    (("verify", "OUT", "--source", ""), "--source"),
+    (("verify", "OUT", "--source", FIXTURE, "--layers", ""), "--layers"),
+    (("finalize", ""), "OUTPUT"),
+    (("demo", "--keep", ""), "--keep"),
+])
+def test_empty_values_are_usage_errors(cli, tmp_path, converted, monkeypatch, args, named):
+    """An empty SOURCE, OUTPUT or option value is refused, not taken as the current folder or as
+    left out."""
+    monkeypatch.chdir(tmp_path)
+    args = [converted if a == "OUT" and args[0] == "verify" else tmp_path / "out" if a == "OUT" else a for a in args]
+    code, _, err = cli(*args)
+    assert code == EXIT_USAGE and one_error_line(err).startswith(f"gptq2xpu: usage error: {named}"), err
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_an_empty_hf_token_counts_as_unset(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "")
+    code, _, err = cli("convert", FIXTURE, tmp_path / "out", "-q")
+    assert code == EXIT_OK, err
+
+
 # ------------------------------------------------------------------------------ a wrong --source
 
 

@@ -167,3 +167,16 @@ def test_debug_shows_traceback_for_expected_failures(tmp_path, broken):
     dbg = run_cli("--debug", "convert", FIXTURE, out, "--part", "9/2")
     assert dbg.returncode == EXIT_USAGE and "Traceback" in dbg.stderr
     assert not out.exists() and leftovers(out) == []
+
+
+# ------------------------------------------------------------------------------ values at their limits
+
+
+def test_empty_layers_and_one_pib_shards_from_the_command_line(tmp_path, converted):
+    """``--layers ""`` is a usage error like any other malformed spec; ``--max-shard-size 1PiB``,
+    the documented bound, is accepted."""
+    proc = run_cli("verify", converted, "--source", FIXTURE, "--layers", "", "--no-numeric")
+    assert_clean_failure(proc, EXIT_USAGE, None, "--layers")
+    out = tmp_path / "out"
+    proc = run_cli("convert", FIXTURE, out, "--max-shard-size", "1PiB", "-q")
+    assert proc.returncode == EXIT_OK, proc.stderr

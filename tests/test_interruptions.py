@@ -279,28 +279,84 @@ def test_signal_after_publishing_is_success(tmp_path, sig):
     assert run_cli("verify", out).returncode == 0 and leftovers(out) == []
 
 
-_CTRL_C_WHILE_IMPORTING = r"""
+_SIGNAL_WHILE_IMPORTING = r"""
 import os, signal, sys
-class CtrlC:
+class Signal:
     def find_spec(self, name, *_):
         if name == "typer":
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), getattr(signal, sys.argv[1]))
         return None
-sys.meta_path.insert(0, CtrlC())
+sys.meta_path.insert(0, Signal())
 from gptq2xpu.__main__ import main
-main(sys.argv[1:])
+main(sys.argv[2:])
 """
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("json_out", [False, True], ids=["text", "json"])
-def test_ctrl_c_while_starting_is_one_line(tmp_path, json_out):
-    """Ctrl-C while the command line is still being imported: exit 130, one line, no traceback."""
+def test_signal_while_starting_is_one_line(tmp_path, json_out, sig):
+    """Ctrl-C or SIGTERM while the command line is still being imported: exit 130, one line naming
+    the signal, no traceback (and the JSON object with --json)."""
     args = ["convert", str(tmp_path / "src"), str(tmp_path / "out")] + (["--json"] if json_out else [])
-    proc = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_IMPORTING, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_IMPORTING, sig, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert proc.stderr.startswith("gptq2xpu: interrupted:")
+    assert proc.stderr.startswith("gptq2xpu: interrupted:") and sig in proc.stderr
     if json_out:
         assert json.loads(proc.stdout)["exit_code"] == 130
     assert not (tmp_path / "out").exists()
+
+
+def test_signal_before_main_runs_is_one_line(tmp_path):
+    """A signal after the entry module is imported but before its main() runs (the interpreter is
+    still starting it) is kept and reported by main(): exit 130, one line."""
+    script = ("import os, signal, sys; from gptq2xpu.__main__ import main; "
+              "os.kill(os.getpid(), signal.SIGINT); main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", script, "convert", str(tmp_path / "src"), str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.splitlines() == ["gptq2xpu: interrupted: stopped by SIGINT (Ctrl-C) while starting; "
+                                        "nothing was written"]
+
+
+def test_ctrl_c_inside_generated_code_while_starting(tmp_path):
+    """``python -m gptq2xpu`` interrupted while an import runs code made by ``exec`` (as dataclasses
+    does): exit 130, not a death by SIGINT after the message (CPython's rule for a KeyboardInterrupt
+    that left an exec'd string)."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Signal:\n"
+        "    def find_spec(self, name, *_):\n"
+        "        if name == 'typer':\n"
+        "            exec('import os, signal; os.kill(os.getpid(), signal.SIGINT)')\n"
+        "sys.meta_path.insert(0, Signal())\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "hook"), str(REPO),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    env.pop("GPTQ2XPU_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "gptq2xpu", "convert", str(tmp_path / "src"), str(tmp_path / "o")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.startswith("gptq2xpu: interrupted:") and len(proc.stderr.splitlines()) == 1
+
+
+_SIGNAL_WHILE_EXITING = r"""
+import atexit, os, signal, sys
+atexit.register(os.kill, os.getpid(), getattr(signal, sys.argv[1]))
+from gptq2xpu.__main__ import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_while_exiting_keeps_the_exit_code(tmp_path, sig):
+    """A signal while the interpreter shuts down after a published run: still exit 0 and nothing
+    on stderr about it, since OUTPUT holds the new output."""
+    src = fixture_copy(tmp_path / "src")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_EXITING, sig, "convert", str(src), str(out), "-q"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert run_cli("verify", out).returncode == 0 and leftovers(out) == []

@@ -144,9 +144,15 @@ def _traceback() -> None:
         traceback.print_exc()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, own_process: bool = False) -> None:
     """Console entry point: runs the app and turns every outcome into an exit code, every failure
-    into one line on stderr, and, with --json, every outcome into one JSON object on stdout."""
+    into one line on stderr, and, with --json, every outcome into one JSON object on stdout.
+
+    ``own_process``: the run is the whole process (``gptq2xpu.__main__``), which exits right after.
+    SIGINT and SIGTERM are then ignored from the moment the exit code is set instead of handed back:
+    Python's own dispositions would let a signal during interpreter teardown kill the process with
+    another status than the one that says which OUTPUT is in place.  In-process callers (tests, other
+    programs) get their handlers back."""
     argv = list(sys.argv[1:] if argv is None else argv)
     SESSION.reset(scan_flags(argv))
     command = _command_name(argv)
@@ -199,6 +205,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
     except BrokenPipeError:  # `gptq2xpu ... --json | head`: the reader left
         pass
-    for sig, handler in saved.items():  # embedded callers get their handlers back
-        signal.signal(sig, handler)
+    _release_signals(saved, own_process)
     raise SystemExit(code)
+
+
+def _release_signals(saved: dict, own_process: bool) -> None:
+    """The run's signal handlers back to the caller's, or ignored until a whole process exits."""
+    if own_process:
+        saved = dict.fromkeys(interrupts.HELD_SIGNALS, signal.SIG_IGN)
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

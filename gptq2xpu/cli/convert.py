@@ -9,6 +9,8 @@ import typer
 
 from ..errors import UsageError
 from .options import (
+    OUTPUT_ARG,
+    SOURCE_ARG,
     DebugOpt,
     EncodingOpt,
     JobsOpt,
@@ -38,9 +40,9 @@ EXAMPLES = [
 def convert(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(metavar="SOURCE", help="GPTQ checkpoint: a local folder or a Hugging Face "
-                                          "repo id.")],
+                                          "repo id.", parser=SOURCE_ARG)],
     output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Folder to create (appears only when complete; "
-                                           "an existing empty folder is accepted).")],
+                                           "an existing empty folder is accepted).", parser=OUTPUT_ARG)],
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     scale_dtype: ScaleDtypeOpt = "keep",

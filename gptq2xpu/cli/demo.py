@@ -15,7 +15,7 @@ import typer
 
 from ..errors import UsageError, VerificationError
 from ..testing.synth import FAMILIES
-from .options import DebugOpt, Device, JsonOpt, QuietOpt, choice_enum, choices, value
+from .options import DebugOpt, Device, JsonOpt, QuietOpt, choice_enum, choices, nonempty, value
 from .output import human_bytes, session_output
 
 EXAMPLES = [
@@ -45,7 +45,7 @@ def demo(
     family: Annotated[Family, typer.Option(
         "--family", metavar=choices(Family), help="Model family of the synthetic checkpoint.")] = "qwen3_moe",
     keep: Annotated[Path | None, typer.Option(
-        "--keep", metavar="DIR",
+        "--keep", metavar="DIR", parser=nonempty("--keep", "name a folder (. for the current one)", Path),
         help="Keep the source and converted folders under DIR instead of a temporary folder.")] = None,
     device: Annotated[Device, typer.Option(
         "--device", metavar=choices(Device),

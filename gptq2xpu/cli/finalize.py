@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import DebugOpt, JsonOpt, QuietOpt
+from .options import OUTPUT_ARG, DebugOpt, JsonOpt, QuietOpt
 from .output import session_output
 
 EXAMPLES = [
@@ -18,7 +18,7 @@ EXAMPLES = [
 
 def finalize(
     output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="The shared OUTPUT folder that every "
-                                           "`convert --part I/N` wrote into.")],
+                                           "`convert --part I/N` wrote into.", parser=OUTPUT_ARG)],
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,

@@ -8,6 +8,7 @@ import typer
 
 from ..errors import InputError
 from .options import (
+    SOURCE_ARG,
     DebugOpt,
     EncodingOpt,
     JsonOpt,
@@ -34,7 +35,7 @@ EXAMPLES = [
 def inspect(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(metavar="SOURCE", help="GPTQ checkpoint: a local folder or a Hugging Face "
-                                          "repo id.")],
+                                          "repo id.", parser=SOURCE_ARG)],
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     scale_dtype: ScaleDtypeOpt = "keep",

@@ -43,6 +43,17 @@ MAX_TP = 1024  # what a config block may record (gptq2xpu.contract)
 MAX_PARTS = 10_000
 MAX_SHARD_BYTES = 2**50  # 1 PiB
 
+def nonempty(name: str, hint: str, convert=str):
+    """The parser of a text option or argument that refuses an empty value: typed as ``""`` a path
+    would mean the current folder and an option would be taken as left out, neither of which the
+    user can have meant."""
+    def parse(text: str):
+        if text == "":
+            raise UsageError(f"{name} is empty: {hint}")
+        return convert(text)
+    return parse
+
+
 # --- the flags every command takes, in any position (main() also finds them before parsing)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, whatever the outcome "
                                        "(see `gptq2xpu --help`).")]
@@ -50,11 +61,15 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a Python traceback for errors.")]
 
 # --- where a source comes from
+SOURCE_ARG = nonempty("SOURCE", "name a checkpoint folder or a Hugging Face repo id")
+SOURCE_OPT = nonempty("--source", "name the GPTQ checkpoint OUTPUT was made from, or leave it out")
+OUTPUT_ARG = nonempty("OUTPUT", "name a folder (. for the current one)", Path)
 RevisionOpt = Annotated[str | None, typer.Option(
-    "--revision", metavar="REV",
+    "--revision", metavar="REV", parser=nonempty("--revision", "name a branch, tag or commit, or leave it out"),
     help="Hub revision (branch, tag or commit) when SOURCE is a repo id; refused for a local folder.")]
 TokenOpt = Annotated[str | None, typer.Option(
     "--token", metavar="TOKEN", envvar="HF_TOKEN", show_envvar=True,
+    parser=nonempty("--token", "leave it out to use the cached login (an empty HF_TOKEN counts as unset)"),
     help="Hugging Face token for private or gated repos (default: the cached login).")]
 
 # --- what the converted experts look like (convert and inspect)
@@ -73,19 +88,27 @@ JobsOpt = Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", min=1,
                                              help="Worker threads (default: the cores available).")]
 
 
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50}
+_SIZE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*([KMGTP]i?B|B)?\s*", re.IGNORECASE)
+_SIZE_DIGITS = 30  # more digits than any size up to the bound needs, fewer than Python's int limit
+
+
 def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000, '2GiB' -> 2*2**30, '500MB', '1048576' (bytes)."""
+    """'5GB' -> 5_000_000_000, '2GiB' -> 2*2**30, '500MB', '1PiB', '1048576' (bytes), exact
+    (no float rounding), fractions of a byte rounded down; more than 0 and at most 1 PiB."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,15})?)\s*([KMGT]i?B|B)?\s*", str(text), re.IGNORECASE)
+    m = _SIZE.fullmatch(str(text))
     if not m:
-        raise UsageError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB, 2GiB or a byte count")
-    unit = (m[2] or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    value = int(float(m[1]) * mult)
-    if not 0 < value <= MAX_SHARD_BYTES:
-        raise UsageError(f"--max-shard-size {text!r}: expected more than 0 bytes and at most 1 PiB")
+        raise UsageError(f"--max-shard-size {text!r}: expected a byte count or a size such as 5GB, 500MB, "
+                         "2GiB (units B, KB to PB, KiB to PiB)")
+    whole, fraction = m[1].lstrip("0") or "0", (m[2] or "")[:_SIZE_DIGITS]
+    mult = _UNITS[(m[3] or "B").upper()]
+    value = 0 if len(whole) > _SIZE_DIGITS else (int(whole + fraction) * mult) // 10 ** len(fraction)
+    if len(whole) > _SIZE_DIGITS or not 0 < value <= MAX_SHARD_BYTES:
+        raise UsageError(f"--max-shard-size {text!r}: expected more than 0 bytes and at most 1 PiB "
+                         f"({MAX_SHARD_BYTES} bytes)")
     return value
 
 

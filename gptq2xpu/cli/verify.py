@@ -12,6 +12,8 @@ from ..errors import VerificationError
 from ..verify.runner import MAX_SEED, MAX_TOKENS
 from .options import (
     MAX_JOBS,
+    OUTPUT_ARG,
+    SOURCE_OPT,
     Backend,
     ComputeDtype,
     DebugOpt,
@@ -22,6 +24,7 @@ from .options import (
     TokenOpt,
     choices,
     given,
+    nonempty,
     unused_token,
     value,
 )
@@ -67,10 +70,10 @@ def render_report(console, data: dict) -> None:
 def verify(
     ctx: typer.Context,
     output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="A converted checkpoint folder (the one holding "
-                                           "config.json and gptq2xpu-manifest.json).")],
+                                           "config.json and gptq2xpu-manifest.json).", parser=OUTPUT_ARG)],
     source: Annotated[str | None, typer.Option("--source", metavar="SOURCE", help="The GPTQ checkpoint OUTPUT was "
                                                "made from (folder or repo id): adds bit-exact and numerical "
-                                               "checks.")] = None,
+                                               "checks.", parser=SOURCE_OPT)] = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     device: Annotated[Device, typer.Option(
@@ -83,7 +86,8 @@ def verify(
         "--backend", metavar=choices(Backend),
         help="auto also runs vllm_xpu_kernels on an xpu when it imports; xpu-kernels insists on it.")] = "auto",
     layers: Annotated[str | None, typer.Option(
-        "--layers", metavar="SPEC",
+        "--layers", metavar="SPEC", parser=nonempty("--layers", "leave it out for all layers, or give indices, "
+                                                        "ranges such as 0,5,10-12, or sample:N"),
         help="Layers for the numerical check: all (default), indices and ranges such as 0,5,10-12, or "
              "sample:N.")] = None,
     tokens: Annotated[int, typer.Option(

@@ -128,7 +128,7 @@ def _runs(converted, bad, numeric: bool) -> list[tuple[tuple, int, str]]:
     return runs
 
 
-@pytest.mark.parametrize("edit", _cases())
+@pytest.mark.parametrize("edit", list(_cases()))
 def test_a_wrong_block_value_is_never_an_internal_error(converted, tmp_path, edit):
     _runs(converted, _tampered(converted, tmp_path, edit), numeric=True)
 

@@ -125,10 +125,6 @@ class ConvertedBlock:
     passthrough: dict[str, str] = field(default_factory=dict)   # MoE prefix -> kind, experts passed through
     unconverted: tuple[str, ...] = ()    # MoE prefixes kept unchanged (--keep-unsupported)
 
-    @property
-    def top_k(self) -> int:
-        return int(self.routing.get("top_k", 2))
-
     def layer_top_k(self, layer: ConvertedLayer) -> int:
         """Experts per token for ``layer``: the recorded top_k, else 2 (or fewer experts)."""
         return int(self.routing.get("top_k", min(2, layer.experts)))

@@ -96,7 +96,7 @@ def _reads(monkeypatch) -> dict[str, int]:
 def test_verify_reads_scales_in_bounded_pieces(ranked_output, monkeypatch):
     monkeypatch.setattr(standalone, "CHUNK_BYTES", 64)
     largest = _reads(monkeypatch)
-    ckpt, _, block = standalone.open_output(ranked_output)
+    ckpt, block = standalone.open_output(ranked_output)
     with ckpt:
         findings = standalone.Findings()
         standalone.check_layout(ckpt, block, findings)
@@ -115,7 +115,7 @@ def test_verify_finds_a_bad_scale_in_the_last_piece(ranked_output, tmp_path, mon
         return a
 
     patch_tensor(shard_of(out, name), name, last_inf)
-    ckpt, _, block = standalone.open_output(out)
+    ckpt, block = standalone.open_output(out)
     with ckpt:
         findings = standalone.Findings()
         standalone.check_layout(ckpt, block, findings)
@@ -124,7 +124,7 @@ def test_verify_finds_a_bad_scale_in_the_last_piece(ranked_output, tmp_path, mon
 
 def test_rank_check_reads_one_expert_at_a_time(ranked_output, monkeypatch):
     largest = _reads(monkeypatch)
-    ckpt, _, block = standalone.open_output(ranked_output)
+    ckpt, block = standalone.open_output(ranked_output)
     with ckpt:
         findings = standalone.Findings()
         standalone.check_ranks(ranked_output, ckpt, block, findings)

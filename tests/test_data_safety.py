@@ -499,3 +499,22 @@ def test_finalize_reads_no_shard_whose_stat_is_unchanged(tmp_path, monkeypatch):
     code, _, err = cli("finalize", out)
     assert code == EXIT_OK, err
     assert read and not any(name.endswith(".safetensors") for name in read), read
+
+
+def test_one_finalize_at_a_time(tmp_path):
+    """A second finalize while one runs would remove the first one's temporary files: refused."""
+    from gptq2xpu.write.output import lock_folder, unlock_folder
+    from gptq2xpu.write.split import PARTS_DIR
+
+    src = fixture_copy(tmp_path / "src")
+    out = tmp_path / "shared"
+    assert run_cli("convert", src, out, "--part", "1/1").returncode == EXIT_OK
+    held = lock_folder(out / PARTS_DIR)
+    try:
+        proc = run_cli("finalize", out)
+        assert proc.returncode == EXIT_USAGE and "another finalize is running" in proc.stderr, proc.stderr
+    finally:
+        unlock_folder(held)
+    assert run_cli("finalize", out).returncode == EXIT_OK
+    assert run_cli("verify", out).returncode == EXIT_OK
+

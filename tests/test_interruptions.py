@@ -360,3 +360,18 @@ def test_signal_while_exiting_keeps_the_exit_code(tmp_path, sig):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert run_cli("verify", out).returncode == 0 and leftovers(out) == []
+
+
+def test_a_signal_while_the_demo_verifies_still_stops_it(cli, monkeypatch, tmp_path):
+    """The demo publishes its conversion, then verifies it: publishing decided the conversion, not
+    the run, so Ctrl-C during the verification still stops it (exit 130)."""
+    import gptq2xpu.verify.runner as runner
+
+    def interrupted_verify(*_args, **_kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler raises here
+        raise AssertionError("the signal was ignored")
+
+    monkeypatch.setattr(runner, "verify", interrupted_verify)
+    code, _, err = cli("demo", "--keep", tmp_path / "demo")
+    assert code == 130 and "interrupted" in err, err

@@ -66,10 +66,14 @@ def test_finalize_accepts_the_temporary_of_a_long_side_file_name(tmp_path):
     out = tmp_path / "shared"
     assert run_cli("convert", src, out, "--part", "1/1").returncode == EXIT_OK
     assert len(temp_stem(LONG_NAME)) < len(LONG_NAME) and temp_stem("tokenizer.json") == "tokenizer.json"
-    (out / f".{temp_stem(LONG_NAME)}.tmp-4242-abcd1234").write_text("car")
+    leftover = out / f".{temp_stem(LONG_NAME)}.tmp-4242-abcd1234"
+    leftover.write_text("car")
     proc = run_cli("finalize", out)
     assert proc.returncode == EXIT_OK, proc.stderr
     assert (out / LONG_NAME).read_text() == "card"
+    # and removes it: the finished OUTPUT holds what its manifest lists, nothing else
+    assert not leftover.exists()
+    assert run_cli("verify", out).returncode == EXIT_OK
 
 
 def test_side_file_name_that_is_not_utf8_is_left_out_with_a_warning(tmp_path):

@@ -45,7 +45,7 @@ def test_torch_threads_are_restored_after_the_byte_checks(tmp_path, monkeypatch)
 
 
 def _layer(src_path, out_path):
-    out, _, block = open_output(out_path)
+    out, block = open_output(out_path)
     src = open_source(src_path).__enter__()
     return bits.LayerBits(src, out, L0, block.layers[L0], block), out, src
 

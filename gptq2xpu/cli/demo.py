@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from .. import interrupts
 from ..errors import UsageError, VerificationError
 from ..testing.synth import FAMILIES
 from .options import DebugOpt, Device, JsonOpt, QuietOpt, choice_enum, choices, nonempty, value
@@ -74,6 +75,7 @@ def demo(
                     group_size=128)
         info = make_checkpoint(root / "source", **spec)
         result = convert(root / "source", root / "converted", jobs=None, progress=None)
+        interrupts.begin()  # publishing decided the conversion, not the verification that follows
         report = verify(root / "converted", root / "source", device=value(device))
         data = {
             "family": family,

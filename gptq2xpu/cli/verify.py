@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import VerificationError
-from ..verify.runner import MAX_SEED, MAX_TOKENS
+from ..verify import MAX_SEED, MAX_TOKENS
 from .options import (
     MAX_JOBS,
     OUTPUT_ARG,

@@ -16,11 +16,10 @@ from pathlib import Path
 
 from ..contract import ConvertedBlock
 from ..errors import InputError, UsageError
+from . import MAX_SEED, MAX_TOKENS
 from .standalone import Findings, check_manifest, check_output_folder, check_some_output, verify_standalone
 
 #: Bounds of the reference MoE's token batch and seed (inclusive; the CLI's bounds too).
-MAX_TOKENS = 65536
-MAX_SEED = 2**32 - 1
 
 #: ``progress(stage, done, total, unit)``
 Progress = Callable[[str, int, int, str], None]

@@ -302,9 +302,9 @@ def _check_layer(ckpt: Checkpoint, layer: ConvertedLayer) -> list[str]:
     return out
 
 
-def open_output(folder: Path) -> tuple[Checkpoint, dict, ConvertedBlock | str]:
+def open_output(folder: Path) -> tuple[Checkpoint, ConvertedBlock | str]:
     """Open a converted folder (untrusted: no links, validated like any checkpoint) and its config
-    block: ``(checkpoint, raw block, parsed block or why it does not parse)``.
+    block: ``(checkpoint, parsed block or why it does not parse)``.
 
     Raises InputError when the folder is not a gptq2xpu output at all (no config block)."""
     ckpt = open_checkpoint(folder, links="none")
@@ -315,9 +315,9 @@ def open_output(folder: Path) -> tuple[Checkpoint, dict, ConvertedBlock | str]:
                 if "quantization_config" in ckpt.config or ckpt.folder.exists("quantize_config.json") else "")
         raise InputError(f"{folder}: not a gptq2xpu output: its config.json has no '{CONFIG_BLOCK}' block{hint}")
     try:
-        return ckpt, raw, parse_block(raw)
+        return ckpt, parse_block(raw)
     except InputError as exc:
-        return ckpt, raw, str(exc)
+        return ckpt, str(exc)
 
 
 def check_output_folder(folder: Path) -> None:
@@ -350,7 +350,7 @@ def verify_standalone(folder: Path, findings: Findings, jobs: int = 2, *, skip_m
     if not skip_manifest:
         check_manifest(folder, findings, jobs)
     try:
-        ckpt, _, block = open_output(folder)
+        ckpt, block = open_output(folder)
     except InputError as exc:
         if "not a gptq2xpu output" in str(exc):
             raise

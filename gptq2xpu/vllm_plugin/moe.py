@@ -20,6 +20,7 @@ dtype, ``(q - 8) * scale`` rounded once, and vLLM's unquantized MoE runs them; t
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -237,6 +238,7 @@ def _repeat_groups(scales: torch.Tensor, factor: int) -> torch.Tensor:
     return scales if factor == 1 else scales.repeat_interleave(factor, dim=-1)
 
 
+@functools.cache
 def routed_experts_child() -> str:
     """The attribute under which vLLM's MoE runner keeps its ``RoutedExperts`` module (read from
     the installed vLLM: the prefix its expert-mapping helper puts before ``w13_*``), "" if none."""

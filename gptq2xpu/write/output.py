@@ -202,7 +202,7 @@ def _token(name: str, prefix: str) -> str | None:
 # ------------------------------------------------------------------------------ liveness
 
 
-def _lock(folder: Path) -> int | None:
+def lock_folder(folder: Path) -> int | None:
     """An exclusive ``flock`` on ``folder`` (an open descriptor), held until closed: a run holds
     one on every folder it owns, so a folder whose lock can be taken belongs to no live run.
     Raises BlockingIOError when a live run holds it; None where the file system has no locks."""
@@ -217,7 +217,7 @@ def _lock(folder: Path) -> int | None:
     return fd
 
 
-def _unlock(fd: int | None) -> None:
+def unlock_folder(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
 
@@ -251,7 +251,7 @@ def make_stage(output: Path) -> Path:
         except OSError as exc:
             raise io_error("cannot create", stage, exc) from None
         try:
-            fd = _lock(stage)
+            fd = lock_folder(stage)
         except (BlockingIOError, FileNotFoundError):
             continue
         except OSError as exc:
@@ -261,10 +261,10 @@ def make_stage(output: Path) -> Path:
                 raise FileNotFoundError(stage)
             (stage / INCOMPLETE_MARKER).touch(exist_ok=False)
         except FileNotFoundError:
-            _unlock(fd)
+            unlock_folder(fd)
             continue
         except OSError as exc:
-            _unlock(fd)
+            unlock_folder(fd)
             raise io_error("cannot create", stage, exc) from None
         if fd is not None:
             _locks[stage] = fd
@@ -273,7 +273,7 @@ def make_stage(output: Path) -> Path:
 
 
 def _release(stage: Path) -> None:
-    _unlock(_locks.pop(stage, None))
+    unlock_folder(_locks.pop(stage, None))
 
 
 def discard(folder: Path) -> None:
@@ -337,7 +337,7 @@ def _replace(stage: Path, output: Path, overwrite: bool) -> None:
     try:
         if problem:
             raise _changed(output, problem)
-        old_lock = _lock(output)
+        old_lock = lock_folder(output)
     except BlockingIOError:
         shutil.rmtree(stage, ignore_errors=True)
         raise UsageError(f"{output}: another gptq2xpu run is publishing to OUTPUT right now") from None
@@ -350,7 +350,7 @@ def _replace(stage: Path, output: Path, overwrite: bool) -> None:
     try:
         shutil.rmtree(_swap_in(stage, output, overwrite), ignore_errors=True)
     finally:
-        _unlock(old_lock)
+        unlock_folder(old_lock)
 
 
 def _swap_in(stage: Path, output: Path, overwrite: bool) -> Path:
@@ -461,7 +461,7 @@ def _tidy(path: Path, output: Path, tag: str) -> str | None:
     if path.is_symlink() or not path.is_dir():
         return None
     try:
-        fd = _lock(path)
+        fd = lock_folder(path)
     except BlockingIOError:
         return None
     if fd is None:
@@ -477,7 +477,7 @@ def _tidy(path: Path, output: Path, tag: str) -> str | None:
         shutil.rmtree(path, ignore_errors=True)
         return f"removed {path.name}, left by a killed run"
     finally:
-        _unlock(fd)
+        unlock_folder(fd)
 
 
 def _restore(park: Path, output: Path, restorable: bool) -> str:

@@ -38,7 +38,7 @@ from .documents import (
     write_doc,
     write_side_files,
 )
-from .output import check_not_source, make_parent
+from .output import check_not_source, lock_folder, make_parent, unlock_folder
 from .shards import write_shards
 
 PARTS_DIR = ".gptq2xpu-parts"
@@ -103,7 +103,9 @@ def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int
 
 
 def finalize(output: Path) -> dict:
-    """Once every part is written: index, config.json and manifest; byte-identical to a single run."""
+    """Once every part is written: index, config.json and manifest; byte-identical to a single run.
+    One ``finalize`` at a time: it holds a lock on the parts folder (a second one would remove
+    the first one's temporary files)."""
     output = Path(output)
     if output.is_symlink() or not output.is_dir():
         raise UsageError(f"{output}: not a folder; finalize takes the OUTPUT folder every `convert --part` wrote into")
@@ -112,6 +114,19 @@ def finalize(output: Path) -> dict:
         if reader.exists(MANIFEST_NAME):
             raise UsageError(f"{output}: already finalized")
         raise UsageError(f"{output}: no split conversion found here (missing {PARTS_DIR}/{PLAN_DOC})")
+    try:
+        lock = lock_folder(output / PARTS_DIR)
+    except BlockingIOError:
+        raise UsageError(f"{output}: another finalize is running on this OUTPUT") from None
+    except OSError as exc:
+        raise io_error("cannot lock", output / PARTS_DIR, exc) from None
+    try:
+        return _finalize(output, reader)
+    finally:
+        unlock_folder(lock)
+
+
+def _finalize(output: Path, reader: Folder) -> dict:
     plan_doc = _read_plan(reader)
     parts = plan_doc["parts"]
     allowed = set(plan_doc["shards"]) | set(plan_doc["side_files"])
@@ -163,6 +178,7 @@ def _check_split_folder(output: Path, allowed: set[str], finals: dict[str, bytes
     if finals is None and os.path.lexists(output / MANIFEST_NAME):
         raise UsageError(f"{output}: already finalized (it has {MANIFEST_NAME}); use a new OUTPUT")
     finals = finals or {}
+    stems = {temp_stem(n) for n in allowed | set(finals)}
     entries = sorted(os.scandir(output), key=lambda e: e.name)
     in_progress = os.path.isfile(output / PARTS_DIR / PLAN_DOC) and not (output / PARTS_DIR).is_symlink()
     if not in_progress:  # only the parts folder another part is creating right now may be there
@@ -181,7 +197,7 @@ def _check_split_folder(output: Path, allowed: set[str], finals: dict[str, bytes
         if regular and name in finals and (finals[name] is None or _same_bytes(entry.path, finals[name])):
             continue
         m = _TEMP.fullmatch(name)
-        if regular and m and m["name"] in {temp_stem(n) for n in allowed | set(finals)}:
+        if regular and m and m["name"] in stems:
             continue
         raise UsageError(f"{output}: holds {name}, which a split conversion of this source did not write; use an "
                          "empty or new OUTPUT folder")
@@ -189,10 +205,12 @@ def _check_split_folder(output: Path, allowed: set[str], finals: dict[str, bytes
 
 def _remove_temps(output: Path, names: set[str]) -> None:
     """Remove the temporary files of ``names`` a killed run left (every part has finished, so no
-    part is writing them any more): the finished OUTPUT holds exactly what its manifest lists."""
+    part is writing them any more): the finished OUTPUT holds exactly what its manifest lists.
+    Temporary names hold a digest instead of a name too long for them (:func:`temp_stem`)."""
+    stems = {temp_stem(n) for n in names}
     for entry in os.scandir(output):
         m = _TEMP.fullmatch(entry.name)
-        if m and m["name"] in names and entry.is_file(follow_symlinks=False):
+        if m and m["name"] in stems and entry.is_file(follow_symlinks=False):
             try:
                 os.unlink(entry.path)
             except FileNotFoundError:

@@ -215,12 +215,21 @@ def make_xpu_fused_moe(layer: MoELayerWeights, n_experts_per_token: int, *, acti
 
 def _check_rank_doc(ckpt: Checkpoint, folder: Path, rank: int, size: int) -> None:
     """A rank folder says which rank it holds (``rank.json``): folders renamed or swapped would
-    otherwise hand one rank another rank's weights, which have the very same shapes."""
-    doc = ckpt.folder.read_json("rank.json")
+    otherwise hand one rank another rank's weights, which have the very same shapes.  Each shard
+    says so too (its safetensors metadata), so one copied in from another rank's folder is caught."""
+    try:
+        doc = ckpt.folder.read_json("rank.json")
+    except InputError as exc:
+        raise InputError(f"{folder}: {exc.message}") from None
     found = (doc.get("tp_rank"), doc.get("tp_size"))
     if found != (rank, size) or not all(type(v) is int for v in found):
         raise InputError(f"{folder}: its rank.json names rank {str(found[0])[:20]} of {str(found[1])[:20]}, "
                          f"but the config block puts rank {rank} of {size} in this folder")
+    for file, header in sorted(ckpt.shards.items()):
+        meta = (header.metadata.get("tp_rank"), header.metadata.get("tp_size"))
+        if meta != (str(rank), str(size)):
+            raise InputError(f"{folder}/{file}: its metadata names rank {str(meta[0])[:20]} of {str(meta[1])[:20]}, "
+                             f"but it lies in the folder of rank {rank} of {size}")
 
 
 def _check_headers(ckpt: Checkpoint, info: ConvertedLayer, names: dict[str, str], p: int) -> None:

@@ -353,7 +353,7 @@ def test_a_live_runs_stage_is_left_alone(tmp_path):
     live = tmp_path / f".out{STAGE_TAG}0123456789ab"
     live.mkdir()
     (live / INCOMPLETE_MARKER).touch()
-    fd = output._lock(live)
+    fd = output.lock_folder(live)
     try:
         proc = run_cli("convert", src, out)
     finally:
@@ -476,6 +476,17 @@ def test_finalize_rehashes_shards_of_records_without_their_stat(tmp_path):
     stat = shard.stat()
     flip_last_bytes(shard)
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    proc = run_cli("finalize", out)
+    assert proc.returncode == EXIT_INPUT and shard.name in proc.stderr, proc.stderr
+
+
+def test_finalize_catches_a_shard_edited_in_place_with_its_mtime_set_back(tmp_path):
+    """Same size, same inode, mtime restored (``touch -r``): the change time still tells."""
+    out, shard = three_parts(tmp_path)
+    stat = shard.stat()
+    flip_last_bytes(shard)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (shard.stat().st_ino, shard.stat().st_size) == (stat.st_ino, stat.st_size)
     proc = run_cli("finalize", out)
     assert proc.returncode == EXIT_INPUT and shard.name in proc.stderr, proc.stderr
 

@@ -16,6 +16,7 @@ exists here.
 from __future__ import annotations
 
 import json
+import shutil
 import types
 from pathlib import Path
 
@@ -401,6 +402,27 @@ def test_loader_refuses_rank_folders_that_hold_another_rank(tp, tmp_path):
             folder = ranks / f"rank-00{r}-of-002"
             assert str(exc.value) == (f"{folder}: its rank.json names rank {1 - r} of 2, but the config block puts "
                                       f"rank {r} of 2 in this folder")
+
+
+def test_loader_refuses_a_shard_copied_from_another_ranks_folder(tp, tmp_path):
+    """rank.json intact, the weights file another rank's: each shard's own metadata tells."""
+    out = copy_output(tp.out["t2"], tmp_path / "out")
+    ranks = out / "tp-ranks"
+    shards = sorted(p.name for p in (ranks / "rank-001-of-002").glob("*.safetensors"))
+    for name in shards:
+        shutil.copyfile(ranks / "rank-001-of-002" / name, ranks / "rank-000-of-002" / name)
+    with open_converted(out) as ck:
+        with pytest.raises(InputError, match="its metadata names rank 1 of 2, but it lies in the folder of rank 0"):
+            ck.layer(PREFIXES[0], tp_rank=0, tp_size=2)
+
+
+def test_a_malformed_rank_record_is_named_with_its_folder(tp, tmp_path):
+    out = copy_output(tp.out["t2"], tmp_path / "out")
+    folder = out / "tp-ranks" / "rank-000-of-002"
+    (folder / "rank.json").write_text("{not json")
+    with open_converted(out) as ck, pytest.raises(InputError) as exc:
+        ck.layer(PREFIXES[0], tp_rank=0, tp_size=2)
+    assert str(exc.value).startswith(f"{folder}: ") and "rank.json" in str(exc.value)
 
 
 # ----------------------------------------------------------------------------- through the released kernel

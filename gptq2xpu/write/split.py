@@ -48,7 +48,7 @@ _TEMP = re.compile(r"\.(?P<name>.+)\.tmp-\d+-[A-Za-z0-9_]+")
 _RECORD = re.compile(r"part-(\d{1,5})-of-(\d{1,5})\.json")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 WRITTEN = "written"
-_STAT_FIELDS = ("size", "mtime_ns", "ino")
+_STAT_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino")
 
 
 def part_shards(plan: Plan, part: int, parts: int) -> list[int]:
@@ -282,10 +282,12 @@ def _read_record(reader: Folder, rel: str, allowed: set[str]) -> tuple[dict[str,
 
 
 def _stat_record(path: Path) -> dict[str, int]:
-    """How a file stands on disk: unchanged size, mtime and inode let ``finalize`` trust a part's
-    sha256 without reading a shard again; anything else (edited, replaced, copied) means reading it."""
+    """How a file stands on disk: unchanged size, mtime, change time and inode let ``finalize``
+    trust a part's sha256 without reading a shard again; anything else (edited, replaced, copied)
+    means reading it.  The change time is the one a user cannot set back (``touch -r`` restores
+    the mtime of a file edited in place, not its ctime)."""
     st = os.stat(path, follow_symlinks=False)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
 
 
 def _sha256(reader: Folder, name: str) -> str:

@@ -411,9 +411,9 @@ def test_loader_refuses_a_shard_copied_from_another_ranks_folder(tp, tmp_path):
     shards = sorted(p.name for p in (ranks / "rank-001-of-002").glob("*.safetensors"))
     for name in shards:
         shutil.copyfile(ranks / "rank-001-of-002" / name, ranks / "rank-000-of-002" / name)
-    with open_converted(out) as ck:
-        with pytest.raises(InputError, match="its metadata names rank 1 of 2, but it lies in the folder of rank 0"):
-            ck.layer(PREFIXES[0], tp_rank=0, tp_size=2)
+    wrong = "its metadata names rank 1 of 2, but it lies in the folder of rank 0"
+    with open_converted(out) as ck, pytest.raises(InputError, match=wrong):
+        ck.layer(PREFIXES[0], tp_rank=0, tp_size=2)
 
 
 def test_a_malformed_rank_record_is_named_with_its_folder(tp, tmp_path):

@@ -30,6 +30,7 @@ from .errors import InputError
 CONFIG_BLOCK = "gptq2xpu"
 #: The file listing every written file with its size and sha256.
 MANIFEST_NAME = "gptq2xpu-manifest.json"
+MANIFEST_FORMAT = "gptq2xpu-manifest"  # the manifest's "format" field
 #: Version of the on-disk format the config block describes.
 FORMAT_VERSION = 1
 #: The Hugging Face index of a sharded checkpoint.

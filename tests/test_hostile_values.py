@@ -214,3 +214,23 @@ def test_a_manifest_of_an_unknown_format_version_fails_verify(converted, tmp_pat
         proc = run_cli(*args)
         assert proc.returncode == EXIT_VERIFY, proc.stdout + proc.stderr
         assert f"format_version {version!r} is not 1" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("format", "other", "'format' is 'other'"),
+    ("layers", {"a": 1}, "'layers' must hold the lists"),
+    ("layers", {"converted": ["model.layers.0.mlp"], "passthrough": [], "unconverted": []},
+     "'layers.converted' does not list the layers"),
+])
+def test_a_manifest_whose_fields_lie_fails_verify(converted, tmp_path, field, value, says):
+    src, out, _ = converted
+    bad = tmp_path / "out"
+    shutil.copytree(out, bad)
+    manifest = bad / "gptq2xpu-manifest.json"
+    doc = json.loads(manifest.read_text())
+    assert len(doc["layers"]["converted"]) > 1  # the last case drops one
+    doc[field] = value
+    manifest.write_text(json.dumps(doc))
+    proc = run_cli("verify", bad)
+    assert proc.returncode == EXIT_VERIFY and says in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert run_cli("verify", out).returncode == EXIT_OK

@@ -27,6 +27,7 @@ from ..contract import (
     CONFIG_BLOCK,
     EXPERT_TENSORS,
     FORMAT_VERSION,
+    MANIFEST_FORMAT,
     MANIFEST_NAME,
     W2_QWEIGHT,
     W2_SCALES,
@@ -89,6 +90,27 @@ def listing(problems: list[str], limit: int = 10) -> str:
     return shown + (f" (and {len(problems) - limit} more)" if len(problems) > limit else "")
 
 
+_LAYER_LISTS = ("converted", "passthrough", "unconverted")
+
+
+def _check_manifest_fields(doc: dict, reader: Folder) -> None:
+    """The manifest's format name and its layer lists; the converted ones must be the layers the
+    config block describes (when config.json can be read: its own check reports it otherwise)."""
+    if doc.get("format") != MANIFEST_FORMAT:
+        raise InputError(f"'format' is {str(doc.get('format'))[:40]!r}, not {MANIFEST_FORMAT!r}")
+    layers = doc.get("layers")
+    if not (isinstance(layers, dict) and set(layers) == set(_LAYER_LISTS) and all(
+            isinstance(layers[k], list) and all(isinstance(x, str) for x in layers[k]) for k in _LAYER_LISTS)):
+        raise InputError(f"'layers' must hold the lists {', '.join(_LAYER_LISTS)} of layer names")
+    try:
+        block = reader.read_json("config.json").get(CONFIG_BLOCK)
+    except InputError:
+        return
+    if isinstance(block, dict) and isinstance(block.get("layers"), dict) \
+            and sorted(layers["converted"]) != sorted(block["layers"]):
+        raise InputError("'layers.converted' does not list the layers config.json's block describes")
+
+
 def check_manifest(folder: Path, findings: Findings, jobs: int = 2,
                    progress: Callable[[int, int], None] | None = None) -> dict | None:
     """Every manifest file present with its size and sha256; nothing else in the folder (no
@@ -101,6 +123,7 @@ def check_manifest(folder: Path, findings: Findings, jobs: int = 2,
     try:
         doc = reader.read_json(MANIFEST_NAME)
         check_format_version(doc, MANIFEST_NAME)
+        _check_manifest_fields(doc, reader)
         files = doc.get("files")
         if not isinstance(files, dict):
             raise InputError("'files' is not an object")

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from .. import __version__, serving
-from ..contract import CONFIG_BLOCK, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME
+from ..contract import CONFIG_BLOCK, FORMAT_VERSION, INDEX_NAME, MANIFEST_FORMAT, MANIFEST_NAME
 from ..errors import InputError, io_error
 from ..naming import natural_key
 from ..plan import Plan
@@ -94,7 +94,7 @@ def manifest_base(plan: Plan) -> dict:
 
 def manifest_bytes(base: dict, files: dict[str, dict]) -> bytes:
     doc = {
-        "format": "gptq2xpu-manifest",
+        "format": MANIFEST_FORMAT,
         "format_version": FORMAT_VERSION,
         "tool_version": base["tool_version"],
         "source_fingerprint": base["source_fingerprint"],

@@ -561,3 +561,12 @@ def test_the_typer_in_use_is_one_the_package_declares():
 
     spec = re.search(r'"typer([^"]*)"', (REPO / "pyproject.toml").read_text())[1]
     assert version("typer") in SpecifierSet(spec), (version("typer"), spec)
+
+
+def test_numbers_are_ascii_digits_and_long_values_are_cut_short(cli, tmp_path):
+    for args in (("--max-shard-size", "\u0663GB"), ("--part", "\u0661/\u0661")):
+        code, _, err = cli("convert", FIXTURE, tmp_path / "out", *args)
+        assert code == EXIT_USAGE and args[0] in one_error_line(err), err
+    code, _, err = cli("convert", FIXTURE, tmp_path / "out", "--max-shard-size", "1" * 5000)
+    line = one_error_line(err)
+    assert code == EXIT_USAGE and "(5000 characters)" in line and len(line) < 300, line

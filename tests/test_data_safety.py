@@ -529,3 +529,10 @@ def test_one_finalize_at_a_time(tmp_path):
     assert run_cli("finalize", out).returncode == EXIT_OK
     assert run_cli("verify", out).returncode == EXIT_OK
 
+
+
+def test_an_output_name_too_long_for_the_file_system_is_refused_before_converting(tmp_path):
+    src = fixture_copy(tmp_path / "src")
+    proc = run_cli("convert", src, tmp_path / ("o" * 256))
+    assert proc.returncode == EXIT_USAGE and "256 bytes, more than the 255" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing staged, nothing written

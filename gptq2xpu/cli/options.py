@@ -90,8 +90,14 @@ JobsOpt = Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", min=1,
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50}
-_SIZE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*([KMGTP]i?B|B)?\s*", re.IGNORECASE)
+_SIZE = re.compile(r"\s*([0-9]+)(?:\.([0-9]+))?\s*([KMGTP]i?B|B)?\s*", re.IGNORECASE | re.ASCII)
 _SIZE_DIGITS = 30  # more digits than any size up to the bound needs, fewer than Python's int limit
+
+
+def _shown(text: str) -> str:
+    """A typed value as an error message repeats it: quoted, and cut short when long."""
+    text = str(text)
+    return repr(text) if len(text) <= 40 else f"{text[:37]!r}... ({len(text)} characters)"
 
 
 def parse_size(text: str | int) -> int:
@@ -101,13 +107,13 @@ def parse_size(text: str | int) -> int:
         return text
     m = _SIZE.fullmatch(str(text))
     if not m:
-        raise UsageError(f"--max-shard-size {text!r}: expected a byte count or a size such as 5GB, 500MB, "
+        raise UsageError(f"--max-shard-size {_shown(text)}: expected a byte count or a size such as 5GB, 500MB, "
                          "2GiB (units B, KB to PB, KiB to PiB)")
     whole, fraction = m[1].lstrip("0") or "0", (m[2] or "")[:_SIZE_DIGITS]
     mult = _UNITS[(m[3] or "B").upper()]
     value = 0 if len(whole) > _SIZE_DIGITS else (int(whole + fraction) * mult) // 10 ** len(fraction)
     if len(whole) > _SIZE_DIGITS or not 0 < value <= MAX_SHARD_BYTES:
-        raise UsageError(f"--max-shard-size {text!r}: expected more than 0 bytes and at most 1 PiB "
+        raise UsageError(f"--max-shard-size {_shown(text)}: expected more than 0 bytes and at most 1 PiB "
                          f"({MAX_SHARD_BYTES} bytes)")
     return value
 
@@ -116,9 +122,9 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
     """'2/4' -> (2, 4)."""
     if text is None:
         return None
-    m = re.fullmatch(r"(\d{1,6})/(\d{1,6})", text.strip())
+    m = re.fullmatch(r"([0-9]{1,6})/([0-9]{1,6})", text.strip())
     if not m or not (1 <= int(m[1]) <= int(m[2]) <= MAX_PARTS):
-        raise UsageError(f"--part {text!r}: expected i/n with 1 <= i <= n <= {MAX_PARTS}, e.g. 2/4")
+        raise UsageError(f"--part {_shown(text)}: expected i/n with 1 <= i <= n <= {MAX_PARTS}, e.g. 2/4")
     return int(m[1]), int(m[2])
 
 

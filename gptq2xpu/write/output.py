@@ -93,7 +93,11 @@ def is_empty_folder(path: Path) -> bool:
 
 
 def check_output(output: Path, source_root: Path, *, overwrite: bool) -> None:
-    """Refuse an OUTPUT that is the source, holds it, or may not be replaced; create its parent."""
+    """Refuse an OUTPUT that is the source, holds it, may not be replaced, or whose name the file
+    system cannot hold (said before the conversion runs, not at its final rename); create its parent."""
+    if len(os.fsencode(output.name)) > _name_max(output.parent):
+        raise UsageError(f"{str(output)[:80]}...: OUTPUT's name is {len(os.fsencode(output.name))} bytes, more than "
+                         f"the {_name_max(output.parent)} this file system allows")
     check_not_source(output, source_root)
     if os.path.lexists(output) and not is_empty_folder(output):
         if not overwrite:

@@ -338,6 +338,30 @@ def _parse_text(text: str, n: int, file_size: int, path: str, table: TensorTable
     return SafetensorsHeader(path, file_size, 8 + n, table.view(len(table.files) - 1), metadata)
 
 
+def _member_name(text: str, pos: int) -> tuple[str, int]:
+    """The quoted name of the object member at ``pos`` (blanks first) and where its value starts."""
+    pos = _WS.match(text, pos).end()
+    if text[pos : pos + 1] != '"':
+        raise ValueError(f"expecting a property name in double quotes at char {pos}")
+    name, pos = _SCAN(text, pos)
+    pos = _WS.match(text, pos).end()
+    if text[pos : pos + 1] != ":":
+        raise ValueError(f"expecting ':' at char {pos}")
+    return name, _WS.match(text, pos + 1).end()
+
+
+def _member_end(text: str, pos: int) -> tuple[int, bool]:
+    """After a member's value at ``pos``: past its ``,`` and the blanks after it (False), or past
+    the object's closing ``}`` (True)."""
+    pos = _WS.match(text, pos).end()
+    sep = text[pos : pos + 1]
+    if sep == "}":
+        return pos + 1, True
+    if sep != ",":
+        raise ValueError(f"expecting ',' delimiter at char {pos}")
+    return _WS.match(text, pos + 1).end(), False
+
+
 def _json_error(exc: BaseException) -> str:
     if isinstance(exc, StopIteration):
         return f"expecting a value at char {exc.value}"
@@ -377,14 +401,8 @@ def _parse_entries(text: str, path: str, table: TensorTable, first: int, data_st
                             break
                         continue
             # anything else: read the name and the value as JSON, then check them
-            pos = _WS.match(text, pos).end()
-            if text[pos : pos + 1] != '"':
-                raise ValueError(f"expecting a property name in double quotes at char {pos}")
-            name, pos = _SCAN(text, pos)
-            pos = _WS.match(text, pos).end()
-            if text[pos : pos + 1] != ":":
-                raise ValueError(f"expecting ':' at char {pos}")
-            spec, pos = _SCAN(text, _WS.match(text, pos + 1).end())
+            name, pos = _member_name(text, pos)
+            spec, pos = _SCAN(text, pos)
             if table._rows.get(name, -1) >= first or name in bad_names:
                 raise ValueError(f"duplicate key {name!r}")
             try:
@@ -405,14 +423,9 @@ def _parse_entries(text: str, path: str, table: TensorTable, first: int, data_st
             except InputError as exc:
                 bad = bad or exc
                 bad_names.add(name)
-            pos = _WS.match(text, pos).end()
-            sep = text[pos : pos + 1]
-            pos += 1
-            if sep == "}":
+            pos, last = _member_end(text, pos)
+            if last:
                 break
-            if sep != ",":
-                raise ValueError(f"expecting ',' delimiter at char {pos - 1}")
-            pos = _WS.match(text, pos).end()
     if _WS.match(text, pos).end() != len(text):
         raise ValueError(f"extra data at char {pos}")
     if bad is not None:

@@ -40,6 +40,8 @@ from ..safetensors_io import (
     TensorEntry,
     TensorTable,
     _json_error,
+    _member_end,
+    _member_name,
     read_header_fd,
     read_into,
 )
@@ -333,14 +335,8 @@ class IndexFile:
             pos += 1
         else:
             while True:
-                if text[pos : pos + 1] != '"':
-                    raise ValueError(f"expecting a property name in double quotes at char {pos}")
-                key, pos = _SCAN(text, pos)
+                key, pos = _member_name(text, pos)
                 key.encode("utf-8")
-                pos = _WS.match(text, pos).end()
-                if text[pos : pos + 1] != ":":
-                    raise ValueError(f"expecting ':' at char {pos}")
-                pos = _WS.match(text, pos + 1).end()
                 if key == "weight_map" and text[pos : pos + 1] == "{":
                     self._map_at, other = pos, None
                     self.files.clear()
@@ -351,14 +347,9 @@ class IndexFile:
                     _encodable(value)
                     if key == "weight_map":
                         self._map_at, other = None, value
-                pos = _WS.match(text, pos).end()
-                sep = text[pos : pos + 1]
-                pos += 1
-                if sep == "}":
+                pos, last = _member_end(text, pos)
+                if last:
                     break
-                if sep != ",":
-                    raise ValueError(f"expecting ',' delimiter at char {pos - 1}")
-                pos = _WS.match(text, pos).end()
         if _WS.match(text, pos).end() != len(text):
             raise ValueError(f"extra data at char {pos}")
         return other if self._map_at is None else None
@@ -414,25 +405,17 @@ def _map_entries(text: str, pos: int, on_entry) -> int:
             key, value, sep = m.groups()
             on_entry(key, interned.setdefault(value, value))
             pos = m.end()
+            if sep == "}":
+                return pos
         else:
-            pos = _WS.match(text, pos).end()
-            if text[pos : pos + 1] != '"':
-                raise ValueError(f"expecting a property name in double quotes at char {pos}")
-            key, pos = _SCAN(text, pos)
+            key, pos = _member_name(text, pos)
             key.encode("utf-8")
-            pos = _WS.match(text, pos).end()
-            if text[pos : pos + 1] != ":":
-                raise ValueError(f"expecting ':' at char {pos}")
-            value, pos = _SCAN(text, _WS.match(text, pos + 1).end())
+            value, pos = _SCAN(text, pos)
             _encodable(value)
             on_entry(key, interned.setdefault(value, value) if isinstance(value, str) else value)
-            pos = _WS.match(text, pos).end()
-            sep = text[pos : pos + 1]
-            pos += 1
-        if sep == "}":
-            return pos
-        if sep != ",":
-            raise ValueError(f"expecting ',' delimiter at char {pos - 1}")
+            pos, last = _member_end(text, pos)
+            if last:
+                return pos
 
 
 def _encodable(value) -> None:

@@ -88,7 +88,7 @@ def _env() -> dict:
 TIME = shutil.which("time", path="/usr/bin:/bin")
 
 
-def _busy_cpu_s() -> float | None:
+def busy_cpu_s() -> float | None:
     """CPU seconds every process on the machine has used so far (``/proc/stat``), or None."""
     try:
         with open("/proc/stat") as fh:
@@ -110,12 +110,12 @@ def run_measured(argv: list[str], log: Path) -> dict:
     cmd = [TIME, "-f", "%M %U %S", "-o", str(rfile)] + list(argv) if TIME else list(argv)
     err = log.with_suffix(".err")
     with open(log, "wb") as fh, open(err, "wb") as eh:
-        busy0 = _busy_cpu_s()
+        busy0 = busy_cpu_s()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=eh, env=_env(), cwd=REPO)
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-        busy1 = _busy_cpu_s()
+        busy1 = busy_cpu_s()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = (log.read_text(errors="replace")[-1500:] + err.read_text(errors="replace")[-1500:])

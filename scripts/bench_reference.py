@@ -52,18 +52,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import busy_cpu_s  # noqa: E402  (scripts/ is on the path when this runs as a script)
+
 VARIANTS = ("whole", "streamed")
-
-
-def _busy_cpu_s() -> float | None:
-    """CPU seconds every process on the machine has used so far (``/proc/stat``), or None."""
-    try:
-        with open("/proc/stat") as fh:
-            f = [int(x) for x in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = f[3] + (f[4] if len(f) > 4 else 0)
-    return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _status_mib(field: str) -> float | None:
@@ -104,13 +95,13 @@ def child(args) -> dict:
         prefix = prefixes[args.layer]
         rss0 = _status_mib("VmRSS")
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        busy0 = _busy_cpu_s()
+        busy0 = busy_cpu_s()
         t0 = time.perf_counter()
         row = numeric_layer(src, conv, prefix, block.layers[prefix], block, device=torch.device("cpu"),
                             dtype=torch.float32, tokens=args.tokens, seed=args.seed,
                             streamed=args.variant == "streamed")
         wall = time.perf_counter() - t0
-        busy1 = _busy_cpu_s()
+        busy1 = busy_cpu_s()
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
     user, system = ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime
     return {

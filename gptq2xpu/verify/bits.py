@@ -11,7 +11,10 @@ converted layer:
 * the source's zero points, unpacked nibble by nibble, must all be 8 after the format's offset
   (v1 stores zero-1), and ``g_idx`` must be ``arange(K)//g``;
 * scales: XPU ``[n, j]`` must equal the source scale of the group that holds input ``j*g_out``,
-  cast to the recorded dtype by torch (round to nearest even);
+  cast to the recorded dtype by torch (round to nearest even); where the dtypes differ, each
+  output scale, decoded from its bits, must also lie within one rounding of the source's own
+  value (``|out - src| <= u * |src|``, float64): a cast that loses a scale (one that underflows
+  to 0 in float16) is a failure even where torch's cast agrees bit for bit;
 * padding rows/columns (tensor-parallel padding) must be code 8 with scale 0;
 * a sample of experts (``--exhaustive``: every expert) is also decoded nibble by nibble through
   :mod:`.unpack`, every output and input, and the codes compared: a second, independent reading
@@ -99,6 +102,26 @@ def _scales_f32(ckpt: Checkpoint, name: str) -> np.ndarray:
     if ref.dtype == "BF16":
         return torch.from_numpy(raw.view(np.int16).reshape(ref.shape).copy()).view(torch.bfloat16).float().numpy()
     return raw.astype(np.float32)
+
+
+#: Unit roundoff of the recorded scale dtypes (float16: 11 significant bits, bfloat16: 8).
+_ROUNDOFF = {"F16": 2.0**-11, "BF16": 2.0**-8}
+
+
+def _decode_16(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """F16/BF16 bit patterns (uint16) -> their values in float64, by the formats' definitions."""
+    if dtype == "F16":
+        return bits.view(np.float16).astype(np.float64)
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def _beyond_one_rounding(got_bits: np.ndarray, dtype: str, source: np.ndarray) -> np.ndarray:
+    """Where output scales ``got_bits`` (``dtype``) differ from the source's own values ``source``
+    (any float dtype) by more than one rounding to ``dtype`` of a number in its normal range."""
+    got = _decode_16(np.ascontiguousarray(got_bits), dtype)
+    src = source.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        return ~((got == src) | (np.abs(got - src) <= _ROUNDOFF[dtype] * np.abs(src)))
 
 
 def _cast_bits(values_f32: np.ndarray, dtype: str) -> np.ndarray:
@@ -243,6 +266,14 @@ class LayerBits:
                     r, c = np.argwhere(want != got)[0]
                     self.bad(f"expert {e} {role} scales [{r}, {c}]: 0x{int(got[r, c]):04X}, "
                              f"source gives 0x{int(want[r, c]):04X}")
+                elif self.src.ref(self.name(e, role, field)).dtype != self.scale_dtype:
+                    lost = _beyond_one_rounding(got, self.scale_dtype, per_out[:, idx])
+                    if lost.any():
+                        r, c = np.argwhere(lost)[0]
+                        value = _decode_16(got[r, c : c + 1], self.scale_dtype)[0]
+                        self.bad(f"expert {e} {role} scales [{r}, {c}]: {value:.6g} where the source's own "
+                                 f"scale is {float(per_out[r, idx[c]]):.6g}: more than one "
+                                 f"rounding to {self.scale_dtype} apart (the cast lost it)")
             if p > n and any((pad != 0).any() for pad in (s13[e, n:p], s13[e, p + n :], s2[e, :, n // self.g2 :])):
                 self.bad(f"expert {e}: padding scales are not 0")
 
@@ -274,7 +305,10 @@ class LayerBits:
             if dtype == self.scale_dtype and _finite_16(raw, dtype):
                 want = per_out[:, :, idx].view(np.uint16)
             else:
-                want = _cast_bits(_scales_f32_from_raw(dtype, per_out)[:, :, idx], self.scale_dtype)
+                own = _scales_f32_from_raw(dtype, per_out)[:, :, idx]
+                want = _cast_bits(own, self.scale_dtype)
+                if dtype != self.scale_dtype and _beyond_one_rounding(got, self.scale_dtype, own).any():
+                    return False
             if not np.array_equal(want, got):
                 return False
         return True

@@ -65,7 +65,8 @@ class VerificationError(Gptq2XpuError):
 
 
 class OutputError(Gptq2XpuError):
-    """Writing OUTPUT failed (disk full, read-only parent, permission...)."""
+    """An I/O failure: writing OUTPUT failed (disk full, read-only parent, permission...), or the
+    system ran out of a resource or a device failed while reading (:func:`read_error`)."""
 
     exit_code = EXIT_IO
     kind = "I/O error"
@@ -76,6 +77,30 @@ class Interrupted(Gptq2XpuError):
 
     exit_code = EXIT_INTERRUPTED
     kind = "interrupted"
+
+
+#: errno values of an OSError that say the system ran out of something (open files, memory,
+#: buffers) or a device failed: an I/O error (exit 5), never a judgement of the data being read.
+RESOURCE_ERRNOS = frozenset({"EMFILE", "ENFILE", "ENOMEM", "ENOBUFS", "EIO"})
+
+
+def is_resource_error(exc: BaseException) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and errno.errorcode.get(exc.errno or -1) in RESOURCE_ERRNOS
+
+
+def read_error(what: str, exc: OSError, action: str = "cannot read") -> Gptq2XpuError:
+    """The one-line error for an OSError met reading ``what``: an I/O error (exit 5) when the system
+    ran out of a resource or a device failed (:data:`RESOURCE_ERRNOS`), else bad input (exit 3)."""
+    import errno
+
+    text = f"{what}: {action} ({exc.strerror or exc})"
+    if not is_resource_error(exc):
+        return InputError(text)
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        text += "; raise the open-file limit (ulimit -n) and run again"
+    return OutputError(text)
 
 
 def io_error(action: str, path, exc: OSError) -> OutputError:

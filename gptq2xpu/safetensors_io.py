@@ -32,7 +32,7 @@ from json.scanner import make_scanner
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, read_error
 
 #: dtype name -> bytes per element.  BF16 and the float8 types have no numpy dtype: they are moved
 #: as raw bytes (pass-through) or handed to torch where math runs.
@@ -483,7 +483,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise read_error(path, exc) from None
     try:
         return read_header_fd(fd, path)
     finally:
@@ -504,7 +504,7 @@ def read_header_fd(fd: int, path: str, *, table: TensorTable | None = None) -> S
         data = bytearray(n)
         read_into(fd, 8, np.frombuffer(data, dtype=np.uint8), path)
     except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise read_error(path, exc) from None
     _check_count(data.count(b'"data_offsets"'), path)  # before a text copy is made
     text = _decode(data, path)
     del data  # only the text while it is parsed

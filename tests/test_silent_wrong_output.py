@@ -130,3 +130,146 @@ def test_the_audit_refuses_exactly_the_casts_that_lose_more_than_one_rounding(dt
         refused = True
         assert str(exc).startswith("t.scales: scale ")
     assert refused == _oracle_loses(arr, dtype), (arr, dtype)
+
+
+# ------------------------------------------------------------------------------ routers
+
+
+def _synth(dst, family: str, **spec):
+    from gptq2xpu.testing.synth import make_checkpoint
+
+    make_checkpoint(dst, family=family, **spec)
+    return dst
+
+
+def _shard_holding(folder, name: str):
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return folder / json.loads(index.read_text())["weight_map"][name]
+    return folder / "model.safetensors"
+
+
+def _reshape_tensor(folder, name: str, shape) -> str:
+    """Replace tensor ``name`` by zeros of ``shape`` (same dtype) in the shard holding it; the shard's name."""
+    shard = _shard_holding(folder, name)
+
+    def edit(t):
+        dtype, arr = t[name]
+        t[name] = (dtype, np.zeros(shape, dtype=arr.dtype))
+
+    mutate(folder, edit, shard=shard.name)
+    return shard.name
+
+
+# (family, spec, router tensor under the first MoE prefix, shape from (E, K))
+ROUTERS = [
+    ("qwen3_moe", {}, "mlp.gate.weight", lambda e, k: (2 * e, k)),            # 16 rows for 8 experts
+    ("qwen3_moe", {}, "mlp.gate.weight", lambda e, k: (e, k // 2)),           # 128 columns where K is 256
+    ("mixtral", {}, "block_sparse_moe.gate.weight", lambda e, k: (2 * e, k)),
+    ("mixtral", {}, "block_sparse_moe.gate.weight", lambda e, k: (e, k // 2)),
+    ("deepseek_v3", {}, "mlp.gate.weight", lambda e, k: (e, k // 2)),
+    ("deepseek_v3", {}, "mlp.gate.e_score_correction_bias", lambda e, k: (2 * e,)),
+    ("qwen3_moe", {"quantized_router": True}, "mlp.gate.qweight", lambda e, k: (k // 8, 2 * e)),
+]
+
+
+@pytest.mark.parametrize("family,spec,field,shape", ROUTERS, ids=[f"{f}-{t}-{i}" for i, (f, _, t, _) in
+                                                                 enumerate(ROUTERS)])
+def test_a_router_shaped_unlike_the_experts_is_refused_at_plan_time(tmp_path, family, spec, field, shape):
+    src = _synth(tmp_path / "src", family, **spec)
+    prefix = "model.layers.0" if family != "deepseek_v3" else "model.layers.0"
+    name = f"{prefix}.{field}"
+    from gptq2xpu.testing.synth import SynthSpec
+
+    dflt = SynthSpec()
+    _reshape_tensor(src, name, shape(dflt.num_experts, dflt.hidden))
+    out = tmp_path / "out"
+    proc = run_cli("convert", src, out)
+    assert proc.returncode == EXIT_INPUT, proc.stderr
+    line = one_error_line(proc.stderr, ignore_warnings=True)
+    assert f"router tensor {name} has shape" in line, line
+    assert not out.exists()
+
+
+def test_verify_names_a_router_that_cannot_route_instead_of_rel_nan(tmp_path):
+    """A converted output whose router was replaced by one with 16 rows for 8 experts."""
+    src = fixture_copy(tmp_path / "src")
+    out = tmp_path / "out"
+    assert run_cli("convert", src, out).returncode == EXIT_OK
+    from _planting import reseal
+
+    shard = _reshape_tensor(out, f"{L1}.gate.weight", (16, 256))
+    reseal(out, shard)
+    proc = run_cli("verify", out, "--source", src, "--json", "--device", "cpu")
+    assert proc.returncode == EXIT_VERIFY, proc.stderr
+    checks = {c["check"]: c for c in json.loads(proc.stdout)["checks"]}
+    detail = checks["reference MoE"]["detail"]
+    assert not checks["reference MoE"]["ok"]
+    assert f"{L1}: router has shape [16, 256]" in detail and "nan" not in detail.lower(), detail
+
+
+def test_a_nan_in_the_reference_moe_reads_as_non_finite_not_rel_nan(tmp_path):
+    """Plant: one row of a converted router made NaN (and resealed); the tokens it routes come out
+    NaN on both sides, the relative error is NaN, and that must fail in words."""
+    from _planting import patch_output_tensor
+
+    src = fixture_copy(tmp_path / "src")
+    out = tmp_path / "out"
+    assert run_cli("convert", src, out).returncode == EXIT_OK
+
+    def nan_row(a):
+        a[0] = 0x7FC0  # BF16 NaN
+        return a
+
+    patch_output_tensor(out, f"{L0}.gate.weight", nan_row)
+    proc = run_cli("verify", out, "--source", src, "--json", "--device", "cpu")
+    assert proc.returncode == EXIT_VERIFY, proc.stderr
+    checks = {c["check"]: c for c in json.loads(proc.stdout)["checks"]}
+    ref = checks["reference MoE"]
+    assert not ref["ok"] and "non-finite" in ref["detail"] and "rel nan" not in ref["detail"], ref
+
+
+# ------------------------------------------------------------------------------ config dimensions
+
+
+# (family, config key, value from (E, K, N), the tensors' dimension named in the message)
+CONFIGS = [
+    ("mixtral", "intermediate_size", lambda e, k, n: 2 * n, "N"),
+    ("qwen3_moe", "moe_intermediate_size", lambda e, k, n: 2 * n, "N"),
+    ("deepseek_v3", "moe_intermediate_size", lambda e, k, n: n // 2, "N"),
+    ("qwen3_moe", "hidden_size", lambda e, k, n: 2 * k, "K"),
+    ("qwen3_moe", "num_experts", lambda e, k, n: 2 * e, "E"),
+    ("mixtral", "num_local_experts", lambda e, k, n: e - 1, "E"),
+    ("deepseek_v3", "n_routed_experts", lambda e, k, n: 2 * e, "E"),
+    ("qwen3_5_moe", "moe_intermediate_size", lambda e, k, n: 2 * n, "N"),   # nested text_config
+    ("qwen3_moe", "moe_intermediate_size", lambda e, k, n: str(n), "N"),
+]
+
+
+@pytest.mark.parametrize("family,key,value,dim", CONFIGS, ids=[f"{f}-{k}" for f, k, _, _ in CONFIGS])
+def test_a_config_that_would_build_other_shapes_is_refused(tmp_path, family, key, value, dim):
+    from gptq2xpu.testing.synth import SynthSpec
+
+    d = SynthSpec()
+    e, k, n = d.num_experts, d.hidden, d.moe_intermediate
+    src = _synth(tmp_path / "src", family)
+    bad = value(e, k, n)
+
+    def edit(cfg):
+        (cfg.get("text_config") or cfg)[key] = bad
+
+    edit_config(src, edit)
+    out = tmp_path / "out"
+    proc = run_cli("convert", src, out)
+    assert proc.returncode == EXIT_INPUT, proc.stderr
+    line = one_error_line(proc.stderr, ignore_warnings=True)
+    held = {"E": e, "K": k, "N": n}[dim]
+    assert f"config.json: {key} is " in line and str(bad) in line and f"{dim} = {held}" in line, line
+    assert not out.exists()
+
+
+def test_mixtrals_intermediate_size_is_the_experts_and_qwens_is_not(tmp_path):
+    """Qwen's intermediate_size is the dense MLP's: any value converts; Mixtral's is the experts'."""
+    src = _synth(tmp_path / "src", "qwen3_moe")
+    edit_config(src, lambda c: c.__setitem__("intermediate_size", 12345))
+    assert run_cli("convert", src, tmp_path / "out").returncode == EXIT_OK

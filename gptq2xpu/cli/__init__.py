@@ -25,7 +25,16 @@ import click
 import typer
 
 from .. import __version__, interrupts
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, Gptq2XpuError, UsageError
+from ..errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_IO,
+    EXIT_USAGE,
+    Gptq2XpuError,
+    OutputError,
+    UsageError,
+    is_resource_error,
+)
 from .help import Command, Group
 from .options import DebugOpt, JsonOpt, QuietOpt
 from .output import SESSION, Flags, envelope, print_json
@@ -187,10 +196,13 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> None:
         code, kind, message = exc.exit_code or EXIT_USAGE, UsageError.kind, " ".join(exc.format_message().split())
     except BrokenPipeError:
         code, report = 0, False
-    except Exception as exc:  # a bug: one line unless --debug
+    except Exception as exc:  # a bug (one line unless --debug), or the system out of a resource
         _traceback()
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())
-        code, kind, message = EXIT_INTERNAL, "internal error", f"{detail} (re-run with --debug and report it)"
+        if is_resource_error(exc):  # no bug and no judgement of the data: an I/O error
+            code, kind, message = EXIT_IO, OutputError.kind, " ".join(str(exc).split())
+        else:
+            code, kind, message = EXIT_INTERNAL, "internal error", f"{detail} (re-run with --debug and report it)"
     interrupts.decide()  # the code is set: a signal from here on only gets a warning
     late = interrupts.late_warning()
     if late and code == 0:

@@ -16,7 +16,7 @@ import typer
 from .. import interrupts
 from ..errors import UsageError, VerificationError
 from ..testing.synth import FAMILIES
-from .options import DebugOpt, Device, JsonOpt, QuietOpt, choice_enum, choices, nonempty, value
+from .options import DebugOpt, Device, JsonOpt, QuietOpt, choice_enum, choices, path_arg, value
 from .output import human_bytes, session_output
 
 EXAMPLES = [
@@ -46,7 +46,7 @@ def demo(
     family: Annotated[Family, typer.Option(
         "--family", metavar=choices(Family), help="Model family of the synthetic checkpoint.")] = "qwen3_moe",
     keep: Annotated[Path | None, typer.Option(
-        "--keep", metavar="DIR", parser=nonempty("--keep", "name a folder (. for the current one)", Path),
+        "--keep", metavar="DIR", parser=path_arg("--keep", "name a folder (. for the current one)"),
         help="Keep the source and converted folders under DIR instead of a temporary folder.")] = None,
     device: Annotated[Device, typer.Option(
         "--device", metavar=choices(Device),

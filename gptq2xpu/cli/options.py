@@ -7,6 +7,7 @@ every typer release the package accepts (the help is rendered by click's own for
 
 from __future__ import annotations
 
+import os
 import re
 from enum import Enum
 from pathlib import Path
@@ -54,6 +55,46 @@ def nonempty(name: str, hint: str, convert=str):
     return parse
 
 
+def _limit(name: str, default: int) -> int:
+    try:
+        return os.pathconf("/", name)
+    except (OSError, ValueError):
+        return default
+
+
+def usable_path(name: str, text: str, *, relative_to_cwd: bool = True) -> str:
+    """``text`` as given, refused (usage error, one line) where no system call could take it: longer
+    than the system's PATH_MAX or with a name longer than NAME_MAX, or -- ``relative_to_cwd`` --
+    relative to a current folder that was deleted.  Checked here, once for every path argument,
+    so that no command meets it later as an unexplained OSError."""
+    size = len(os.fsencode(text))
+    path_max = _limit("PC_PATH_MAX", 4096)
+    if size >= path_max:
+        raise UsageError(f"{name} is {size} bytes long, more than the {path_max - 1} a path may have on this system")
+    name_max = _limit("PC_NAME_MAX", 255)
+    long = next((part for part in text.split("/") if len(os.fsencode(part)) > name_max), None)
+    if long is not None:
+        raise UsageError(f"{name}: the name {long[:40]}... is {len(os.fsencode(long))} bytes, more than the "
+                         f"{name_max} a file name may have")
+    if relative_to_cwd and not os.path.isabs(text):
+        try:
+            os.getcwd()
+        except OSError:
+            raise UsageError(f"{name} {text[:200]!r} is relative to the current folder, which no longer exists; give "
+                             "an absolute path or change to an existing folder") from None
+    return text
+
+
+def path_arg(name: str, hint: str):
+    """The parser of a path argument: not empty (:func:`nonempty`), and :func:`usable_path`."""
+    return nonempty(name, hint, lambda text: Path(usable_path(name, text)))
+
+
+def source_arg(name: str, hint: str):
+    """The parser of SOURCE (a folder or a repo id, which never needs the current folder)."""
+    return nonempty(name, hint, lambda text: usable_path(name, text, relative_to_cwd=False))
+
+
 # --- the flags every command takes, in any position (main() also finds them before parsing)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, whatever the outcome "
                                        "(see `gptq2xpu --help`).")]
@@ -61,9 +102,9 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a Python traceback for errors.")]
 
 # --- where a source comes from
-SOURCE_ARG = nonempty("SOURCE", "name a checkpoint folder or a Hugging Face repo id")
-SOURCE_OPT = nonempty("--source", "name the GPTQ checkpoint OUTPUT was made from, or leave it out")
-OUTPUT_ARG = nonempty("OUTPUT", "name a folder (. for the current one)", Path)
+SOURCE_ARG = source_arg("SOURCE", "name a checkpoint folder or a Hugging Face repo id")
+SOURCE_OPT = source_arg("--source", "name the GPTQ checkpoint OUTPUT was made from, or leave it out")
+OUTPUT_ARG = path_arg("OUTPUT", "name a folder (. for the current one)")
 RevisionOpt = Annotated[str | None, typer.Option(
     "--revision", metavar="REV", parser=nonempty("--revision", "name a branch, tag or commit, or leave it out"),
     help="Hub revision (branch, tag or commit) when SOURCE is a repo id; refused for a local folder.")]

@@ -12,6 +12,7 @@ from ..safetensors_io import PlannedTensor
 from .layers import plan_layer
 from .model import LayerPlan, OutputItem, Plan
 from .options import ConvertOptions
+from .runtime_dims import runtime_dims
 from .shards import assign_shards
 
 
@@ -30,13 +31,14 @@ def build_plan(ckpt: Checkpoint, options: ConvertOptions | None = None) -> Plan:
     if not tmap.moe:
         raise InputError(f"{ckpt.origin}: no MoE layers found (no '<prefix>.experts.<e>.<proj>' tensors); "
                          "nothing to convert")
-    layers = [plan_layer(ckpt, tmap.moe[p], tmap.routers.get(p, []), tmap.shared.get(p, []), quant, options)
+    family = detect_family(ckpt.config, ckpt.tensors)
+    dims = runtime_dims(ckpt.config, family)
+    layers = [plan_layer(ckpt, tmap.moe[p], tmap.routers.get(p, []), tmap.shared.get(p, []), quant, options, dims)
               for p in sorted(tmap.moe, key=natural_key)]
     if not any(lyr.converts for lyr in layers) and not any(lyr.action == "refuse" for lyr in layers):
         raise InputError(f"{ckpt.origin}: no quantized MoE layers to convert (every MoE layer is float or kept "
                          "unchanged)")
     items, passthrough = _output_items(ckpt, layers, options)
-    family = detect_family(ckpt.config, ckpt.tensors)
     return Plan(
         origin=ckpt.origin,
         family=family,

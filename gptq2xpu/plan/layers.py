@@ -15,6 +15,7 @@ from ..read import Checkpoint, QuantConfig
 from ..repack import LayerGeometry, largest_group
 from .model import ExpertFields, LayerPlan
 from .options import ConvertOptions
+from .runtime_dims import disagreement
 from .tp import choose_w2_groups
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
@@ -28,7 +29,8 @@ class _Refusal(Exception):
 
 
 def plan_layer(ckpt: Checkpoint, group: ExpertGroup, routers: list[str], shared: list[str], quant: QuantConfig,
-               options: ConvertOptions) -> LayerPlan:
+               options: ConvertOptions, dims: dict | None = None) -> LayerPlan:
+    """``dims``: the expert dimensions the config sets (:func:`.runtime_dims.runtime_dims`)."""
     p = group.prefix
     common = dict(routers=sorted(routers, key=natural_key),
                   router_quantized=any(n.endswith(".qweight") for n in routers),
@@ -45,6 +47,10 @@ def plan_layer(ckpt: Checkpoint, group: ExpertGroup, routers: list[str], shared:
                              **common)
         info = _describe(ckpt, group, role_proj, expert_fields, kind, quant) | common
         _check_config_agrees(group, role_proj, info, quant)
+        _check_router_shapes(ckpt, info)
+        why = disagreement(dims or {}, info["experts"], info["hidden"], info["intermediate"])
+        if why:
+            raise _Refusal("broken", why, **info)
         if info["bits"] != 4:
             reason = f"{info['bits']}-bit experts; the XPU kernel runs int4 only"
             if options.keep_unsupported:
@@ -209,6 +215,37 @@ def _check_config_agrees(group: ExpertGroup, role_proj, info: dict, quant: Quant
             if not agrees:
                 raise _Refusal("broken", f"{module}: scales imply group size {spec.group_size} but the config says "
                                          f"{cfg_g} ({rule})", **info)
+
+
+#: The shape each router field must have, from the layer's experts ``e`` and hidden size ``k``
+#: (None: that dimension is free): a runtime routes a token over the router's E rows of K inputs, so
+#: a router of another shape picks experts the layer lacks or reads past the token.  GPTQ stores a
+#: quantized router as [K/8, E] words and [K/g, E] scales; compressed-tensors as [E, K/8], [E, K/g].
+_ROUTER_SHAPES = {
+    "weight": ("E", "K"),
+    "bias": ("E",),
+    "e_score_correction_bias": ("E",),
+    "qweight": ("K/8", "E"),
+    "scales": (None, "E"),
+    "weight_packed": ("E", "K/8"),
+    "weight_scale": ("E", None),
+}
+
+
+def _check_router_shapes(ckpt, info: dict) -> None:
+    """The router fields a runtime routes with agree with the experts (E rows of K inputs)."""
+    e, k = info["experts"], info["hidden"]
+    sizes = {"E": e, "K": k, "K/8": k // 8, None: None}
+    for name in info["routers"]:
+        spec = _ROUTER_SHAPES.get(name.rsplit(".", 1)[1])
+        if spec is None:
+            continue
+        want = [sizes[d] for d in spec]
+        shape = list(ckpt.tensors[name].shape)
+        if len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape, strict=True)):
+            need = ", ".join("any" if w is None else str(w) for w in want)
+            raise _Refusal("broken", f"router tensor {name} has shape {shape} but the layer's {e} experts of hidden "
+                                     f"size {k} need [{need}]", **info)
 
 
 def _scale_dtypes(specs: dict[str, ProjSpec], options: ConvertOptions, info: dict) -> tuple[str, str]:

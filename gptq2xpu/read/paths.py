@@ -23,7 +23,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, read_error
 
 #: The largest JSON document (index, manifest, split records) read from an untrusted folder: the
 #: index of the largest MoE checkpoints is tens of MB.
@@ -126,7 +126,7 @@ class Folder:
         try:
             fd = os.open(path, flags)
         except OSError as exc:
-            raise InputError(f"{label}: cannot open ({exc.strerror or exc})") from None
+            raise read_error(label, exc, "cannot open") from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -163,7 +163,7 @@ class Folder:
                 chunks.append(block)
             return b"".join(chunks)
         except OSError as exc:
-            raise InputError(f"{what or rel}: cannot read ({exc.strerror or exc})") from None
+            raise read_error(what or rel, exc) from None
         finally:
             os.close(fd)
 
@@ -234,7 +234,7 @@ def walk(root: Path, *, limit: int = 1_000_000) -> Tree:
         try:
             entries = list(os.scandir(root / rel_dir if rel_dir else root))
         except OSError as exc:
-            raise InputError(f"{root / rel_dir}: cannot list ({exc.strerror or exc})") from None
+            raise read_error(str(root / rel_dir), exc, "cannot list") from None
         for entry in entries:
             count += 1
             if count > limit:

@@ -122,6 +122,10 @@ def layer_inputs(src: Checkpoint, out: Checkpoint, prefix: str, info: ConvertedL
     router = router_weight(out, src, prefix, block, device)
     bias_name = f"{prefix}.gate.e_score_correction_bias"
     bias = read_tensor(out, bias_name).to(device=device, dtype=torch.float32) if bias_name in out.tensors else None
+    for what, tensor, want in (("router", router, (e, k)), (bias_name, bias, (e,))):
+        if tensor is not None and tuple(tensor.shape) != want:
+            raise VerificationError(f"{what} has shape {list(tensor.shape)} but the layer has {e} experts of hidden "
+                                    f"size {k} (needs {list(want)}): tokens cannot be routed")
     tw, tid = route(x, router, top_k, scoring=routing["scoring"], renormalize=routing["renormalize"],
                     correction_bias=bias, routed_scaling_factor=routing["routed_scaling_factor"])
     return x, x_cov, tw, tid

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable
@@ -200,11 +201,20 @@ def _against_source(out, block: ConvertedBlock, mismatched: set[str], source, fi
             rows = overlapped.result() if overlapped is not None else (reference() if setup is not None else [])
         if setup is not None:
             bad = [r for r in rows if not r["ok"]]
-            findings.add("reference MoE", not bad,
-                         "; ".join(f"{r['prefix']}: rel {r['rel']:.3g}, cosine {r['cosine']:.6f}" for r in bad[:5])
-                         if bad else
+            findings.add("reference MoE", not bad, "; ".join(map(reference_failure, bad[:5])) if bad else
                          f"{len(rows)} layer(s) within {report['dtype']} tolerance on {setup[0].type}")
     return rows
+
+
+def reference_failure(row: dict) -> str:
+    """Why a layer failed the reference MoE, in words: the error that stopped it, the non-finite
+    values it produced, or how far the two sides are apart."""
+    if row.get("error"):
+        return f"{row['prefix']}: {row['error']}"
+    if not (math.isfinite(row["rel"]) and math.isfinite(row["cosine"])):
+        return (f"{row['prefix']}: the reference MoE produced non-finite values (NaN or infinity), so "
+                "the two sides cannot be compared")
+    return f"{row['prefix']}: rel {row['rel']:.3g}, cosine {row['cosine']:.6f}"
 
 
 def _unreadable_layers(src, block: ConvertedBlock, mismatched: set[str], source_problems) -> dict[str, str]:

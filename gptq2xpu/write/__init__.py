@@ -18,7 +18,7 @@ from ..contract import INDEX_NAME, MANIFEST_NAME
 from ..plan import Plan
 from ..read import Checkpoint
 from .documents import config_bytes, index_bytes, manifest_base, manifest_bytes, side_files, write_doc, write_side_files
-from .output import discard, make_stage, prepare_output, publish
+from .output import Publishing, discard, make_stage, prepare_output, publish
 from .ranks import write_ranks
 from .shards import write_shards
 from .split import finalize, write_part
@@ -36,16 +36,20 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, output: Path, *, jobs: int = 
     plan.warnings.extend(side_files(ckpt.folder)[1])  # refuses escaping links before writing anything
     config = config_bytes(plan, ckpt)  # refuses one too large before writing anything
     stage = make_stage(output)
+    # The stage is removed on any failure until publish() holds the signals and takes charge of it:
+    # a Ctrl-C between the last file written and publishing removes it too.
+    publishing = Publishing()
     try:
         files = write_shards(plan, ckpt, stage, range(len(plan.shards)), jobs, progress)
         files.update(write_documents(plan, ckpt, stage, files, config))
         ckpt.check_unchanged()
         if before_publish is not None:
             before_publish()
+        late = publish(stage, output, overwrite, publishing)
     except BaseException:
-        discard(stage)
+        if not publishing.started:
+            discard(stage)
         raise
-    late = publish(stage, output, overwrite)
     if late.signal is not None:
         plan.warnings.append(f"{late.name} arrived while OUTPUT was being published; the conversion completed "
                              "and OUTPUT is the new, complete checkpoint")

@@ -7,6 +7,7 @@ sha256 and size for the manifest.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from ..plan import Plan
 from ..read import Checkpoint
 from ..read.checkpoint import PICKLE_SUFFIXES
 from ..read.paths import MAX_CONFIG_BYTES, Folder, portable_name
+from .output import lock_file
 
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 SKIP_FILES = {"config.json", INDEX_NAME, MANIFEST_NAME}
@@ -133,10 +135,27 @@ def temp_stem(name: str) -> str:
 
 def open_temp(folder: Path, name: str) -> tuple[int, Path]:
     """A new file beside ``folder/name`` under a fresh hidden name: created exclusively, never
-    through a link planted there (``O_EXCL``), mode 0644.  Returns (descriptor, path)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{temp_stem(name)}.tmp-{os.getpid()}-", dir=folder)
-    os.fchmod(fd, 0o644)
-    return fd, Path(tmp)
+    through a link planted there (``O_EXCL``), mode 0644, and locked (``flock``) for as long as the
+    descriptor (or a duplicate of it) is open, so that ``finalize`` never removes a temporary file
+    a live run is writing.  Returns (descriptor, path)."""
+    for _ in range(100):
+        fd, tmp = tempfile.mkstemp(prefix=f".{temp_stem(name)}.tmp-{os.getpid()}-", dir=folder)
+        try:
+            locked = lock_file(fd)
+            # a finalize that took the lock first removed the file: make another
+            if locked is False or os.fstat(fd).st_ino != os.stat(tmp, follow_symlinks=False).st_ino:
+                raise FileNotFoundError(tmp)
+            os.fchmod(fd, 0o644)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return fd, Path(tmp)
+    raise OSError(errno.EAGAIN, "cannot create a temporary file that stays", str(folder))
 
 
 def atomic_write(folder: Path, name: str, blocks, action: str) -> dict:
@@ -151,7 +170,8 @@ def atomic_write(folder: Path, name: str, blocks, action: str) -> dict:
                 digest.update(block)
                 fh.write(block)
                 size += len(block)
-        os.replace(tmp, folder / name)
+            fh.flush()
+            os.replace(tmp, folder / name)  # before closing: the lock covers the file until it has its name
     except OSError as exc:
         if tmp is not None:
             with contextlib.suppress(OSError):

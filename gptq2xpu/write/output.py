@@ -28,6 +28,7 @@ or that cannot be inspected, is left alone with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -221,6 +222,21 @@ def lock_folder(folder: Path) -> int | None:
     return fd
 
 
+def lock_file(fd: int) -> bool | None:
+    """An exclusive ``flock`` on the open file ``fd`` (until it is closed): a run holds one on each
+    temporary file it writes, so one whose lock can be taken belongs to no live run.  False when
+    a live run holds it; None where the file system has no locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in _LOCK_UNSUPPORTED:
+            return None
+        raise
+    return True
+
+
 def unlock_folder(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
@@ -245,7 +261,8 @@ def _legacy_pid_alive(token: str) -> bool:
 def make_stage(output: Path) -> Path:
     """The hidden sibling folder a full run builds OUTPUT in (marked incomplete, locked by this
     run).  Another run tidying killed runs' folders may take a new folder's lock first and remove
-    it: then this run simply makes another."""
+    it: then this run simply makes another.  Whatever stops this function once it has made a
+    folder (an error, running out of descriptors, a signal) removes that folder first."""
     for _ in range(100):
         stage = _hidden(output, STAGE_TAG)
         try:
@@ -254,26 +271,35 @@ def make_stage(output: Path) -> Path:
             continue
         except OSError as exc:
             raise io_error("cannot create", stage, exc) from None
+        fd = None
         try:
             fd = lock_folder(stage)
-        except (BlockingIOError, FileNotFoundError):
-            continue
-        except OSError as exc:
-            raise io_error("cannot lock", stage, exc) from None
-        try:
             if fd is not None and os.fstat(fd).st_ino != os.stat(stage, follow_symlinks=False).st_ino:
-                raise FileNotFoundError(stage)
+                raise FileNotFoundError(stage)  # another run removed it and a folder of that name came back
             (stage / INCOMPLETE_MARKER).touch(exist_ok=False)
-        except FileNotFoundError:
-            unlock_folder(fd)
+        except (BlockingIOError, FileNotFoundError):
+            unlock_folder(fd)  # another run tidied it away: not ours any more
             continue
-        except OSError as exc:
-            unlock_folder(fd)
-            raise io_error("cannot create", stage, exc) from None
+        except BaseException as exc:
+            unlock_folder(fd)  # first: out of descriptors, removing needs the one it frees
+            _remove_new_stage(stage)
+            if isinstance(exc, OSError):
+                raise io_error("cannot create", stage, exc) from None
+            raise
         if fd is not None:
             _locks[stage] = fd
         return stage
     raise OutputError(f"{output.parent}: cannot create a staging folder for {output.name} there")
+
+
+def _remove_new_stage(stage: Path) -> None:
+    """Remove a stage folder that holds at most its marker, by name alone (no descriptor needed)."""
+    with contextlib.suppress(OSError):
+        os.unlink(stage / INCOMPLETE_MARKER)
+    with contextlib.suppress(OSError):
+        os.rmdir(stage)
+    if os.path.lexists(stage):
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _release(stage: Path) -> None:
@@ -283,17 +309,26 @@ def _release(stage: Path) -> None:
 def discard(folder: Path) -> None:
     """Remove a failed run's folder completely (a second Ctrl-C does not cut it short)."""
     with held():
+        _release(folder)  # first: out of descriptors, removing needs the one it frees
         shutil.rmtree(folder, ignore_errors=True)
-        _release(folder)
 
 
 # ------------------------------------------------------------------------------ publishing
 
 
-def publish(stage: Path, output: Path, overwrite: bool) -> Held:
+class Publishing:
+    """Whether :func:`publish` has taken charge of the stage (signals held from then on): until it
+    has, the caller removes the stage on any failure, a signal at the very start included."""
+
+    started = False
+
+
+def publish(stage: Path, output: Path, overwrite: bool, publishing: Publishing | None = None) -> Held:
     """Put the finished ``stage`` at ``output`` in one step; returns the signal held meanwhile.
     Once it returns, OUTPUT is the new output and the run's outcome is decided."""
     with held() as state:
+        if publishing is not None:
+            publishing.started = True
         try:
             if os.path.lexists(output):
                 _replace(stage, output, overwrite)

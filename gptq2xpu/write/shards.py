@@ -85,14 +85,11 @@ class ShardWriter:
             self._progress(nbytes)
 
     def write(self, shard: ShardPlan, fd: int, path: Path) -> dict:
-        """Fill the new, empty file ``fd`` (named ``path`` in messages) with the shard; close it."""
+        """Fill the new, empty file ``fd`` (named ``path`` in messages) with the shard."""
         tasks = self.source.tasks(shard)
         digest = hashlib.sha256()
-        try:
-            run = self._serial if self._builders is None else self._pipelined
-            size = run(tasks, fd, path, digest)
-        finally:
-            os.close(fd)
+        run = self._serial if self._builders is None else self._pipelined
+        size = run(tasks, fd, path, digest)
         if size != shard.layout.file_size:  # pragma: no cover - guards the planner/writer contract
             raise AssertionError(f"{shard.name}: wrote {size} bytes, planned {shard.layout.file_size}")
         return {"sha256": digest.hexdigest(), "size": size}
@@ -200,9 +197,11 @@ def _write_one(writer: ShardWriter, plan: Plan, ckpt: Checkpoint, folder: Path, 
     try:
         record = writer.write(shard, fd, tmp)
         ckpt.check_unchanged()  # a few stats per shard: catch a changing source early
-        os.replace(tmp, folder / shard.name)
+        os.replace(tmp, folder / shard.name)  # before closing: the lock covers the file until it has its name
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    finally:
+        os.close(fd)
     return record

@@ -38,7 +38,7 @@ from .documents import (
     write_doc,
     write_side_files,
 )
-from .output import check_not_source, lock_folder, make_parent, unlock_folder
+from .output import check_not_source, lock_file, lock_folder, make_parent, unlock_folder
 from .shards import write_shards
 
 PARTS_DIR = ".gptq2xpu-parts"
@@ -204,19 +204,32 @@ def _check_split_folder(output: Path, allowed: set[str], finals: dict[str, bytes
 
 
 def _remove_temps(output: Path, names: set[str]) -> None:
-    """Remove the temporary files of ``names`` a killed run left (every part has finished, so no
-    part is writing them any more): the finished OUTPUT holds exactly what its manifest lists.
+    """Remove the temporary files of ``names`` that runs which are gone left (a killed part), so
+    that the finished OUTPUT holds exactly what its manifest lists.  A run holds a lock on each
+    temporary file it writes (:func:`.documents.open_temp`): one whose lock is held belongs to a
+    live run (a part run again while finalize runs), is left alone, and stops finalize.
     Temporary names hold a digest instead of a name too long for them (:func:`temp_stem`)."""
     stems = {temp_stem(n) for n in names}
     for entry in os.scandir(output):
         m = _TEMP.fullmatch(entry.name)
         if m and m["name"] in stems and entry.is_file(follow_symlinks=False):
             try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise io_error("cannot remove the temporary file", Path(entry.path), exc) from None
+            try:
+                if lock_file(fd) is False:
+                    raise UsageError(f"{output}: a `convert --part` run is still writing {entry.name}; run finalize "
+                                     "again once every part run has finished")
                 os.unlink(entry.path)
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 raise io_error("cannot remove the temporary file", Path(entry.path), exc) from None
+            finally:
+                os.close(fd)
 
 
 def _part_member(entry: os.DirEntry) -> bool:

@@ -93,14 +93,17 @@ def is_resource_error(exc: BaseException) -> bool:
 def read_error(what: str, exc: OSError, action: str = "cannot read") -> Gptq2XpuError:
     """The one-line error for an OSError met reading ``what``: an I/O error (exit 5) when the system
     ran out of a resource or a device failed (:data:`RESOURCE_ERRNOS`), else bad input (exit 3)."""
-    import errno
-
     text = f"{what}: {action} ({exc.strerror or exc})"
     if not is_resource_error(exc):
         return InputError(text)
-    if exc.errno in (errno.EMFILE, errno.ENFILE):
-        text += "; raise the open-file limit (ulimit -n) and run again"
-    return OutputError(text)
+    return OutputError(text + resource_hint(exc))
+
+
+def resource_hint(exc: OSError) -> str:
+    """What to do about a resource error, as the tail of its message ("" when nothing to say)."""
+    import errno
+
+    return "; raise the open-file limit (ulimit -n) and run again" if exc.errno in (errno.EMFILE, errno.ENFILE) else ""
 
 
 def io_error(action: str, path, exc: OSError) -> OutputError:

@@ -273,3 +273,59 @@ def test_mixtrals_intermediate_size_is_the_experts_and_qwens_is_not(tmp_path):
     src = _synth(tmp_path / "src", "qwen3_moe")
     edit_config(src, lambda c: c.__setitem__("intermediate_size", 12345))
     assert run_cli("convert", src, tmp_path / "out").returncode == EXIT_OK
+
+
+# ------------------------------------------------------------------------------ fuzz: routers and config
+
+
+def _plan_refusals(src) -> list[str]:
+    from gptq2xpu.plan import build_plan
+    from gptq2xpu.read import open_source
+
+    with open_source(str(src)) as ckpt:
+        return [f"{lyr.prefix}: {lyr.reason}" for lyr in build_plan(ckpt).layers if lyr.action == "refuse"]
+
+
+_DIMS = st.sampled_from([1, 4, 7, 8, 16, 128, 255, 256, 512])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(field=st.sampled_from(["weight", "bias", "e_score_correction_bias"]),
+       shape=st.lists(_DIMS, min_size=1, max_size=3).map(tuple))
+def test_any_router_shape_plans_iff_it_is_the_experts(tmp_path_factory, field, shape):
+    src = fixture_copy(tmp_path_factory.mktemp("router"))
+    name = f"{L0}.gate.{field}"
+    mutate(src, lambda t: t.__setitem__(name, ("BF16", np.zeros(shape, dtype=np.uint16))))
+    fits = shape == ((8, 256) if field == "weight" else (8,))
+    refusals = _plan_refusals(src)
+    assert bool(refusals) != fits, (shape, refusals)
+    if refusals:
+        assert refusals == [f"{L0}: router tensor {name} has shape {list(shape)} but the layer's 8 experts of "
+                            f"hidden size 256 need [{', '.join(map(str, (8, 256) if field == 'weight' else (8,)))}]"]
+
+
+_TRUTH = {"num_experts": 8, "num_local_experts": 8, "n_routed_experts": 8, "hidden_size": 256,
+          "moe_intermediate_size": 256, "intermediate_size": 512}
+_ODD = st.sampled_from([None, True, 256.0, "256", -1, 0, 7, 9, 128, 255, 256, 257, 512, 2**70])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(edits=st.dictionaries(st.sampled_from(sorted(_TRUTH)), _ODD, max_size=4))
+def test_any_config_dimensions_plan_iff_they_are_the_tensors(tmp_path_factory, edits):
+    """Qwen3-MoE fixture (E 8, K 256, N 256): ``intermediate_size`` is the dense MLP's and free."""
+    src = fixture_copy(tmp_path_factory.mktemp("dims"))
+
+    def edit(cfg):
+        for key, value in edits.items():
+            if value is None:
+                cfg.pop(key, None)
+            else:
+                cfg[key] = value
+
+    edit_config(src, edit)
+    wrong = [k for k, v in edits.items() if v is not None and k != "intermediate_size"
+             and not (type(v) is int and v == _TRUTH[k])]
+    refusals = _plan_refusals(src)
+    assert len(refusals) == (2 if wrong else 0), (edits, refusals)  # both layers
+    if wrong:
+        assert all("config.json: " in r and any(f"config.json: {k} is " in r for k in wrong) for r in refusals)

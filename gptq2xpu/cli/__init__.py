@@ -34,6 +34,7 @@ from ..errors import (
     OutputError,
     UsageError,
     is_resource_error,
+    resource_hint,
 )
 from .help import Command, Group
 from .options import DebugOpt, JsonOpt, QuietOpt
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> None:
         _traceback()
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())
         if is_resource_error(exc):  # no bug and no judgement of the data: an I/O error
-            code, kind, message = EXIT_IO, OutputError.kind, " ".join(str(exc).split())
+            code, kind, message = EXIT_IO, OutputError.kind, " ".join(str(exc).split()) + resource_hint(exc)
         else:
             code, kind, message = EXIT_INTERNAL, "internal error", f"{detail} (re-run with --debug and report it)"
     interrupts.decide()  # the code is set: a signal from here on only gets a warning

@@ -127,6 +127,7 @@ def finalize(output: Path) -> dict:
 
 
 def _finalize(output: Path, reader: Folder) -> dict:
+    _refuse_live_temps(output / PARTS_DIR, output)  # the parts folder goes at the end
     plan_doc = _read_plan(reader)
     parts = plan_doc["parts"]
     allowed = set(plan_doc["shards"]) | set(plan_doc["side_files"])
@@ -205,31 +206,45 @@ def _check_split_folder(output: Path, allowed: set[str], finals: dict[str, bytes
 
 def _remove_temps(output: Path, names: set[str]) -> None:
     """Remove the temporary files of ``names`` that runs which are gone left (a killed part), so
-    that the finished OUTPUT holds exactly what its manifest lists.  A run holds a lock on each
-    temporary file it writes (:func:`.documents.open_temp`): one whose lock is held belongs to a
-    live run (a part run again while finalize runs), is left alone, and stops finalize.
+    that the finished OUTPUT holds exactly what its manifest lists (:func:`_gone_runs_temp`).
     Temporary names hold a digest instead of a name too long for them (:func:`temp_stem`)."""
     stems = {temp_stem(n) for n in names}
     for entry in os.scandir(output):
         m = _TEMP.fullmatch(entry.name)
         if m and m["name"] in stems and entry.is_file(follow_symlinks=False):
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise io_error("cannot remove the temporary file", Path(entry.path), exc) from None
-            try:
-                if lock_file(fd) is False:
-                    raise UsageError(f"{output}: a `convert --part` run is still writing {entry.name}; run finalize "
-                                     "again once every part run has finished")
-                os.unlink(entry.path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise io_error("cannot remove the temporary file", Path(entry.path), exc) from None
-            finally:
-                os.close(fd)
+            _gone_runs_temp(output, entry, remove=True)
+
+
+def _refuse_live_temps(folder: Path, output: Path) -> None:
+    """Stop (exit 2) when a live run is writing a temporary file in ``folder``."""
+    for entry in os.scandir(folder):
+        if _TEMP.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            _gone_runs_temp(output, entry, remove=False)
+
+
+def _gone_runs_temp(output: Path, entry: os.DirEntry, *, remove: bool) -> None:
+    """A run holds a lock on each temporary file it writes (:func:`.documents.open_temp`): one
+    whose lock is held belongs to a live run (a part run again while finalize runs), is left
+    alone, and stops finalize (exit 2); one whose lock can be taken is a gone run's (removed when
+    ``remove``)."""
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise io_error("cannot remove the temporary file", Path(entry.path), exc) from None
+    try:
+        if lock_file(fd) is False:
+            raise UsageError(f"{output}: a `convert --part` run is still writing {entry.name}; run finalize again "
+                             "once every part run has finished")
+        if remove:
+            os.unlink(entry.path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise io_error("cannot remove the temporary file", Path(entry.path), exc) from None
+    finally:
+        os.close(fd)
 
 
 def _part_member(entry: os.DirEntry) -> bool:

@@ -159,9 +159,9 @@ def implement_zp_all(released: Released, packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([released.implement_zp(packed[e]) for e in range(packed.shape[0])])
 
 
-def readme_block(readme: Path, section: str) -> str:
-    """The first ```python block under the README heading ``section``."""
-    text = readme.read_text()
+def readme_block(doc: Path, section: str) -> str:
+    """The first ```python block under the heading ``section`` of the Markdown file ``doc``."""
+    text = doc.read_text()
     start = text.index(section)
     begin = text.index("```python\n", start) + len("```python\n")
     return text[begin:text.index("```", begin)]

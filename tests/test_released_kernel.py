@@ -30,7 +30,7 @@ K, N, E, G, TOP_K = 128, 192, 4, 64, 2
 PREFIXES = ("model.layers.0.mlp", "model.layers.1.mlp")
 SPEC = dict(family="qwen3_moe", hidden=K, moe_intermediate=N, num_experts=E, top_k=TOP_K, group_size=G,
             num_layers=2, attention=False, vocab=32)
-README = REPO / "README.md"
+LOADING_DOC = REPO / "docs" / "loading.md"
 
 
 @pytest.fixture(scope="module")
@@ -96,19 +96,19 @@ def test_s4_layer_no_rewrite_no_new_buffer(conv, released_kernel, which, signed)
     assert released_kernel.zp_calls == 0                               # the one-time rewrite never ran
 
 
-# ----------------------------------------------------------------------------- the README example
+# ------------------------------------------------------------------ the loading guide's example
 
 
 @pytest.mark.parametrize("which", ["u4b8", "s4"])
-def test_readme_example_runs_against_the_release(conv, released_kernel, which):
-    code = readme_block(README, "## For runtimes: `gptq2xpu.load`")
+def test_loading_guide_example_runs_against_the_release(conv, released_kernel, which):
+    code = readme_block(LOADING_DOC, "# For runtimes: `gptq2xpu.load`")
     out = conv.out[which]
     for old, new in (('"qwen3-xpu"', repr(str(out))), ('"xpu"', '"cpu"')):
         assert old in code
         code = code.replace(old, new)
     x = _x()
     env = {"prefix": PREFIXES[1], "x": x}
-    exec(compile(code, "README example", "exec"), env)
+    exec(compile(code, "docs/loading.md example", "exec"), env)
     moe = env["moe"]
     assert set(moe) == set(PREFIXES)
     assert all(isinstance(m, released_kernel.module.XpuFusedMoe) and m.is_int4 and m.inter_size == N

@@ -263,9 +263,9 @@ def _read_plan(reader: Folder) -> dict:
 
 def _read_record(reader: Folder, rel: str, allowed: set[str]) -> tuple[dict[str, dict], dict[str, dict]]:
     """A part's record: the manifest records of the files it wrote, and how its shards stood on
-    disk just after it wrote them (absent from records of earlier versions)."""
+    disk just after it wrote them."""
     doc = reader.read_json(rel)
-    files, written = doc.get("files"), doc.get(WRITTEN, {})
+    files, written = doc.get("files"), doc.get(WRITTEN)
     if not isinstance(files, dict):
         raise InputError(f"{rel}: 'files' must map file names to their sha256 and size")
     for name, rec in files.items():

@@ -8,8 +8,8 @@ finished part, temporary files of those), and both steps refuse a folder holding
 a user's own files are never overwritten.  Part records are untrusted when ``finalize`` reads them,
 and it publishes only what it can vouch for: a shard whose size, mtime and inode are still what its
 part run recorded keeps the recorded sha256 (reading a large model again would double finalize's
-cost); any other file (side files, shards edited, replaced or copied since, records of earlier
-versions) is hashed again and refused when it differs.
+cost); any other file (side files, shards edited, replaced or copied since) is hashed again and
+refused when it differs.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""The converted checkpoint's on-disk contract: names, and the schema of the config block.
+"""The converted checkpoint's on-disk contract: names, shapes, tensor-parallel slices, and the
+schema of the config block.
 
-Both sides import this module, and only for names and the schema: the converter writes what it
-describes, the verifier, the loader and the vLLM plugin read it.  The verifier's math stays its
-own (:mod:`gptq2xpu.verify.unpack`).
+Both sides import this module: the planner and the writer produce what it describes (the shapes,
+where gate and up rows go, each rank's slice), the loader and the vLLM plugin read it.  Slices are
+data (:class:`RankSlice`: index tuples that numpy and torch arrays both take), so the rank writer
+(numpy) and the loader and plugin (torch) cut the same bytes without this module importing
+either.  The verifier's math stays its own (:mod:`gptq2xpu.verify.unpack`).
 
 Per converted MoE layer ``<prefix>`` (the module holding ``experts``), with E experts, hidden
 size K, expert intermediate size N (padded to P for tensor parallelism) and group sizes g13/g2::
@@ -14,8 +17,11 @@ size K, expert intermediate size N (padded to P for tensor parallelism) and grou
 
 Byte ``j`` of a row holds input ``2j`` in its low nibble and ``2j+1`` in its high nibble; code
 ``q`` means ``(q - 8) * scale`` ("u4b8"), or the bytes are stored XOR 0x88 ("s4": signed
-two's-complement nibbles).  ``config.json`` carries the block :data:`CONFIG_BLOCK` describing
-all of it; :func:`parse_block` reads that block from an untrusted folder.
+two's-complement nibbles).  With padding (P > N), gate rows N..P-1, up rows P+N..2P-1 and w2
+inputs N..P-1 are zero, and so are their scales.  Rank ``r`` of ``T`` holds the intermediate values
+``[r*P/T, (r+1)*P/T)`` (:meth:`LayerGeometry.rank_slices`).  ``config.json`` carries the block
+:data:`CONFIG_BLOCK` describing all of it; :func:`parse_block` reads that block from an untrusted
+folder.
 """
 
 from __future__ import annotations
@@ -54,6 +60,19 @@ SCORINGS = ("softmax", "sigmoid")
 #: Folder holding the per-rank files of ``convert --tp-size T --emit-ranks``.
 RANKS_DIR = "tp-ranks"
 
+#: The layout in words, as the config block records it.
+LAYOUT_DOC = {
+    W13_QWEIGHT: ("uint8 [E, 2P, K/2]; rows 0..N-1 gate (w1), rows P..P+N-1 up (w3); N = intermediate_size, "
+                  "P = padded_intermediate_size (P = N unless padded for tensor parallelism; padding rows are zero)"),
+    W13_SCALES: "[E, 2P, K/w13_group_size]",
+    W2_QWEIGHT: "uint8 [E, K, P/2] (down projection; inputs N..P-1 are zero padding)",
+    W2_SCALES: "[E, K, P/w2_group_size]",
+    "nibble_order": "byte j of a row: input 2j in the low nibble, input 2j+1 in the high nibble",
+    "tensor_names": "<prefix>.experts.{w13_qweight,w13_scales,w2_qweight,w2_scales}",
+    "tp_rank_slice": ("rank r of tp_size T holds intermediate values [r*P/T, (r+1)*P/T): those gate rows, then "
+                      "those up rows (offset P) of w13 and its scales, and those inputs of w2 and their scale groups"),
+}
+
 # Bounds for numbers read from an untrusted block: far above any real model, far below sizes
 # whose arithmetic or allocations could hurt.
 _MAX_DIM = 1 << 20
@@ -66,6 +85,11 @@ def expert_tensor(prefix: str, what: str) -> str:
     return f"{prefix}.experts.{what}"
 
 
+def tensor_dtype(what: str, scale_dtype: str) -> str:
+    """The safetensors dtype of tensor ``what``: U8 for the packed weights, else ``scale_dtype``."""
+    return "U8" if what in (W13_QWEIGHT, W2_QWEIGHT) else scale_dtype
+
+
 def rank_folder(rank: int, size: int) -> str:
     """Relative folder of tensor-parallel rank ``rank`` of ``size`` (``tp-ranks/rank-001-of-004``)."""
     return f"{RANKS_DIR}/rank-{rank:03d}-of-{size:03d}"
@@ -75,6 +99,85 @@ def scale_dtype_name(name: object) -> object:
     """``"float16"``/``"F16"`` -> ``"F16"`` (the block records per-layer scale dtypes by the
     safetensors name and the checkpoint-wide one by the torch name); anything else -> itself."""
     return SCALE_DTYPES.get(name, name) if isinstance(name, str) else name
+
+
+#: The axis a :class:`RankSlice` cuts: rows or columns of ``[..., R, C]``.
+ROWS, COLUMNS = -2, -1
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    """One rank's part of a converted tensor ``[E, R, C]``, the same for every expert: the
+    ``spans`` (``[start, stop)``) of its rows (``axis == -2``) or of its columns (``axis == -1``),
+    laid end to end in this order.  Its index tuples fit numpy and torch arrays alike, of all
+    experts (``[E, R, C]``) or of one (``[R, C]``)."""
+
+    axis: int
+    spans: tuple[tuple[int, int], ...]
+
+    def placed(self):
+        """``(span in the full tensor, span in the rank's tensor)`` for each span, in order."""
+        at = 0
+        for start, stop in self.spans:
+            yield (start, stop), (at, at + stop - start)
+            at += stop - start
+
+    def key(self, span: tuple[int, int]) -> tuple:
+        """The index tuple of a span of rows or columns (``array[key]``)."""
+        return (..., slice(*span)) if self.axis == COLUMNS else (..., slice(*span), slice(None))
+
+    def pairs(self):
+        """``(full key, rank key)`` per span: ``rank[d] = full[s]`` for each fills the rank's tensor."""
+        return [(self.key(src), self.key(dst)) for src, dst in self.placed()]
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """The shapes of one converted MoE layer, where its gate and up rows lie, and how tensor
+    parallelism slices it."""
+
+    experts: int
+    hidden: int          # K
+    intermediate: int    # N (source)
+    padded: int          # P: N after tensor-parallel padding (== N when none)
+    g13: int             # output group size along K (w13)
+    g2: int              # output group size along N (w2)
+
+    def shapes(self, tp_size: int = 1) -> dict[str, tuple[int, int, int]]:
+        """The four tensors' shapes: of the whole layer, or of each rank's slice over ``tp_size`` ranks."""
+        e, k, p = self.experts, self.hidden, self.padded // tp_size
+        return {
+            W13_QWEIGHT: (e, 2 * p, k // 2),
+            W13_SCALES: (e, 2 * p, k // self.g13),
+            W2_QWEIGHT: (e, k, p // 2),
+            W2_SCALES: (e, k, p // self.g2),
+        }
+
+    @property
+    def w13_rows(self) -> dict[str, tuple[int, int]]:
+        """Role -> its rows ``[start, stop)`` in w13 and its scales: gate ``0..N-1``, up ``P..P+N-1``."""
+        n, p = self.intermediate, self.padded
+        return {"gate": (0, n), "up": (p, p + n)}
+
+    def splits(self, tp_size: int) -> bool:
+        """Whether ``tp_size`` ranks each get whole scale groups of w2 (and whole bytes)."""
+        return self.padded % (tp_size * self.g2) == 0 and (self.padded // tp_size) % 2 == 0
+
+    def intermediate_slice(self, rank: int, tp_size: int) -> tuple[int, int]:
+        """The intermediate values ``[start, stop)`` rank ``rank`` of ``tp_size`` holds."""
+        per = self.padded // tp_size
+        return rank * per, (rank + 1) * per
+
+    def rank_slices(self, rank: int, tp_size: int) -> dict[str, RankSlice]:
+        """Which rows or columns of each full tensor form rank ``rank``'s slice (see :class:`RankSlice`)."""
+        a, b = self.intermediate_slice(rank, tp_size)
+        rows = RankSlice(ROWS, ((a, b), (self.padded + a, self.padded + b)))
+        return {
+            W13_QWEIGHT: rows,
+            W13_SCALES: rows,
+            W2_QWEIGHT: RankSlice(COLUMNS, ((a // 2, b // 2),)),
+            W2_SCALES: RankSlice(COLUMNS, ((a // self.g2, b // self.g2),)),
+        }
 
 
 @dataclass(frozen=True)
@@ -97,15 +200,14 @@ class ConvertedLayer:
         return expert_tensor(self.prefix, what)
 
     @property
+    def geometry(self) -> LayerGeometry:
+        return LayerGeometry(self.experts, self.hidden_size, self.intermediate_size, self.padded_intermediate_size,
+                             self.w13_group_size, self.w2_group_size)
+
+    @property
     def shapes(self) -> dict[str, tuple[int, int, int]]:
         """The contract shape of each of the four tensors."""
-        e, k, p = self.experts, self.hidden_size, self.padded_intermediate_size
-        return {
-            W13_QWEIGHT: (e, 2 * p, k // 2),
-            W13_SCALES: (e, 2 * p, k // self.w13_group_size),
-            W2_QWEIGHT: (e, k, p // 2),
-            W2_SCALES: (e, k, p // self.w2_group_size),
-        }
+        return self.geometry.shapes()
 
 
 @dataclass(frozen=True)
@@ -208,7 +310,7 @@ def _parse_layer(prefix: str, info: object, where: str, tp: int) -> ConvertedLay
         raise InputError(f"{where}: hidden_size {k} is not a multiple of its group size {g13}")
     if n % 2:
         raise InputError(f"{where}: intermediate_size {n} is odd (two inputs a byte)")
-    if p % (tp * g2) or p % 2:
+    if not LayerGeometry(e, k, n, p, g13, g2).splits(tp):
         raise InputError(f"{where}: padded_intermediate_size {p} does not split into {tp} rank(s) of whole groups "
                          f"of {g2}")
     sd = scale_dtype_name(info.get("scale_dtype"))

@@ -9,8 +9,8 @@
 The checkpoint is opened lazily (headers only, validated like any untrusted input); each layer
 reads only its own bytes.  For one tensor-parallel rank (``tp_rank``/``tp_size``) it reads the
 rank's folder written by ``convert --emit-ranks`` when there is one (contiguous, only that rank's
-bytes), else the rank's rows of w13 (contiguous per expert) and each expert's w2 block, keeping
-that rank's columns.
+bytes), else the rank's slice as :meth:`gptq2xpu.contract.LayerGeometry.rank_slices` names it: its
+rows of w13 (contiguous per expert) and each expert's w2 block, keeping that rank's columns.
 
 A layer's packed weights are uint8, the on-disk dtype; ``encoding`` says what the bytes hold:
 offset-8 nibbles (``"u4b8"``) or signed ones (``"s4"``, already converted as the kernel's
@@ -39,16 +39,16 @@ import torch
 from .contract import (
     CONFIG_BLOCK,
     EXPERT_TENSORS,
-    W2_QWEIGHT,
-    W2_SCALES,
-    W13_QWEIGHT,
-    W13_SCALES,
+    ROWS,
     ConvertedBlock,
     ConvertedLayer,
+    RankSlice,
     parse_block,
+    tensor_dtype,
 )
 from .errors import InputError, UsageError
 from .read.checkpoint import Checkpoint, open_checkpoint
+from .safetensors_io import BITS_DTYPES
 from .torch_io import read_tensor, torch_dtype
 from .xpu_handover import SKIP_CONVERSION_ATTR, build_fused_moe, kernel_class
 
@@ -126,24 +126,21 @@ class ConvertedCheckpoint:
             raise UsageError(f"{prefix}: not a converted MoE layer of {self.path}")
         if not 0 <= tp_rank < tp_size:
             raise UsageError(f"tp_rank {tp_rank} is not in 0..{tp_size - 1}")
-        e, k, p = info.experts, info.hidden_size, info.padded_intermediate_size
-        g13, g2 = info.w13_group_size, info.w2_group_size
-        if p % tp_size or (p // tp_size) % g2:
-            raise UsageError(f"{prefix}: N={p} cannot be split over {tp_size} ranks in whole groups of {g2}; "
-                             f"convert with --tp-size {tp_size}")
-        pt = p // tp_size
+        geo = info.geometry
+        if not geo.splits(tp_size):
+            raise UsageError(f"{prefix}: N={geo.padded} cannot be split over {tp_size} ranks in whole groups of "
+                             f"{geo.g2}; convert with --tp-size {tp_size}")
         source = self._rank_ckpt(tp_rank, tp_size)
         names = {w: info.tensor(w) for w in EXPERT_TENSORS}
         if tp_size == 1 or source is not None:
             ck = source or self._ckpt
-            _check_headers(ck, info, names, pt)
+            _check_headers(ck, info, names, tp_size)
             w13, s13, w2, s2 = (read_tensor(ck, names[w]) for w in EXPERT_TENSORS)
         else:
-            _check_headers(self._ckpt, info, names, p)
-            w13 = _rows(self._ckpt, names[W13_QWEIGHT], e, p, tp_rank, pt)
-            s13 = _rows(self._ckpt, names[W13_SCALES], e, p, tp_rank, pt)
-            w2 = _cols(self._ckpt, names[W2_QWEIGHT], e, tp_rank, tp_size)
-            s2 = _cols(self._ckpt, names[W2_SCALES], e, tp_rank, tp_size)
+            _check_headers(self._ckpt, info, names, 1)
+            parts = geo.rank_slices(tp_rank, tp_size)
+            shapes = geo.shapes(tp_size)
+            w13, s13, w2, s2 = (_rank_part(self._ckpt, names[w], parts[w], shapes[w]) for w in EXPERT_TENSORS)
         want_signed = (self.encoding == "s4") if signed is None else bool(signed)
         if want_signed != (self.encoding == "s4"):
             for t in (w13, w2):
@@ -155,7 +152,8 @@ class ConvertedCheckpoint:
         w13, s13, w2, s2 = (t.to(device, non_blocking=pin_memory) for t in (w13, s13, w2, s2))
         if want_signed:
             setattr(w13, SKIP_CONVERSION_ATTR, True)
-        return MoELayerWeights(prefix, w13, s13, w2, s2, encoding, e, k, pt, g13, g2, tp_rank, tp_size)
+        return MoELayerWeights(prefix, w13, s13, w2, s2, encoding, geo.experts, geo.hidden, geo.padded // tp_size,
+                               geo.g13, geo.g2, tp_rank, tp_size)
 
     def iter_layers(self, **kwargs):
         """Yield :class:`MoELayerWeights` for every converted layer (one layer in memory at a time)."""
@@ -232,45 +230,34 @@ def _check_rank_doc(ckpt: Checkpoint, folder: Path, rank: int, size: int) -> Non
                              f"but it lies in the folder of rank {rank} of {size}")
 
 
-def _check_headers(ckpt: Checkpoint, info: ConvertedLayer, names: dict[str, str], p: int) -> None:
-    """The four tensors' headers hold the dtypes and shapes the config block promises (``p``: the
-    intermediate size of the file read: the full padded one, or one rank's)."""
-    e, k = info.experts, info.hidden_size
-    want = {
-        W13_QWEIGHT: ("U8", (e, 2 * p, k // 2)),
-        W13_SCALES: (info.scale_dtype, (e, 2 * p, k // info.w13_group_size)),
-        W2_QWEIGHT: ("U8", (e, k, p // 2)),
-        W2_SCALES: (info.scale_dtype, (e, k, p // info.w2_group_size)),
-    }
-    for what, (dtype, shape) in want.items():
+def _check_headers(ckpt: Checkpoint, info: ConvertedLayer, names: dict[str, str], tp_size: int) -> None:
+    """The four tensors' headers hold the dtypes and shapes the config block promises (``tp_size``:
+    1 for the whole checkpoint's tensors, else that of the rank files read)."""
+    for what, shape in info.geometry.shapes(tp_size).items():
+        dtype = tensor_dtype(what, info.scale_dtype)
         ref = ckpt.ref(names[what])
         if ref.dtype != dtype or tuple(ref.shape) != shape:
             raise InputError(f"{names[what]}: {ref.dtype} {list(ref.shape)} in the checkpoint, but the config block "
                              f"says {dtype} {list(shape)}")
 
 
-def _rows(ckpt: Checkpoint, name: str, e: int, p: int, rank: int, pt: int) -> torch.Tensor:
-    """Rank rows of a [E, 2P, C] tensor: gate rows then up rows, two contiguous reads per expert."""
-    ref = ckpt.ref(name)
-    cols_bytes = ref.nbytes // (e * 2 * p)
-    out = torch.empty(e, 2 * pt, cols_bytes, dtype=torch.uint8)
-    arr = out.numpy()
-    for ex in range(e):
-        base = ex * 2 * p * cols_bytes
-        for half, row0 in ((0, rank * pt), (1, p + rank * pt)):
-            ckpt.read_into(ref, arr[ex, half * pt : (half + 1) * pt], offset=base + row0 * cols_bytes)
-    return out.view(torch_dtype(ref.dtype, name)).reshape(e, 2 * pt, -1)
 
-
-def _cols(ckpt: Checkpoint, name: str, e: int, rank: int, size: int) -> torch.Tensor:
-    """Rank columns of a [E, K, C] tensor (each expert's block is read, its rank columns kept)."""
+def _rank_part(ckpt: Checkpoint, name: str, part: RankSlice, shape: tuple[int, int, int]) -> torch.Tensor:
+    """One rank's slice (``part``, of ``shape``) of a whole [E, R, C] tensor.  Spans of rows are
+    contiguous on disk and read as they are (two reads per expert for w13); for spans of columns
+    each expert's block is read and its columns kept."""
     ref = ckpt.ref(name)
-    _, k, c = ref.shape
-    isz = ref.nbytes // (e * k * c)
-    cr = c // size
-    out = np.empty((e, k, cr * isz), dtype=np.uint8)
-    block = np.empty((k, c * isz), dtype=np.uint8)
+    e, rows, cols = ref.shape
+    bits = BITS_DTYPES[ref.dtype]
+    out = np.empty(shape, dtype=bits)
+    block = None if part.axis == ROWS else np.empty((rows, cols), dtype=bits)
     for ex in range(e):
-        ckpt.read_into(ref, block, offset=ex * block.nbytes)
-        out[ex] = block[:, rank * cr * isz : (rank + 1) * cr * isz]
-    return torch.from_numpy(out).view(torch_dtype(ref.dtype, name)).reshape(e, k, cr)
+        base = ex * rows * cols * out.itemsize
+        if block is None:
+            for (start, _), dst in part.placed():
+                ckpt.read_into(ref, out[ex, slice(*dst)], offset=base + start * cols * out.itemsize)
+        else:
+            ckpt.read_into(ref, block, offset=base)
+            for src_key, dst_key in part.pairs():
+                out[ex][dst_key] = block[src_key]
+    return torch.from_numpy(out).view(torch_dtype(ref.dtype, name))

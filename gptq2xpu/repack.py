@@ -1,11 +1,11 @@
 """The one place that builds XPU bytes and scales (numpy only).
 
-Target layout (see :mod:`gptq2xpu.contract`)::
+Target layout (see :mod:`gptq2xpu.contract`, which also says where the rows go)::
 
-    w13_qweight  uint8 [E, 2N, K/2]   rows 0..N-1 gate (w1), rows N..2N-1 up (w3)
-    w13_scales         [E, 2N, K/g13]
-    w2_qweight   uint8 [E, K, N/2]    down projection, input dim N
-    w2_scales          [E, K, N/g2]
+    w13_qweight  uint8 [E, 2P, K/2]   rows 0..N-1 gate (w1), rows P..P+N-1 up (w3)
+    w13_scales         [E, 2P, K/g13]
+    w2_qweight   uint8 [E, K, P/2]    down projection, input dim P
+    w2_scales          [E, K, P/g2]
 
 Byte ``j`` of a row holds input ``2j`` in its low nibble and ``2j+1`` in its high nibble; a code
 ``q`` means ``(q - 8) * scale`` ("u4b8").  The ``s4`` encoding stores ``(q - 8) & 0xF`` per nibble,
@@ -22,11 +22,9 @@ dequantized here too (``--dequantize-router``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from .contract import KERNEL_GROUPS
+from .contract import KERNEL_GROUPS, W2_SCALES, W13_SCALES, LayerGeometry
 from .safetensors_io import NUMPY_DTYPES
 
 _S4_XOR = np.uint32(0x88888888)
@@ -74,34 +72,6 @@ def from_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- layer repack
-
-
-@dataclass(frozen=True)
-class LayerGeometry:
-    """Shapes of one converted MoE layer."""
-
-    experts: int
-    hidden: int          # K
-    intermediate: int    # N (source)
-    padded: int          # N after tensor-parallel padding (== intermediate when none)
-    g13: int             # output group size along K (w13)
-    g2: int              # output group size along N (w2)
-
-    @property
-    def w13_shape(self):
-        return (self.experts, 2 * self.padded, self.hidden // 2)
-
-    @property
-    def w2_shape(self):
-        return (self.experts, self.hidden, self.padded // 2)
-
-    @property
-    def w13_scales_shape(self):
-        return (self.experts, 2 * self.padded, self.hidden // self.g13)
-
-    @property
-    def w2_scales_shape(self):
-        return (self.experts, self.hidden, self.padded // self.g2)
 
 
 def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
@@ -161,12 +131,14 @@ def fill_w13(out_words: np.ndarray, geo: LayerGeometry, read_gate, read_up, enco
 
     ``read_gate(dst)`` / ``read_up(dst)`` write ``[N, K/8]`` u4b8 words into ``dst``.
     """
-    n, p = geo.intermediate, geo.padded
-    read_gate(out_words[:n])
-    read_up(out_words[p : p + n])
-    if p > n:
-        out_words[n:p].view(np.uint32).fill(ZERO_WORD_U4B8)
-        out_words[p + n :].view(np.uint32).fill(ZERO_WORD_U4B8)
+    rows = geo.w13_rows
+    read_gate(out_words[slice(*rows["gate"])])
+    read_up(out_words[slice(*rows["up"])])
+    if geo.padded > geo.intermediate:
+        padding = np.ones(len(out_words), dtype=bool)
+        for start, stop in rows.values():
+            padding[start:stop] = False
+        out_words.view(np.uint32)[padding] = ZERO_WORD_U4B8
     encode_words(out_words, encoding)
 
 
@@ -212,13 +184,13 @@ def layer_scales(stacks: dict[str, np.ndarray], geo: LayerGeometry, *, roles: tu
     w13 = roles != ("down",)
     g_out = geo.g13 if w13 else geo.g2
     count = len(stacks[roles[0]])
-    shape = (count,) + (geo.w13_scales_shape if w13 else geo.w2_scales_shape)[1:]
+    shape = (count,) + geo.shapes()[W13_SCALES if w13 else W2_SCALES][1:]
     # Nothing regrouped or cast: place the stored bits directly.  The float32 round trip this skips
     # is the identity on every F16 pattern and on every BF16 pattern but signalling NaNs, which
     # from_float32 makes quiet (| 0x40): so does the end of this path.  Padding is 0 bits either way.
     stored = src_dtype == dst_dtype and src_dtype in ("F16", "BF16") and all(src_groups[r] == g_out for r in roles)
     out = None
-    for i, role in enumerate(roles):
+    for role in roles:
         s = stacks[role]
         if not stored:
             s = to_float32(s, src_dtype)
@@ -227,7 +199,7 @@ def layer_scales(stacks: dict[str, np.ndarray], geo: LayerGeometry, *, roles: tu
         if out is None:
             out = np.zeros(shape, dtype=s.dtype)
         if w13:
-            out[:, i * geo.padded : i * geo.padded + geo.intermediate] = s
+            out[:, slice(*geo.w13_rows[role])] = s
         else:
             out[:, :, : s.shape[2]] = s
     if not stored:

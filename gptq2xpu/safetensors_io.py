@@ -51,6 +51,9 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "I64": np.dtype("<i8"), "U64": np.dtype("<u8"), "F64": np.dtype("<f8"),
 }
 
+#: dtype name -> an unsigned numpy dtype of its size: for moving bits (slicing, copying), BF16 too.
+BITS_DTYPES: dict[str, np.dtype] = {name: np.dtype(f"<u{size}") for name, size in DTYPE_SIZES.items()}
+
 #: Largest header we accept (the reference implementation caps at 100 MB as well).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _MAX_DIMS = 16

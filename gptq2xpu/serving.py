@@ -162,12 +162,13 @@ def card_section(plan) -> str:
         "### What was converted",
         "",
         f"The routed experts of {len(conv)} MoE layer(s) are stored as four stacked tensors per layer in the layout "
-        "the Intel XPU fused-MoE kernel consumes: `<layer>.experts.w13_qweight` uint8 `[E, 2N, K/2]` (gate rows, then "
-        "up rows), `w13_scales` `[E, 2N, K/g]`, `w2_qweight` uint8 `[E, K, N/2]`, `w2_scales` `[E, K, N/g]`; int4, "
+        "the Intel XPU fused-MoE kernel consumes: `<layer>.experts.w13_qweight` uint8 `[E, 2P, K/2]` (gate rows "
+        "`0..N-1`, up rows `P..P+N-1`), `w13_scales` `[E, 2P, K/g]`, `w2_qweight` uint8 `[E, K, P/2]`, `w2_scales` "
+        "`[E, K, P/g]`, where `P` is `N` or, in parentheses below, `N` zero-padded for tensor parallelism; int4, "
         f"symmetric (zero point 8), nibble encoding `{plan.options.nibble_encoding}`, group sizes "
         f"{'/'.join(map(str, sorted(KERNEL_GROUPS)))} only. Per-expert `qzeros` and `g_idx` are not stored.",
         "",
-        "| MoE layers | experts | hidden K | expert intermediate N (stored) | group w13 / w2 | scales |",
+        "| MoE layers | experts | hidden K | expert intermediate N (padded P) | group w13 / w2 | scales |",
         "|---|---|---|---|---|---|",
         *rows,
         "",

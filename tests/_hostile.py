@@ -9,6 +9,8 @@ modified) or checks the "fail cleanly, lose nothing" contract of a CLI run
 * no Python traceback;
 * source files unchanged (sha256 before/after);
 * nothing at OUTPUT and no hidden ``.OUTPUT.gptq2xpu-partial-*`` / ``-old-*`` folder beside it.
+
+:func:`write_pickle_trap` writes a pickle that leaves a marker file if anything ever unpickles it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -112,3 +115,29 @@ def assert_clean_failure(proc, code: int, output: Path | None, *must_name: str) 
         assert not Path(output).exists() and not Path(output).is_symlink(), ctx
         assert leftovers(output) == [], ctx
     return line
+
+
+# ------------------------------------------------------------------------------ pickle trap
+
+
+class _Trap:
+    """Unpickling an instance calls ``builtins.open(marker, "w")``, which creates the marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def write_pickle_trap(path, marker_file) -> Path:
+    """Write ``pytorch_model.bin`` (into directory ``path``, or to ``path`` itself if it names a
+    ``.bin`` file): a pickle that creates ``marker_file`` when loaded (``pickle.load`` or
+    ``torch.load(weights_only=False)``, which unpickles the legacy magic number first).  Only proves
+    that a converter never unpickles; it does nothing else."""
+    p = Path(path)
+    target = p if p.suffix == ".bin" else p / "pytorch_model.bin"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model.embed_tokens.weight": _Trap(os.fspath(marker_file))}
+    target.write_bytes(pickle.dumps(payload, protocol=2))
+    return target

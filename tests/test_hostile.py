@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from _hostile import (
     mutate,
     split_into_index,
     tree_hashes,
+    write_pickle_trap,
 )
 from helpers import FIXTURE, load_tensors, raw_header, run_cli, write_raw
 
@@ -423,9 +426,26 @@ def test_negative_scales_are_not_warned_about(tmp_path):
 # ------------------------------------------------------------------------------ pickles, byte order
 
 
-def test_pickle_only_folder_is_refused_without_unpickling(tmp_path):
-    from gptq2xpu.testing.synth import write_pickle_trap
+def test_pickle_trap_is_real(tmp_path):
+    marker = tmp_path / "unpickled.marker"
+    trap = write_pickle_trap(tmp_path / "ckpt", marker)
+    assert trap == tmp_path / "ckpt" / "pytorch_model.bin" and trap.stat().st_size > 0
+    assert not marker.exists()
+    # prove it in a separate process (never unpickle it here)
+    work = tmp_path / "work"
+    work.mkdir()
+    code = "import pickle, sys\nwith open(sys.argv[1], 'rb') as f:\n    pickle.load(f)\n"
+    subprocess.run([sys.executable, "-c", code, str(trap)], cwd=work, check=True, timeout=60,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"})
+    assert marker.exists()
+    # a relative marker is created relative to the unpickling process's working directory
+    trap2 = write_pickle_trap(tmp_path / "ckpt2", "rel.marker")
+    subprocess.run([sys.executable, "-c", code, str(trap2)], cwd=work, check=True, timeout=60)
+    assert (work / "rel.marker").exists() and not Path("rel.marker").exists()
+    assert re.search(rb"open", trap.read_bytes())
 
+
+def test_pickle_only_folder_is_refused_without_unpickling(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "config.json").write_text((FIXTURE / "config.json").read_text())

@@ -138,6 +138,18 @@ def test_config_block_records_regrouping_and_padding(tp):
     assert (b2["tp_size"], b4["tp_size"], b1["tp_size"]) == (2, 4, 1)
     assert b4["tp_ranks"] == [f"tp-ranks/rank-{r:03d}-of-004" for r in range(4)]
     assert b1["tp_ranks"] == [] and block(tp.out["t4n"])["tp_ranks"] == []
+
+
+def test_config_block_says_where_the_padded_up_rows_are(tp):
+    """The block's words for w13 name the rows the bytes hold: up rows start at P, not at N."""
+    b4 = block(tp.out["t4"])
+    assert "[E, 2P, K/2]; rows 0..N-1 gate (w1), rows P..P+N-1 up (w3)" in b4["layout"]["w13_qweight"]
+    assert "N..2N-1" not in json.dumps(b4["layout"])
+    p = b4["layers"][PREFIXES[0]]["padded_intermediate_size"]
+    padded = full(tp.out["t4"], PREFIXES[0], "w13_qweight") ^ 0x88   # stored as s4
+    plain = full(tp.out["t1"], PREFIXES[0], "w13_qweight")            # P = N: up rows at N
+    assert p > N and np.array_equal(padded[:, :N], plain[:, :N]) and np.array_equal(padded[:, p:p + N], plain[:, N:])
+    assert (padded[:, N:p] == 0x88).all() and (padded[:, p + N:] == 0x88).all()
     notes = [n for lyr in tp.summary["t4"]["layers"] for n in lyr.get("notes", [])]
     assert any("padded 192 -> 256" in n for n in notes)
     assert any("re-expressed as groups of 32" in n for lyr in tp.summary["t2"]["layers"] for n in lyr.get("notes", []))

@@ -15,7 +15,7 @@ from _hostile import L0, fixture_copy, mutate
 from helpers import cli, run_cli
 
 from gptq2xpu.contract import CONFIG_BLOCK, MANIFEST_NAME
-from gptq2xpu.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Gptq2XpuError
+from gptq2xpu.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Gptq2XpuError
 from gptq2xpu.load import open_converted
 
 MISSING = object()
@@ -187,9 +187,11 @@ def test_library_verify_bounds_are_usage_errors(converted, kwargs):
 
 
 def test_source_block_absent_parses_as_not_recorded(converted, tmp_path):
-    """A block without ``source`` (an older output) is compared with SOURCE by shape."""
+    """A block without ``source`` parses (nothing recorded), but cannot be matched to a SOURCE."""
     bad = _tampered(converted, tmp_path, _set(("source",), MISSING))
     src, _ = converted
-    code, stdout, _ = cli("verify", bad, "--source", src, "--no-numeric", "--json")
-    assert code == EXIT_OK and json.loads(stdout)["warnings"], stdout
+    code, _, stderr = cli("verify", bad, "--source", src, "--no-numeric")
+    assert code == EXIT_INPUT and "records no source fingerprint" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert cli("verify", bad, "--no-numeric")[0] == EXIT_OK
 

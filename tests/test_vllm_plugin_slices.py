@@ -1,9 +1,11 @@
 """The plugin's tensor-parallel slices equal the rank folders ``convert --emit-ranks`` writes.
 
-Two independent slicers of the same contract: the converter's (``write.ranks.write_ranks``, numpy,
-written to ``tp-ranks/``) and the plugin's (``gptq2xpu.vllm_plugin.slices``, torch, what each vLLM
-rank loads).  Regrouped (w2 groups shrunk for the ranks) and zero-padded (N padded to P)
-conversions, every rank, all four tensors.  No vLLM needed.
+The contract's slices (``LayerGeometry.rank_slices``) applied twice: by the converter
+(``write.ranks.write_ranks``, numpy, written to ``tp-ranks/``) and by the plugin
+(``gptq2xpu.vllm_plugin.slices``, torch, what each vLLM rank loads).  The slices themselves are
+checked against hand-written ones in ``test_tp_and_load.py`` and ``test_contract.py``.  Regrouped
+(w2 groups shrunk for the ranks) and zero-padded (N padded to P) conversions, every rank, all four
+tensors.  No vLLM needed.
 """
 
 from __future__ import annotations

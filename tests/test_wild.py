@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from _hostile import write_pickle_trap
 from helpers import read_tensors
 from xpu_decode import check_layer_matches_truth
 
 from gptq2xpu.contract import CONFIG_BLOCK, MANIFEST_NAME
-from gptq2xpu.testing.synth import write_pickle_trap
 
 SMALL = dict(hidden=128, moe_intermediate=64, num_experts=4, group_size=32)
 

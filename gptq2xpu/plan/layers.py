@@ -7,12 +7,12 @@
 
 from __future__ import annotations
 
-from ..contract import FLOAT_DTYPE_NAMES, KERNEL_GROUPS
+from ..contract import FLOAT_DTYPE_NAMES, KERNEL_GROUPS, LayerGeometry
 from ..errors import InputError
 from ..formats import FORMATS, ProjSpec, format_for_fields
 from ..naming import PROJECTION_ROLES, ROLES, ExpertGroup, natural_key
 from ..read import Checkpoint, QuantConfig
-from ..repack import LayerGeometry, largest_group
+from ..repack import largest_group
 from .model import ExpertFields, LayerPlan
 from .options import ConvertOptions
 from .runtime_dims import disagreement

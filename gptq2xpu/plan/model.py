@@ -10,19 +10,17 @@ from ..contract import (
     EXPERT_TENSORS,
     FLOAT_DTYPE_NAMES,
     FORMAT_VERSION,
-    W2_QWEIGHT,
-    W2_SCALES,
-    W13_QWEIGHT,
-    W13_SCALES,
+    LAYOUT_DOC,
+    LayerGeometry,
     expert_tensor,
     rank_folder,
+    tensor_dtype,
 )
 from ..errors import InputError
 from ..formats import ProjSpec
 from ..naming import natural_key
 from ..read import QuantConfig
 from ..read.paths import text_name
-from ..repack import LayerGeometry
 from ..safetensors_io import PlannedTensor, ShardLayout
 from .options import ConvertOptions
 from .tp import tp_report
@@ -91,11 +89,9 @@ class LayerPlan:
 
     def output_tensors(self) -> list[PlannedTensor]:
         """The four tensors of the converted layer (names, dtypes and shapes of the contract)."""
-        geo = self.geometry
-        sd = self.scale_dtype
-        shapes = {W13_QWEIGHT: ("U8", geo.w13_shape), W13_SCALES: (sd, geo.w13_scales_shape),
-                  W2_QWEIGHT: ("U8", geo.w2_shape), W2_SCALES: (sd, geo.w2_scales_shape)}
-        return [PlannedTensor(self.output_name(what), *shapes[what]) for what in EXPERT_TENSORS]
+        shapes = self.geometry.shapes()
+        return [PlannedTensor(self.output_name(what), tensor_dtype(what, self.scale_dtype), shapes[what])
+                for what in EXPERT_TENSORS]
 
     def fields(self, e: int, role: str) -> dict[str, str]:
         ef = self.expert_fields
@@ -197,14 +193,7 @@ class Plan:
             "format_version": FORMAT_VERSION,
             "tool": "gptq2xpu",
             "tool_version": __version__,
-            "layout": {
-                "w13_qweight": "uint8 [E, 2N, K/2]; rows 0..N-1 gate (w1), rows N..2N-1 up (w3)",
-                "w13_scales": "[E, 2N, K/group]",
-                "w2_qweight": "uint8 [E, K, N/2] (down projection)",
-                "w2_scales": "[E, K, N/group]",
-                "nibble_order": "byte j of a row: input 2j in the low nibble, input 2j+1 in the high nibble",
-                "tensor_names": "<prefix>.experts.{w13_qweight,w13_scales,w2_qweight,w2_scales}",
-            },
+            "layout": dict(LAYOUT_DOC),
             "nibble_encoding": self.options.nibble_encoding,
             "nibble_encoding_doc": ("u4b8: code q in 0..15 means (q - 8) * scale"
                                     if self.options.nibble_encoding == "u4b8"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from ..contract import KERNEL_GROUPS
-from ..repack import LayerGeometry, largest_group
+from ..contract import KERNEL_GROUPS, LayerGeometry, tensor_dtype
+from ..repack import largest_group
 from ..safetensors_io import DTYPE_SIZES
 
 #: Tensor-parallel sizes ``inspect`` reports on.
@@ -64,6 +64,4 @@ def _geometry(layer, tp: int) -> LayerGeometry | None:
 
 
 def _layer_bytes(geo: LayerGeometry, scale_dtype: str) -> int:
-    s = DTYPE_SIZES[scale_dtype]
-    return (math.prod(geo.w13_shape) + math.prod(geo.w2_shape)
-            + s * (math.prod(geo.w13_scales_shape) + math.prod(geo.w2_scales_shape)))
+    return sum(math.prod(shape) * DTYPE_SIZES[tensor_dtype(what, scale_dtype)] for what, shape in geo.shapes().items())

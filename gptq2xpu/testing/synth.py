@@ -37,8 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import pickle
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -50,7 +48,7 @@ from ..safetensors_io import DTYPE_SIZES, PlannedTensor, ShardLayout
 
 __all__ = [
     "FAMILIES", "FamilyInfo", "ROLES", "SynthSpec", "SynthLayer", "SynthInfo",
-    "make_checkpoint", "write_pickle_trap",
+    "make_checkpoint",
     "pack_int32", "pack_gptq_qweight", "pack_gptq_qzeros", "pack_ct_weight", "gptq_g_idx",
     "round_to_dtype", "bf16_bits", "bf16_to_float32", "SAFETENSORS_DTYPE",
 ]
@@ -1179,29 +1177,3 @@ def make_checkpoint(path, spec: SynthSpec | None = None, **overrides) -> SynthIn
         tensors={t.name: (t.dtype, t.shape) for t in b.tensors},
         expect_refusal=refusal, total_size=total,
     )
-
-
-# ------------------------------------------------------------------------------- pickle trap
-
-
-class _Trap:
-    """Unpickling an instance calls ``builtins.open(marker, "w")``, which creates the marker file."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def write_pickle_trap(path, marker_file) -> Path:
-    """Write ``pytorch_model.bin`` (into directory ``path``, or to ``path`` itself if it names a
-    ``.bin`` file): a pickle that creates ``marker_file`` when loaded (``pickle.load`` or
-    ``torch.load(weights_only=False)``, which unpickles the legacy magic number first).  Only proves
-    that a converter never unpickles; it does nothing else."""
-    p = Path(path)
-    target = p if p.suffix == ".bin" else p / "pytorch_model.bin"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model.embed_tokens.weight": _Trap(os.fspath(marker_file))}
-    target.write_bytes(pickle.dumps(payload, protocol=2))
-    return target

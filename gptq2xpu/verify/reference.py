@@ -206,23 +206,6 @@ class Expert:
         self.down = down
 
 
-class DenseExperts:
-    """Float weights ``w13 [E, 2N, K]``, ``w2 [E, K, N]`` as the experts object of
-    :func:`moe_forward_streamed` (what :class:`gptq2xpu.verify.experts.ConvertedExperts` and
-    ``SourceExperts`` are for packed weights)."""
-
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
-        self.w13, self.w2 = w13, w2
-        self.num_experts, two_n, self.hidden = w13.shape
-        self.inter, self.dtype = two_n // 2, w13.dtype
-        if two_n % 2 or tuple(w2.shape) != (self.num_experts, self.hidden, self.inter):
-            raise ValueError(f"shape mismatch: w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
-
-    def __call__(self, e: int) -> Expert:
-        w13, w2, n = self.w13[e], self.w2[e], self.inter
-        return Expert(lambda x: (lambda h: (h[:, :n], h[:, n:]))(x @ w13.T), lambda a: a @ w2.T)
-
-
 def moe_forward_streamed(
     x: torch.Tensor,
     experts,

@@ -143,31 +143,20 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
     return report
 
 
-def check_same_source(src, out, block: ConvertedBlock, source, warnings: list[str]) -> None:
-    """SOURCE must be the checkpoint OUTPUT was made from: its header fingerprint and its sampled
-    data fingerprint must equal those recorded at conversion.  An output that records neither (an
-    older one) is checked by shape instead: every converted layer must be a MoE layer of SOURCE with
-    the same experts, K and N; a warning says that identity beyond shapes cannot be confirmed."""
+def check_same_source(src, out, block: ConvertedBlock, source) -> None:
+    """SOURCE must be the checkpoint OUTPUT was made from: its header fingerprint and (where
+    recorded) its sampled data fingerprint must equal those recorded at conversion."""
     not_it = f"{source}: SOURCE is not the checkpoint {out.root} was made from"
     fp, data_fp = block.fingerprint, block.data_fingerprint
-    if fp:
-        if fp != src.fingerprint():
-            raise InputError(f"{not_it} (its safetensors headers differ from the fingerprint recorded at "
-                             f"conversion, {fp[:23]}...)")
-        if data_fp and data_fp != src.data_fingerprint():
-            raise InputError(f"{not_it} (same tensor names and shapes, but its weights differ from the data "
-                             "fingerprint recorded at conversion)")
-        return
-    from .bits import source_header_problems
-
-    for layer in block.layers.values():
-        problems = source_header_problems(src, layer)
-        if problems:
-            raise InputError(f"{not_it} ({problems[0]}; {out.root} records no source fingerprint, so SOURCE was "
-                             "compared by shape)")
-    warnings.append(f"{out.root} records no source fingerprint (made by an older gptq2xpu?): SOURCE matches it in "
-                    "shape, but cannot be confirmed to be the checkpoint it was made from; a mismatch below may "
-                    "mean a wrong --source")
+    if not fp:
+        raise InputError(f"{out.root}: its config block records no source fingerprint, so SOURCE cannot be matched "
+                         "to it (not written by gptq2xpu convert?)")
+    if fp != src.fingerprint():
+        raise InputError(f"{not_it} (its safetensors headers differ from the fingerprint recorded at "
+                         f"conversion, {fp[:23]}...)")
+    if data_fp and data_fp != src.data_fingerprint():
+        raise InputError(f"{not_it} (same tensor names and shapes, but its weights differ from the data "
+                         "fingerprint recorded at conversion)")
 
 
 def _against_source(out, block: ConvertedBlock, mismatched: set[str], source, findings: Findings, *, revision, token,
@@ -179,7 +168,7 @@ def _against_source(out, block: ConvertedBlock, mismatched: set[str], source, fi
     prefixes = list(block.layers)
     chosen = select_layers(prefixes, layers)
     with open_source(source, revision=revision, token=token) as src:
-        check_same_source(src, out, block, source, report["warnings"])
+        check_same_source(src, out, block, source)
         unread = _unreadable_layers(src, block, mismatched, source_header_problems)
         setup = _numeric_setup(device, dtype, backend, report) if numeric else None
         if setup is None:

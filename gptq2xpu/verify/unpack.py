@@ -24,7 +24,7 @@ most 11 significant bits, so the product is exact in float32; it is then rounded
 dequantizers below follow that rule, so for the same codes and scales they agree bit for bit
 (float32 scales are the one case where the float32 product itself rounds, identically on both).
 So do their one-expert forms at the end of this module (:func:`gptq_dequant_kfirst`,
-:func:`xpu_dequant_rows`: byte lookup tables, reused buffers), which the streamed CPU reference
+:class:`XpuRows`: byte lookup tables, reused buffers), which the streamed CPU reference
 uses; they return float32, and rounding that once to the compute dtype gives the same bits.
 """
 
@@ -441,28 +441,10 @@ class GptqKFirst:
         return out
 
 
-def xpu_dequant_rows(
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    encoding: str,
-    *,
-    out: torch.Tensor | None = None,
-    index: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`xpu_dequant` to float32 for one ``[R, C/2]`` layer (``scales [R, G]``), by a byte
-    table, into ``out`` (float32 ``[R, C]``, contiguous, optional); ``index`` (int32 ``[R*C/2]``)
-    is an optional buffer to reuse. Equal to ``xpu_dequant(packed, scales, encoding)`` bit for bit.
-    :class:`XpuRows` does the same expert after expert of a stacked layer.
-    """
-    if packed.dim() != 2 or scales.dim() != 2:
-        raise ValueError(f"expected packed [R, C/2] and scales [R, G], got {tuple(packed.shape)}, "
-                         f"{tuple(scales.shape)}")
-    return XpuRows(packed.unsqueeze(0), scales.unsqueeze(0), encoding)(0, out=out, index=index)
-
-
 class XpuRows:
-    """:func:`xpu_dequant_rows` for one expert at a time of stacked XPU bytes ``[E, R, C/2]`` with
-    ``scales [E, R, G]`` (validated, scales made float32 and the table chosen once)."""
+    """:func:`xpu_dequant` to float32, one expert at a time of stacked XPU bytes ``[E, R, C/2]`` with
+    ``scales [E, R, G]``, by a byte table (validated, scales made float32 and the table chosen once);
+    equal to ``xpu_dequant`` bit for bit."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, encoding: str):
         if packed.dtype not in (torch.uint8, torch.int8) or packed.dim() != 3:

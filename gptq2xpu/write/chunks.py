@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..contract import W2_QWEIGHT, W13_QWEIGHT
 from ..formats import FORMATS
 from ..plan import Plan, ShardPlan
 from ..read import Checkpoint
@@ -126,19 +127,20 @@ class ShardSource:
 
     def _w13(self, layer, e) -> Chunk:
         geo = layer.geometry
-        words = 2 * geo.padded * geo.hidden // 8
-        buf = self.pool.get(words * 4)
+        rows, row_bytes = geo.shapes()[W13_QWEIGHT][1:]
+        buf = self.pool.get(rows * row_bytes)
         sc = self._scratch(geo.intermediate * geo.hidden // 8 * 4).view(np.int32)
-        out = buf.view(np.int32).reshape(2 * geo.padded, geo.hidden // 8)
+        out = buf.view(np.int32).reshape(rows, row_bytes // 4)
         fill_w13(out, geo, self._rows_reader(layer, e, "gate", sc), self._rows_reader(layer, e, "up", sc),
                  self.plan.options.nibble_encoding)
         return Chunk(memoryview(buf), lambda: self.pool.put(buf))
 
     def _w2(self, layer, e) -> Chunk:
         geo = layer.geometry
-        buf = self.pool.get(geo.hidden * geo.padded // 8 * 4)
+        rows, row_bytes = geo.shapes()[W2_QWEIGHT][1:]
+        buf = self.pool.get(rows * row_bytes)
         sc = self._scratch(geo.hidden * geo.intermediate // 8 * 4 * 2).view(np.int32)
-        out = buf.view(np.int32).reshape(geo.hidden, geo.padded // 8)
+        out = buf.view(np.int32).reshape(rows, row_bytes // 4)
         half = geo.hidden * geo.intermediate // 8
         fill_w2(out, geo, self._rows_reader(layer, e, "down", sc[:half]), sc[half:], self.plan.options.nibble_encoding)
         return Chunk(memoryview(buf), lambda: self.pool.put(buf))

@@ -47,7 +47,6 @@ from ..read.paths import Folder, walk
 STAGE_TAG = ".gptq2xpu-partial-"
 OLD_TAG = ".gptq2xpu-old-"
 INCOMPLETE_MARKER = ".gptq2xpu-incomplete"
-_PID_MAX = 1 << 22  # Linux's largest pid_max
 _TOKEN_CHARS = 12  # hex digits of the random part of a hidden name
 _LOCK_UNSUPPORTED = (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
 _locks: dict[Path, int] = {}  # stage folder -> the open descriptor holding its lock
@@ -198,10 +197,9 @@ def _hidden(output: Path, tag: str) -> Path:
     return output.parent / f".{hidden_base(output)}{tag}{secrets.token_hex(_TOKEN_CHARS // 2)}"
 
 
-def _token(name: str, prefix: str) -> str | None:
-    """The token of a hidden sibling's name: this version's random hex, or an older one's pid."""
-    m = re.fullmatch(re.escape(prefix) + rf"([0-9a-f]{{{_TOKEN_CHARS}}}|\d{{1,7}})", name)
-    return m[1] if m else None
+def _is_run_folder(name: str, prefix: str) -> bool:
+    """Whether a hidden sibling's name is one a run gives: ``prefix`` then the random hex token."""
+    return re.fullmatch(re.escape(prefix) + rf"[0-9a-f]{{{_TOKEN_CHARS}}}", name) is not None
 
 
 # ------------------------------------------------------------------------------ liveness
@@ -240,19 +238,6 @@ def lock_file(fd: int) -> bool | None:
 def unlock_folder(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
-
-
-def _legacy_pid_alive(token: str) -> bool:
-    """Folders of earlier versions carry their run's pid instead of a lock."""
-    if not token.isdigit() or not 0 < int(token) < _PID_MAX or int(token) == os.getpid():
-        return False
-    try:
-        os.kill(int(token), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------ staging
@@ -483,8 +468,7 @@ def recover_stale(output: Path) -> list[str]:
     base = hidden_base(output)
     for tag in (OLD_TAG, STAGE_TAG):
         for name in names:
-            token = _token(name, f".{base}{tag}")
-            if token is None or _legacy_pid_alive(token):
+            if not _is_run_folder(name, f".{base}{tag}"):
                 continue
             try:
                 line = _tidy(parent / name, output, tag)

@@ -8,20 +8,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import rank_folder
+from ..contract import rank_folder, tensor_dtype
 from ..errors import io_error
 from ..plan import Plan
 from ..read import open_checkpoint
-from ..safetensors_io import PlannedTensor, ShardLayout
+from ..safetensors_io import BITS_DTYPES, PlannedTensor, ShardLayout
 from .documents import write_doc
 
 
 def write_ranks(plan: Plan, folder: Path) -> dict:
     """One folder per tensor-parallel rank holding that rank's slice of every converted layer.
 
-    Rank r of T gets, per expert, gate and up rows ``[r*P/T, (r+1)*P/T)`` (w13 and its scales) and
-    w2 columns (inputs) ``[r*P/T, (r+1)*P/T)`` with their scale groups, under the same tensor names
-    as the full checkpoint.  The bytes are sliced from the full tensors just written, so each rank
+    Rank r of T gets, per expert, the rows or columns of each tensor that the contract's
+    :meth:`~gptq2xpu.contract.LayerGeometry.rank_slices` names (the intermediate values
+    ``[r*P/T, (r+1)*P/T)``: those gate and up rows of w13, those w2 inputs, and their scales), under
+    the same tensor names as the full checkpoint.  The bytes are sliced from the full tensors just written, so each rank
     file is exactly a slice of the verified whole.
     """
     t = plan.options.tp_size
@@ -34,10 +35,7 @@ def write_ranks(plan: Plan, folder: Path) -> dict:
                 sub.mkdir(parents=True)
             except OSError as exc:
                 raise io_error("cannot create", sub, exc) from None
-            items = []
-            for lyr in plan.converted:
-                for tensor, slicer in _rank_slicers(lyr, r, t):
-                    items.append((tensor, slicer))
+            items = [item for lyr in plan.converted for item in _rank_slicers(lyr, r, t)]
             layout = ShardLayout([it[0] for it in items], {"format": "pt", "tp_rank": str(r), "tp_size": str(t)})
             path = sub / "model.safetensors"
             digest = hashlib.sha256()
@@ -54,8 +52,7 @@ def write_ranks(plan: Plan, folder: Path) -> dict:
                 raise io_error("cannot write", path, exc) from None
             rel = f"{rank_folder(r, t)}/model.safetensors"
             files[rel] = {"sha256": digest.hexdigest(), "size": layout.file_size}
-            slices = {lyr.prefix: {"intermediate_slice": [r * lyr.geometry.padded // t,
-                                                          (r + 1) * lyr.geometry.padded // t]}
+            slices = {lyr.prefix: {"intermediate_slice": list(lyr.geometry.intermediate_slice(r, t))}
                       for lyr in plan.converted}
             doc = {"tp_rank": r, "tp_size": t, "layers": slices}
             files[f"{rank_folder(r, t)}/rank.json"] = write_doc(sub, "rank.json",
@@ -66,33 +63,22 @@ def write_ranks(plan: Plan, folder: Path) -> dict:
 
 
 def _rank_slicers(layer, r: int, t: int):
-    """(PlannedTensor, slicer) for rank r's four tensors; slicer(full_ckpt) yields arrays per expert."""
-    g = layer.geometry
-    e, k, p = g.experts, g.hidden, g.padded
-    pt = p // t
-    sd = layer.scale_dtype
-    item = 2 if sd in ("F16", "BF16") else 4
-    specs = [
-        ("w13_qweight", "U8", (e, 2 * pt, k // 2), 1, (2 * p, k // 2), "rows"),
-        ("w13_scales", sd, (e, 2 * pt, k // g.g13), item, (2 * p, k // g.g13), "rows"),
-        ("w2_qweight", "U8", (e, k, pt // 2), 1, (k, p // 2), "cols"),
-        ("w2_scales", sd, (e, k, pt // g.g2), item, (k, p // g.g2), "cols"),
-    ]
-    for what, dtype, shape, isz, per_expert, how in specs:
+    """(PlannedTensor, slicer) for rank r's four tensors; slicer(full_ckpt) yields rank r's slice
+    of each expert in turn, cut as the contract's :meth:`~gptq2xpu.contract.LayerGeometry.rank_slices` says."""
+    geo = layer.geometry
+    rank_shapes = geo.shapes(t)
+    for what, part in geo.rank_slices(r, t).items():
         name = layer.output_name(what)
+        dtype = tensor_dtype(what, layer.scale_dtype)
 
-        def slicer(full, name=name, per_expert=per_expert, how=how, isz=isz, shape=shape):
+        def slicer(full, name=name, part=part, shape=rank_shapes[what], bits=BITS_DTYPES[dtype]):
             ref = full.ref(name)
-            rows, cols = per_expert
-            buf = np.empty(rows * cols * isz, dtype=np.uint8)
-            for ex in range(e):
+            buf = np.empty(ref.shape[1:], dtype=bits)
+            for ex in range(ref.shape[0]):
                 full.read_into(ref, buf, offset=ex * buf.nbytes)
-                m = buf.reshape(rows, cols * isz)
-                if how == "rows":  # gate rows then up rows of this rank
-                    yield m[r * pt : (r + 1) * pt]
-                    yield m[p + r * pt : p + (r + 1) * pt]
-                else:
-                    c = shape[2] * isz
-                    yield m[:, r * c : (r + 1) * c]
+                dst = np.empty(shape[1:], dtype=bits)
+                for src_key, dst_key in part.pairs():
+                    dst[dst_key] = buf[src_key]
+                yield dst
 
-        yield PlannedTensor(name, dtype, shape), slicer
+        yield PlannedTensor(name, dtype, rank_shapes[what]), slicer

@@ -8,8 +8,8 @@ finished part, temporary files of those), and both steps refuse a folder holding
 a user's own files are never overwritten.  Part records are untrusted when ``finalize`` reads them,
 and it publishes only what it can vouch for: a shard whose size, mtime and inode are still what its
 part run recorded keeps the recorded sha256 (reading a large model again would double finalize's
-cost); any other file (side files, shards edited, replaced or copied since, records of earlier
-versions) is hashed again and refused when it differs.
+cost); any other file (side files, shards edited, replaced or copied since) is hashed again and
+refused when it differs.
 """
 
 from __future__ import annotations
@@ -291,9 +291,9 @@ def _read_plan(reader: Folder) -> dict:
 
 def _read_record(reader: Folder, rel: str, allowed: set[str]) -> tuple[dict[str, dict], dict[str, dict]]:
     """A part's record: the manifest records of the files it wrote, and how its shards stood on
-    disk just after it wrote them (absent from records of earlier versions)."""
+    disk just after it wrote them."""
     doc = reader.read_json(rel)
-    files, written = doc.get("files"), doc.get(WRITTEN, {})
+    files, written = doc.get("files"), doc.get(WRITTEN)
     if not isinstance(files, dict):
         raise InputError(f"{rel}: 'files' must map file names to their sha256 and size")
     for name, rec in files.items():

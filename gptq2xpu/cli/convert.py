@@ -13,6 +13,7 @@ from .options import (
     SOURCE_ARG,
     DebugOpt,
     EncodingOpt,
+    FormatOpt,
     JobsOpt,
     JsonOpt,
     KeepOpt,
@@ -46,6 +47,7 @@ def convert(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     scale_dtype: ScaleDtypeOpt = "keep",
+    output_format: FormatOpt = "xpu",
     nibble_encoding: EncodingOpt = "u4b8",
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Largest output shard: "
                                                 "5GB (as Hugging Face saves), 500MB, 2GiB, or bytes.")] = "5GB",
@@ -77,6 +79,7 @@ def convert(
     out = session_output(json_out, quiet, debug)
     options = convert_options(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding, tp_size=tp_size,
                               keep_unsupported=keep_unsupported, dequantize_router=dequantize_router,
+                              output_format=output_format,
                               max_shard_size=max_shard_size, emit_ranks=emit_ranks)
     if emit_ranks and part:
         raise UsageError("--emit-ranks cannot be combined with --part (rank folders are cut from the finished shards)")

@@ -69,6 +69,8 @@ class CompressedTensorsOutput(OutputFormat):
         items: list[OutputItem] = []
         written: list[LinearPlan] = []
         for layer in layers:
+            if layer.action == "refuse":  # convert stops on it before writing; inspect lists it
+                consumed.update(layer.source_tensors)
             if not layer.converts:
                 continue
             if layer.router_quantized and options.dequantize_router:
@@ -145,7 +147,8 @@ def _plan_linear(ckpt, module, fields, fmt, quant, options) -> LinearPlan:
     if group is None:
         per = f" ({k} inputs split over {tp} ranks)" if row_parallel and tp > 1 else ""
         raise InputError(f"{module}: no group size of {'/'.join(map(str, sorted(KERNEL_GROUPS)))} divides its "
-                         f"source group {spec.group_size} and input {k}{per}")
+                         f"source group {spec.group_size} and input {k}{per}; compressed-tensors output is never "
+                         "zero-padded (--format xpu pads experts)")
     if spec.scale_dtype == "F32" and options.scale_dtype == "keep":
         raise InputError(f"{fields[fmt.scales]}: scales are float32; pass --scale-dtype float16 or bfloat16")
     dst = spec.scale_dtype if options.scale_dtype == "keep" else FLOAT_DTYPE_NAMES[options.scale_dtype]

@@ -37,7 +37,7 @@ def build_plan(ckpt: Checkpoint, options: ConvertOptions | None = None) -> Plan:
     from ..outputs import output_format
 
     if options.compressed_tensors:
-        kept = [lyr.prefix for lyr in layers if lyr.kind == "unsupported"]
+        kept = [lyr.prefix for lyr in layers if lyr.kind == "unsupported" and lyr.action == "passthrough"]
         if kept:
             raise InputError(f"{kept[0]}: layers kept unchanged (--keep-unsupported) cannot be written as "
                              "compressed-tensors pack-quantized 4-bit; use --format xpu")

@@ -170,8 +170,9 @@ def test_tp_regroups_row_parallel_linears_and_whole_moe_layers(tmp_path):
 
     by_target = {t: g.weights.group_size for g in qc.config_groups.values() for t in g.targets}
     linear = torch.nn.Linear(8, 8)
-    for module, want in (("model.layers.0.self_attn.o_proj", 64), ("model.layers.1.self_attn.k_proj", 128),
-                         ("model.layers.1.mlp.experts.0.gate_proj", 32), ("model.layers.0.mlp.experts.3.down_proj", 32)):
+    expected = (("model.layers.0.self_attn.o_proj", 64), ("model.layers.1.self_attn.k_proj", 128),
+                ("model.layers.1.mlp.experts.0.gate_proj", 32), ("model.layers.0.mlp.experts.3.down_proj", 32))
+    for module, want in expected:
         assert by_target[find_matched_target(module, linear, list(by_target))] == want, module
     assert verify_json(out, "--source", str(info.path))[0] == 0
     assert read_tensor(out, "model.layers.0.self_attn.o_proj.weight_scale").shape == (256, 4)

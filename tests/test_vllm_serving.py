@@ -125,7 +125,7 @@ def served(tmp_path_factory):
         jobs += [{"name": f"defect-{kind}/converted-dequant", "model": str(bad), "env": DEQUANT},
                  {"name": f"defect-{kind}/converted", "model": str(bad), "unset": list(DEQUANT)}]
     jobs.append({"name": "unsupported-vllm", "model": str(paths["mixtral"]["converted"]),
-                 "fake_vllm_version": "0.33.0"})
+                 "fake_vllm_version": "0.35.0"})
     # the same fixture converted with signed nibbles: the plugin hands vLLM the offset-8 codes
     s4 = root / "autoround-s4"
     convert(paths["autoround-qwen3"]["gptq"], s4, "--nibble-encoding", "s4")
@@ -256,9 +256,9 @@ def test_outputs_converted_before_the_method_was_declared_are_served(served):
 
 def test_unsupported_vllm_release_is_refused_with_one_line(served):
     err = served.results["unsupported-vllm"].get("error", "")
-    line = next((ln for ln in err.splitlines() if "not vLLM 0.33.0" in ln), None)
+    line = next((ln for ln in err.splitlines() if "not vLLM 0.35.0" in ln), None)
     assert line is not None, err
-    assert "serves converted checkpoints with vLLM 0.32.x only" in line
+    assert "serves converted checkpoints with vLLM 0.32.x, 0.33.x, 0.34.x only" in line
 
 
 # ------------------------------------------------------------------------------ tensor parallel

@@ -73,16 +73,19 @@ def test_plugin_layer_on_the_xpu_branch_matches_the_reference(release, encoding)
     r = ok(release, f"plugin/{encoding}")
     assert (r["method"], r["backend"], r["experts_cls"]) == ("ConvertedMoEMethod", "XPU", "XPUExpertsWNA16")
     assert r["loaded"] == 4  # the four stacked tensors, through vLLM's loader
-    # what the released kernel was given: int4 recognised (from uint8), int8 buffers, scales, inter size N
+    # what the released kernel was given: int4 recognised (from uint8), int8 weights, scales, inter size N,
+    # and no rewrite: the layer's own bytes, made signed in place by the plugin (gptq2xpu.vllm_plugin.xpu_experts)
+    assert r["experts_object"] == "Gptq2XpuXPUExpertsWNA16"
     assert r["kernel"] == {"class": "XpuFusedMoe", "is_int4": True, "inter_size": N, "w13_dtype": "torch.int8",
-                           "scales_attached": True, "implement_zp_calls": 2 * SPEC["num_experts"]}
+                           "scales_attached": True, "implement_zp_calls": 0, "w13_is_the_layer_storage": True}
     assert [c["B_dtype"] for c in r["gemm_calls"]] == ["torch.int8"] * 2
     assert r["vs_reference"]["ok"], r["vs_reference"]
 
 
 def test_plugin_layer_equals_vllms_own_gptq_path_on_the_source(release):
     src = ok(release, "gptq/source")
-    assert (src["method"], src["backend"]) == ("AutoGPTQMoEMethod", "XPU")
+    assert (src["method"], src["backend"], src["experts_object"]) == ("AutoGPTQMoEMethod", "XPU", "XPUExpertsWNA16")
+    assert src["kernel"]["implement_zp_calls"] == 2 * SPEC["num_experts"]  # vLLM's path: the kernel rewrites a copy
     for encoding in ("u4b8", "s4"):
         mine = torch.tensor(ok(release, f"plugin/{encoding}")["output"])
         assert torch.equal(mine, torch.tensor(src["output"])), encoding
@@ -91,8 +94,8 @@ def test_plugin_layer_equals_vllms_own_gptq_path_on_the_source(release):
 @pytest.mark.parametrize("defect", DEFECTS)
 def test_planted_hand_over_defects_are_caught(release, defect):
     r = release.runs[f"defect/{defect}"]
-    if defect == "int8":  # the released interface does not take int8 for int4: the GEMM is not int4
-        assert "not read as int4" in r.get("error", ""), r
+    if defect == "int8":  # the released interface does not take int8 for int4: the plugin refuses the kernel
+        assert "did not take the int4 experts as release 0.1.16.2 does (is_int4 is False" in r.get("error", ""), r
     else:
         assert "error" not in r, r.get("error")
         assert not r["vs_reference"]["ok"], r["vs_reference"]

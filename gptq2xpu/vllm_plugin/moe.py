@@ -37,6 +37,7 @@ from ..errors import InputError
 from ..serving import EXPERTS_ENV
 from .compat import marlin_input_dtype, to_kernel_format
 from .slices import copy_rank_slice, rank_shape
+from .xpu_experts import hand_over_signed
 
 logger = init_logger("vllm.gptq2xpu")
 
@@ -47,6 +48,8 @@ _V1_SYMMETRIC_QZEROS = 0x77777777
 #: Backends whose conversion rewrites the layer's GPTQ-layout parameters in place instead of
 #: taking canonical tensors (convert_to_wna16_moe_kernel_format returns None for them).
 _IN_PLACE_BACKENDS = ("HUMMING",)
+#: vLLM's XPU int4 MoE backend: the experts go to it as signed nibbles (see .xpu_experts).
+_XPU_BACKEND = "XPU"
 
 
 def experts_mode() -> str:
@@ -204,6 +207,8 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
         layer.w13_weight = layer.w13_qweight  # the modular kernel reads w13_weight/w2_weight
         layer.w2_weight = layer.w2_qweight
         self._setup_kernel(layer)
+        if self.wna16_moe_backend.name == _XPU_BACKEND:
+            hand_over_signed(self.moe_kernel, layer.w13_qweight, layer.w2_qweight)
 
     def _dequantize(self, layer) -> None:
         """Dequantize into vLLM's unquantized MoE parameters, then hand the layer to that method."""

@@ -98,13 +98,16 @@ def one_run(branch, run: dict, layer: str, x: torch.Tensor) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
     finally:
         plugin_moe.to_kernel_format = original
-    impl = getattr(getattr(qm, "moe_kernel", None), "fused_experts", None) or _find_impl(qm)
+    impl = _find_impl(qm)
     fused = getattr(impl, "fused_moe_impl", None)
+    out["experts_object"] = type(impl).__name__
     out["kernel"] = None if fused is None else {
         "class": type(fused).__name__, "is_int4": bool(getattr(fused, "is_int4", False)),
         "inter_size": getattr(fused, "inter_size", None), "w13_dtype": str(fused.w13.dtype),
         "scales_attached": getattr(fused, "gemm1_wei_scales", None) is not None,
-        "implement_zp_calls": released.zp_calls}
+        "implement_zp_calls": released.zp_calls,
+        "w13_is_the_layer_storage": fused.w13.untyped_storage().data_ptr()
+        == experts.w13_weight.untyped_storage().data_ptr()}
     out["gemm_calls"] = [{"B_dtype": str(c["B_dtype"]), "N": c["N"], "K": c["K"]} for c in released.ops.gemm_calls]
     out["output"] = y.float().tolist()
     if run["method"] == "plugin":
@@ -115,18 +118,10 @@ def one_run(branch, run: dict, layer: str, x: torch.Tensor) -> dict:
 
 
 def _find_impl(qm):
-    """The experts object (``XPUExpertsWNA16``) inside the method's modular kernel, wherever the release keeps it."""
-    seen, todo = set(), [qm]
-    while todo:
-        obj = todo.pop()
-        if id(obj) in seen or obj is None:
-            continue
-        seen.add(id(obj))
-        if type(obj).__name__ == "XPUExpertsWNA16":
-            return obj
-        todo += [v for k, v in vars(obj).items() if not k.startswith("__") and hasattr(v, "__dict__")
-                 and not isinstance(v, (torch.Tensor, type))] if hasattr(obj, "__dict__") else []
-    return None
+    """vLLM's experts object inside the method's modular kernel (``XPUExpertsWNA16`` here)."""
+    from gptq2xpu.vllm_plugin.xpu_experts import experts_object
+
+    return experts_object(getattr(qm, "moe_kernel", None))
 
 
 def main(job_file: str, result_file: str) -> None:

@@ -1,6 +1,6 @@
 """Bytes vLLM allocates beyond the stored experts while it loads MoE layers on its XPU branch, measured on CPU.
 
-    PYTHONPATH=.vllm-releases/0.34.0:.:tests python scripts/xpu_load_memory.py CHECKPOINT [--layers N] [--json]
+    PYTHONPATH=.vllm-releases/0.34.0:.:tests python scripts/xpu_load_memory.py CHECKPOINT... [--layers N] [--json]
 
 (``PYTHONPATH=.:tests`` alone: the installed vLLM 0.32.)  For each routed-experts layer of CHECKPOINT (up to
 ``--layers``), the release's ``FusedMoE`` layer is built with the checkpoint's quantization method --
@@ -224,15 +224,21 @@ def _kernel_object(module):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("checkpoint", type=Path, nargs="+")
     ap.add_argument("--layers", type=int, default=None, help="measure the first N MoE layers only")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    report = measure(args.checkpoint, args.layers, args.tokens)
+    reports = [measure(folder, args.layers, args.tokens) for folder in args.checkpoint]
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(reports))
         return 0
+    for report in reports:
+        _print(report)
+    return 0
+
+
+def _print(report: dict) -> None:
     mib = 1 << 20
     print(f"vLLM {report['vllm']} {report['quant_method']} {report['checkpoint']}")
     for r in report["layers"]:
@@ -241,7 +247,6 @@ def main(argv=None) -> int:
               + ", ".join(f"{k} {v / mib:.3f}" for k, v in r["allocated_by_phase"].items()))
     print(f"  all layers: stored {report['stored_total'] / mib:.3f} MiB, held {report['held_total'] / mib:.3f} MiB, "
           f"peak {report['peak_total'] / mib:.3f} MiB (beyond stored {report['peak_extra_total'] / mib:.3f} MiB)")
-    return 0
 
 
 if __name__ == "__main__":

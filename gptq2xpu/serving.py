@@ -39,7 +39,7 @@ from .read.quant_config import NESTED_CONFIG_KEYS
 #: The ``quant_method`` of a converted checkpoint; the name the vLLM plugin registers.
 QUANT_METHOD = "gptq2xpu"
 #: vLLM releases (major, minor) the plugin supports; others are refused with one line.
-SUPPORTED_VLLM = ((0, 32),)
+SUPPORTED_VLLM = ((0, 32), (0, 33), (0, 34))
 #: Files that hold a quantization description beside config.json; rewritten in OUTPUT.
 QUANT_CONFIG_FILES = ("quantization_config.json", "quantize_config.json")
 #: The model card.

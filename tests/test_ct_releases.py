@@ -83,3 +83,49 @@ def test_planted_defects_in_the_output_are_caught(release, kind):
     r = ok(release, f"defect/{kind}")
     assert not r["vs_reference"]["ok"], r["vs_reference"]
     assert not torch.equal(torch.tensor(r["output"]), torch.tensor(ok(release, "gptq/source")["output"]))
+
+
+# ------------------------------------------------------------------------------ copies at load (XPU branch)
+
+MEM_SPEC = dict(family="qwen3_moe", hidden=256, moe_intermediate=128, num_experts=8, top_k=2, group_size=64,
+                num_layers=2, attention=False, vocab=32, seed=5)
+QWEIGHT_BYTES = 3 * MEM_SPEC["num_experts"] * MEM_SPEC["hidden"] * MEM_SPEC["moe_intermediate"] // 2  # per layer
+
+
+@pytest.fixture(scope="module")
+def load_memory(tmp_path_factory):
+    """``scripts/xpu_load_memory.py`` in vLLM 0.34 on the GPTQ source, its xpu output (plugin) and its
+    compressed-tensors output (vLLM's own method): bytes allocated beyond the stored experts."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    from vllm_layer.releases import release_env
+
+    root = tmp_path_factory.mktemp("ct-memory")
+    src = make_checkpoint(root / "source", **MEM_SPEC).path
+    convert(src, root / "xpu")
+    convert(src, root / "ct", "--format", "compressed-tensors")
+    folders = [src, root / "xpu", root / "ct"]
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "xpu_load_memory.py"), *map(str, folders), "--json"],
+                          env=release_env("0.34"), capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(zip(("source", "xpu", "ct"), reports, strict=True))
+
+
+def test_compressed_tensors_output_loads_without_vllms_transpose_copy(load_memory):
+    """vLLM's GPTQ path transposes every expert into a new tensor at load; its compressed-tensors
+    method takes the output's N-first tensors as they are.  The kernel constructor's offset-8 to
+    signed rewrite (``implement_zp``, a second copy) remains for both: only the xpu format with the
+    plugin avoids it."""
+    src, ct, xpu = load_memory["source"], load_memory["ct"], load_memory["xpu"]
+    assert (src["quant_method"], ct["quant_method"], xpu["quant_method"]) == (
+        "AutoGPTQConfig", "CompressedTensorsConfig", "Gptq2XpuConfig")
+    for s, c in zip(src["layers"], ct["layers"], strict=True):
+        assert s["allocated_by_phase"]["process_weights_after_loading"] >= QWEIGHT_BYTES
+        assert c["allocated_by_phase"].get("process_weights_after_loading", 0) == 0
+        assert c["held"] <= c["stored"]  # weight_shape is read at load, not kept
+        assert c["allocated_by_phase"]["implement_zp"] > 0
+    assert xpu["peak_extra_total"] < ct["peak_extra_total"] <= src["peak_extra_total"]

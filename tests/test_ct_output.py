@@ -213,3 +213,14 @@ def test_excluded_float_layer_goes_into_ignore(tmp_path):
     assert "model.layers.1.mlp.experts.3.down_proj" in qc["ignore"]
     assert read_tensor(out, "model.layers.1.mlp.experts.3.down_proj.weight").dtype.itemsize == 2  # float, as is
     assert verify_json(out, "--source", str(info.path))[0] == 0
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_float_mtp_layer_goes_into_ignore(tmp_path, fused):
+    info = make_checkpoint(tmp_path / "src", **dict(BASE, family="qwen3_next", group_size=128, mtp=True,
+                                                     fused_float_mtp=fused))
+    out = convert(info.path, tmp_path / "out")
+    mtp = next(lyr.prefix for lyr in info.moe_layers if lyr.kind == "float")
+    ignore = QuantizationConfig.model_validate(config(out)["quantization_config"]).ignore
+    assert f"{mtp}.experts.0.gate_proj" in ignore and f"{mtp}.experts.3.down_proj" in ignore
+    assert verify_json(out, "--source", str(info.path))[0] == 0

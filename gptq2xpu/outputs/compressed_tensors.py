@@ -54,6 +54,8 @@ QUANT_FIELDS = frozenset({"qweight", "scales", "qzeros", "g_idx",
                           "weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx"})
 #: Last name component of the linears vLLM splits along their input (RowParallelLinear).
 ROW_PARALLEL = frozenset({"o_proj", "down_proj", "w2", "out_proj", "dense", "dense_4h_to_h", "wo", "c_proj"})
+#: Projection names of fused float experts (transformers' 3-D ``experts.gate_up_proj``), as vLLM asks.
+DEFAULT_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 _FLOAT = frozenset({"F16", "BF16", "F32", "F64"})
 #: 2-D float weights that are not linears (never listed in ``ignore``).
 _NOT_LINEAR = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|norm|[a-z_]*layernorm"
@@ -89,7 +91,12 @@ class CompressedTensorsOutput(OutputFormat):
             ref = ckpt.tensors[n]
             items.append(OutputItem(PlannedTensor(n, ref.dtype, ref.shape), "copy", n))
         items.sort(key=lambda it: natural_key(it.tensor.name))
-        ignore = sorted({n.rsplit(".", 1)[0] for n in passthrough if _float_linear_weight(ckpt, n)}, key=natural_key)
+        ignore = {n.rsplit(".", 1)[0] for n in passthrough if _float_linear_weight(ckpt, n)}
+        for layer in layers:  # float MoE layers, also fused 3-D ones: vLLM asks for <prefix>.experts.<e>.<proj>
+            if layer.action == "passthrough" and layer.kind in ("float", "excluded"):
+                projs = [layer.proj_names.get(r, DEFAULT_PROJ[r]) for r in ROLES]
+                ignore.update(f"{layer.prefix}.experts.{e}.{p}" for e in range(layer.experts) for p in projs)
+        ignore = sorted(ignore, key=natural_key)
         return items, passthrough, linears, ignore
 
     def quantization_config(self, plan) -> dict:

@@ -73,6 +73,8 @@ def convert(
     Every MoE layer's experts become four tensors (w13 and w2, qweight and scales); every other
     tensor is copied byte-identical; config.json gains a "gptq2xpu" block; gptq2xpu-manifest.json
     lists every file with its size and sha256.  The output is byte-identical for every --jobs.
+    With --format compressed-tensors, every 4-bit linear is written as compressed-tensors
+    pack-quantized instead, which stock vLLM serves without the plugin (docs/formats.md).
     """
     from ..convert import convert as run
 

@@ -224,3 +224,14 @@ def test_float_mtp_layer_goes_into_ignore(tmp_path, fused):
     ignore = QuantizationConfig.model_validate(config(out)["quantization_config"]).ignore
     assert f"{mtp}.experts.0.gate_proj" in ignore and f"{mtp}.experts.3.down_proj" in ignore
     assert verify_json(out, "--source", str(info.path))[0] == 0
+
+
+def test_split_conversion_and_jobs_give_the_same_bytes(tmp_path):
+    one = convert(FIXTURE, tmp_path / "one")
+    code, _, err = cli("convert", str(FIXTURE), str(tmp_path / "split"), *CT, "--part", "1/1", "--jobs", "3")
+    assert code == 0, err
+    assert cli("finalize", str(tmp_path / "split"))[0] == 0
+    files = sorted(p.name for p in one.iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "split").iterdir())
+    for name in files:
+        assert (one / name).read_bytes() == (tmp_path / "split" / name).read_bytes(), name

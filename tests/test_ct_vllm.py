@@ -149,6 +149,9 @@ def served_tp2(tmp_path_factory):
     jobs = [{"tp": 2, "name": n, "model": str(m)}
             for n, m in (("judge", judge), ("ct", out), ("source", src), ("defect", bad))]
     results, log = run_vllm(jobs, prompts(128), root / "run", env={**ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    judged = {n: logprob_diff(r["logprobs"], results["judge"]["logprobs"]) for n, r in results.items()
+              if n != "judge" and "logprobs" in r and "logprobs" in results["judge"]}
+    (root / "run" / "summary.json").write_text(json.dumps({f"{n} vs judge": d for n, d in judged.items()}, indent=1))
     return SimpleNamespace(results=results, log=log, ct=out)
 
 

@@ -235,3 +235,14 @@ def test_split_conversion_and_jobs_give_the_same_bytes(tmp_path):
     assert files == sorted(p.name for p in (tmp_path / "split").iterdir())
     for name in files:
         assert (one / name).read_bytes() == (tmp_path / "split" / name).read_bytes(), name
+
+
+def test_convert_to_compressed_tensors_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom gptq2xpu.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nassert 'torch' not in sys.modules and 'compressed_tensors' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code, "convert", str(FIXTURE), str(tmp_path / "out"), *CT, "-q"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr

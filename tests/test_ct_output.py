@@ -242,7 +242,8 @@ def test_convert_to_compressed_tensors_does_not_import_torch(tmp_path):
     import sys
 
     code = ("import sys\nfrom gptq2xpu.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    assert e.code == 0, e.code\nassert 'torch' not in sys.modules and 'compressed_tensors' not in sys.modules")
+            "    assert e.code == 0, e.code\n"
+            "assert 'torch' not in sys.modules and 'compressed_tensors' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code, "convert", str(FIXTURE), str(tmp_path / "out"), *CT, "-q"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr

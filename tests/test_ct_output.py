@@ -247,3 +247,25 @@ def test_convert_to_compressed_tensors_does_not_import_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, "convert", str(FIXTURE), str(tmp_path / "out"), *CT, "-q"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_quantized_lm_head_is_targeted_by_name(tmp_path):
+    """vLLM matches ``Linear`` against class names, and its ``ParallelLMHead`` is not one: a GPTQ
+    lm_head is written pack-quantized and named in the targets of its config group."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = shutil.copytree(FIXTURE, tmp_path / "src")
+    t = load_file(str(src / "model.safetensors"))
+    vocab, hidden = t.pop("lm_head.weight").shape
+    gen = torch.Generator().manual_seed(0)
+    t["lm_head.qweight"] = torch.randint(-2**31, 2**31 - 1, (hidden // 8, vocab), dtype=torch.int32, generator=gen)
+    t["lm_head.scales"] = (torch.rand(hidden // 128, vocab, generator=gen) / 100 + 1e-3).half()
+    t["lm_head.qzeros"] = torch.full((hidden // 128, vocab // 8), 0x77777777, dtype=torch.int32)
+    save_file(t, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = convert(src, tmp_path / "out")
+    qc = QuantizationConfig.model_validate(config(out)["quantization_config"])
+    assert "lm_head" in qc.config_groups["group_0"].targets and "lm_head" not in qc.ignore
+    assert read_tensor(out, "lm_head.weight_packed").shape == (vocab, hidden // 8)
+    assert verify_json(out, "--source", str(src))[0] == 0

@@ -192,7 +192,9 @@ def quantization_config(plan) -> dict:
     """``quantization_config`` as llm-compressor writes it for W4A16 pack-quantized."""
     groups = {}
     for i, (g, targets) in enumerate(group_targets(plan).items()):
-        groups[f"group_{i}"] = {"targets": ["Linear"] if i == 0 else targets, "weights": _weights(g),
+        # "Linear" matches vLLM's linear classes by name, not its ParallelLMHead: a quantized lm_head is named
+        default = ["Linear"] + [t for t in targets if t.rsplit(".", 1)[-1] == "lm_head"]
+        groups[f"group_{i}"] = {"targets": default if i == 0 else targets, "weights": _weights(g),
                                 "input_activations": None, "output_activations": None, "format": "pack-quantized"}
     return {
         "config_groups": groups,

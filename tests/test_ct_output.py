@@ -269,3 +269,17 @@ def test_a_quantized_lm_head_is_targeted_by_name(tmp_path):
     assert "lm_head" in qc.config_groups["group_0"].targets and "lm_head" not in qc.ignore
     assert read_tensor(out, "lm_head.weight_packed").shape == (vocab, hidden // 8)
     assert verify_json(out, "--source", str(src))[0] == 0
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_a_quantized_router_is_a_linear_or_with_dequantize_router_a_float_one(tmp_path, dequantize):
+    info = make_checkpoint(tmp_path / "src", **dict(BASE, family="qwen3_moe", group_size=128, num_experts=8,
+                                                     quantized_router=True))
+    out = convert(info.path, tmp_path / "out", *(["--dequantize-router"] if dequantize else []))
+    block, qc = config(out)["gptq2xpu"], config(out)["quantization_config"]
+    if dequantize:
+        assert "model.layers.0.mlp.gate" in qc["ignore"] and "model.layers.0.mlp.gate" not in block["linears"]
+        assert block["dequantized_routers"] == ["model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"]
+    else:
+        assert "model.layers.0.mlp.gate" not in qc["ignore"] and "model.layers.0.mlp.gate" in block["linears"]
+    assert verify_json(out, "--source", str(info.path))[0] == 0

@@ -21,7 +21,8 @@ this against the compressed-tensors package's own ``pack_to_int32`` / ``unpack_f
 Which linears, which groups:
 
 * every quantized linear of the source (routed experts, attention, dense MLPs, shared experts, a
-  quantized router): a checkpoint has one quantization method.  Its data is checked as for the
+  quantized router unless ``--dequantize-router`` writes it as a float weight): a checkpoint has
+  one quantization method.  Its data is checked as for the
   ``xpu`` format (:mod:`gptq2xpu.audit`: zero point 8, natural ``g_idx``, finite scales);
 * group sizes: the largest of 256/128/64/32 that divides the source group and the input; for a
   linear vLLM splits along its input (row-parallel: ``o_proj``, ``down_proj``, ``w2``...) the
@@ -67,17 +68,24 @@ class CompressedTensorsOutput(OutputFormat):
     serves = "stock vLLM of any current release and platform (no plugin): compressed-tensors W4A16 pack-quantized"
 
     def items(self, ckpt, layers, options, quant):
+        from ..plan.build import float_dtype
+
         consumed = set()
         items: list[OutputItem] = []
         written: list[LinearPlan] = []
+        routers: list[str] = []  # dequantized (--dequantize-router)
         for layer in layers:
             if layer.action == "refuse":  # convert stops on it before writing; inspect lists it
                 consumed.update(layer.source_tensors)
             if not layer.converts:
                 continue
-            if layer.router_quantized and options.dequantize_router:
-                raise InputError(f"{layer.prefix}.gate: --dequantize-router cannot be used with --format "
-                                 "compressed-tensors (the quantized router is written as a pack-quantized linear)")
+            if layer.router_quantized and options.dequantize_router:  # a float router, hence ignored
+                consumed.update(layer.routers)
+                fields = {n.rsplit(".", 1)[1]: n for n in layer.routers}
+                n_out = ckpt.ref(fields["qweight"]).shape[1]
+                weight = PlannedTensor(f"{layer.prefix}.gate.weight", float_dtype(ckpt.config), (n_out, layer.hidden))
+                items.append(OutputItem(weight, "router", layer.prefix))
+                routers.append(f"{layer.prefix}.gate")
             consumed.update(layer.source_tensors)
             written += [expert_linear(layer, e, role) for e in range(layer.experts) for role in ROLES]
         linears = _other_linears(ckpt, consumed, quant, options)
@@ -91,7 +99,7 @@ class CompressedTensorsOutput(OutputFormat):
             ref = ckpt.tensors[n]
             items.append(OutputItem(PlannedTensor(n, ref.dtype, ref.shape), "copy", n))
         items.sort(key=lambda it: natural_key(it.tensor.name))
-        ignore = {n.rsplit(".", 1)[0] for n in passthrough if _float_linear_weight(ckpt, n)}
+        ignore = {n.rsplit(".", 1)[0] for n in passthrough if _float_linear_weight(ckpt, n)} | set(routers)
         for layer in layers:  # float MoE layers, also fused 3-D ones: vLLM asks for <prefix>.experts.<e>.<proj>
             if layer.action == "passthrough" and layer.kind in ("float", "excluded"):
                 projs = [layer.proj_names.get(r, DEFAULT_PROJ[r]) for r in ROLES]

@@ -10,8 +10,13 @@ from .base import OutputFormat
 
 class XpuOutput(OutputFormat):
     name = "xpu"
-    serves = ("vLLM 0.32 with the gptq2xpu plugin (XPU: the kernel takes the experts without a copy; CUDA, ROCm, "
-              "CPU: vLLM's int4 MoE backend)")
+
+    @property
+    def serves(self) -> str:
+        from ..serving import supported_vllm_text
+
+        return (f"vLLM {supported_vllm_text()} with the gptq2xpu plugin (XPU: the kernel takes the experts without a "
+                "copy; CUDA, ROCm, CPU: vLLM's int4 MoE backend)")
 
     def items(self, ckpt, layers, options, quant):  # noqa: ARG002 (one signature for every format)
         """Each converted layer's four tensors (and a dequantized router); every other tensor copied."""

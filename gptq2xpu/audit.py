@@ -35,24 +35,37 @@ def audit(plan: Plan, ckpt: Checkpoint, layers: list[LayerPlan] | None = None) -
     return warnings
 
 
+def audit_linears(plan: Plan, ckpt: Checkpoint) -> list[str]:
+    """The same checks for the linears a compressed-tensors output writes outside the MoE layers."""
+    warnings: list[str] = []
+    for lin in plan.linears.values():
+        warnings.extend(_audit_projection(plan, ckpt, FORMATS[lin.format], lin.fields, lin.spec, lin.scale_dtype))
+    return warnings
+
+
 def _audit_expert(plan: Plan, ckpt: Checkpoint, layer: LayerPlan, e: int) -> list[str]:
     fmt = FORMATS[layer.format]
     warn = []
     for role in ROLES:
-        fields = layer.fields(e, role)
-        spec = layer.specs[role]
-        fmt.check(ckpt, fields, spec, plan.quant.checkpoint_format)
-        s = to_float32(read_scales(ckpt, fmt, fields), spec.scale_dtype)
-        name = fields[fmt.scales]
-        if not np.isfinite(s).all():
-            bad = np.argwhere(~np.isfinite(s))[0]
-            raise InputError(f"{name}: non-finite scale {s[tuple(bad)]} at output {bad[0]}, group {bad[1]}")
-        if layer.scale_dtype != spec.scale_dtype:
-            _check_cast(s, name, layer.scale_dtype)
-        zero = s == 0
-        if zero.any():
-            warn.append(f"{name}: {int(zero.sum())} scale(s) are exactly zero (those weight groups are all zero)")
+        warn += _audit_projection(plan, ckpt, fmt, layer.fields(e, role), layer.specs[role], layer.scale_dtype)
     return warn
+
+
+def _audit_projection(plan: Plan, ckpt: Checkpoint, fmt, fields: dict[str, str], spec, out_dtype: str) -> list[str]:
+    """One quantized projection: symmetric, natural row order, finite scales that a cast to
+    ``out_dtype`` keeps (one rounding at most)."""
+    fmt.check(ckpt, fields, spec, plan.quant.checkpoint_format)
+    s = to_float32(read_scales(ckpt, fmt, fields), spec.scale_dtype)
+    name = fields[fmt.scales]
+    if not np.isfinite(s).all():
+        bad = np.argwhere(~np.isfinite(s))[0]
+        raise InputError(f"{name}: non-finite scale {s[tuple(bad)]} at output {bad[0]}, group {bad[1]}")
+    if out_dtype != spec.scale_dtype:
+        _check_cast(s, name, out_dtype)
+    zero = s == 0
+    if zero.any():
+        return [f"{name}: {int(zero.sum())} scale(s) are exactly zero (those weight groups are all zero)"]
+    return []
 
 
 def _lossy_cast(s: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:

@@ -57,6 +57,13 @@ FLOAT_DTYPE_NAMES = {**SCALE_DTYPES, "float32": "F32"}
 #: How the router scores experts.
 SCORINGS = ("softmax", "sigmoid")
 
+#: Output formats (``convert --format``): the stacked layout above, and compressed-tensors
+#: ``pack-quantized`` (every quantized linear on its own: ``<module>.weight_packed`` int32 ``[N,
+#: K/8]``, ``weight_scale`` ``[N, K/g]``, ``weight_shape`` ``[N, K]``; a converted MoE layer's
+#: experts keep their per-expert names, one group size per layer, never padded).
+OUTPUT_XPU, OUTPUT_CT = "xpu", "compressed-tensors"
+CT_FIELDS = ("weight_packed", "weight_scale", "weight_shape")
+
 #: Folder holding the per-rank files of ``convert --tp-size T --emit-ranks``.
 RANKS_DIR = "tp-ranks"
 
@@ -211,6 +218,30 @@ class ConvertedLayer:
 
 
 @dataclass(frozen=True)
+class ConvertedLinear:
+    """A quantized linear a compressed-tensors output writes outside its MoE layers (validated)."""
+
+    module: str
+    in_features: int        # K
+    out_features: int       # N
+    group_size: int
+    source_group_size: int
+    scale_dtype: str        # safetensors name: F16 or BF16
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        n, k = self.out_features, self.in_features
+        return {"weight_packed": (n, k // 8), "weight_scale": (n, k // self.group_size), "weight_shape": (2,)}
+
+
+def expert_linear_names(layer: ConvertedLayer) -> list[tuple[int, str, str]]:
+    """``(expert, role, module)`` of every expert projection of a converted layer of a
+    compressed-tensors output (``<prefix>.experts.<e>.<projection>``)."""
+    return [(e, role, f"{layer.prefix}.experts.{e}.{layer.source_projections[role]}")
+            for e in range(layer.experts) for role in ("gate", "up", "down")]
+
+
+@dataclass(frozen=True)
 class ConvertedBlock:
     """The config block of a converted checkpoint (validated; see :func:`parse_block`)."""
 
@@ -227,6 +258,12 @@ class ConvertedBlock:
     data_fingerprint: str | None = None  # of the source's sampled data
     passthrough: dict[str, str] = field(default_factory=dict)   # MoE prefix -> kind, experts passed through
     unconverted: tuple[str, ...] = ()    # MoE prefixes kept unchanged (--keep-unsupported)
+    output_format: str = OUTPUT_XPU      # xpu | compressed-tensors
+    linears: dict[str, ConvertedLinear] = field(default_factory=dict)  # compressed-tensors: outside MoE layers
+
+    @property
+    def compressed_tensors(self) -> bool:
+        return self.output_format == OUTPUT_CT
 
     def layer_top_k(self, layer: ConvertedLayer) -> int:
         """Experts per token for ``layer``: the recorded top_k, else 2 (or fewer experts)."""
@@ -272,7 +309,22 @@ def parse_block(doc: object, where: str = f"config.json:{CONFIG_BLOCK}") -> Conv
     fewest = min(layer.experts for layer in layers.values())
     if routing.get("top_k", 1) > fewest:
         raise InputError(f"{where}.routing.top_k: {routing['top_k']} is more than the {fewest} experts of a layer")
+    output_format = doc.get("output_format", OUTPUT_XPU)
+    if output_format not in (OUTPUT_XPU, OUTPUT_CT):
+        raise InputError(f"{where}.output_format: {_short(output_format)} is not {OUTPUT_XPU} or {OUTPUT_CT}")
+    linears = {}
+    if output_format == OUTPUT_CT:
+        if enc != "u4b8":
+            raise InputError(f"{where}: a {OUTPUT_CT} output stores offset-8 codes, not nibble_encoding {enc!r}")
+        for prefix, layer in layers.items():
+            if layer.padded_intermediate_size != layer.intermediate_size or \
+                    layer.w13_group_size != layer.w2_group_size:
+                raise InputError(f"{where}.layers[{prefix!r}]: a {OUTPUT_CT} layer has one group size and no padding")
+        linears = {m: _parse_linear(m, v, f"{where}.linears[{m!r}]")
+                   for m, v in _layer_map(doc.get("linears"), f"{where}.linears").items()}
     return ConvertedBlock(
+        output_format=output_format,
+        linears=linears,
         nibble_encoding=enc,
         layers=layers,
         tp_size=tp,
@@ -328,6 +380,22 @@ def _parse_layer(prefix: str, info: object, where: str, tp: int) -> ConvertedLay
         raise InputError(f"{where}.source_group_size: expected gate/up/down -> group size")
     src_groups = {r: _int(v, f"{where}.source_group_size.{r}", 1, _MAX_DIM) for r, v in groups.items()}
     return ConvertedLayer(prefix, e, k, n, p, g13, g2, sd, fmt, dict(proj), src_groups)
+
+
+def _parse_linear(module: str, info: object, where: str) -> ConvertedLinear:
+    if not isinstance(info, dict):
+        raise InputError(f"{where}: expected an object")
+    k = _int(info.get("in_features"), f"{where}.in_features", 8, _MAX_DIM)
+    n = _int(info.get("out_features"), f"{where}.out_features", 1, _MAX_DIM)
+    g = _int(info.get("group_size"), f"{where}.group_size", 1, _MAX_DIM)
+    src_g = _int(info.get("source_group_size"), f"{where}.source_group_size", 1, _MAX_DIM)
+    if g not in KERNEL_GROUPS or k % g or k % 8 or src_g % g:
+        raise InputError(f"{where}: group size {g} is not one of {KERNEL_GROUPS} dividing in_features {k} and the "
+                         f"source group {src_g}")
+    sd = scale_dtype_name(info.get("scale_dtype"))
+    if sd not in SCALE_DTYPES.values():
+        raise InputError(f"{where}.scale_dtype: {_short(info.get('scale_dtype'))} is not float16 or bfloat16")
+    return ConvertedLinear(module, k, n, g, src_g, sd)
 
 
 def _parse_source(doc: object, where: str) -> dict:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .audit import audit
+from .audit import audit, audit_linears
 from .errors import InputError
 from .memory import settle
 from .parallel import default_jobs
@@ -51,9 +51,11 @@ def audit_layers(plan: Plan, ckpt: Checkpoint, jobs: int, stop: threading.Event 
     layers = plan.converted
     threads = max(1, min(len(layers), int(jobs * AUDIT_THREADS_PER_JOB)))
     if threads == 1:
-        return [w for layer in layers for w in one(layer)]
-    with ThreadPoolExecutor(threads, thread_name_prefix="gptq2xpu-audit") as pool:
-        return [w for part in pool.map(one, layers) for w in part]
+        found = [w for layer in layers for w in one(layer)]
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="gptq2xpu-audit") as pool:
+            found = [w for part in pool.map(one, layers) for w in part]
+    return found + audit_linears(plan, ckpt)  # compressed-tensors: the linears outside MoE layers
 
 
 def convert(source, output, *, options: ConvertOptions | None = None, jobs: int | None = None,

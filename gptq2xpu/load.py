@@ -89,6 +89,10 @@ class ConvertedCheckpoint:
             if doc is None:
                 raise InputError(f"{self.path}: config.json has no '{CONFIG_BLOCK}' block: not a gptq2xpu output")
             self.block: ConvertedBlock = parse_block(doc, f"{self.path}/config.json:{CONFIG_BLOCK}")
+            if self.block.compressed_tensors:
+                raise InputError(f"{self.path}: a compressed-tensors output (convert --format compressed-tensors): "
+                                 "serve it with vLLM, which loads it without the plugin; gptq2xpu.load reads "
+                                 "--format xpu outputs")
         except BaseException:
             self._ckpt.close()
             raise

@@ -211,6 +211,15 @@ def layer_scales(stacks: dict[str, np.ndarray], geo: LayerGeometry, *, roles: tu
     return out
 
 
+def linear_scales(stored: np.ndarray, *, src_group: int, group: int, src_dtype: str, dst_dtype: str) -> np.ndarray:
+    """One linear's scales ``[out, in/src_group]`` (stored dtype, BF16 as uint16) as ``[out,
+    in/group]`` in ``dst_dtype``: :func:`layer_scales` for one projection of one expert."""
+    stacks = {"down": stored[None]}
+    geo = LayerGeometry(1, stored.shape[0], stored.shape[1] * src_group, stored.shape[1] * src_group, group, group)
+    return layer_scales(stacks, geo, roles=("down",), src_groups={"down": src_group}, src_dtype=src_dtype,
+                        dst_dtype=dst_dtype)[0]
+
+
 # ----------------------------------------------------------------------------- routers
 
 

@@ -39,7 +39,7 @@ from .read.quant_config import NESTED_CONFIG_KEYS
 #: The ``quant_method`` of a converted checkpoint; the name the vLLM plugin registers.
 QUANT_METHOD = "gptq2xpu"
 #: vLLM releases (major, minor) the plugin supports; others are refused with one line.
-SUPPORTED_VLLM = ((0, 32),)
+SUPPORTED_VLLM = ((0, 32), (0, 33), (0, 34))
 #: Files that hold a quantization description beside config.json; rewritten in OUTPUT.
 QUANT_CONFIG_FILES = ("quantization_config.json", "quantize_config.json")
 #: The model card.
@@ -69,7 +69,14 @@ def check_vllm_version(version: str) -> None:
 
 
 def quantization_config(plan) -> dict:
-    """The ``quantization_config`` of a converted checkpoint (see the module docstring)."""
+    """The ``quantization_config`` of a converted checkpoint: its output format's."""
+    from .outputs import output_format
+
+    return output_format(plan.options.output_format).quantization_config(plan)
+
+
+def xpu_quantization_config(plan) -> dict:
+    """The ``quantization_config`` of an ``--format xpu`` output (see the module docstring)."""
     return {
         "quant_method": QUANT_METHOD,
         "format": "xpu-int4-moe",
@@ -141,6 +148,8 @@ def model_card(plan, source_card: bytes | None) -> bytes:
 
 def card_section(plan) -> str:
     """The gptq2xpu section of the card; its commands run from inside the converted folder."""
+    if plan.options.compressed_tensors:
+        return ct_card_section(plan)
     conv = plan.converted
     block = plan.config_block()
     src = block["source"]
@@ -224,6 +233,72 @@ def card_section(plan) -> str:
         "The plugin loads the stacked expert tensors as they are (each tensor-parallel rank reads only its slice "
         "of N) and hands them to vLLM's int4 MoE kernel for the platform; where the platform has none, it "
         "dequantizes the experts once at load and runs vLLM's unquantized MoE (the log says so).",
+        CARD_END,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def ct_card_section(plan) -> str:
+    """The card section of a compressed-tensors output (``--format compressed-tensors``)."""
+    conv = plan.converted
+    block = plan.config_block()
+    src = block["source"]
+    tp = plan.options.tp_size
+    version = __version__
+    groups = sorted({lyr.geometry.g13 for lyr in conv} | {lin.group for lin in plan.linears.values()})
+    lines = [
+        CARD_BEGIN,
+        "## Converted to compressed-tensors W4A16 by gptq2xpu",
+        "",
+        f"Converted by gptq2xpu {version} from `{plan.published_origin()['origin']}` ({plan.family}, "
+        f"{src['quant_method']} `{src['checkpoint_format']}`, quantization config from `{src['found_in']}`; source "
+        f"fingerprint `{plan.fingerprint or 'n/a'}`).",
+        "",
+        "### What was converted",
+        "",
+        f"Every 4-bit linear ({sum(3 * lyr.experts for lyr in conv)} expert projections in {len(conv)} MoE layer(s), "
+        f"{len(plan.linears)} other linear(s)) is stored as compressed-tensors `pack-quantized` (what llm-compressor "
+        "writes for W4A16): `<module>.weight_packed` int32 `[N, K/8]` (the source's GPTQ `qweight` transposed), "
+        "`<module>.weight_scale` `[N, K/g]`, `<module>.weight_shape` `[N, K]`; symmetric (zero point 8), group "
+        f"size(s) {'/'.join(map(str, groups))}. Float linears (routers, `lm_head`, float experts) are listed in "
+        "`quantization_config.ignore`. Per-linear `qzeros` and `g_idx` are not stored.",
+        "",
+    ]
+    if tp > 1:
+        lines += [f"Tensor parallelism: groups split evenly at `--tensor-parallel-size {tp}` (re-expressed with "
+                  "smaller groups where needed, losslessly).", ""]
+    lines += [
+        "Every other tensor is the source's, byte for byte. `config.json` declares `quant_method: "
+        "\"compressed-tensors\"`; its `\"gptq2xpu\"` block documents the conversion and keeps the source's own "
+        "quantization config under `source.quantization_config`.",
+        "",
+        "### How it was checked",
+        "",
+        "Before writing, convert checked from the tensors themselves that every converted linear is 4-bit, "
+        "symmetric (all zero points 8), in natural row order (`g_idx`) and has finite scales. "
+        "`gptq2xpu-manifest.json` holds the sha256 of every file. Re-check this folder, and compare it with its "
+        "source bit for bit and through a reference int4 MoE (from inside this folder):",
+        "",
+        "```bash",
+        f"# gptq2xpu {version}: clone its repository, then pip install -e .",
+        "gptq2xpu verify .",
+        f"gptq2xpu verify . --source {_source_arg(plan)}",
+        "```",
+        "",
+        "### How to serve it",
+        "",
+        "Stock vLLM serves this checkpoint on every platform it supports, no plugin needed (from inside this folder, "
+        "or name the folder or its Hugging Face repo id instead of `.`):",
+        "",
+        "```bash",
+        "python -m vllm.entrypoints.openai.api_server --model ." + (f" --tensor-parallel-size {tp}" if tp > 1 else ""),
+        "```",
+        "",
+        "```python",
+        "from vllm import LLM",
+        "llm = LLM(model=\".\"" + (f", tensor_parallel_size={tp}" if tp > 1 else "") + ")",
+        "```",
         CARD_END,
         "",
     ]

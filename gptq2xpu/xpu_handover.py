@@ -119,11 +119,11 @@ def build_fused_moe(cls, w13: torch.Tensor, w13_scales: torch.Tensor, w2: torch.
         # the dtype the grouped GEMM reads int4 from, over the same storage (what the rewrite leaves)
         moe.w13, moe.w2 = k13.view(torch.int8), k2.view(torch.int8)
         setattr(moe.w13, SKIP_CONVERSION_ATTR, True)
-    _confirm(moe, two_n // 2)
+    confirm_int4(moe, two_n // 2)
     return moe
 
 
-def _confirm(moe, inter: int) -> None:
+def confirm_int4(moe, inter: int) -> None:
     """Refuse an instance that does not hold what release 0.1.16.2's grouped GEMM reads as int4."""
     problems = []
     if getattr(moe, "is_int4", None) is not True:

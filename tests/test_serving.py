@@ -136,17 +136,17 @@ def test_outputs_written_before_the_method_was_declared_stay_verifiable(synth, t
     assert code == 0, report
 
 
-@pytest.mark.parametrize("version", ["0.32.0", "0.32.1+cpu", "0.32.2.dev7+g0123abc"])
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.1+cpu", "0.32.2.dev7+g0123abc", "0.33.0", "0.34.0", "0.34.1+xpu"])
 def test_supported_vllm_versions(version):
     check_vllm_version(version)
 
 
-@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.32.0", "nightly"])
+@pytest.mark.parametrize("version", ["0.31.2", "0.35.0", "1.32.0", "nightly"])
 def test_other_vllm_versions_are_refused_with_one_line(version):
     with pytest.raises(InputError) as err:
         check_vllm_version(version)
     msg = str(err.value)
-    assert "\n" not in msg and f"not vLLM {version}" in msg and "0.32.x" in msg
+    assert "\n" not in msg and f"not vLLM {version}" in msg and "0.32.x, 0.33.x, 0.34.x only" in msg
 
 
 def test_block_lists_passed_through_and_unconverted_layers(synth, tmp_path):

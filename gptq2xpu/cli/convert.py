@@ -13,6 +13,7 @@ from .options import (
     SOURCE_ARG,
     DebugOpt,
     EncodingOpt,
+    FormatOpt,
     JobsOpt,
     JsonOpt,
     KeepOpt,
@@ -46,6 +47,7 @@ def convert(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     scale_dtype: ScaleDtypeOpt = "keep",
+    output_format: FormatOpt = "xpu",
     nibble_encoding: EncodingOpt = "u4b8",
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Largest output shard: "
                                                 "5GB (as Hugging Face saves), 500MB, 2GiB, or bytes.")] = "5GB",
@@ -71,12 +73,15 @@ def convert(
     Every MoE layer's experts become four tensors (w13 and w2, qweight and scales); every other
     tensor is copied byte-identical; config.json gains a "gptq2xpu" block; gptq2xpu-manifest.json
     lists every file with its size and sha256.  The output is byte-identical for every --jobs.
+    With --format compressed-tensors, every 4-bit linear is written as compressed-tensors
+    pack-quantized instead, which stock vLLM serves without the plugin (docs/formats.md).
     """
     from ..convert import convert as run
 
     out = session_output(json_out, quiet, debug)
     options = convert_options(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding, tp_size=tp_size,
                               keep_unsupported=keep_unsupported, dequantize_router=dequantize_router,
+                              output_format=output_format,
                               max_shard_size=max_shard_size, emit_ranks=emit_ranks)
     if emit_ranks and part:
         raise UsageError("--emit-ranks cannot be combined with --part (rank folders are cut from the finished shards)")

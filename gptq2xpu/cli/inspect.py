@@ -11,6 +11,7 @@ from .options import (
     SOURCE_ARG,
     DebugOpt,
     EncodingOpt,
+    FormatOpt,
     JsonOpt,
     KeepOpt,
     QuietOpt,
@@ -39,6 +40,7 @@ def inspect(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     scale_dtype: ScaleDtypeOpt = "keep",
+    output_format: FormatOpt = "xpu",
     nibble_encoding: EncodingOpt = "u4b8",
     tp_size: TpOpt = 1,
     keep_unsupported: KeepOpt = False,
@@ -61,7 +63,8 @@ def inspect(
 
     out = session_output(json_out, quiet, debug)
     options = convert_options(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding, tp_size=tp_size,
-                              keep_unsupported=keep_unsupported, dequantize_router=dequantize_router)
+                              keep_unsupported=keep_unsupported, dequantize_router=dequantize_router,
+                              output_format=output_format)
     ckpt, hub = open_for_inspect(source, revision=revision, token=token)
     with ckpt:
         plan = make_plan(ckpt, options)

@@ -18,7 +18,7 @@ import typer
 from ..contract import ENCODINGS
 from ..errors import UsageError
 from ..plan import ConvertOptions
-from ..plan.options import SCALE_DTYPE_CHOICES
+from ..plan.options import OUTPUT_FORMATS, SCALE_DTYPE_CHOICES
 
 
 def choice_enum(name: str, values) -> type[Enum]:
@@ -28,6 +28,7 @@ def choice_enum(name: str, values) -> type[Enum]:
 
 ScaleDtype = choice_enum("ScaleDtype", SCALE_DTYPE_CHOICES)
 NibbleEncoding = choice_enum("NibbleEncoding", ENCODINGS)
+OutputFormat = choice_enum("OutputFormat", OUTPUT_FORMATS)
 Device = choice_enum("Device", ("auto", "xpu", "cuda", "cpu"))
 ComputeDtype = choice_enum("ComputeDtype", ("auto", "bfloat16", "float16", "float32"))
 Backend = choice_enum("Backend", ("auto", "reference", "xpu-kernels"))
@@ -119,6 +120,10 @@ ScaleDtypeOpt = Annotated[ScaleDtype, typer.Option("--scale-dtype", metavar=choi
 EncodingOpt = Annotated[NibbleEncoding, typer.Option("--nibble-encoding", metavar=choices(NibbleEncoding),
                                                      help="u4b8: offset-8 codes, what vLLM's XPU path feeds the "
                                                      "kernel; s4: signed nibbles (byte ^ 0x88).")]
+FormatOpt = Annotated[OutputFormat, typer.Option("--format", metavar=choices(OutputFormat), help="xpu: stacked "
+                                                 "expert tensors the XPU kernel takes without a copy (vLLM with the "
+                                                 "gptq2xpu plugin); compressed-tensors: pack-quantized W4A16, served "
+                                                 "by stock vLLM of any current release and platform.")]
 TpOpt = Annotated[int, typer.Option("--tp-size", metavar="T", min=1, max=MAX_TP, help="Make every tensor-parallel "
                                     "rank's slice of N hold whole supported groups (regroup, else zero-pad).")]
 KeepOpt = Annotated[bool, typer.Option("--keep-unsupported", help="Write MoE layers the kernel cannot run (e.g. "
@@ -171,11 +176,12 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
 
 def convert_options(*, scale_dtype: Enum | str, nibble_encoding: Enum | str, tp_size: int,
                     keep_unsupported: bool, dequantize_router: bool, max_shard_size: str | int = "5GB",
-                    emit_ranks: bool = False) -> ConvertOptions:
+                    emit_ranks: bool = False, output_format: Enum | str = "xpu") -> ConvertOptions:
     """The :class:`ConvertOptions` of ``convert`` and ``inspect`` from their command-line values."""
     return ConvertOptions(scale_dtype=value(scale_dtype), nibble_encoding=value(nibble_encoding),
                           max_shard_size=parse_size(max_shard_size), keep_unsupported=keep_unsupported,
-                          dequantize_router=dequantize_router, tp_size=tp_size, emit_ranks=emit_ranks)
+                          dequantize_router=dequantize_router, tp_size=tp_size, emit_ranks=emit_ranks,
+                          output_format=value(output_format))
 
 
 def value(choice: Enum | str | None) -> str | None:

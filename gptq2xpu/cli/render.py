@@ -46,6 +46,15 @@ def render_plan(console, data: dict) -> None:
         console.print("tensor parallel: " + ", ".join(
             f"T={t['tp_size']} {t['how']}" + (f" (+{human_bytes(t['extra_bytes'])})" if t["extra_bytes"] else "")
             for t in data["tp"]))
+    if data.get("output_format"):
+        console.print(f"output format [bold]{data['output_format']}[/]: served by {data['serves']}")
+        others = [f"{name}: {where}" for name, where in data.get("formats", {}).items()
+                  if name != data["output_format"]]
+        if others:
+            console.print("other formats (--format): " + "; ".join(others))
+        if data.get("output_format") == "compressed-tensors":
+            console.print(f"compressed-tensors: {data.get('linears', 0)} linear(s) outside the MoE layers also "
+                          f"written pack-quantized; ignored (float) linears: {len(data.get('ignore', []))}")
     for r in data.get("refusals", []):
         console.print(f"[red]refused:[/] {r}")
 

@@ -8,9 +8,8 @@ from ..contract import CONFIG_BLOCK, FLOAT_DTYPE_NAMES, W13_QWEIGHT
 from ..errors import InputError
 from ..naming import classify, detect_family, natural_key, nested_text_config, routing_params
 from ..read import Checkpoint, read_quant_config
-from ..safetensors_io import PlannedTensor
 from .layers import plan_layer
-from .model import LayerPlan, OutputItem, Plan
+from .model import LayerPlan, Plan
 from .options import ConvertOptions
 from .runtime_dims import runtime_dims
 from .shards import assign_shards
@@ -38,7 +37,14 @@ def build_plan(ckpt: Checkpoint, options: ConvertOptions | None = None) -> Plan:
     if not any(lyr.converts for lyr in layers) and not any(lyr.action == "refuse" for lyr in layers):
         raise InputError(f"{ckpt.origin}: no quantized MoE layers to convert (every MoE layer is float or kept "
                          "unchanged)")
-    items, passthrough = _output_items(ckpt, layers, options)
+    from ..outputs import output_format
+
+    if options.compressed_tensors:
+        kept = [lyr.prefix for lyr in layers if lyr.kind == "unsupported" and lyr.action == "passthrough"]
+        if kept:
+            raise InputError(f"{kept[0]}: layers kept unchanged (--keep-unsupported) cannot be written as "
+                             "compressed-tensors pack-quantized 4-bit; use --format xpu")
+    items, passthrough, linears, ignore = output_format(options.output_format).items(ckpt, layers, options, quant)
     return Plan(
         origin=ckpt.origin,
         family=family,
@@ -51,6 +57,8 @@ def build_plan(ckpt: Checkpoint, options: ConvertOptions | None = None) -> Plan:
         warnings=_router_warnings(layers, options),
         routing=routing_params(ckpt.config, family, max((lyr.experts for lyr in layers), default=1)).to_dict(),
         provenance=dict(ckpt.provenance),
+        linears=linears,
+        ignore=ignore,
     )
 
 
@@ -62,31 +70,6 @@ def _refuse_converted(ckpt: Checkpoint) -> None:
                else f"it holds fused expert tensors such as {fused}")
         raise InputError(f"{ckpt.origin}: already converted to the XPU layout ({why}); give the GPTQ checkpoint it "
                          f"was made from, or check this one with `gptq2xpu verify {ckpt.origin}`")
-
-
-def _output_items(ckpt: Checkpoint, layers: list[LayerPlan], options: ConvertOptions):
-    """Every output tensor and where its bytes come from, in tensor-name order; and the source
-    tensors written unchanged."""
-    consumed = set()
-    items: list[OutputItem] = []
-    for layer in layers:
-        if not layer.converts:
-            continue
-        consumed.update(layer.source_tensors)
-        for t in layer.output_tensors():
-            items.append(OutputItem(t, t.name.rsplit(".", 1)[1], layer.prefix))
-        if layer.router_quantized and options.dequantize_router:
-            consumed.update(layer.routers)
-            fields = {n.rsplit(".", 1)[1]: n for n in layer.routers}
-            n_out = ckpt.ref(fields["qweight"]).shape[1]
-            weight = PlannedTensor(f"{layer.prefix}.gate.weight", _float_dtype(ckpt.config), (n_out, layer.hidden))
-            items.append(OutputItem(weight, "router", layer.prefix))
-    passthrough = [n for n in ckpt.tensors if n not in consumed]
-    for n in passthrough:
-        ref = ckpt.tensors[n]
-        items.append(OutputItem(PlannedTensor(n, ref.dtype, ref.shape), "copy", n))
-    items.sort(key=lambda it: natural_key(it.tensor.name))
-    return items, passthrough
 
 
 def _router_warnings(layers: list[LayerPlan], options: ConvertOptions) -> list[str]:
@@ -101,7 +84,7 @@ def _router_warnings(layers: list[LayerPlan], options: ConvertOptions) -> list[s
     return warnings
 
 
-def _float_dtype(config: dict) -> str:
+def float_dtype(config: dict) -> str:
     """The model's float dtype (a dequantized router is written in it)."""
     cfg = nested_text_config(config)
     name = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or "bfloat16")

@@ -265,6 +265,8 @@ def _scale_dtypes(specs: dict[str, ProjSpec], options: ConvertOptions, info: dic
 def _geometry(info: dict, src_dtype: str, dst_dtype: str, options: ConvertOptions) -> tuple[LayerGeometry, list[str]]:
     """Group sizes the kernel runs (regrouped losslessly, tensor-parallel aware), padding, notes."""
     k, n, src_groups, specs = info["hidden"], info["intermediate"], info["source_groups"], info["specs"]
+    if options.compressed_tensors:
+        return _ct_geometry(info, src_dtype, dst_dtype, options)
     g13 = largest_group([src_groups["gate"], src_groups["up"]], divides=[k])
     if g13 is None:
         raise _Refusal("unsupported", f"group size {src_groups['gate']} along K={k} cannot be expressed as groups of "
@@ -285,6 +287,25 @@ def _geometry(info: dict, src_dtype: str, dst_dtype: str, options: ConvertOption
     if src_dtype != dst_dtype:
         notes.append(f"scales cast {src_dtype} -> {dst_dtype}")
     return LayerGeometry(info["experts"], k, n, padded, g13, g2), notes
+
+
+def _ct_geometry(info: dict, src_dtype: str, dst_dtype: str, options: ConvertOptions
+                 ) -> tuple[LayerGeometry, list[str]]:
+    """compressed-tensors: one group size for the layer's three projections (vLLM's MoE method
+    takes one scheme per layer), the largest the kernel runs that divides every source group, K
+    and each rank's share of N; never padding (weight_shape would disagree with the config)."""
+    k, n, src_groups, tp = info["hidden"], info["intermediate"], info["source_groups"], options.tp_size
+    g = largest_group(list(src_groups.values()), divides=[k, n // tp]) if n % tp == 0 else None
+    if g is None:
+        split = f", {n // tp if n % tp == 0 else n / tp:g} per rank at --tp-size {tp}," if tp > 1 else ""
+        raise _Refusal("unsupported", f"no group size of {_GROUPS_TEXT} divides the source groups "
+                                      f"{'/'.join(str(src_groups[r]) for r in ROLES)}, K={k} and N={n}{split} "
+                                      "(compressed-tensors output is never zero-padded; --format xpu pads)", **info)
+    notes = [f"{role}: {'per-channel' if info['specs'][role].groups == 1 else f'group {src_groups[role]}'} "
+             f"re-expressed as groups of {g} (scales repeated, lossless)" for role in ROLES if src_groups[role] != g]
+    if src_dtype != dst_dtype:
+        notes.append(f"scales cast {src_dtype} -> {dst_dtype}")
+    return LayerGeometry(info["experts"], k, n, n, g, g), notes
 
 
 # ----------------------------------------------------------------------------------- helpers

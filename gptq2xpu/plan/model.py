@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ..naming import natural_key
 from ..read import QuantConfig
 from ..read.paths import text_name
 from ..safetensors_io import PlannedTensor, ShardLayout
-from .options import ConvertOptions
+from .options import OUTPUT_FORMATS, ConvertOptions
 from .tp import tp_report
 
 _TORCH_NAME = {v: k for k, v in FLOAT_DTYPE_NAMES.items()}
@@ -124,12 +125,47 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class LinearPlan:
+    """One quantized linear written on its own (``--format compressed-tensors``): where its packed
+    words and scales are in the source and the group size it is written with."""
+
+    module: str                  # e.g. model.layers.0.self_attn.o_proj, model.layers.0.mlp.experts.3.down_proj
+    format: str                  # source format: gptq | compressed-tensors
+    fields: dict[str, str]       # source field -> tensor name
+    spec: ProjSpec               # as the source stores it
+    group: int                   # output group size
+    scale_dtype: str             # output scale dtype (safetensors name)
+    row_parallel: bool = False   # vLLM splits its input across tensor-parallel ranks
+
+    @property
+    def in_features(self) -> int:
+        return self.spec.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.spec.out_features
+
+    def summary(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "group_size": self.group,
+                "source_group_size": self.spec.group_size, "source_scale_dtype": self.spec.scale_dtype,
+                "scale_dtype": self.scale_dtype, "row_parallel": self.row_parallel}
+
+
+def expert_linear(layer: LayerPlan, e: int, role: str) -> LinearPlan:
+    """Expert ``e``'s ``role`` projection of a converted MoE layer as a linear of its own."""
+    return LinearPlan(f"{layer.prefix}.experts.{e}.{layer.proj_names[role]}", layer.format, layer.fields(e, role),
+                      layer.specs[role], layer.geometry.g2 if role == "down" else layer.geometry.g13,
+                      layer.scale_dtype, row_parallel=role == "down")
+
+
+@dataclass(frozen=True)
 class OutputItem:
     """Where one output tensor's bytes come from."""
 
     tensor: PlannedTensor
     source: str          # "copy" | "w13_qweight" | "w13_scales" | "w2_qweight" | "w2_scales" | "router"
-    ref: str             # source tensor name (copy) or layer prefix
+    #                      | "weight_packed" | "weight_scale" | "weight_shape" (compressed-tensors)
+    ref: str             # source tensor name (copy), layer prefix, or linear module (compressed-tensors)
 
 
 @dataclass
@@ -156,6 +192,10 @@ class Plan:
     data_fingerprint: str = ""
     #: where the source came from, publishable (:func:`gptq2xpu.read.resolve.provenance`)
     provenance: dict = field(default_factory=dict)
+    #: compressed-tensors: the quantized linears outside converted MoE layers, by module
+    linears: dict[str, LinearPlan] = field(default_factory=dict)
+    #: compressed-tensors: float linear modules (the quantization_config's ``ignore``)
+    ignore: list[str] = field(default_factory=list)
 
     @property
     def converted(self) -> list[LayerPlan]:
@@ -169,11 +209,32 @@ class Plan:
     def bytes_out(self) -> int:
         return sum(s.layout.file_size for s in self.shards)
 
+    def _tp_report(self) -> list[dict]:
+        """:func:`tp_report`; a compressed-tensors output is never padded: sizes that need it cannot be
+        written in that format."""
+        rows = tp_report(self.converted, requested=self.options.tp_size) if self.converted else []
+        if self.options.compressed_tensors:
+            for row in rows:
+                if row["how"] == "pad":
+                    row.update(how="impossible (needs zero-padding: --format xpu)", extra_bytes=0)
+        return rows
+
     def layer(self, prefix: str) -> LayerPlan:
         for lyr in self.layers:
             if lyr.prefix == prefix:
                 return lyr
         raise KeyError(prefix)
+
+    def linear(self, module: str) -> LinearPlan:
+        """A linear written on its own: one of :attr:`linears`, or an expert projection of a converted
+        MoE layer (``<prefix>.experts.<e>.<proj>``, built here so that no plan holds one object per
+        expert) with the layer's single group size."""
+        found = self.linears.get(module)
+        if found is not None:
+            return found
+        head, e, proj = module.rsplit(".", 2)
+        layer = self.layer(head.removesuffix(".experts"))
+        return expert_linear(layer, int(e), next(r for r, p in layer.proj_names.items() if p == proj))
 
     def raise_refusals(self) -> None:
         refused = self.refused
@@ -188,7 +249,7 @@ class Plan:
         groups13 = sorted({lyr.geometry.g13 for lyr in conv})
         groups2 = sorted({lyr.geometry.g2 for lyr in conv})
         scale_dtypes = sorted({lyr.scale_dtype for lyr in conv})
-        return {
+        block = {
             "format": "xpu-int4-moe",
             "format_version": FORMAT_VERSION,
             "tool": "gptq2xpu",
@@ -222,6 +283,7 @@ class Plan:
                                          for r in lyr.routers), key=natural_key),
             "dequantized_routers": [f"{lyr.prefix}.gate.weight" for lyr in self.layers
                                     if lyr.router_quantized and lyr.converts and self.options.dequantize_router],
+            "output_format": self.options.output_format,
             "source": {
                 **self.published_origin(),
                 "family": self.family,
@@ -234,6 +296,9 @@ class Plan:
                                     "checked from the data"),
             },
         }
+        if self.options.compressed_tensors:
+            _ct_block(self, block)
+        return block
 
     def published_origin(self) -> dict:
         """The source as the config block records it: the repo id (with the revision asked for and
@@ -261,8 +326,41 @@ class Plan:
             "bytes_out": self.bytes_out,
             "warnings": list(self.warnings),
             "refusals": [f"{lyr.prefix}: {lyr.reason}" for lyr in self.refused],
-            "tp": tp_report(self.converted, requested=self.options.tp_size) if self.converted else [],
+            "output_format": self.options.output_format,
+            "serves": _serves(self.options.output_format),
+            "formats": {name: _serves(name) for name in OUTPUT_FORMATS},
+            **({"linears": len(self.linears), "ignore": list(self.ignore)} if self.options.compressed_tensors else {}),
+            "tp": self._tp_report(),
         }
+
+
+def _serves(name: str) -> str:
+    from ..outputs import output_format
+
+    return output_format(name).serves
+
+
+#: What the ``layout`` of a compressed-tensors output's block says.
+CT_LAYOUT = {
+    "weight_packed": "int32 [N, K/8] per linear: input 8c+j in bits 4j..4j+3 of word [n, c]; code q means "
+                     "(q - 8) * scale (the source's GPTQ qweight transposed)",
+    "weight_scale": "[N, K/group]",
+    "weight_shape": "int64 [2] = [N, K]",
+    "tensor_names": "<module>.{weight_packed,weight_scale,weight_shape}; a converted MoE layer's experts: "
+                    "<prefix>.experts.<e>.<gate/up/down projection>",
+    "experts_as_xpu_rows": "an expert's gate then up weight_packed, as little-endian bytes, are its w13 rows of "
+                           "the xpu format; its down weight_packed its w2 rows",
+}
+
+
+def _ct_block(plan: Plan, block: dict) -> None:
+    """A compressed-tensors output's block: its layout, the linears outside the MoE layers, and the
+    source's own quantization description (``source.quantization_config``: the output's
+    ``quantization_config`` is compressed-tensors')."""
+    block["layout"] = dict(CT_LAYOUT)
+    block["linears"] = {m: lin.summary() for m, lin in sorted(plan.linears.items(), key=lambda kv: natural_key(kv[0]))}
+    block["quantized_routers"] = []
+    block["source"]["quantization_config"] = json.loads(json.dumps(plan.quant.raw))
 
 
 def _layer_block(lyr: LayerPlan) -> dict:

@@ -470,9 +470,15 @@ def check_passthrough(src: Checkpoint, out: Checkpoint, block: ConvertedBlock) -
     dequantized = {d for d in block.dequantized_routers if d not in src.tensors}
     dequant_prefixes = {d.rsplit(".", 1)[0] + "." for d in dequantized}
     expert_prefixes = tuple(f"{p}.experts." for p in layers)
+    # compressed-tensors: the linears outside the MoE layers changed form (check_linear_bits)
+    source_fields = ("qweight", "scales", "qzeros", "g_idx", "weight_packed", "weight_scale", "weight_shape",
+                     "weight_zero_point", "weight_g_idx")
+    converted_src = {f"{m}.{f}" for m in block.linears for f in source_fields}
+    converted_out |= {f"{m}.{f}" for m in block.linears for f in ("weight_packed", "weight_scale", "weight_shape")}
     problems = []
     for name in src.tensors:
-        if name.startswith(expert_prefixes) or any(name.startswith(d) for d in dequant_prefixes):
+        if name.startswith(expert_prefixes) or any(name.startswith(d) for d in dequant_prefixes) \
+                or name in converted_src:
             continue
         if name not in out.tensors:
             problems.append(f"{name}: in the source but missing from the output")
@@ -501,3 +507,43 @@ def _same_bytes(src, sref, out, ref, chunk: int = 8 << 20) -> bool:
         if not np.array_equal(a[:size], b[:size]):
             return False
     return True
+
+
+def check_linear_bits(src: Checkpoint, out: Checkpoint, block: ConvertedBlock) -> list[str]:
+    """A compressed-tensors output's linears outside the MoE layers against the source: packed
+    words are the source's (GPTQ ``qweight`` transposed: ``weight_packed[n, c] == qweight[c, n]``),
+    the source's zero points are the symmetric 8 and its rows in natural order, and every scale is
+    its source group's scale, cast as recorded."""
+    ct = block.checkpoint_format == "pack-quantized"
+    nibble = _SYM_ZERO - (0 if ct else block.zero_offset)
+    problems: list[str] = []
+    for module, lin in block.linears.items():
+        fields = {"packed": "weight_packed", "scales": "weight_scale", "zeros": "weight_zero_point",
+                  "g_idx": "weight_g_idx"} if ct else {"packed": "qweight", "scales": "scales", "zeros": "qzeros",
+                                                        "g_idx": "g_idx"}
+        src_name = {k: f"{module}.{v}" for k, v in fields.items()}
+        missing = [n for k, n in src_name.items() if k in ("packed", "scales") and n not in src.tensors]
+        if missing:
+            problems.append(f"{missing[0]}: missing from the source")
+            continue
+        words = src.read(src_name["packed"])
+        words = words if ct else words.T
+        if not np.array_equal(out.read(f"{module}.weight_packed"), words):
+            problems.append(f"{module}.weight_packed: differs from the source's "
+                            f"{'weight_packed' if ct else 'qweight transposed'}")
+        if src_name["zeros"] in src.tensors:
+            z = src.read(src_name["zeros"])
+            if (z.dtype == np.int32 and not (z.view(np.uint32) == np.uint32(nibble * 0x11111111)).all()) or \
+                    (z.dtype != np.int32 and (z.dtype == np.uint8 or (z != 0).any())):
+                problems.append(f"{src_name['zeros']}: zero points are not the symmetric 8")
+        if src_name["g_idx"] in src.tensors and not np.array_equal(
+                src.read(src_name["g_idx"]), np.arange(lin.in_features) // lin.source_group_size):
+            problems.append(f"{src_name['g_idx']}: rows reordered")
+        s = _scales_f32(src, src_name["scales"])
+        s = s if ct else s.T
+        want = _cast_bits(np.repeat(s, lin.source_group_size // lin.group_size, axis=1), lin.scale_dtype)
+        got = out.read(f"{module}.weight_scale").view(np.uint16).reshape(want.shape)
+        if not np.array_equal(got, want):
+            problems.append(f"{module}.weight_scale: differs from the source's scales (regrouped "
+                            f"{lin.source_group_size} -> {lin.group_size}, cast to {lin.scale_dtype})")
+    return problems

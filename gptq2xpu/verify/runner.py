@@ -225,7 +225,7 @@ def overlaps(device) -> bool:
 
 def _bit_exact(src, out, block: ConvertedBlock, prefixes, unread: dict[str, str], findings: Findings, exhaustive,
                jobs, report, progress) -> None:
-    from .bits import check_layer_bits, check_passthrough, restore_torch_threads
+    from .bits import check_layer_bits, check_linear_bits, check_passthrough, restore_torch_threads
 
     t_bits = time.perf_counter()
     bit_problems = [f"{prefix}: not compared: {why}" for prefix, why in unread.items()]
@@ -248,6 +248,11 @@ def _bit_exact(src, out, block: ConvertedBlock, prefixes, unread: dict[str, str]
                  "; ".join(bit_problems[:10]) if bit_problems else
                  f"{len(prefixes)} layers: codes, zero points, row order, scales equal the source "
                  f"({'every' if exhaustive else 'sampled'} expert also decoded nibble by nibble)")
+    if block.compressed_tensors:
+        lin = check_linear_bits(src, out, block)
+        findings.add("bit-exact linears", not lin, "; ".join(lin[:10]) if lin else
+                     f"{len(block.linears)} linear(s) outside the MoE layers: packed words, zero points, row order, "
+                     "scales equal the source")
     pt = check_passthrough(src, out, block)
     findings.add("pass-through tensors", not pt,
                  "; ".join(pt[:10]) if pt else "every other tensor byte-identical to the source")

@@ -325,6 +325,32 @@ def _check_layer(ckpt: Checkpoint, layer: ConvertedLayer) -> list[str]:
     return out
 
 
+def check_compressed_tensors(ckpt: Checkpoint, block: ConvertedBlock, findings: Findings):
+    """A compressed-tensors output: its per-expert tensors stack into the block's layout (the
+    returned view presents them stacked, so the checks of the stacked layout run on it), every
+    ``weight_shape`` holds its projection's shape, the linears outside the MoE layers are as the
+    block says, and config.json's ``quantization_config`` is a valid compressed-tensors one."""
+    from .ct_view import StackedView, config_problems, linear_problems, part_problems, shape_problems
+
+    broken, problems = set(), []
+    for prefix, layer in block.layers.items():
+        found = part_problems(ckpt, layer)
+        found = found or shape_problems(ckpt, layer)
+        if found:
+            broken.add(prefix)
+        problems += found
+    findings.add("compressed-tensors experts", not problems, listing(problems, 20) if problems else
+                 f"{len(block.layers)} layer(s): every expert's weight_packed, weight_scale and weight_shape as the "
+                 "block says")
+    lin = linear_problems(ckpt, block, _scales_finite)
+    findings.add("compressed-tensors linears", not lin, listing(lin, 20) if lin else
+                 f"{len(block.linears)} linear(s) outside the MoE layers: dtypes, shapes, weight_shape, finite scales")
+    cfg, how = config_problems(ckpt.config, block)
+    findings.add("quantization_config", not cfg, listing(cfg) if cfg else
+                 f"compressed-tensors pack-quantized, 4-bit symmetric groups ({how})")
+    return StackedView(ckpt, block, skip=broken)
+
+
 def open_output(folder: Path) -> tuple[Checkpoint, ConvertedBlock | str]:
     """Open a converted folder (untrusted: no links, validated like any checkpoint) and its config
     block: ``(checkpoint, parsed block or why it does not parse)``.
@@ -385,8 +411,11 @@ def verify_standalone(folder: Path, findings: Findings, jobs: int = 2, *, skip_m
         findings.fail("config block", block)
         ckpt.close()
         return None, None, set()
+    kind = ", compressed-tensors" if block.compressed_tensors else ""
     findings.add("config block", True, f"format_version {FORMAT_VERSION}, nibble_encoding {block.nibble_encoding}, "
-                 f"{len(block.layers)} converted layer(s)")
+                 f"{len(block.layers)} converted layer(s){kind}")
+    if block.compressed_tensors:
+        ckpt = check_compressed_tensors(ckpt, block, findings)
     mismatched = check_layout(ckpt, block, findings)
     check_ranks(folder, ckpt, block, findings)
     return ckpt, block, mismatched

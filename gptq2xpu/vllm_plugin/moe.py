@@ -26,20 +26,18 @@ import os
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import FusedMoEConfig, FusedMoEMethodBase, UnquantizedFusedMoEMethod
-from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import (
-    convert_to_wna16_moe_kernel_format,
-    select_wna16_moe_backend,
-)
+from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import select_wna16_moe_backend
 from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig, AutoGPTQMoEMethod
-from vllm.model_executor.layers.quantization.utils.marlin_utils import get_marlin_input_dtype
 from vllm.model_executor.layers.quantization.utils.quant_utils import QuantKey, kInt4StaticGroupScale
 from vllm.model_executor.utils import replace_parameter
 from vllm.scalar_type import scalar_types
 
-from ..contract import EXPERT_TENSORS, W2_QWEIGHT, W2_SCALES, W13_QWEIGHT, W13_SCALES, ConvertedBlock, ConvertedLayer
+from ..contract import EXPERT_TENSORS, W2_QWEIGHT, W13_QWEIGHT, ConvertedBlock, ConvertedLayer
 from ..errors import InputError
 from ..serving import EXPERTS_ENV
+from .compat import marlin_input_dtype, to_kernel_format
 from .slices import copy_rank_slice, rank_shape
+from .xpu_experts import hand_over_signed
 
 logger = init_logger("vllm.gptq2xpu")
 
@@ -50,6 +48,8 @@ _V1_SYMMETRIC_QZEROS = 0x77777777
 #: Backends whose conversion rewrites the layer's GPTQ-layout parameters in place instead of
 #: taking canonical tensors (convert_to_wna16_moe_kernel_format returns None for them).
 _IN_PLACE_BACKENDS = ("HUMMING",)
+#: vLLM's XPU int4 MoE backend: the experts go to it as signed nibbles (see .xpu_experts).
+_XPU_BACKEND = "XPU"
 
 
 def experts_mode() -> str:
@@ -75,7 +75,7 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
             weight_bits=4, group_size=self.group, desc_act=False, is_sym=True, lm_head_quantized=False,
             dynamic={}, full_config={"quant_method": "gptq", "bits": 4, "group_size": self.group,
                                      "sym": True, "desc_act": False})
-        self.input_dtype = get_marlin_input_dtype(prefix)
+        self.input_dtype = marlin_input_dtype(prefix)
         self.use_marlin = True
         self.wna16_moe_backend = self.experts_cls = None
         self.fallback: UnquantizedFusedMoEMethod | None = None
@@ -193,20 +193,22 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
         k, n = w2.shape[1], rows // 2
         z13 = torch.full((num, rows // 8, k // self.group), _V1_SYMMETRIC_QZEROS, dtype=torch.int32, device=w13.device)
         z2 = torch.full((num, k // 8, n // self.group), _V1_SYMMETRIC_QZEROS, dtype=torch.int32, device=w13.device)
-        converted = convert_to_wna16_moe_kernel_format(
+        converted = to_kernel_format(
             backend=self.wna16_moe_backend, layer=layer, quant_config=self.quant_config,
             input_dtype=self.input_dtype, w13=w13, w2=w2, w13_scale=s13, w2_scale=s2,
             w13_qzeros=z13, w2_qzeros=z2, w13_bias=None, w2_bias=None)
-        w13, w2, s13, s2, z13, z2, g13, g2, _, _ = converted
-        for name, value in ((W13_QWEIGHT, w13), (W2_QWEIGHT, w2), (W13_SCALES, s13), (W2_SCALES, s2)):
-            replace_parameter(layer, name, value)
-        for name, value in (("w13_qzeros", z13), ("w2_qzeros", z2), ("w13_input_global_scale", g13),
-                            ("w2_input_global_scale", g2)):
+        if converted is None:  # pragma: no cover - in-place backends are refused in __init__
+            raise InputError(f"{self.prefix}: vLLM's {self.wna16_moe_backend.value} backend rewrote the layer in place")
+        for name in EXPERT_TENSORS:
+            replace_parameter(layer, name, converted.pop(name))
+        for name, value in converted.items():  # zero points, input global scales where the release has them
             if value is not None:
                 layer.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
         layer.w13_weight = layer.w13_qweight  # the modular kernel reads w13_weight/w2_weight
         layer.w2_weight = layer.w2_qweight
         self._setup_kernel(layer)
+        if self.wna16_moe_backend.name == _XPU_BACKEND:
+            hand_over_signed(self.moe_kernel, layer.w13_qweight, layer.w2_qweight)
 
     def _dequantize(self, layer) -> None:
         """Dequantize into vLLM's unquantized MoE parameters, then hand the layer to that method."""

@@ -24,8 +24,10 @@ from ..repack import (
     fill_w13,
     from_float32,
     layer_scales,
+    linear_scales,
     read_role_scales,
     read_rows,
+    read_scales,
     to_float32,
 )
 
@@ -101,6 +103,9 @@ class ShardSource:
                 per = max(1, SCALES_CHUNK // max(1, step))
                 out.extend((start + e * step, lambda lyr=layer, k=kind, e=e, n=per: self._scales(lyr, k, e, n))
                            for e in range(0, layer.experts, per))
+            elif kind in ("weight_packed", "weight_scale", "weight_shape"):
+                linear = self.plan.linear(item.ref)
+                out.append((start, lambda lin=linear, k=kind: self._linear(lin, k)))
             elif kind == "router":
                 layer = self.plan.layer(item.ref)
                 out.append((start, lambda lyr=layer, t=item.tensor: self._router(lyr, t)))
@@ -162,6 +167,22 @@ class ShardSource:
             dst_dtype=layer.scale_dtype,
         )
         return Chunk(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+
+    def _linear(self, lin, kind: str) -> Chunk:
+        """One tensor of a linear written on its own (``--format compressed-tensors``): its packed
+        words as rows ``[N, K/8]`` (GPTQ transposed), its scales ``[N, K/group]``, or its shape."""
+        fmt = FORMATS[lin.format]
+        n, k = lin.out_features, lin.in_features
+        if kind == "weight_shape":
+            return Chunk(memoryview(np.array([n, k], dtype="<i8").view(np.uint8)))
+        if kind == "weight_scale":
+            arr = linear_scales(read_scales(self.ckpt, fmt, lin.fields), src_group=lin.spec.group_size,
+                                group=lin.group, src_dtype=lin.spec.scale_dtype, dst_dtype=lin.scale_dtype)
+            return Chunk(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+        buf = self.pool.get(n * k // 2)
+        read_rows(self.ckpt, fmt, lin.fields, buf.view(np.int32).reshape(n, k // 8),
+                  self._scratch(n * k // 2).view(np.int32))
+        return Chunk(memoryview(buf), lambda: self.pool.put(buf))
 
     def _router(self, layer, tensor) -> Chunk:
         fields = {n.rsplit(".", 1)[1]: n for n in layer.routers}

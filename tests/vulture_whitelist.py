@@ -44,6 +44,9 @@ _used_outside_the_scanned_code = (
     _.close_connection,
     # tests/_released_kernel.py: the import system finds a package's modules through __path__
     _.__path__,
+    # gptq2xpu/read/regex.py: options google-re2 reads
+    _.max_mem,
+    _.log_errors,
     # tests/conftest.py: pytest hooks; tests/test_vllm_serving.py: pytest reads pytestmark
     _.pytest_runtest_logreport,
     _.pytest_sessionfinish,

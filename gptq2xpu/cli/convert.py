@@ -11,12 +11,9 @@ from ..errors import UsageError
 from .options import (
     OUTPUT_ARG,
     SOURCE_ARG,
-    DebugOpt,
     EncodingOpt,
     JobsOpt,
-    JsonOpt,
     KeepOpt,
-    QuietOpt,
     RevisionOpt,
     RouterOpt,
     ScaleDtypeOpt,
@@ -62,9 +59,6 @@ def convert(
                                             "the new one is complete).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (from headers alone) and write "
                                           "nothing.")] = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ):
     """Convert a GPTQ int4 MoE checkpoint into the XPU fused-MoE layout.
 
@@ -74,7 +68,7 @@ def convert(
     """
     from ..convert import convert as run
 
-    out = session_output(json_out, quiet, debug)
+    out = session_output()
     options = convert_options(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding, tp_size=tp_size,
                               keep_unsupported=keep_unsupported, dequantize_router=dequantize_router,
                               max_shard_size=max_shard_size, emit_ranks=emit_ranks)

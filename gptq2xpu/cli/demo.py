@@ -15,6 +15,7 @@ import typer
 
 from .. import interrupts
 from ..errors import UsageError, VerificationError
+from ..optional_torch import require_torch
 from ..testing.synth import FAMILIES
 from .options import DeviceOpt, choice, nonempty
 from .output import human_bytes, session_output
@@ -58,6 +59,7 @@ def demo(
     from ..verify.runner import verify
 
     out = session_output()
+    require_torch("demo (it verifies against the source)")
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="gptq2xpu-demo-"))
     try:
         if keep and (root / "source").exists():

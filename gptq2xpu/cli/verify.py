@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import VerificationError
+from ..optional_torch import require_torch
 from ..verify import MAX_SEED, MAX_TOKENS
 from .options import (
     BACKENDS,
@@ -102,6 +103,8 @@ def verify(
     from ..verify.runner import verify as run
 
     out = session_output()
+    if source is not None:
+        require_torch("verify --source")
     unused = [opt for name, opt in _NEED_SOURCE.items() if given(ctx, name)] if source is None else []
     if unused:
         out.warn(f"{', '.join(unused)} ignored: only the checks against the GPTQ source use "

@@ -306,8 +306,9 @@ def parse_header(raw: bytes, file_size: int, path: str = "<bytes>", *,
         raise InputError(f"{path}: truncated: header claims {n} bytes but the file has {file_size}")
     if len(raw) < 8 + n:
         raise InputError(f"{path}: truncated header")
-    _check_count(raw.count(b'"data_offsets"', 8, 8 + n), path)
-    return _parse_text(_decode(memoryview(raw)[8 : 8 + n], path), n, file_size, path, table)
+    text = _decode(memoryview(raw)[8 : 8 + n], path)
+    _check_count(text.count('"data_offsets"'), path)
+    return _parse_text(text, n, file_size, path, table)
 
 
 def _check_count(entries: int, path: str) -> None:

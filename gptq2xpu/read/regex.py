@@ -12,7 +12,9 @@ both accept but read differently are refused here, each with a message that says
   line anchors differ in detail);
 * ``\\d \\w \\s \\b`` (and negations) and ``$`` mean the same in both on printable ASCII only
   (Python's are Unicode-aware, and its ``$`` also matches before a final newline): a name outside
-  printable ASCII is refused when matched by such a pattern, never answered differently.
+  printable ASCII is refused when matched by such a pattern, never answered differently; and
+  ``\\B`` never matches an empty string in Python (before 3.14) but does in RE2: an empty name
+  matched by a pattern using it is refused.
 
 ``\\Z`` (end of text) is passed to RE2 as ``\\z``, its spelling there.
 """
@@ -69,7 +71,7 @@ class Regex:
             raise Unsupported(f"invalid regular expression: {exc}") from None
         except RecursionError:
             raise Unsupported("invalid regular expression: nested too deeply") from None
-        translated, self._ascii_only = _scan(pattern)
+        translated, self._ascii_only, self._nonboundary = _scan(pattern)
         options = re2.Options()
         options.max_mem = MAX_MEM_PER_PATTERN
         options.log_errors = False
@@ -84,8 +86,11 @@ class Regex:
         (budget or Budget()).take(self._re2.programsize)
 
     def _text(self, text: str) -> str:
-        if text.isascii() and text.isprintable():
+        if text and text.isascii() and text.isprintable():
             return text
+        if not text and self._nonboundary:
+            raise Unsupported("cannot match an empty name: the pattern uses \\B, which RE2 and Python re "
+                              "read differently there")
         if self._ascii_only:
             raise Unsupported(f"cannot match the name {ascii(text)[:120]}: the pattern uses \\d, \\w, \\s, \\b "
                               "or $, which RE2 and Python re read differently outside printable ASCII")
@@ -102,17 +107,19 @@ class Regex:
         return self._re2.fullmatch(self._text(text)) is not None
 
 
-def _scan(pattern: str) -> tuple[str, bool]:
+def _scan(pattern: str) -> tuple[str, bool, bool]:
     """Walk a pattern Python ``re`` has accepted: refuse what RE2 would read differently, spell
-    ``\\Z`` as RE2 does, and say whether the pattern uses a construct that is ASCII-only in RE2."""
+    ``\\Z`` as RE2 does, and say whether the pattern uses a construct that is ASCII-only in RE2
+    and whether it uses ``\\B``."""
     out: list[str] = []
-    ascii_only = False
+    ascii_only = nonboundary = False
     i, n, in_class, class_start = 0, len(pattern), False, False
     while i < n:
         c = pattern[i]
         if c == "\\" and i + 1 < n:
             e = pattern[i + 1]
             ascii_only |= e in _ASCII_SENSITIVE
+            nonboundary |= e == "B" and not in_class
             out.append("\\z" if e == "Z" and not in_class else c + e)
             i += 2
             continue
@@ -139,4 +146,4 @@ def _scan(pattern: str) -> tuple[str, bool]:
                                   "case-insensitive and multi-line matching differ between RE2 and Python re")
         out.append(c)
         i += 1
-    return "".join(out), ascii_only
+    return "".join(out), ascii_only, nonboundary

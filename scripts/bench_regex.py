@@ -6,6 +6,8 @@ the tests hold: RE2 (``gptq2xpu.read.regex``, google-re2) and the ``regex`` pack
 (after imports) are printed, one line each, and a Markdown table at the end.
 
     python scripts/bench_regex.py [--timeout 1.0]
+
+It needs the ``regex`` package (``pip install regex``), which gptq2xpu itself does not use.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ serve)::
     cli/           thin typer commands over the above
     testing/       synthetic checkpoints with ground truth (tests, the demo, benchmarks)
 
-Only ``verify``, ``load`` and the vLLM plugin import torch; ``convert`` and ``inspect`` run on
-numpy alone.
+torch is optional (``pip install 'gptq2xpu[torch]'``, see :mod:`gptq2xpu.optional_torch`): only
+``verify --source``, ``demo``, ``load`` and the vLLM plugin import it; ``convert``, ``inspect``,
+``finalize`` and a standalone ``verify`` run on numpy alone.
 """
 
 __version__ = "0.1.0"

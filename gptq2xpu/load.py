@@ -34,7 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError:  # one line with how to get it, as verify --source and the plugin say it
+    from .optional_torch import require_torch
+
+    require_torch("gptq2xpu.load (the loader)")
 
 from .contract import (
     CONFIG_BLOCK,

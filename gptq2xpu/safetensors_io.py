@@ -8,7 +8,8 @@ The header maps tensor names to ``{"dtype", "shape", "data_offsets": [begin, end
 relative to the start of the data section) plus an optional ``"__metadata__"`` of str -> str.
 
 Everything read here is untrusted: :func:`read_header` checks the header length against the file
-and a cap, that the JSON is an object with well-formed entries, known dtypes, byte ranges inside
+and a cap, parses it with ``json.loads`` (a key given twice refused), and checks that it is an
+object with well-formed entries, known dtypes, byte ranges inside
 the file that match dtype x shape and do not overlap.  Any violation raises :class:`InputError`
 naming the file (and tensor).
 
@@ -21,14 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 from array import array
 from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import islice
-from json.scanner import make_scanner
 
 import numpy as np
 
@@ -107,10 +106,11 @@ class TensorEntry:
 
 class TensorTable(Mapping):
     """The tensors of one or several headers, compact: per tensor only its name (a key of one dict)
-    and a few machine words in arrays -- dtype code, interned shape, byte range -- instead of a
-    dict of Python objects per tensor.  A 48-layer MoE (75 K tensors) takes ~13 MB here, where
-    objects per tensor took ~45 MB plus the parsed JSON.  Looking a name up makes a
-    :class:`TensorEntry`; files are added one after another (:meth:`view` is one file's part)."""
+    and a few machine words in arrays -- dtype code, interned shape, byte range -- instead of an
+    object per tensor.  Measured on a 1 M-tensor header (96 MB, ``scripts/bench_header_memory.py``):
+    the table holds 147 MiB, names included; one :class:`TensorEntry` per tensor would add 167 MiB.
+    Looking a name up makes a :class:`TensorEntry`; files are added one after another
+    (:meth:`view` is one file's part)."""
 
     def __init__(self):
         self._rows: dict[str, int] = {}
@@ -120,7 +120,7 @@ class TensorTable(Mapping):
         self._end = array("q")
         self._shapes: list[tuple[int, ...]] = []
         self._numels: list[int] = []
-        self._shape_ids: dict[str, int] = {}   # shape as its JSON text ("2048,768") -> id
+        self._shape_ids: dict[str, int] = {}   # shape as text ("[2048, 768]") -> id
         self.files: list[str | None] = []
         self._file_rows: list[int] = []        # first row of each file
 
@@ -160,13 +160,13 @@ class TensorTable(Mapping):
                            self._end[r], file)
 
     # ------------------------------------------------------------------ building
-    def _shape_id(self, text: str, dims: tuple[int, ...] | None = None) -> int:
-        sid = self._shape_ids.get(text)
+    def _shape_id(self, dims: list[int] | tuple[int, ...]) -> int:
+        """The id of a valid shape (ints >= 0), interned by its text ``str(list(dims))``."""
+        key = str(list(dims))
+        sid = self._shape_ids.get(key)
         if sid is None:
-            if dims is None:
-                dims = tuple(map(int, text.split(","))) if text else ()
-            sid = self._shape_ids[text] = len(self._shapes)
-            self._shapes.append(dims)
+            sid = self._shape_ids[key] = len(self._shapes)
+            self._shapes.append(tuple(dims))
             self._numels.append(math.prod(dims))
         return sid
 
@@ -197,7 +197,7 @@ class TensorTable(Mapping):
         """Append another header's tensors as file ``file`` (a tensor already here is refused)."""
         first = self._begin_file(file)
         for name, t in tensors.items():
-            sid = self._shape_id(",".join(map(str, t.shape)), tuple(t.shape))
+            sid = self._shape_id(t.shape)
             self._add(name, _DTYPE_CODES[t.dtype], sid, t.start, t.end, first, file)
 
     def view(self, index: int) -> FileTensors:
@@ -273,7 +273,9 @@ class SafetensorsHeader:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _pairs_no_duplicates(pairs):
+def json_object_pairs(pairs):
+    """``object_pairs_hook`` for untrusted JSON: a dict, refusing a key given twice (``json``
+    alone would keep the last one silently)."""
     out = dict(pairs)
     if len(out) != len(pairs):
         seen = set()
@@ -284,14 +286,11 @@ def _pairs_no_duplicates(pairs):
     return out
 
 
-_SCAN = make_scanner(json.JSONDecoder(object_pairs_hook=_pairs_no_duplicates))
-_WS = re.compile(r"[ \t\n\r]*")
-_NUM = r"(?:0|[1-9][0-9]{0,18})"
-#: One tensor entry as every safetensors writer lays it out (compact, keys in this order, a name
-#: without escapes): parsed by one regex match.  Anything else takes the general JSON path.
-_ENTRY = re.compile(rf'"([^"\\\x00-\x1f]*)":\{{"dtype":"([A-Z0-9_]{{1,8}})","shape":\[((?:{_NUM},){{0,15}}{_NUM})?\],'
-                    rf'"data_offsets":\[({_NUM}),({_NUM})\]\}}([,}}])')
-_VALUE_STARTS = frozenset('[{"-0123456789tfn')
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+_SPEC_KEYS = ("dtype", "shape", "data_offsets")
 
 
 def parse_header(raw: bytes, file_size: int, path: str = "<bytes>", *,
@@ -299,9 +298,8 @@ def parse_header(raw: bytes, file_size: int, path: str = "<bytes>", *,
     """Validate a safetensors prefix (at least the 8-byte length + header) against ``file_size``.
 
     The tensors go into ``table`` (a new one by default; :func:`open_checkpoint` passes one table
-    for all shards, which also finds a tensor stored in two of them).  The JSON is read entry by
-    entry, never as one document: a header filled to the cap with tiny entries costs its compact
-    records, not a dict per entry, and more than :data:`MAX_TENSORS` are refused up front."""
+    for all shards, which also finds a tensor stored in two of them).  More than
+    :data:`MAX_TENSORS` entries are refused before the JSON is parsed."""
     if file_size < 8 or len(raw) < 8:
         raise InputError(f"{path}: not a safetensors file (only {file_size} bytes)")
     (n,) = struct.unpack("<Q", raw[:8])
@@ -311,7 +309,9 @@ def parse_header(raw: bytes, file_size: int, path: str = "<bytes>", *,
         raise InputError(f"{path}: truncated: header claims {n} bytes but the file has {file_size}")
     if len(raw) < 8 + n:
         raise InputError(f"{path}: truncated header")
-    return _parse_text(_decode(memoryview(raw)[8 : 8 + n], path), n, file_size, path, table)
+    text = _decode(memoryview(raw)[8 : 8 + n], path)
+    _check_count(text.count('"data_offsets"'), path)
+    return _parse_text(text, n, file_size, path, table)
 
 
 def _check_count(entries: int, path: str) -> None:
@@ -329,111 +329,71 @@ def _decode(data, path: str) -> str:
 
 
 def _parse_text(text: str, n: int, file_size: int, path: str, table: TensorTable | None) -> SafetensorsHeader:
-    """The header's JSON text (``n`` bytes, length checked) into a validated header."""
-    _check_count(text.count('"data_offsets"'), path)
+    """The header's JSON text (``n`` bytes, length checked) into a validated header.
+
+    ``json.loads`` reads it; its hook turns each well-typed tensor entry into four numbers (dtype
+    code, interned shape, byte range) as soon as it is parsed, so a header of a million entries
+    never holds a dict and two lists per entry.  Syntax and duplicate keys are refused before what
+    the entries mean (first bad entry in order)."""
     table = TensorTable() if table is None else table
-    first = table._begin_file(path)
+    codes, shape_ids = _DTYPE_CODES, table._shape_ids
+
+    def entry_or_object(pairs):
+        if len(pairs) == 3 and (pairs[0][0], pairs[1][0], pairs[2][0]) == _SPEC_KEYS:
+            (_, dtype), (_, shape), (_, offsets) = pairs
+            code = codes.get(dtype) if type(dtype) is str else None
+            if code is not None and type(shape) is list and type(offsets) is list and len(offsets) == 2:
+                # a shape's text is interned only once valid: [true] or [1.0] never meet [1]
+                sid = shape_ids.get(str(shape))
+                if sid is None and _valid_shape(shape):
+                    sid = table._shape_id(shape)
+                begin, end = offsets
+                if sid is not None and type(begin) is int and type(end) is int:
+                    return (code, sid, begin, end)
+        return json_object_pairs(pairs)
+
     try:
-        metadata = _parse_entries(text, path, table, first, 8 + n, file_size - 8 - n)
-    except (ValueError, RecursionError, StopIteration) as exc:  # JSONDecodeError is a ValueError
-        raise InputError(f"{path}: safetensors header is not valid JSON ({_json_error(exc)})") from None
+        doc = json.loads(text, object_pairs_hook=entry_or_object, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise InputError(f"{path}: safetensors header is not valid JSON ({str(exc)[:200]})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: safetensors header is not a JSON object")
+    first = table._begin_file(path)
+    metadata = _add_entries(doc, path, table, first, 8 + n, file_size - 8 - n)
     table._check_overlaps(first, len(table), path)
     return SafetensorsHeader(path, file_size, 8 + n, table.view(len(table.files) - 1), metadata)
 
 
-def _member_name(text: str, pos: int) -> tuple[str, int]:
-    """The quoted name of the object member at ``pos`` (blanks first) and where its value starts."""
-    pos = _WS.match(text, pos).end()
-    if text[pos : pos + 1] != '"':
-        raise ValueError(f"expecting a property name in double quotes at char {pos}")
-    name, pos = _SCAN(text, pos)
-    pos = _WS.match(text, pos).end()
-    if text[pos : pos + 1] != ":":
-        raise ValueError(f"expecting ':' at char {pos}")
-    return name, _WS.match(text, pos + 1).end()
+def _add_entries(doc: dict, path: str, table: TensorTable, first: int, data_start: int, data_size: int) -> dict:
+    """The parsed header's entries into ``table``; returns ``__metadata__``."""
+    metadata: dict = {}
+    sizes, numels = _ITEM_SIZES, table._numels
+    for name, spec in doc.items():
+        _check_text(name, f"{path}: tensor name")
+        if name == "__metadata__":
+            metadata = _check_metadata(spec, path)
+            continue
+        if type(spec) is tuple:
+            code, sid, begin, end = spec
+            if not (0 <= begin <= end <= data_size and end - begin == numels[sid] * sizes[code]):
+                spec = {"dtype": _DTYPE_NAMES[code], "shape": list(table._shapes[sid]), "data_offsets": [begin, end]}
+        if type(spec) is not tuple:
+            code, sid, begin, end = _check_entry(path, name, spec, table, data_size)
+        table._add(name, code, sid, data_start + begin, data_start + end, first, path)
+    return metadata
 
 
-def _member_end(text: str, pos: int) -> tuple[int, bool]:
-    """After a member's value at ``pos``: past its ``,`` and the blanks after it (False), or past
-    the object's closing ``}`` (True)."""
-    pos = _WS.match(text, pos).end()
-    sep = text[pos : pos + 1]
-    if sep == "}":
-        return pos + 1, True
-    if sep != ",":
-        raise ValueError(f"expecting ',' delimiter at char {pos}")
-    return _WS.match(text, pos + 1).end(), False
+def _valid_shape(shape) -> bool:
+    return isinstance(shape, list) and len(shape) <= _MAX_DIMS and all(type(d) is int and d >= 0 for d in shape)
 
 
-def _json_error(exc: BaseException) -> str:
-    if isinstance(exc, StopIteration):
-        return f"expecting a value at char {exc.value}"
-    return str(exc)
-
-
-def _parse_entries(text: str, path: str, table: TensorTable, first: int, data_start: int, data_size: int) -> dict:
-    """Walk the header's top-level object entry by entry into ``table``; returns ``__metadata__``."""
-    pos = _WS.match(text, 0).end()
-    if text[pos : pos + 1] != "{":
-        if text[pos : pos + 1] in _VALUE_STARTS:
-            raise InputError(f"{path}: safetensors header is not a JSON object")
-        raise ValueError(f"expecting '{{' at char {pos}")
-    pos = _WS.match(text, pos + 1).end()
-    metadata: dict | None = None
-    # as a JSON parser would, syntax and duplicate keys anywhere come before what the entries mean:
-    # the first bad entry is remembered and raised once the whole object has been read
-    bad: InputError | None = None
-    bad_names: set[str] = set()
-    match = _ENTRY.match
-    codes, sizes, numels = _DTYPE_CODES, _ITEM_SIZES, table._numels
-    if text[pos : pos + 1] == "}":
-        pos += 1
-    else:
-        while True:
-            m = match(text, pos)
-            if m is not None:  # the common layout: one regex match, no dicts
-                name, dtype, shape, begin, end, sep = m.groups()
-                code = codes.get(dtype)
-                if code is not None and name != "__metadata__":
-                    sid = table._shape_id(shape or "")
-                    begin, end = int(begin), int(end)
-                    if begin <= end <= data_size and end - begin == numels[sid] * sizes[code]:
-                        table._add(name, code, sid, data_start + begin, data_start + end, first, path)
-                        pos = m.end()
-                        if sep == "}":
-                            break
-                        continue
-            # anything else: read the name and the value as JSON, then check them
-            name, pos = _member_name(text, pos)
-            spec, pos = _SCAN(text, pos)
-            if table._rows.get(name, -1) >= first or name in bad_names:
-                raise ValueError(f"duplicate key {name!r}")
-            try:
-                _check_text(name, f"{path}: tensor name")
-                if name == "__metadata__":
-                    if metadata is not None:
-                        raise ValueError("duplicate key '__metadata__'")
-                    if not isinstance(spec, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                             for k, v in spec.items()):
-                        raise InputError(f"{path}: __metadata__ must map strings to strings")
-                    for key, value in spec.items():
-                        _check_text(key, f"{path}: __metadata__ key")
-                        _check_text(value, f"{path}: __metadata__ value")
-                    metadata = spec
-                else:
-                    code, sid, begin, end = _check_entry(path, name, spec, table, data_size)
-                    table._add(name, code, sid, data_start + begin, data_start + end, first, path)
-            except InputError as exc:
-                bad = bad or exc
-                bad_names.add(name)
-            pos, last = _member_end(text, pos)
-            if last:
-                break
-    if _WS.match(text, pos).end() != len(text):
-        raise ValueError(f"extra data at char {pos}")
-    if bad is not None:
-        raise bad
-    return metadata or {}
+def _check_metadata(spec, path: str) -> dict:
+    if not isinstance(spec, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in spec.items()):
+        raise InputError(f"{path}: __metadata__ must map strings to strings")
+    for key, value in spec.items():
+        _check_text(key, f"{path}: __metadata__ key")
+        _check_text(value, f"{path}: __metadata__ value")
+    return spec
 
 
 def _check_text(text: str, what: str) -> None:
@@ -455,11 +415,7 @@ def _check_entry(path: str, name: str, spec, table: TensorTable, data_size: int)
     offsets = spec.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise InputError(f"{where}: unknown dtype {dtype!r}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > _MAX_DIMS
-        or not all(type(d) is int and d >= 0 for d in shape)
-    ):
+    if not _valid_shape(shape):
         raise InputError(f"{where}: bad shape {shape!r}")
     if (
         not isinstance(offsets, list)
@@ -477,7 +433,7 @@ def _check_entry(path: str, name: str, spec, table: TensorTable, data_size: int)
         raise InputError(
             f"{where}: byte range holds {end - begin} bytes but {dtype}{shape} needs {expected}"
         )
-    return _DTYPE_CODES[dtype], table._shape_id(",".join(map(str, shape)), tuple(shape)), begin, end
+    return _DTYPE_CODES[dtype], table._shape_id(shape), begin, end
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:

@@ -160,7 +160,9 @@ def test_json_numbers_are_strict_json(capsys):
 # ------------------------------------------------------------------------------ help
 
 
-HELP_PLACEHOLDERS = re.compile(r"<(bool|str|int|float|path|int range)[^>]*>|\{[A-Z]+\}")
+# typer marks a required argument {SOURCE} and names an argument's type (SOURCE <str>); an option
+# shows its value's name (--tp-size T) or choices, never a type
+HELP_PLACEHOLDERS = re.compile(r"--[a-z-]+ <(bool|str|int|float|path|int range)[^>]*>")
 
 
 def _help(cli, *args) -> str:
@@ -170,10 +172,13 @@ def _help(cli, *args) -> str:
 
 
 def _parses(argv: list[str]) -> None:
-    """The example's command line is accepted by the parser (nothing is run)."""
+    """The example's command line is accepted by the parser (nothing is run); main() takes the
+    global flags out before the command parses the rest."""
     from typer.main import get_command
 
-    name, *rest = argv
+    from gptq2xpu.cli import scan_flags
+
+    name, *rest = scan_flags(argv)[1]
     get_command(app).commands[name].make_context(name, rest)
 
 
@@ -219,6 +224,24 @@ def test_help_lists_real_choices_and_bounds(cli):
     # the choices are checked, not only shown
     code, _, err = cli("convert", FIXTURE, "out", "--scale-dtype", "float64")
     assert code == EXIT_USAGE and "float64" in one_error_line(err)
+
+
+@pytest.mark.parametrize("args,choices", [
+    (("convert", "SRC", "OUT", "--scale-dtype", "fp16"), "keep, float16, bfloat16"),
+    (("inspect", "SRC", "--nibble-encoding", "u4"), "u4b8, s4"),
+    (("verify", "OUT", "--device", "gpu"), "auto, xpu, cuda, cpu"),
+    (("verify", "OUT", "--dtype", "fp32"), "auto, bfloat16, float16, float32"),
+    (("verify", "OUT", "--backend", "ipex"), "auto, reference, xpu-kernels"),
+    (("demo", "--family", "llama"), "qwen2_moe, qwen3_moe"),
+])
+def test_a_wrong_choice_is_one_clean_usage_line(cli, args, choices):
+    """Named by option and value with the choices, exit 2: not typer's validation text (its
+    pydantic-worded 'Value error, ...')."""
+    code, out, err = cli(*args)
+    line = one_error_line(err)
+    assert code == EXIT_USAGE and out == "", err
+    assert line.startswith(f"gptq2xpu: usage error: {args[-2]} {args[-1]!r}: expected one of {choices}"), line
+    assert "Value error" not in err and "Invalid value" not in err
 
 
 # ------------------------------------------------------------------------------ numbers have bounds

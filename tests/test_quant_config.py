@@ -58,3 +58,10 @@ def test_nested_text_config_and_separate_files(tmp_path):
     assert qc.group_size == 64 and qc.found_in == "quantize_config.json" and qc.checkpoint_format == "gptq"
     with pytest.raises(InputError, match="no quantization config"):
         read_quant_config(tmp_path / "nowhere", {})
+
+
+def test_a_name_the_engines_would_read_differently_is_refused_naming_the_rule(tmp_path):
+    qc = read_quant_config(tmp_path, cfg({r"-:.*\.(\d+)\.mlp": {}}))
+    assert not qc.module("model.layers.3.mlp").quantized
+    with pytest.raises(InputError, match=r"dynamic rule -:\.\*.*differently"):
+        qc.module("model.layers.٣.mlp")  # an Arabic-Indic digit: \d in Python re, not in RE2

@@ -9,8 +9,6 @@ _ = Mock()
 _used_outside_the_scanned_code = (
     # gptq2xpu/cli/__init__.py: typer calls the app's callback (the root options) on every command
     _._root,
-    # gptq2xpu/cli/help.py: click renders every --help through Command/Group.format_help
-    _.format_help,
     # gptq2xpu/load.py: public API; the README's loader example, which tests/test_released_kernel.py
     # runs, calls it
     _.iter_layers,
@@ -44,6 +42,9 @@ _used_outside_the_scanned_code = (
     _.close_connection,
     # tests/_released_kernel.py: the import system finds a package's modules through __path__
     _.__path__,
+    # gptq2xpu/read/regex.py: options google-re2 reads
+    _.max_mem,
+    _.log_errors,
     # tests/conftest.py: pytest hooks; tests/test_vllm_serving.py: pytest reads pytestmark
     _.pytest_runtest_logreport,
     _.pytest_sessionfinish,

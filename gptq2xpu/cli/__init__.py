@@ -17,11 +17,11 @@ exit code from :mod:`gptq2xpu.errors`: 0 ok, 1 internal error, 2 usage, 3 bad in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 
-import click
 import typer
 
 from .. import __version__, interrupts
@@ -36,20 +36,8 @@ from ..errors import (
     is_resource_error,
     resource_hint,
 )
-from .help import Command, Group
-from .options import DebugOpt, JsonOpt, QuietOpt
+from .options import GLOBAL_FLAGS
 from .output import SESSION, Flags, envelope, print_json
-
-# typer >= 0.26 ships its own click as ``typer._click``: its exceptions are not click's, so catch both.
-try:
-    from typer._click import exceptions as _tclick
-except ImportError:  # older typer: plain click
-    _tclick = click.exceptions
-_CLICK_ERRORS = tuple({click.ClickException, _tclick.ClickException})
-_NO_ARGS_HELP = tuple(c for c in {getattr(click.exceptions, "NoArgsIsHelpError", None),
-                                  getattr(_tclick, "NoArgsIsHelpError", None)} if c is not None)
-_EXITS = tuple({click.exceptions.Exit, typer.Exit, getattr(_tclick, "Exit", click.exceptions.Exit)})
-_ABORTS = tuple({click.exceptions.Abort, typer.Abort, getattr(_tclick, "Abort", click.exceptions.Abort)})
 
 #: The ``--json`` contract, shown in ``gptq2xpu --help`` and the README.
 JSON_CONTRACT = (
@@ -64,20 +52,22 @@ EXIT_CODES = ("Exit codes: 0 ok, 1 internal error (a bug: re-run with --debug), 
 
 
 def _epilog(examples: list[str], *paragraphs: str) -> str:
-    """Examples kept line by line (click's ``\\b``), then paragraphs click wraps to the terminal."""
-    lines = ["Examples:", "", "\b", *(f"  $ {e}" for e in examples)]
+    """Examples and the global flags kept line by line (click's ``\\b``), then paragraphs click
+    wraps to the terminal."""
+    width = max(len(", ".join(names)) for names, _ in GLOBAL_FLAGS) + 2
+    flags = [f"  {', '.join(names):<{width}}{text}" for names, text in GLOBAL_FLAGS]
+    lines = ["Examples:", "", "\b", *(f"  $ {e}" for e in examples), "", "Global options (any position):", "",
+             "\b", *flags]
     return "\n".join(lines) + "".join(f"\n\n{p}" for p in paragraphs)
 
 
 app = typer.Typer(
     name="gptq2xpu",
-    cls=Group,
     help="Convert GPTQ int4 Mixture-of-Experts checkpoints to the Intel XPU fused-MoE layout, offline, and prove "
          "the result right.\n\n--json, --quiet and --debug work on every command, before or after its name.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # the help is written by .help (the same under every supported typer)
+    rich_markup_mode=None,  # click's plain help: wrapped to the terminal, examples kept line by line
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
@@ -96,15 +86,11 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
     _show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit (with --json: an object with the versions of "
                                       "Python and the packages used)."),
 ):
-    flags = SESSION.flags
-    flags.json, flags.quiet, flags.debug = flags.json or json_out, flags.quiet or quiet, flags.debug or debug
+    pass
 
 
 # Every command, registered in one place: the modules define plain functions and their EXAMPLES.
@@ -119,7 +105,7 @@ COMMANDS = {
     "version": (version.version, version.EXAMPLES, "Print the versions of gptq2xpu and what it uses."),
 }
 for _name, (_function, _examples, _short) in COMMANDS.items():
-    app.command(_name, cls=Command, short_help=_short, epilog=_epilog(_examples))(_function)
+    app.command(_name, short_help=_short, epilog=_epilog(_examples))(_function)
 ROOT_EXAMPLES = [
     "gptq2xpu demo",
     "gptq2xpu inspect Qwen/Qwen3-30B-A3B-GPTQ-Int4",
@@ -134,12 +120,18 @@ def _message(exc: Gptq2XpuError) -> str:
     return exc.message + (f" ({exc.hint})" if exc.hint else "")
 
 
-def scan_flags(argv: list[str]) -> Flags:
-    """--json, --quiet/-q and --debug anywhere before a ``--``, so that they hold in any position
-    and even when parsing fails (a usage error still gets its JSON object)."""
-    words = argv[:argv.index("--")] if "--" in argv else argv
-    return Flags(json="--json" in words, quiet="--quiet" in words or "-q" in words,
-                 debug="--debug" in words or os.environ.get("GPTQ2XPU_DEBUG") == "1")
+_GLOBAL_WORDS = frozenset(name for names, _ in GLOBAL_FLAGS for name in names)
+
+
+def scan_flags(argv: list[str]) -> tuple[Flags, list[str]]:
+    """The one place --json, --quiet/-q and --debug are read: anywhere before a ``--``, so that they
+    hold in any position and even when parsing fails (a usage error still gets its JSON object).
+    Returns the flags and the command line without them (what the commands parse)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    words = argv[:end]
+    flags = Flags(json="--json" in words, quiet="--quiet" in words or "-q" in words,
+                  debug="--debug" in words or os.environ.get("GPTQ2XPU_DEBUG") == "1")
+    return flags, [w for w in words if w not in _GLOBAL_WORDS] + argv[end:]
 
 
 def _command_name(argv: list[str]) -> str | None:
@@ -163,8 +155,9 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> None:
     Python's own dispositions would let a signal during interpreter teardown kill the process with
     another status than the one that says which OUTPUT is in place.  In-process callers (tests, other
     programs) get their handlers back."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    SESSION.reset(scan_flags(argv))
+    given = list(sys.argv[1:] if argv is None else argv)
+    flags, argv = scan_flags(given)
+    SESSION.reset(flags)
     command = _command_name(argv)
     saved = {}
     interrupts.begin()
@@ -177,6 +170,10 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> None:
     code, kind, message = 0, None, None   # kind and message: the error, when there is one
     report = True                         # whether --json prints an object
     try:
+        if not given:  # bare `gptq2xpu`: the help, on stderr, and a usage exit
+            with contextlib.redirect_stdout(sys.stderr):
+                app(args=["--help"], prog_name="gptq2xpu", standalone_mode=False)
+            raise typer.Exit(EXIT_USAGE)
         rv = app(args=argv, prog_name="gptq2xpu", standalone_mode=False)
         if isinstance(rv, int) and rv == EXIT_INTERRUPTED:  # typer turned a KeyboardInterrupt into this
             code, kind, message = rv, "interrupted", "partial output removed"
@@ -185,14 +182,11 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> None:
     except Gptq2XpuError as exc:
         _traceback()
         code, kind, message = exc.exit_code, exc.kind, _message(exc)
-    except (KeyboardInterrupt, *_ABORTS):
+    except (KeyboardInterrupt, typer.Abort):
         code, kind, message = EXIT_INTERRUPTED, "interrupted", "partial output removed"
-    except _EXITS as exc:  # --help, --version: they printed what was asked
+    except typer.Exit as exc:  # --help, --version: they printed what was asked
         code, report = exc.exit_code, False
-    except _NO_ARGS_HELP as exc:  # bare `gptq2xpu`: the help, on stderr
-        exc.show()
-        code, report = EXIT_USAGE, False
-    except _CLICK_ERRORS as exc:  # bad option / missing argument: one line, like every other error
+    except typer.TyperException as exc:  # bad option / missing argument: one line, like every other error
         _traceback()
         code, kind, message = exc.exit_code or EXIT_USAGE, UsageError.kind, " ".join(exc.format_message().split())
     except BrokenPipeError:

@@ -11,13 +11,10 @@ from ..errors import UsageError
 from .options import (
     OUTPUT_ARG,
     SOURCE_ARG,
-    DebugOpt,
     EncodingOpt,
     FormatOpt,
     JobsOpt,
-    JsonOpt,
     KeepOpt,
-    QuietOpt,
     RevisionOpt,
     RouterOpt,
     ScaleDtypeOpt,
@@ -64,9 +61,6 @@ def convert(
                                             "the new one is complete).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (from headers alone) and write "
                                           "nothing.")] = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ):
     """Convert a GPTQ int4 MoE checkpoint into the XPU fused-MoE layout.
 
@@ -78,7 +72,7 @@ def convert(
     """
     from ..convert import convert as run
 
-    out = session_output(json_out, quiet, debug)
+    out = session_output()
     options = convert_options(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding, tp_size=tp_size,
                               keep_unsupported=keep_unsupported, dequantize_router=dequantize_router,
                               output_format=output_format,

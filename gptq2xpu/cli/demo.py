@@ -15,8 +15,9 @@ import typer
 
 from .. import interrupts
 from ..errors import UsageError, VerificationError
+from ..optional_torch import require_torch
 from ..testing.synth import FAMILIES
-from .options import DebugOpt, Device, JsonOpt, QuietOpt, choice_enum, choices, path_arg, value
+from .options import DeviceOpt, choice, path_arg
 from .output import human_bytes, session_output
 
 EXAMPLES = [
@@ -24,9 +25,6 @@ EXAMPLES = [
     "gptq2xpu demo --family mixtral --keep ./demo",
     "gptq2xpu demo --device cpu --json",
 ]
-
-Family = choice_enum("Family", FAMILIES)
-
 
 def _render(console, d: dict) -> None:
     console.print(f"[bold]gptq2xpu demo[/]: {d['family']} model, {d['moe_layers']} MoE layers x {d['experts']} experts "
@@ -43,17 +41,12 @@ def _render(console, d: dict) -> None:
 
 
 def demo(
-    family: Annotated[Family, typer.Option(
-        "--family", metavar=choices(Family), help="Model family of the synthetic checkpoint.")] = "qwen3_moe",
+    family: Annotated[str, choice("--family", FAMILIES,
+                                  help="Model family of the synthetic checkpoint.")] = "qwen3_moe",
     keep: Annotated[Path | None, typer.Option(
         "--keep", metavar="DIR", parser=path_arg("--keep", "name a folder (. for the current one)"),
         help="Keep the source and converted folders under DIR instead of a temporary folder.")] = None,
-    device: Annotated[Device, typer.Option(
-        "--device", metavar=choices(Device),
-        help="Where the reference MoE runs (auto: xpu, else cuda, else cpu).")] = "auto",
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    device: DeviceOpt = "auto",
 ):
     """Make a small GPTQ MoE checkpoint, convert it, verify it, and print a summary (no download).
 
@@ -65,8 +58,8 @@ def demo(
     from ..testing.synth import make_checkpoint
     from ..verify.runner import verify
 
-    family = value(family)
-    out = session_output(json_out, quiet, debug)
+    out = session_output()
+    require_torch("demo (it verifies against the source)")
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="gptq2xpu-demo-"))
     try:
         if keep and (root / "source").exists():
@@ -76,7 +69,7 @@ def demo(
         info = make_checkpoint(root / "source", **spec)
         result = convert(root / "source", root / "converted", jobs=None, progress=None)
         interrupts.begin()  # publishing decided the conversion, not the verification that follows
-        report = verify(root / "converted", root / "source", device=value(device))
+        report = verify(root / "converted", root / "source", device=device)
         data = {
             "family": family,
             "moe_layers": len(info.moe_layers),

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import OUTPUT_ARG, DebugOpt, JsonOpt, QuietOpt
+from .options import OUTPUT_ARG
 from .output import session_output
 
 EXAMPLES = [
@@ -19,9 +19,6 @@ EXAMPLES = [
 def finalize(
     output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="The shared OUTPUT folder that every "
                                            "`convert --part I/N` wrote into.", parser=OUTPUT_ARG)],
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ):
     """Finish a split conversion: write index, config.json and manifest once every part is there.
 
@@ -29,7 +26,7 @@ def finalize(
     """
     from ..write import finalize as run
 
-    out = session_output(json_out, quiet, debug)
+    out = session_output()
     files = run(output)
     data = {"output": str(output), "files": len(files), "finalized": True}
     out.result(data, lambda c, d: c.print(f"[green]finalized[/] {d['output']}: {d['files']} files"),

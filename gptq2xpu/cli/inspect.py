@@ -9,12 +9,9 @@ import typer
 from ..errors import InputError
 from .options import (
     SOURCE_ARG,
-    DebugOpt,
     EncodingOpt,
     FormatOpt,
-    JsonOpt,
     KeepOpt,
-    QuietOpt,
     RevisionOpt,
     RouterOpt,
     ScaleDtypeOpt,
@@ -45,9 +42,6 @@ def inspect(
     tp_size: TpOpt = 1,
     keep_unsupported: KeepOpt = False,
     dequantize_router: RouterOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ):
     """Show what `convert` would do, per MoE layer, without reading tensor data.
 
@@ -61,7 +55,7 @@ def inspect(
     from ..convert import make_plan
     from ..read.remote import open_for_inspect
 
-    out = session_output(json_out, quiet, debug)
+    out = session_output()
     options = convert_options(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding, tp_size=tp_size,
                               keep_unsupported=keep_unsupported, dequantize_router=dequantize_router,
                               output_format=output_format)

@@ -1,15 +1,16 @@
 """Options shared by several commands, defined once, and the parsing and bounds of their values.
 
-Every option names its value (``--tp-size T``) and every choice lists its values, the same under
-every typer release the package accepts (the help is rendered by click's own formatter, see
-``gptq2xpu/cli/__init__.py``).  Every number has bounds: a value outside them is a usage error.
+Every option names its value (``--tp-size T``) and every choice lists its values; a choice is
+checked here, so that a wrong one is a one-line usage error naming the option and the choices.
+Every number has bounds: a value outside them is a usage error.  ``--json``, ``--quiet`` and
+``--debug`` are no options of a command: :func:`gptq2xpu.cli.main` takes them from anywhere on
+the command line (:data:`GLOBAL_FLAGS`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -20,23 +21,29 @@ from ..errors import UsageError
 from ..plan import ConvertOptions
 from ..plan.options import OUTPUT_FORMATS, SCALE_DTYPE_CHOICES
 
+DEVICES = ("auto", "xpu", "cuda", "cpu")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+BACKENDS = ("auto", "reference", "xpu-kernels")
 
-def choice_enum(name: str, values) -> type[Enum]:
-    """A str enum whose members are ``values`` (typer shows and checks them as choices)."""
-    return Enum(name, {v: v for v in values}, type=str)
-
-
-ScaleDtype = choice_enum("ScaleDtype", SCALE_DTYPE_CHOICES)
-NibbleEncoding = choice_enum("NibbleEncoding", ENCODINGS)
-OutputFormat = choice_enum("OutputFormat", OUTPUT_FORMATS)
-Device = choice_enum("Device", ("auto", "xpu", "cuda", "cpu"))
-ComputeDtype = choice_enum("ComputeDtype", ("auto", "bfloat16", "float16", "float32"))
-Backend = choice_enum("Backend", ("auto", "reference", "xpu-kernels"))
+#: The flags of every command, in any position: (names, help).  Parsed by ``main`` alone.
+GLOBAL_FLAGS = (
+    (("--json",), "One JSON object on stdout, whatever the outcome."),
+    (("-q", "--quiet"), "Nothing but errors and warnings."),
+    (("--debug",), "A Python traceback for errors (or GPTQ2XPU_DEBUG=1)."),
+)
 
 
-def choices(enum: type[Enum]) -> str:
-    """The metavar of a choice: ``[keep|float16|bfloat16]``, from the enum itself."""
-    return "[" + "|".join(e.value for e in enum) + "]"
+def choice(flag: str, values, help: str):  # noqa: A002 - typer's own name for it
+    """A choice option: ``[a|b|c]`` in the help, and a value not among them refused as a usage
+    error that names the option and the choices."""
+    values = tuple(values)
+
+    def parse(text: str) -> str:
+        if text not in values:
+            raise UsageError(f"{flag} {_shown(text)}: expected one of {', '.join(values)}")
+        return text
+
+    return typer.Option(flag, metavar="[" + "|".join(values) + "]", parser=parse, help=help)
 
 
 #: bounds of the numeric options (inclusive)
@@ -96,12 +103,6 @@ def source_arg(name: str, hint: str):
     return nonempty(name, hint, lambda text: usable_path(name, text, relative_to_cwd=False))
 
 
-# --- the flags every command takes, in any position (main() also finds them before parsing)
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, whatever the outcome "
-                                       "(see `gptq2xpu --help`).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors and warnings.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a Python traceback for errors.")]
-
 # --- where a source comes from
 SOURCE_ARG = source_arg("SOURCE", "name a checkpoint folder or a Hugging Face repo id")
 SOURCE_OPT = source_arg("--source", "name the GPTQ checkpoint OUTPUT was made from, or leave it out")
@@ -115,15 +116,15 @@ TokenOpt = Annotated[str | None, typer.Option(
     help="Hugging Face token for private or gated repos (default: the cached login).")]
 
 # --- what the converted experts look like (convert and inspect)
-ScaleDtypeOpt = Annotated[ScaleDtype, typer.Option("--scale-dtype", metavar=choices(ScaleDtype), help="Scale dtype; "
-                                                   "the kernel reads scales in the activation dtype.")]
-EncodingOpt = Annotated[NibbleEncoding, typer.Option("--nibble-encoding", metavar=choices(NibbleEncoding),
-                                                     help="u4b8: offset-8 codes, what vLLM's XPU path feeds the "
-                                                     "kernel; s4: signed nibbles (byte ^ 0x88).")]
-FormatOpt = Annotated[OutputFormat, typer.Option("--format", metavar=choices(OutputFormat), help="xpu: stacked "
-                                                 "expert tensors the XPU kernel takes without a copy (vLLM with the "
-                                                 "gptq2xpu plugin); compressed-tensors: pack-quantized W4A16, served "
-                                                 "by stock vLLM of any current release and platform.")]
+ScaleDtypeOpt = Annotated[str, choice("--scale-dtype", SCALE_DTYPE_CHOICES, help="Scale dtype; the kernel reads "
+                                      "scales in the activation dtype.")]
+EncodingOpt = Annotated[str, choice("--nibble-encoding", ENCODINGS, help="u4b8: offset-8 codes, what vLLM's XPU "
+                                    "path feeds the kernel; s4: signed nibbles (byte ^ 0x88).")]
+DeviceOpt = Annotated[str, choice("--device", DEVICES, help="Where the reference MoE runs (auto: xpu, else cuda, "
+                                  "else cpu).")]
+FormatOpt = Annotated[str, choice("--format", OUTPUT_FORMATS, help="xpu: stacked expert tensors the XPU kernel "
+                                  "takes without a copy (vLLM with the gptq2xpu plugin); compressed-tensors: "
+                                  "pack-quantized W4A16, served by stock vLLM of any current release and platform.")]
 TpOpt = Annotated[int, typer.Option("--tp-size", metavar="T", min=1, max=MAX_TP, help="Make every tensor-parallel "
                                     "rank's slice of N hold whole supported groups (regroup, else zero-pad).")]
 KeepOpt = Annotated[bool, typer.Option("--keep-unsupported", help="Write MoE layers the kernel cannot run (e.g. "
@@ -174,19 +175,14 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
     return int(m[1]), int(m[2])
 
 
-def convert_options(*, scale_dtype: Enum | str, nibble_encoding: Enum | str, tp_size: int,
+def convert_options(*, scale_dtype: str, nibble_encoding: str, tp_size: int,
                     keep_unsupported: bool, dequantize_router: bool, max_shard_size: str | int = "5GB",
-                    emit_ranks: bool = False, output_format: Enum | str = "xpu") -> ConvertOptions:
+                    emit_ranks: bool = False, output_format: str = "xpu") -> ConvertOptions:
     """The :class:`ConvertOptions` of ``convert`` and ``inspect`` from their command-line values."""
-    return ConvertOptions(scale_dtype=value(scale_dtype), nibble_encoding=value(nibble_encoding),
+    return ConvertOptions(scale_dtype=scale_dtype, nibble_encoding=nibble_encoding,
                           max_shard_size=parse_size(max_shard_size), keep_unsupported=keep_unsupported,
                           dequantize_router=dequantize_router, tp_size=tp_size, emit_ranks=emit_ranks,
-                          output_format=value(output_format))
-
-
-def value(choice: Enum | str | None) -> str | None:
-    """The string of a choice (typer passes enum members; library callers may pass strings)."""
-    return choice.value if isinstance(choice, Enum) else choice
+                          output_format=output_format)
 
 
 def given(ctx: typer.Context, name: str) -> bool:

@@ -123,14 +123,9 @@ class _AmountColumn(ProgressColumn):
         return Text(f"{int(task.completed)}/{int(task.total or 0)} {unit}", style="progress.download")
 
 
-def session_output(json_out: bool = False, quiet: bool = False, debug: bool = False) -> Output:
-    """The :class:`Output` of the running command: its own ``--json/--quiet/--debug`` options
-    combined with the same flags given anywhere else on the command line."""
-    flags = SESSION.flags
-    flags.json = flags.json or json_out
-    flags.quiet = flags.quiet or quiet
-    flags.debug = flags.debug or debug
-    SESSION.output = Output(flags.json, flags.quiet)
+def session_output() -> Output:
+    """The :class:`Output` of the running command, under the flags ``main`` read from the command line."""
+    SESSION.output = Output(SESSION.flags.json, SESSION.flags.quiet)
     return SESSION.output
 
 

@@ -9,24 +9,21 @@ import typer
 from rich.table import Table
 
 from ..errors import VerificationError
+from ..optional_torch import require_torch
 from ..verify import MAX_SEED, MAX_TOKENS
 from .options import (
+    BACKENDS,
+    COMPUTE_DTYPES,
     MAX_JOBS,
     OUTPUT_ARG,
     SOURCE_OPT,
-    Backend,
-    ComputeDtype,
-    DebugOpt,
-    Device,
-    JsonOpt,
-    QuietOpt,
+    DeviceOpt,
     RevisionOpt,
     TokenOpt,
-    choices,
+    choice,
     given,
     nonempty,
     unused_token,
-    value,
 )
 from .output import session_output
 
@@ -76,15 +73,11 @@ def verify(
                                                "checks.", parser=SOURCE_OPT)] = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
-    device: Annotated[Device, typer.Option(
-        "--device", metavar=choices(Device),
-        help="Where the reference MoE runs (auto: xpu, else cuda, else cpu).")] = "auto",
-    dtype: Annotated[ComputeDtype, typer.Option(
-        "--dtype", metavar=choices(ComputeDtype),
-        help="Compute dtype (auto: bfloat16 on a GPU, float32 on cpu).")] = "auto",
-    backend: Annotated[Backend, typer.Option(
-        "--backend", metavar=choices(Backend),
-        help="auto also runs vllm_xpu_kernels on an xpu when it imports; xpu-kernels insists on it.")] = "auto",
+    device: DeviceOpt = "auto",
+    dtype: Annotated[str, choice("--dtype", COMPUTE_DTYPES, help="Compute dtype (auto: bfloat16 on a GPU, float32 "
+                                 "on cpu).")] = "auto",
+    backend: Annotated[str, choice("--backend", BACKENDS, help="auto also runs vllm_xpu_kernels on an xpu when it "
+                                   "imports; xpu-kernels insists on it.")] = "auto",
     layers: Annotated[str | None, typer.Option(
         "--layers", metavar="SPEC", parser=nonempty("--layers", "leave it out for all layers, or give indices, "
                                                         "ranges such as 0,5,10-12, or sample:N"),
@@ -100,9 +93,6 @@ def verify(
     jobs: Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", min=1, max=MAX_JOBS, help="Threads for "
                                              "hashing and the bit-exact checks (default: the cores "
                                              "available).")] = None,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ):
     """Check a converted checkpoint: manifest, index, layout contract, config block; with --source,
     bit for bit and through a reference int4 MoE.
@@ -112,14 +102,16 @@ def verify(
     """
     from ..verify.runner import verify as run
 
-    out = session_output(json_out, quiet, debug)
+    out = session_output()
+    if source is not None:
+        require_torch("verify --source")
     unused = [opt for name, opt in _NEED_SOURCE.items() if given(ctx, name)] if source is None else []
     if unused:
         out.warn(f"{', '.join(unused)} ignored: only the checks against the GPTQ source use "
                  f"{'it' if len(unused) == 1 else 'them'} (add --source SOURCE)")
     with out.progress() as update:
-        report = run(output, source, revision=revision, token=token, device=value(device), dtype=value(dtype),
-                     backend=value(backend), layers=layers, tokens=tokens, seed=seed, numeric=numeric,
+        report = run(output, source, revision=revision, token=token, device=device, dtype=dtype,
+                     backend=backend, layers=layers, tokens=tokens, seed=seed, numeric=numeric,
                      exhaustive=exhaustive, jobs=jobs, progress=update)
     token_note = unused_token(ctx, source)
     if token_note:

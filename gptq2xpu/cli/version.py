@@ -7,7 +7,6 @@ from importlib import metadata
 
 from .. import __version__
 from ..contract import FORMAT_VERSION
-from .options import DebugOpt, JsonOpt, QuietOpt
 from .output import session_output
 
 EXAMPLES = [
@@ -17,7 +16,7 @@ EXAMPLES = [
 
 #: distributions reported (from package metadata: nothing is imported, torch included)
 PACKAGES = ("numpy", "torch", "intel_extension_for_pytorch", "vllm_xpu_kernels", "huggingface_hub", "typer", "click",
-            "rich")
+            "rich", "google-re2")
 
 
 def _installed(name: str) -> str | None:
@@ -38,14 +37,14 @@ def versions() -> dict:
     }
 
 
-def version(json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False):
+def version():
     """Print gptq2xpu's version, the converted-format version it writes, and the versions of Python
     and of the packages it uses.
 
-    torch is needed by verify only, and the XPU packages are optional: "not installed" is no error.
+    torch (verify --source, the loader) and the XPU packages are optional: "not installed" is no error.
     Versions are read from package metadata; nothing is imported.
     """
-    out = session_output(json_out, quiet, debug)
+    out = session_output()
     data = versions()
 
     def render(console, d: dict) -> None:

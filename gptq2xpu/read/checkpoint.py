@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import re
 import resource
 import threading
 from collections import OrderedDict
@@ -32,20 +30,16 @@ import numpy as np
 from ..contract import INDEX_NAME
 from ..errors import InputError
 from ..safetensors_io import (
-    _SCAN,
-    _WS,
     NUMPY_DTYPES,
     FileTensors,
     SafetensorsHeader,
     TensorEntry,
     TensorTable,
-    _json_error,
-    _member_end,
-    _member_name,
+    json_object_pairs,
     read_header_fd,
     read_into,
 )
-from .paths import MAX_JSON_BYTES, Folder, check_member_name
+from .paths import MAX_JSON_BYTES, Folder, check_member_name, parse_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: windows of tensor data per shard hashed by :meth:`Checkpoint.data_fingerprint`, and their size
@@ -228,10 +222,10 @@ class Checkpoint:
         self.close()
 
 
-def find_shards(folder: Folder) -> tuple[list[str], IndexFile | None, str | None]:
+def find_shards(folder: Folder) -> tuple[list[str], dict[str, str] | None, str | None]:
     """Decide which safetensors files make up the checkpoint.
 
-    Returns (shard files, the index or None, index file name or None).
+    Returns (shard files, the index's weight_map or None, index file name or None).
     """
     root = folder.root
     index_files = sorted(p.name for p in root.glob("*.safetensors.index.json"))
@@ -241,8 +235,8 @@ def find_shards(folder: Folder) -> tuple[list[str], IndexFile | None, str | None
         raise InputError(f"{root}: several safetensors index files ({', '.join(index_files)}); keep one")
     if index_files:
         name = index_files[0]
-        index = IndexFile(folder, name)
-        files = index.files
+        index = read_index(folder, name)
+        files = set(index.values())
         for file in sorted(files):
             try:
                 if not os.path.lexists(root / file):
@@ -285,145 +279,28 @@ def _single_file_choice(folder: Folder, candidates: list[str], where: str | None
     )
 
 
-_MAP_ENTRY = re.compile(r'[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*:[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*([,}])')
+def read_index(folder: Folder, name: str) -> dict[str, str]:
+    """The ``weight_map`` (tensor -> shard file) of the index ``name``: ``json.loads`` (a key given
+    twice refused) under the size cap, then every shard file name checked once."""
+    doc = parse_json(folder.read_bytes(name, name, MAX_JSON_BYTES), name, object_pairs_hook=json_object_pairs)
+    return weight_map_of(doc, name)
 
 
-class IndexFile:
-    """A safetensors index, read as text and walked entry by entry -- never built into a dict of
-    its tens of thousands of names (a 48-layer MoE lists ~75 K), which would duplicate the names
-    the headers hold.  :attr:`files` are the shard files it names, each checked once; :meth:`check`
-    compares the entries with the headers' tensors.  The JSON rules are
-    :func:`~gptq2xpu.read.paths.parse_json`'s (an object, valid UTF-8, no lone surrogate); where
-    the compact walk meets anything unusual (a tensor listed twice, one missing), the index is read
-    as a dict and checked as before, for the exact message."""
-
-    def __init__(self, folder: Folder, name: str):
-        self.name = name
-        data = folder.read_bytes(name, name, MAX_JSON_BYTES)
-        try:
-            self.text = data.decode("utf-8")
-        except UnicodeError as exc:
-            raise InputError(f"{name}: not valid UTF-8 text ({exc})") from None
-        del data
-        self.files: set[str] = set()
-        self.entries = 0
-        self._map_at: int | None = None   # where the (last) weight_map object starts
-        if self._guard(self._walk) is not None or not self.entries:
-            raise InputError(f"{name}: 'weight_map' must be a non-empty object of tensor name -> shard file")
-
-    def _guard(self, fn, *args):
-        try:
-            return fn(*args)
-        except UnicodeError as exc:
-            raise InputError(f"{self.name}: not valid UTF-8 text ({exc})") from None
-        except (ValueError, RecursionError, StopIteration) as exc:
-            raise InputError(f"{self.name}: not valid JSON ({_json_error(exc)})") from None
-
-    def _walk(self):
-        """Read the document; note the last ``weight_map`` object and, walking it, its files.
-        Returns a weight_map that is not an object (for the caller's message), else None."""
-        text = self.text
-        pos = _WS.match(text, 0).end()
-        if text[pos : pos + 1] != "{":
-            value, end = _SCAN(text, pos)  # raises for what is not JSON
-            if _WS.match(text, end).end() != len(text):
-                raise ValueError(f"extra data at char {end}")
-            raise InputError(f"{self.name}: expected a JSON object, found {type(value).__name__}")
-        other = None
-        pos = _WS.match(text, pos + 1).end()
-        if text[pos : pos + 1] == "}":
-            pos += 1
-        else:
-            while True:
-                key, pos = _member_name(text, pos)
-                key.encode("utf-8")
-                if key == "weight_map" and text[pos : pos + 1] == "{":
-                    self._map_at, other = pos, None
-                    self.files.clear()
-                    self.entries = 0
-                    pos = _map_entries(text, pos, self._note_file)
-                else:
-                    value, pos = _SCAN(text, pos)
-                    _encodable(value)
-                    if key == "weight_map":
-                        self._map_at, other = None, value
-                pos, last = _member_end(text, pos)
-                if last:
-                    break
-        if _WS.match(text, pos).end() != len(text):
-            raise ValueError(f"extra data at char {pos}")
-        return other if self._map_at is None else None
-
-    def _note_file(self, tensor: str, file) -> None:
-        self.entries += 1
-        if not isinstance(file, str) or file not in self.files:
-            check_member_name(file, f"{self.name}: tensor {tensor!r}")
-            self.files.add(file)
-
-    def check(self, table: TensorTable) -> bool:
-        """Whether every entry names a tensor of ``table`` stored in the file it says, each tensor
-        exactly once (so the index and the headers agree); False on anything else."""
-        rows, files = table._rows, table.files
-        seen = bytearray(len(table))
-        if self.entries != len(table):
-            return False
-        file_of = table._file_of_row
-
-        class _Mismatch(Exception):
-            pass
-
-        def one(tensor, file):
-            r = rows.get(tensor)
-            if r is None or seen[r] or (file_of(r) if len(files) > 1 else files[0]) != file:
-                raise _Mismatch
-            seen[r] = 1
-
-        try:
-            self._guard(_map_entries, self.text, self._map_at, one)
-        except _Mismatch:
-            return False
-        return True
-
-    def as_dict(self) -> dict:
-        """The weight_map as ``json.loads`` gives it (a repeated name keeps its last file)."""
-        out: dict = {}
-        self._guard(_map_entries, self.text, self._map_at, out.__setitem__)
-        return out
+def weight_map_of(doc: dict, name: str) -> dict[str, str]:
+    """An index document's ``weight_map``, checked: a non-empty object of names of files that
+    stay inside the checkpoint (see :func:`~gptq2xpu.read.paths.check_member_name`)."""
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{name}: 'weight_map' must be a non-empty object of tensor name -> shard file")
+    checked: set[str] = set()
+    for tensor, file in weight_map.items():
+        if not isinstance(file, str) or file not in checked:
+            check_member_name(file, f"{name}: tensor {tensor!r}")
+            checked.add(file)
+    return weight_map
 
 
-def _map_entries(text: str, pos: int, on_entry) -> int:
-    """Call ``on_entry(key, value)`` for each entry of the object whose ``{`` is at ``pos``, in
-    order (string values shared: one object per distinct file name); returns the end."""
-    interned: dict[str, str] = {}
-    match = _MAP_ENTRY.match
-    pos = _WS.match(text, pos + 1).end()
-    if text[pos : pos + 1] == "}":
-        return pos + 1
-    while True:
-        m = match(text, pos)
-        if m is not None:
-            key, value, sep = m.groups()
-            on_entry(key, interned.setdefault(value, value))
-            pos = m.end()
-            if sep == "}":
-                return pos
-        else:
-            key, pos = _member_name(text, pos)
-            key.encode("utf-8")
-            value, pos = _SCAN(text, pos)
-            _encodable(value)
-            on_entry(key, interned.setdefault(value, value) if isinstance(value, str) else value)
-            pos, last = _member_end(text, pos)
-            if last:
-                return pos
-
-
-def _encodable(value) -> None:
-    """Raise UnicodeError for a lone surrogate anywhere in a JSON value (as parse_json does)."""
-    json.dumps(value, ensure_ascii=False).encode("utf-8")
-
-
-def tensor_map(shards: dict[str, SafetensorsHeader], weight_map: dict[str, str] | IndexFile | None,
+def tensor_map(shards: dict[str, SafetensorsHeader], weight_map: dict[str, str] | None,
                index_file: str | None) -> TensorTable:
     """Every tensor of the validated shard headers (in the order given), checked against the index:
     no tensor in two shards, every shard tensor listed where it is stored, every listed tensor found.
@@ -435,10 +312,6 @@ def tensor_map(shards: dict[str, SafetensorsHeader], weight_map: dict[str, str] 
         table = TensorTable()
         for file, hdr in shards.items():
             table._add_file(file, hdr.tensors)
-    if isinstance(weight_map, IndexFile):
-        if weight_map.check(table):
-            return table
-        weight_map = weight_map.as_dict()  # something is off: the precise message, as before
     if weight_map is not None:
         rows = iter(table._rows)
         for i, file in enumerate(table.files):

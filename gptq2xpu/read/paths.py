@@ -197,14 +197,15 @@ def hub_blobs(folder: Path) -> str | None:
     return blobs
 
 
-def parse_json(data: bytes, label: str) -> dict:
-    """A JSON object from untrusted bytes, one-line InputError otherwise.
+def parse_json(data: bytes, label: str, object_pairs_hook=None) -> dict:
+    """A JSON object from untrusted bytes, one-line InputError otherwise (``object_pairs_hook`` as
+    ``json.loads`` takes it).
 
     Strings must be valid Unicode (JSON allows ``"\\ud800"``, a lone surrogate no UTF-8 file can
     hold): a config gptq2xpu copies into OUTPUT must be writable again.
     """
     try:
-        doc = json.loads(data.decode("utf-8"))
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=object_pairs_hook)
         json.dumps(doc, ensure_ascii=False).encode("utf-8")
     except UnicodeError as exc:
         raise InputError(f"{label}: not valid UTF-8 text ({_short(str(exc))})") from None

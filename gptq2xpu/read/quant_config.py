@@ -62,16 +62,18 @@ class QuantConfig:
         """The effective settings for module ``name`` (e.g. ``model.layers.3.mlp.experts.7.up_proj``)."""
         bits, group, sym, desc = self.bits, self.group_size, self.sym, self.desc_act
         for pattern, regex in self.ignore:
-            if (regex.match(name) if regex else name == pattern or name.endswith("." + pattern)):
+            if (_hit(regex.match, name, f"ignore {pattern}") if regex
+                    else name == pattern or name.endswith("." + pattern)):
                 return ModuleQuant(False, bits, group, sym, desc, f"ignore {pattern}")
         for sign, pattern, overrides, regex in self.dynamic:
-            if regex.match(name):
-                rule = f"{sign}:{pattern}" if sign else pattern
+            rule = f"{sign}:{pattern}" if sign else pattern
+            if _hit(regex.match, name, f"dynamic rule {rule}"):
                 if sign == "-":
                     return ModuleQuant(False, bits, group, sym, desc, f"dynamic {rule}")
                 return _apply(overrides, bits, group, sym, desc, f"dynamic {rule}")
         for key, overrides, regex in self.extra:
-            if name == key or name.endswith("." + key) or (regex is not None and regex.fullmatch(name)):
+            if name == key or name.endswith("." + key) or (
+                    regex is not None and _hit(regex.fullmatch, name, f"extra_config {key}")):
                 return _apply(overrides, bits, group, sym, desc, f"extra_config {key}")
         return ModuleQuant(True, bits, group, sym, desc, None)
 
@@ -102,9 +104,16 @@ def _as_int(value, key, where) -> int:
     return value
 
 
+def _hit(match, name: str, rule: str) -> bool:
+    try:
+        return match(name)
+    except Unsupported as exc:
+        raise InputError(f"{rule[:120]}: {exc}") from None
+
+
 def _compile(pattern: str, where: str, budget: Budget) -> Regex:
-    """A config pattern, compiled for linear-time matching (see :mod:`gptq2xpu.read.regex`); all
-    patterns of one config draw on one ``budget``, which bounds the time and memory of matching."""
+    """A config pattern, compiled for linear-time matching by RE2 (see :mod:`gptq2xpu.read.regex`);
+    all patterns of one config draw on one ``budget``, which bounds the time and memory of matching."""
     try:
         return Regex(pattern, budget)
     except Unsupported as exc:

@@ -23,8 +23,11 @@ import logging
 def register() -> None:
     """The ``vllm.general_plugins`` entry point.  Never raises: vLLM calls it for every model."""
     try:
+        from ..optional_torch import require_torch
+
+        require_torch("the gptq2xpu vLLM plugin")
         from .config import register_config
-    except Exception as exc:  # a vLLM whose interfaces this plugin does not know
+    except Exception as exc:  # no torch, or a vLLM whose interfaces this plugin does not know
         from ..serving import QUANT_METHOD, supported_vllm_text
 
         logging.getLogger("vllm.gptq2xpu").warning(

@@ -18,6 +18,7 @@ from ..contract import ENCODINGS
 from ..errors import UsageError
 from ..plan import ConvertOptions
 from ..plan.options import SCALE_DTYPE_CHOICES
+from ..read.resolve import check_revision
 
 
 def choice_enum(name: str, values) -> type[Enum]:
@@ -65,7 +66,8 @@ SOURCE_ARG = nonempty("SOURCE", "name a checkpoint folder or a Hugging Face repo
 SOURCE_OPT = nonempty("--source", "name the GPTQ checkpoint OUTPUT was made from, or leave it out")
 OUTPUT_ARG = nonempty("OUTPUT", "name a folder (. for the current one)", Path)
 RevisionOpt = Annotated[str | None, typer.Option(
-    "--revision", metavar="REV", parser=nonempty("--revision", "name a branch, tag or commit, or leave it out"),
+    "--revision", metavar="REV",
+    parser=nonempty("--revision", "name a branch, tag or commit, or leave it out", check_revision),
     help="Hub revision (branch, tag or commit) when SOURCE is a repo id; refused for a local folder.")]
 TokenOpt = Annotated[str | None, typer.Option(
     "--token", metavar="TOKEN", envvar="HF_TOKEN", show_envvar=True,

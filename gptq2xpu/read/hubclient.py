@@ -1,0 +1,271 @@
+"""Every request gptq2xpu makes to a Hugging Face hub (or a mirror) goes through one bounded client.
+
+huggingface_hub does the talking (its session, token, ``HF_ENDPOINT``, retries, cache); this
+module gives it an ``httpx2`` client (:func:`huggingface_hub.set_client_factory`) whose transport
+puts the limits a hub that is not trusted needs, and runs each hub operation (:func:`bounded`) so
+that the command can always stop:
+
+* **time**: an operation fails once :func:`hub_timeout` seconds (``GPTQ2XPU_HUB_TIMEOUT``, default
+  60) pass without it finishing or receiving another MiB; single reads time out after the same
+  bound.  A server trickling a byte a second is stopped after the bound, a large download that
+  keeps moving is not;
+* **retries**: huggingface_hub's own (at most 5 per request); a ``Retry-After`` longer than the
+  bound is not waited for: the operation fails at once and says what the server asked;
+* **what the server says**: ``X-Repo-Commit`` must be a commit id (40 hex digits) and ``ETag`` a
+  plain token, before huggingface_hub builds cache paths from them; error bodies are read at most
+  :data:`MAX_ERROR_BODY` bytes;
+* **signals**: the operation runs in a daemon thread while the main thread waits for it, so
+  SIGINT/SIGTERM are handled at once; the transport then stops the abandoned work at its next
+  chunk (nothing waits for it at exit).
+
+It also counts requests and bytes per file for ``inspect``'s report (:class:`Meter`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from ..errors import InputError, UsageError
+
+ENV_TIMEOUT = "GPTQ2XPU_HUB_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0
+#: Each MiB received gives a running operation another :func:`hub_timeout` seconds.
+RENEW_BYTES = 1 << 20
+#: Bytes of an error answer handed to huggingface_hub (for its message); the rest is dropped.
+MAX_ERROR_BODY = 64 * 1024
+COMMIT = re.compile(r"[0-9a-f]{40}")
+_ETAG = re.compile(r'(?:W/)?"?([A-Za-z0-9._+=-]{1,200})"?')
+_POLL_S = 0.05
+#: huggingface_hub's own user-agent registry lookup (at most once a day): bounded, not counted as
+#: reading the repository.
+_NOT_COUNTED = "/api/agent-harnesses"
+
+T = TypeVar("T")
+
+
+def hub_timeout() -> float:
+    """Seconds a hub operation may go without finishing or receiving another MiB (``GPTQ2XPU_HUB_TIMEOUT``)."""
+    raw = os.environ.get(ENV_TIMEOUT, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise UsageError(f"{ENV_TIMEOUT}={raw[:40]!r}: give seconds, a number above 0 and at most 86400")
+    return value
+
+
+@dataclass
+class Meter:
+    """Requests sent and response bytes received, in total and per file (thread-safe)."""
+
+    requests: int = 0
+    bytes: int = 0
+    files: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, file: str, n: int, request: bool = False) -> None:
+        with self._lock:
+            self.requests += request
+            self.bytes += n
+            self.files[file] = self.files.get(file, 0) + n
+
+
+class HubTimeout(InputError):
+    """A hub operation passed its bound (time without progress, or a Retry-After past it)."""
+
+
+class _Cancelled(BaseException):
+    """Raised inside abandoned work (another thread) to unwind it; never reaches a user.  A
+    BaseException so that no ``except Exception`` in a library can swallow it."""
+
+
+@dataclass
+class _Op:
+    """One running hub operation: what to name in errors, its bound, and its progress."""
+
+    label: str
+    bound: float
+    meter: Meter | None = None
+    file: str = ""
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stamp: float = field(default_factory=time.monotonic)
+    _since_renew: int = 0
+
+    def received(self, n: int) -> None:
+        if self.meter is not None:
+            self.meter.count(self.file, n)
+        self._since_renew += n
+        if self._since_renew >= RENEW_BYTES:
+            self._since_renew = 0
+            self.stamp = time.monotonic()
+
+    def check(self) -> None:
+        if self.cancel.is_set():
+            raise _Cancelled()
+
+
+_OP: contextvars.ContextVar[_Op | None] = contextvars.ContextVar("gptq2xpu_hub_op", default=None)
+_BARS: contextvars.ContextVar[bool] = contextvars.ContextVar("gptq2xpu_hub_bars", default=True)
+
+
+@contextlib.contextmanager
+def progress_bars(shown: bool) -> Iterator[None]:
+    """Whether huggingface_hub may draw its download bars for hub operations started in the block."""
+    token = _BARS.set(shown)
+    try:
+        yield
+    finally:
+        _BARS.reset(token)
+
+
+def bars_shown() -> bool:
+    return _BARS.get()
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+def bounded(fn: Callable[[], T], label: str, *, meter: Meter | None = None, file: str = "",
+            cancel: threading.Event | None = None) -> T:
+    """``fn()`` as one hub operation: see the module docstring.  ``label`` names the repository or
+    file in a timeout's message; setting ``cancel`` abandons the operation.  Works from any thread;
+    from the main thread the wait is interruptible."""
+    install()
+    op = _Op(label, hub_timeout(), meter, file, cancel or threading.Event())
+    outcome: list = []
+    done = threading.Event()
+
+    def work() -> None:
+        _OP.set(op)
+        try:
+            outcome.append((True, fn()))
+        except _Cancelled:
+            outcome.append((False, None))
+        except BaseException as exc:  # handed to the waiting thread
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    ctx = contextvars.copy_context()
+    threading.Thread(target=ctx.run, args=(work,), name="gptq2xpu-hub", daemon=True).start()
+    try:
+        while not done.wait(_POLL_S):
+            if op.cancel.is_set():
+                raise _Cancelled()
+            if time.monotonic() - op.stamp > op.bound:
+                raise HubTimeout(f"{label}: no answer within {op.bound:g} s ({ENV_TIMEOUT}; a hub request may go "
+                                 f"{op.bound:g} s without finishing or receiving another MiB)")
+    except BaseException:
+        op.cancel.set()  # the abandoned work stops at its next request or chunk
+        raise
+    ok, value = outcome[0]
+    if ok:
+        return value
+    if value is None:
+        raise HubTimeout(f"{label}: stopped")
+    raise value.with_traceback(None) if isinstance(value, InputError) else value
+
+
+# ------------------------------------------------------------------------------------- the client
+
+_installed = False
+_install_lock = threading.Lock()
+
+
+def install() -> None:
+    """Make huggingface_hub's shared client the bounded one (once per process)."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        from huggingface_hub import set_client_factory
+
+        set_client_factory(_client)
+        _installed = True
+
+
+def _client():
+    import httpx2
+    from huggingface_hub.utils._http import hf_request_event_hook
+
+    class _Stream(httpx2.SyncByteStream):
+        """A response body that counts what arrives, stops when its operation is abandoned, and
+        gives at most ``cap`` bytes (error answers)."""
+
+        def __init__(self, inner, op: _Op, cap: int | None):
+            self.inner, self.op, self.cap = inner, op, cap
+
+        def __iter__(self):
+            given = 0
+            for chunk in self.inner:
+                self.op.check()
+                self.op.received(len(chunk))
+                if self.cap is not None:
+                    chunk = chunk[: max(0, self.cap - given)]
+                    given += len(chunk)
+                    if not chunk:
+                        break
+                yield chunk
+
+        def close(self) -> None:
+            self.inner.close()
+
+    class Bounded(httpx2.BaseTransport):
+        def __init__(self) -> None:
+            self.inner = httpx2.HTTPTransport()
+
+        def handle_request(self, request):
+            op = _OP.get()
+            if op is None:
+                return self.inner.handle_request(request)
+            op.check()
+            limit = {"connect": op.bound, "read": op.bound, "write": op.bound, "pool": op.bound}
+            given = request.extensions.get("timeout") or {}
+            request.extensions["timeout"] = {k: min(v, given.get(k) or v) for k, v in limit.items()}
+            response = self.inner.handle_request(request)
+            counted = op if request.url.path != _NOT_COUNTED else _Op(op.label, op.bound, None, cancel=op.cancel)
+            try:
+                if counted.meter is not None:
+                    counted.meter.count(op.file, 0, request=True)
+                _check_answer(response, op, str(request.url))
+            except BaseException:
+                response.close()
+                raise
+            cap = MAX_ERROR_BODY if response.status_code >= 400 else None
+            response.stream = _Stream(response.stream, counted, cap)
+            return response
+
+        def close(self) -> None:
+            self.inner.close()
+
+    return httpx2.Client(transport=Bounded(), event_hooks={"request": [hf_request_event_hook]},
+                         follow_redirects=True, timeout=None)
+
+
+def _check_answer(response, op: _Op, url: str) -> None:
+    """Refuse what huggingface_hub would build cache paths from, and a wait past the bound."""
+    where = f"{op.label}: {url.split('?')[0][:200]}"
+    commit = response.headers.get("X-Repo-Commit")
+    if commit is not None and not COMMIT.fullmatch(commit):
+        raise InputError(f"{where}: the server's X-Repo-Commit {commit[:60]!r} is not a commit id (40 hex digits)")
+    for name in ("X-Linked-Etag", "ETag"):
+        etag = response.headers.get(name)
+        if etag is not None and not _ETAG.fullmatch(etag.strip()):
+            raise InputError(f"{where}: the server's {name} {etag[:60]!r} is not a plain tag (letters, digits, ._+=-)")
+    if response.status_code in (429, 503) and "Retry-After" in response.headers:
+        wait = response.headers["Retry-After"].strip()
+        seconds = int(wait) if wait.isascii() and wait.isdigit() and len(wait) < 12 else None
+        if seconds is None or seconds > op.bound:
+            raise HubTimeout(f"{where}: HTTP {response.status_code}, the server asks to retry after {wait[:40]!r} s, "
+                             f"more than the {op.bound:g} s gptq2xpu waits ({ENV_TIMEOUT})")

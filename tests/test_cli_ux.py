@@ -65,7 +65,7 @@ def test_json_quiet_debug_in_any_position(cli, tmp_path, where):
     code, out, err = run("--json", "inspect", FIXTURE)
     assert code == EXIT_OK and envelope_of(out, code)["command"] == "inspect"
     code, out, err = run("--quiet", "inspect", FIXTURE)
-    assert code == EXIT_OK and out == "" and err == ""
+    assert code == EXIT_OK and out == "" and err == "", err
     code, out, err = run("-q", "version")
     assert code == EXIT_OK and out == ""
     # --debug: the traceback, then the one line, on every command

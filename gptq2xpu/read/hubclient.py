@@ -42,6 +42,8 @@ RENEW_BYTES = 1 << 20
 #: Bytes of an error answer handed to huggingface_hub (for its message); the rest is dropped.
 MAX_ERROR_BODY = 64 * 1024
 COMMIT = re.compile(r"[0-9a-f]{40}")
+#: Largest file size a server may claim (a file offset must fit in a signed 64-bit integer).
+MAX_SIZE = 2**63 - 1
 _ETAG = re.compile(r'(?:W/)?"?([A-Za-z0-9._+=-]{1,200})"?')
 _POLL_S = 0.05
 #: huggingface_hub's own user-agent registry lookup (at most once a day): bounded, not counted as
@@ -263,6 +265,11 @@ def _check_answer(response, op: _Op, url: str) -> None:
         etag = response.headers.get(name)
         if etag is not None and not _ETAG.fullmatch(etag.strip()):
             raise InputError(f"{where}: the server's {name} {etag[:60]!r} is not a plain tag (letters, digits, ._+=-)")
+    for name in ("Content-Length", "X-Linked-Size"):
+        size = response.headers.get(name, "0").strip()
+        if not (size.isascii() and size.isdigit() and len(size) <= 19 and int(size) <= MAX_SIZE):
+            raise InputError(f"{where}: the server's {name} {size[:40]!r} is not a size a file can have "
+                             f"(0 to 2^63-1 bytes)")
     if response.status_code in (429, 503) and "Retry-After" in response.headers:
         wait = response.headers["Retry-After"].strip()
         seconds = int(wait) if wait.isascii() and wait.isdigit() and len(wait) < 12 else None

@@ -223,35 +223,30 @@ def _client():
         def close(self) -> None:
             self.inner.close()
 
-    class Bounded(httpx2.BaseTransport):
-        def __init__(self) -> None:
-            self.inner = httpx2.HTTPTransport()
+    def on_request(request) -> None:
+        op = _OP.get()
+        if op is None:
+            return
+        op.check()
+        limit = {"connect": op.bound, "read": op.bound, "write": op.bound, "pool": op.bound}
+        given = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {k: min(v, given.get(k) or v) for k, v in limit.items()}
 
-        def handle_request(self, request):
-            op = _OP.get()
-            if op is None:
-                return self.inner.handle_request(request)
-            op.check()
-            limit = {"connect": op.bound, "read": op.bound, "write": op.bound, "pool": op.bound}
-            given = request.extensions.get("timeout") or {}
-            request.extensions["timeout"] = {k: min(v, given.get(k) or v) for k, v in limit.items()}
-            response = self.inner.handle_request(request)
-            counted = op if request.url.path != _NOT_COUNTED else _Op(op.label, op.bound, None, cancel=op.cancel)
-            try:
-                if counted.meter is not None:
-                    counted.meter.count(op.file, 0, request=True)
-                _check_answer(response, op, str(request.url))
-            except BaseException:
-                response.close()
-                raise
-            cap = MAX_ERROR_BODY if response.status_code >= 400 else None
-            response.stream = _Stream(response.stream, counted, cap)
-            return response
+    def on_response(response) -> None:
+        op = _OP.get()
+        if op is None:
+            return
+        request = response.request
+        counted = op.meter is not None and request.url.path != _NOT_COUNTED
+        if counted:
+            op.meter.count(op.file, 0, request=True)
+        _check_answer(response, op, str(request.url))
+        cap = MAX_ERROR_BODY if response.status_code >= 400 else None
+        response.stream = _Stream(response.stream, op if counted else _Op(op.label, op.bound, None, cancel=op.cancel),
+                                  cap)
 
-        def close(self) -> None:
-            self.inner.close()
-
-    return httpx2.Client(transport=Bounded(), event_hooks={"request": [hf_request_event_hook]},
+    # event hooks, not a transport of our own: the client keeps its transports (proxies from the environment)
+    return httpx2.Client(event_hooks={"request": [hf_request_event_hook, on_request], "response": [on_response]},
                          follow_redirects=True, timeout=None)
 
 

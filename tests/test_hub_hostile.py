@@ -252,3 +252,12 @@ def test_a_file_the_index_does_not_name_is_named_as_left_out(cli, folder, tmp_pa
     assert code == 0, err
     assert any("extra.safetensors" in w and "not named in model.safetensors.index.json" in w
                for w in json.loads(out)["warnings"])
+
+
+def test_a_model_info_answer_past_its_cap_is_refused(hub, folder, cli, monkeypatch):
+    from gptq2xpu.read import resolve
+
+    hub.add_folder(REPO_ID, folder)
+    monkeypatch.setattr(resolve, "MAX_API_BYTES", 100)
+    code, _, err = cli("inspect", REPO_ID)
+    _fails(code, err, 3, REPO_ID, "more than 100 bytes")

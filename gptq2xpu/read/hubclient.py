@@ -101,10 +101,15 @@ class _Op:
     meter: Meter | None = None
     file: str = ""
     cancel: threading.Event = field(default_factory=threading.Event)
+    limit: int | None = None          # the most bytes the operation may receive, every answer together
     stamp: float = field(default_factory=time.monotonic)
     _since_renew: int = 0
+    _total: int = 0
 
     def received(self, n: int) -> None:
+        self._total += n
+        if self.limit is not None and self._total > self.limit:
+            raise InputError(f"{self.label}: the server sent more than {self.limit} bytes")
         if self.meter is not None:
             self.meter.count(self.file, n)
         self._since_renew += n
@@ -139,12 +144,12 @@ def bars_shown() -> bool:
 
 
 def bounded(fn: Callable[[], T], label: str, *, meter: Meter | None = None, file: str = "",
-            cancel: threading.Event | None = None) -> T:
+            cancel: threading.Event | None = None, limit: int | None = None) -> T:
     """``fn()`` as one hub operation: see the module docstring.  ``label`` names the repository or
-    file in a timeout's message; setting ``cancel`` abandons the operation.  Works from any thread;
-    from the main thread the wait is interruptible."""
+    file in a timeout's message; setting ``cancel`` abandons the operation; ``limit`` caps the bytes
+    it may receive.  Works from any thread; from the main thread the wait is interruptible."""
     install()
-    op = _Op(label, hub_timeout(), meter, file, cancel or threading.Event())
+    op = _Op(label, hub_timeout(), meter, file, cancel or threading.Event(), limit)
     outcome: list = []
     done = threading.Event()
 

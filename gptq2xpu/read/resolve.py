@@ -40,6 +40,8 @@ ALLOW_PATTERNS = [
 #: Files downloaded at once.
 DOWNLOAD_WORKERS = 8
 OFFLINE = "HF_HUB_OFFLINE is set"
+#: Cap on the model-info answer (the commit and the file list).
+MAX_API_BYTES = 64 * 1024 * 1024
 #: Longest revision accepted (a branch, tag or commit id).
 MAX_REVISION = 255
 
@@ -217,7 +219,7 @@ def repo_files(repo_id: str, revision: str | None, token: str | None, meter: Met
         except Exception as exc:
             raise hub_error(exc, repo_id, revision, repo_id) from None
 
-    info = bounded(ask, repo_id, meter=meter, file=label)
+    info = bounded(ask, repo_id, meter=meter, file=label, limit=MAX_API_BYTES)
     bad = f"{repo_id}: {endpoint()} answered the model-info request with"
     sha = getattr(info, "sha", None)
     if not isinstance(sha, str) or not COMMIT.fullmatch(sha):

@@ -234,9 +234,12 @@ def _local_shards(folder: Folder) -> Shards:
     """:func:`~gptq2xpu.read.shards.find_shards` for a local folder; every shard is checked against
     the folder's link policy."""
     root = folder.root
+    entries = sorted(root.iterdir())
+    indexed = any(p.name.endswith(".safetensors.index.json") for p in entries)
     names = []
-    for p in sorted(root.iterdir()):
-        if p.name.endswith(".safetensors") and not p.name.startswith("."):
+    for p in entries:
+        # without an index every candidate is checked (and must be a file); with one, the shards it names are
+        if p.name.endswith(".safetensors") and not p.name.startswith(".") and not indexed:
             folder.check(p.name)
             if not p.is_file():
                 continue

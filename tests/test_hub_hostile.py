@@ -101,13 +101,9 @@ def test_offline_a_revision_or_a_cached_ref_with_path_syntax_reads_nothing_outsi
 # ------------------------------------------------------------------------------ bounded requests
 
 
-@pytest.fixture
-def short_bound(monkeypatch):
-    monkeypatch.setenv(ENV_TIMEOUT, "1.5")
-
-
 @pytest.mark.parametrize("kind", ["api", "file"])
-def test_a_trickling_hub_is_stopped_after_the_bound(hub, folder, cli, short_bound, kind):
+def test_a_trickling_hub_is_stopped_after_the_bound(hub, folder, cli, monkeypatch, kind):
+    monkeypatch.setenv(ENV_TIMEOUT, "1.5")
     hub.add_folder(REPO_ID, folder, trickle=(kind,), trickle_s=0.5)
     t0 = time.monotonic()
     code, _, err = cli("inspect", REPO_ID)
@@ -118,7 +114,8 @@ def test_a_trickling_hub_is_stopped_after_the_bound(hub, folder, cli, short_boun
 
 @pytest.mark.parametrize("kind", ["api", "file"])
 @pytest.mark.parametrize("command", ["inspect", "convert"])
-def test_a_long_retry_after_is_not_waited_for(hub, folder, cli, tmp_path, short_bound, kind, command):
+def test_a_long_retry_after_is_not_waited_for(hub, folder, cli, tmp_path, monkeypatch, kind, command):
+    monkeypatch.setenv(ENV_TIMEOUT, "1.5")
     hub.add_folder(REPO_ID, folder, fail={kind: (429, {"Retry-After": "100000"})})
     t0 = time.monotonic()
     code, _, err = cli(command, REPO_ID, *([tmp_path / "out"] if command == "convert" else []))

@@ -102,14 +102,15 @@ def test_offline_a_revision_or_a_cached_ref_with_path_syntax_reads_nothing_outsi
 
 
 @pytest.mark.parametrize("kind", ["api", "file"])
-def test_a_trickling_hub_is_stopped_after_the_bound(hub, folder, cli, monkeypatch, kind):
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_a_trickling_hub_is_stopped_after_the_bound(hub, folder, cli, tmp_path, monkeypatch, kind, command):
     monkeypatch.setenv(ENV_TIMEOUT, "1.5")
     hub.add_folder(REPO_ID, folder, trickle=(kind,), trickle_s=0.5)
     t0 = time.monotonic()
-    code, _, err = cli("inspect", REPO_ID)
+    code, _, err = cli(command, REPO_ID, *([tmp_path / "out"] if command == "convert" else []))
     took = time.monotonic() - t0
     _fails(code, err, 3, REPO_ID, "1.5 s", ENV_TIMEOUT)
-    assert took < 8, took
+    assert took < 8 and not (tmp_path / "out").exists(), took
 
 
 @pytest.mark.parametrize("kind", ["api", "file"])

@@ -48,7 +48,8 @@ class FakeRepo:
     fail: dict = field(default_factory=dict)   # kind ("api"/"file") -> (status, headers) answered instead
     trickle: tuple[str, ...] = ()   # kinds ("api"/"file") whose body is sent one byte per trickle_s
     trickle_s: float = 1.0
-    slow_file: str | None = None    # this file's full GET is sent 4 KiB per 0.1 s; slow_started is set then
+    slow_file: str | None = None    # this file's full GET is sent slow_piece bytes per 0.1 s; slow_started is set then
+    slow_piece: int = 4096
     slow_started: threading.Event = field(default_factory=threading.Event)
     claim_size: int | None = None   # the file size Content-Range / Content-Length claim
 
@@ -256,8 +257,8 @@ def _handler(hub: FakeHub):
             if slow:
                 repo.slow_started.set()
             self._send(status, headers, body, served, offset=start, announce=False,
-                       trickle=repo.trickle_s if "file" in repo.trickle else 0, piece=4096 if slow else 16384,
-                       pause=0.1 if slow else 0)
+                       trickle=repo.trickle_s if "file" in repo.trickle else 0,
+                       piece=repo.slow_piece if slow else 16384, pause=0.1 if slow else 0)
 
         # -------------------------------------------------------------- answers
         def _error(self, status, sha, code, served: Served):

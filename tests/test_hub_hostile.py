@@ -113,6 +113,20 @@ def test_a_trickling_hub_is_stopped_after_the_bound(hub, folder, cli, tmp_path, 
     assert took < 8 and not (tmp_path / "out").exists(), took
 
 
+def test_a_download_that_keeps_moving_may_take_longer_than_the_bound(hub, folder, cli, tmp_path, monkeypatch):
+    """The bound is on time without progress: each RENEW_BYTES received renews it."""
+    from gptq2xpu.read import hubclient
+
+    monkeypatch.setenv(ENV_TIMEOUT, "1")
+    monkeypatch.setattr(hubclient, "RENEW_BYTES", 32 * 1024)
+    shard = sorted(p.name for p in folder.glob("*.safetensors"))[0]
+    repo = hub.add_folder(REPO_ID, folder, slow_file=shard, slow_piece=16 * 1024)  # 160 KiB/s
+    t0 = time.monotonic()
+    code, _, err = cli("convert", REPO_ID, tmp_path / "out")
+    assert code == 0, err
+    assert repo.slow_started.is_set() and time.monotonic() - t0 > 1.5  # the slow shard took longer than the bound
+
+
 @pytest.mark.parametrize("kind", ["api", "file"])
 @pytest.mark.parametrize("command", ["inspect", "convert"])
 def test_a_long_retry_after_is_not_waited_for(hub, folder, cli, tmp_path, monkeypatch, kind, command):

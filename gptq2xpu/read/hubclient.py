@@ -112,6 +112,9 @@ class _Op:
             raise InputError(f"{self.label}: the server sent more than {self.limit} bytes")
         if self.meter is not None:
             self.meter.count(self.file, n)
+        self.progressed(n)
+
+    def progressed(self, n: int) -> None:
         self._since_renew += n
         if self._since_renew >= RENEW_BYTES:
             self._since_renew = 0
@@ -138,6 +141,25 @@ def progress_bars(shown: bool) -> Iterator[None]:
 
 def bars_shown() -> bool:
     return _BARS.get()
+
+
+def progress_class():
+    """A tqdm class for ``hf_hub_download(tqdm_class=...)`` whose updates count as progress of the
+    operation that made it: a Xet download (hf_xet) moves no bytes through this client, only
+    through its progress bar.  Hidden bars are updated too."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class Progress(hub_tqdm):
+        def __init__(self, *args, **kwargs):
+            self._op = _OP.get()
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            if self._op is not None and n:
+                self._op.progressed(int(n))
+            return super().update(n)
+
+    return Progress
 
 
 # ------------------------------------------------------------------------------------- running
@@ -210,14 +232,17 @@ def _client():
         """A response body that counts what arrives, stops when its operation is abandoned, and
         gives at most ``cap`` bytes (error answers)."""
 
-        def __init__(self, inner, op: _Op, cap: int | None):
-            self.inner, self.op, self.cap = inner, op, cap
+        def __init__(self, inner, op: _Op, cap: int | None, counted: bool):
+            self.inner, self.op, self.cap, self.counted = inner, op, cap, counted
 
         def __iter__(self):
             given = 0
             for chunk in self.inner:
                 self.op.check()
-                self.op.received(len(chunk))
+                if self.counted:
+                    self.op.received(len(chunk))
+                else:
+                    self.op.progressed(len(chunk))
                 if self.cap is not None:
                     chunk = chunk[: max(0, self.cap - given)]
                     given += len(chunk)
@@ -242,13 +267,12 @@ def _client():
         if op is None:
             return
         request = response.request
-        counted = op.meter is not None and request.url.path != _NOT_COUNTED
-        if counted:
+        counted = request.url.path != _NOT_COUNTED
+        if counted and op.meter is not None:
             op.meter.count(op.file, 0, request=True)
         _check_answer(response, op, str(request.url))
         cap = MAX_ERROR_BODY if response.status_code >= 400 else None
-        response.stream = _Stream(response.stream, op if counted else _Op(op.label, op.bound, None, cancel=op.cancel),
-                                  cap)
+        response.stream = _Stream(response.stream, op, cap, counted)
 
     # event hooks, not a transport of our own: the client keeps its transports (proxies from the environment)
     return httpx2.Client(event_hooks={"request": [hf_request_event_hook, on_request], "response": [on_response]},

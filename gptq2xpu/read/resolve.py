@@ -286,6 +286,7 @@ def _fetch_files(repo_id: str, commit: str, token: str | None, files: list[str])
     from huggingface_hub.utils import disable_progress_bars
 
     shown = hubclient.bars_shown()
+    progress = hubclient.progress_class()
     todo = list(enumerate(files))
     paths: list[str | None] = [None] * len(files)
     failed: list[BaseException] = []
@@ -295,7 +296,7 @@ def _fetch_files(repo_id: str, commit: str, token: str | None, files: list[str])
     def one(file: str) -> str:
         try:
             return hf_hub_download(repo_id, file, revision=commit, token=token, endpoint=endpoint(),
-                                   library_name="gptq2xpu")
+                                   library_name="gptq2xpu", tqdm_class=progress)
         except Exception as exc:
             raise hub_error(exc, repo_id, commit, f"{repo_id}/{file}") from None
 

@@ -109,7 +109,7 @@ def test_a_trickling_hub_is_stopped_after_the_bound(hub, folder, cli, tmp_path, 
     t0 = time.monotonic()
     code, _, err = cli(command, REPO_ID, *([tmp_path / "out"] if command == "convert" else []))
     took = time.monotonic() - t0
-    _fails(code, err, 3, REPO_ID, "1.5 s", ENV_TIMEOUT)
+    _fails(code, err, 3, REPO_ID, "1.5 s", ENV_TIMEOUT, f"from {hub.url}/")
     assert took < 8 and not (tmp_path / "out").exists(), took
 
 

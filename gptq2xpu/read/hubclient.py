@@ -102,6 +102,7 @@ class _Op:
     file: str = ""
     cancel: threading.Event = field(default_factory=threading.Event)
     limit: int | None = None          # the most bytes the operation may receive, every answer together
+    url: str = ""                     # the last URL asked for
     stamp: float = field(default_factory=time.monotonic)
     _since_renew: int = 0
     _total: int = 0
@@ -193,8 +194,9 @@ def bounded(fn: Callable[[], T], label: str, *, meter: Meter | None = None, file
             if op.cancel.is_set():
                 raise _Cancelled()
             if time.monotonic() - op.stamp > op.bound:
-                raise HubTimeout(f"{label}: no answer within {op.bound:g} s ({ENV_TIMEOUT}; a hub request may go "
-                                 f"{op.bound:g} s without finishing or receiving another MiB)")
+                asked = f" from {op.url}" if op.url else ""
+                raise HubTimeout(f"{label}: no answer{asked} within {op.bound:g} s ({ENV_TIMEOUT}; a hub request "
+                                 f"may go {op.bound:g} s without finishing or receiving another MiB)")
     except BaseException:
         op.cancel.set()  # the abandoned work stops at its next request or chunk
         raise
@@ -258,6 +260,7 @@ def _client():
         if op is None:
             return
         op.check()
+        op.url = str(request.url).split("?")[0][:200]
         limit = {"connect": op.bound, "read": op.bound, "write": op.bound, "pool": op.bound}
         given = request.extensions.get("timeout") or {}
         request.extensions["timeout"] = {k: min(v, given.get(k) or v) for k, v in limit.items()}

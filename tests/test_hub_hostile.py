@@ -104,12 +104,12 @@ def test_offline_a_revision_or_a_cached_ref_with_path_syntax_reads_nothing_outsi
 @pytest.mark.parametrize("kind", ["api", "file"])
 @pytest.mark.parametrize("command", ["inspect", "convert"])
 def test_a_trickling_hub_is_stopped_after_the_bound(hub, folder, cli, tmp_path, monkeypatch, kind, command):
-    monkeypatch.setenv(ENV_TIMEOUT, "1.5")
+    monkeypatch.setenv(ENV_TIMEOUT, "2")
     hub.add_folder(REPO_ID, folder, trickle=(kind,), trickle_s=0.5)
     t0 = time.monotonic()
     code, _, err = cli(command, REPO_ID, *([tmp_path / "out"] if command == "convert" else []))
     took = time.monotonic() - t0
-    _fails(code, err, 3, REPO_ID, "1.5 s", ENV_TIMEOUT, f"from {hub.url}/")
+    _fails(code, err, 3, REPO_ID, "2 s", ENV_TIMEOUT, f"from {hub.url}/")
     assert took < 8 and not (tmp_path / "out").exists(), took
 
 
@@ -117,24 +117,25 @@ def test_a_download_that_keeps_moving_may_take_longer_than_the_bound(hub, folder
     """The bound is on time without progress: each RENEW_BYTES received renews it."""
     from gptq2xpu.read import hubclient
 
-    monkeypatch.setenv(ENV_TIMEOUT, "1")
-    monkeypatch.setattr(hubclient, "RENEW_BYTES", 32 * 1024)
+    monkeypatch.setenv(ENV_TIMEOUT, "2")
+    monkeypatch.setattr(hubclient, "RENEW_BYTES", 16 * 1024)
     shard = sorted(p.name for p in folder.glob("*.safetensors"))[0]
-    repo = hub.add_folder(REPO_ID, folder, slow_file=shard, slow_piece=16 * 1024)  # 160 KiB/s
-    t0 = time.monotonic()
+    size = (folder / shard).stat().st_size
+    repo = hub.add_folder(REPO_ID, folder, slow_file=shard, slow_piece=8 * 1024)  # 80 KiB/s
+    assert size / (80 * 1024) > 3  # the slow shard takes longer than the bound
     code, _, err = cli("convert", REPO_ID, tmp_path / "out")
     assert code == 0, err
-    assert repo.slow_started.is_set() and time.monotonic() - t0 > 1.5  # the slow shard took longer than the bound
+    assert repo.slow_started.is_set()
 
 
 @pytest.mark.parametrize("kind", ["api", "file"])
 @pytest.mark.parametrize("command", ["inspect", "convert"])
 def test_a_long_retry_after_is_not_waited_for(hub, folder, cli, tmp_path, monkeypatch, kind, command):
-    monkeypatch.setenv(ENV_TIMEOUT, "1.5")
+    monkeypatch.setenv(ENV_TIMEOUT, "2")
     hub.add_folder(REPO_ID, folder, fail={kind: (429, {"Retry-After": "100000"})})
     t0 = time.monotonic()
     code, _, err = cli(command, REPO_ID, *([tmp_path / "out"] if command == "convert" else []))
-    _fails(code, err, 3, "HTTP 429", "100000", "1.5 s", ENV_TIMEOUT)
+    _fails(code, err, 3, "HTTP 429", "100000", "2 s", ENV_TIMEOUT)
     assert time.monotonic() - t0 < 8 and not (tmp_path / "out").exists()
 
 

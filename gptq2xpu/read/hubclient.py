@@ -208,6 +208,47 @@ def bounded(fn: Callable[[], T], label: str, *, meter: Meter | None = None, file
     raise value.with_traceback(None) if isinstance(value, InputError) else value
 
 
+def bounded_each(fn: Callable[[str], T], files: list[str], label: Callable[[str], str], workers: int,
+                 meter: Meter | None = None) -> dict[str, T]:
+    """``{file: fn(file)}``, each call one :func:`bounded` operation, ``workers`` at a time in
+    daemon threads.  The first failure abandons the others and is raised; so is a signal that
+    arrives while the calling thread waits (the waits are short, so it is handled at once)."""
+    todo = list(files)
+    out: dict[str, T] = {}
+    failed: list[BaseException] = []
+    lock = threading.Lock()
+    stop = threading.Event()  # set: every operation still running is abandoned
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not todo or failed:
+                    return
+                file = todo.pop(0)
+            try:
+                out[file] = bounded(lambda f=file: fn(f), label(file), meter=meter, file=file, cancel=stop)
+            except BaseException as exc:
+                with lock:
+                    failed.append(exc)
+                stop.set()
+                return
+
+    threads = [threading.Thread(target=worker, name="gptq2xpu-hub", daemon=True)
+               for _ in range(min(workers, len(files)))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(_POLL_S)
+    except BaseException:
+        stop.set()
+        raise
+    if failed:
+        raise failed[0]
+    return out
+
+
 # ------------------------------------------------------------------------------------- the client
 
 _installed = False

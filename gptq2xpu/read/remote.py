@@ -41,12 +41,11 @@ from ..contract import INDEX_NAME
 from ..errors import InputError
 from ..safetensors_io import MAX_HEADER_BYTES, SafetensorsHeader, parse_header
 from .checkpoint import Checkpoint, fingerprint_headers, open_checkpoint, tensor_map
-from .hubclient import COMMIT, Meter, bounded
+from .hubclient import COMMIT, Meter, bounded, bounded_each
 from .paths import MAX_JSON_BYTES, Folder, check_member_name
 from .resolve import (
     OFFLINE,
     Unreachable,
-    bounded_join,
     check_revision,
     endpoint,
     from_cache_or_explain,
@@ -309,40 +308,7 @@ class _Files:
 
     def fetch_headers(self, files: list[str]) -> dict[str, tuple[SafetensorsHeader, bytes]]:
         """``{file: (validated header, its raw bytes)}`` for each shard, a few at a time."""
-        out: dict[str, tuple[SafetensorsHeader, bytes]] = {}
-        todo = list(files)
-        failed: list[BaseException] = []
-        lock = threading.Lock()
-        stop = threading.Event()
-
-        def worker() -> None:
-            while True:
-                with lock:
-                    if not todo or failed:
-                        return
-                    file = todo.pop(0)
-                try:
-                    out[file] = bounded(lambda f=file: self._header(f), f"{self.repo_id}/{file}",
-                                        meter=self.read.meter, file=file, cancel=stop)
-                except BaseException as exc:
-                    with lock:
-                        failed.append(exc)
-                    stop.set()
-                    return
-
-        threads = [threading.Thread(target=worker, name="gptq2xpu-hub", daemon=True)
-                   for _ in range(min(MAX_WORKERS, len(files)))]
-        try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                bounded_join(t)
-        except BaseException:
-            stop.set()
-            raise
-        if failed:
-            raise failed[0]
-        return out
+        return bounded_each(self._header, files, lambda f: f"{self.repo_id}/{f}", MAX_WORKERS, self.read.meter)
 
     def _header(self, file: str) -> tuple[SafetensorsHeader, bytes]:
         label = f"{self.repo_id}/{file}"

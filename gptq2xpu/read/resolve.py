@@ -11,14 +11,14 @@ shares the model-info request, the error wording and the cache fallback defined 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import threading
 from pathlib import Path
 
 from ..errors import InputError, UsageError
 from . import hubclient
-from .hubclient import COMMIT, Meter, bounded
+from .hubclient import COMMIT, Meter, bounded, bounded_each
 from .paths import check_member_name, text_name
 
 #: Files a conversion needs from a hub repository (fnmatch patterns for ``allow_patterns``).
@@ -287,11 +287,6 @@ def _fetch_files(repo_id: str, commit: str, token: str | None, files: list[str])
 
     shown = hubclient.bars_shown()
     progress = hubclient.progress_class()
-    todo = list(enumerate(files))
-    paths: list[str | None] = [None] * len(files)
-    failed: list[BaseException] = []
-    lock = threading.Lock()
-    stop = threading.Event()  # set: every download still running is abandoned
 
     def one(file: str) -> str:
         try:
@@ -300,40 +295,6 @@ def _fetch_files(repo_id: str, commit: str, token: str | None, files: list[str])
         except Exception as exc:
             raise hub_error(exc, repo_id, commit, f"{repo_id}/{file}") from None
 
-    def worker() -> None:
-        while True:
-            with lock:
-                if not todo or failed:
-                    return
-                i, file = todo.pop(0)
-            try:
-                paths[i] = bounded(lambda f=file: one(f), f"{repo_id}/{file}", cancel=stop)
-            except BaseException as exc:
-                with lock:
-                    failed.append(exc)
-                stop.set()
-                return
-
-    bars = disable_progress_bars() if not shown else None
-    try:
-        threads = [threading.Thread(target=worker, name="gptq2xpu-download", daemon=True)
-                   for _ in range(min(DOWNLOAD_WORKERS, len(files)))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            bounded_join(t)
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        if bars is not None:
-            bars.__exit__()
-    if failed:
-        raise failed[0]
-    return [p for p in paths if p is not None]
-
-
-def bounded_join(thread: threading.Thread) -> None:
-    """Wait for ``thread`` in short slices, so that a signal is handled while waiting."""
-    while thread.is_alive():
-        thread.join(0.05)
+    with contextlib.nullcontext() if shown else disable_progress_bars():
+        paths = bounded_each(one, files, lambda f: f"{repo_id}/{f}", DOWNLOAD_WORKERS)
+    return [paths[f] for f in files]

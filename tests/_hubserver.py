@@ -45,6 +45,7 @@ class FakeRepo:
     # hostile answers (tests/test_hub_hostile.py):
     info_sha: str | None = None     # the commit model info and X-Repo-Commit name, whatever is asked
     file_commit: str | None = None  # the X-Repo-Commit of file answers (model info stays right)
+    etag: str | None = None         # the ETag of every file answer
     fail: dict = field(default_factory=dict)   # kind ("api"/"file") -> (status, headers) answered instead
     trickle: tuple[str, ...] = ()   # kinds ("api"/"file") whose body is sent one byte per trickle_s
     trickle_s: float = 1.0
@@ -234,7 +235,7 @@ def _handler(hub: FakeHub):
             data = None if name in repo.missing else repo.files.get(name)
             if data is None:
                 return self._error(404, sha, "EntryNotFound", served)
-            headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+            headers = {"X-Repo-Commit": sha, "ETag": repo.etag or f'"{hashlib.sha256(data).hexdigest()}"',
                        "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
             start, end, status = 0, len(data), 200
             m = _RANGE.fullmatch(rng or "")

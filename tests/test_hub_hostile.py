@@ -67,6 +67,16 @@ def test_an_x_repo_commit_that_is_a_path_is_refused_by_the_download(hub, folder,
     assert _tree(outside) == before and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("etag", ['"../../../../outside/blob"', '"/abs/blob"', 'W/"a/b"'])
+def test_an_etag_that_is_a_path_is_refused_by_the_download(hub, folder, cli, tmp_path, etag):
+    """huggingface_hub names the cached blob after the ETag."""
+    outside, before = _canary(tmp_path)
+    hub.add_folder(REPO_ID, folder, etag=etag)
+    code, _, err = cli("convert", REPO_ID, tmp_path / "out")
+    _fails(code, err, 3, "ETag", "plain tag")
+    assert _tree(outside) == before and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("rev", ["../../x", "/abs", "a\\b", "main/../../x", "x" * 300, "a\x00b", ".hidden"])
 @pytest.mark.parametrize("command", ["inspect", "convert"])
 def test_a_revision_with_path_syntax_is_a_usage_error_before_any_request(hub, folder, cli, tmp_path, rev, command):

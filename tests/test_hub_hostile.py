@@ -138,11 +138,12 @@ def test_a_download_that_keeps_moving_may_take_longer_than_the_bound(hub, folder
     assert repo.slow_started.is_set()
 
 
+@pytest.mark.parametrize("wait", [{"Retry-After": "100000"}, {"RateLimit": '"api";r=0;t=100000'}])
 @pytest.mark.parametrize("kind", ["api", "file"])
 @pytest.mark.parametrize("command", ["inspect", "convert"])
-def test_a_long_retry_after_is_not_waited_for(hub, folder, cli, tmp_path, monkeypatch, kind, command):
+def test_a_long_retry_after_is_not_waited_for(hub, folder, cli, tmp_path, monkeypatch, kind, command, wait):
     monkeypatch.setenv(ENV_TIMEOUT, "2")
-    hub.add_folder(REPO_ID, folder, fail={kind: (429, {"Retry-After": "100000"})})
+    hub.add_folder(REPO_ID, folder, fail={kind: (429, wait)})
     t0 = time.monotonic()
     code, _, err = cli(command, REPO_ID, *([tmp_path / "out"] if command == "convert" else []))
     _fails(code, err, 3, "HTTP 429", "100000", "2 s", ENV_TIMEOUT)

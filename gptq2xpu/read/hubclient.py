@@ -338,9 +338,15 @@ def _check_answer(response, op: _Op, url: str) -> None:
         if not (size.isascii() and size.isdigit() and len(size) <= 19 and int(size) <= MAX_SIZE):
             raise InputError(f"{where}: the server's {name} {size[:40]!r} is not a size a file can have "
                              f"(0 to 2^63-1 bytes)")
-    if response.status_code in (429, 503) and "Retry-After" in response.headers:
-        wait = response.headers["Retry-After"].strip()
-        seconds = int(wait) if wait.isascii() and wait.isdigit() and len(wait) < 12 else None
-        if seconds is None or seconds > op.bound:
-            raise HubTimeout(f"{where}: HTTP {response.status_code}, the server asks to retry after {wait[:40]!r} s, "
+    if response.status_code in (429, 503):
+        # the waits huggingface_hub honours: Retry-After in seconds, and a spent RateLimit's reset
+        from huggingface_hub.utils import parse_ratelimit_headers
+
+        wait = response.headers.get("Retry-After", "").strip()
+        seconds = int(wait) if wait.isascii() and wait.isdigit() else 0
+        limit = parse_ratelimit_headers(response.headers) if response.status_code == 429 else None
+        if limit is not None and limit.remaining == 0:
+            seconds, wait = max(seconds, limit.reset_in_seconds), str(max(seconds, limit.reset_in_seconds))
+        if seconds > op.bound:
+            raise HubTimeout(f"{where}: HTTP {response.status_code}, the server asks to retry after {wait[:40]} s, "
                              f"more than the {op.bound:g} s gptq2xpu waits ({ENV_TIMEOUT})")

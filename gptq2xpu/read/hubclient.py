@@ -256,20 +256,21 @@ _install_lock = threading.Lock()
 
 
 def install() -> None:
-    """Make huggingface_hub's shared client the bounded one (once per process)."""
+    """Make huggingface_hub's shared client the bounded one (once per process).  It keeps the
+    event hooks of the client it replaces (huggingface_hub's own: offline mode, request ids)."""
     global _installed
     with _install_lock:
         if _installed:
             return
-        from huggingface_hub import set_client_factory
+        from huggingface_hub import get_session, set_client_factory
 
-        set_client_factory(_client)
+        hooks = {k: list(v) for k, v in get_session().event_hooks.items()}
+        set_client_factory(lambda: _client(hooks))
         _installed = True
 
 
-def _client():
+def _client(hooks: dict[str, list]):
     import httpx2
-    from huggingface_hub.utils._http import hf_request_event_hook
 
     class _Stream(httpx2.SyncByteStream):
         """A response body that counts what arrives, stops when its operation is abandoned, and
@@ -319,7 +320,8 @@ def _client():
         response.stream = _Stream(response.stream, op, cap, counted)
 
     # event hooks, not a transport of our own: the client keeps its transports (proxies from the environment)
-    return httpx2.Client(event_hooks={"request": [hf_request_event_hook, on_request], "response": [on_response]},
+    return httpx2.Client(event_hooks={"request": [*hooks.get("request", []), on_request],
+                                      "response": [*hooks.get("response", []), on_response]},
                          follow_redirects=True, timeout=None)
 
 

@@ -42,6 +42,17 @@ class FakeRepo:
     ignore_range: bool = False
     truncate: bool = False
     missing: tuple[str, ...] = ()   # listed in the file list, but 404 when asked for
+    # hostile answers (tests/test_hub_hostile.py):
+    info_sha: str | None = None     # the commit model info and X-Repo-Commit name, whatever is asked
+    file_commit: str | None = None  # the X-Repo-Commit of file answers (model info stays right)
+    etag: str | None = None         # the ETag of every file answer
+    fail: dict = field(default_factory=dict)   # kind ("api"/"file") -> (status, headers) answered instead
+    trickle: tuple[str, ...] = ()   # kinds ("api"/"file") whose body is sent one byte per trickle_s
+    trickle_s: float = 1.0
+    slow_file: str | None = None    # this file's full GET is sent slow_piece bytes per 0.1 s; slow_started is set then
+    slow_piece: int = 4096
+    slow_started: threading.Event = field(default_factory=threading.Event)
+    claim_size: int | None = None   # the file size Content-Range / Content-Length claim
 
 
 @dataclass
@@ -188,9 +199,18 @@ def _handler(hub: FakeHub):
             served = Served(method, "api", repo_id, None, None, 200, auth=auth)
             if err:
                 return self._error(404, sha, err, served)
+            if "api" in repo.fail:
+                return self._fail(repo.fail["api"], served)
+            sha = repo.info_sha or sha
             body = json.dumps({"id": repo_id, "sha": sha, "private": False, "gated": "auto" if repo.token else False,
                                "siblings": [{"rfilename": f} for f in sorted(repo.files)]}).encode()
-            self._send(200, {"Content-Type": "application/json"}, body if method == "GET" else b"", served)
+            self._send(200, {"Content-Type": "application/json"}, body if method == "GET" else b"", served,
+                       trickle=repo.trickle_s if "api" in repo.trickle else 0)
+
+        def _fail(self, answer, served):
+            status, headers = answer
+            served.status = status
+            self._send(status, {"Content-Type": "application/json", **headers}, b'{"error": "busy"}', served)
 
         def _tree(self, method, repo_id, rev, auth):
             repo, sha, err = self._repo(repo_id, rev)
@@ -207,12 +227,15 @@ def _handler(hub: FakeHub):
             served = Served(method, "file", repo_id, name, rng, 200, auth=auth, rev=rev)
             if err:
                 return self._error(404, sha, err, served)
+            if "file" in repo.fail:
+                return self._fail(repo.fail["file"], served)
+            sha = repo.file_commit or repo.info_sha or sha
             if repo.token and auth != f"Bearer {repo.token}":
                 return self._error(401, sha, "GatedRepo", served)
             data = None if name in repo.missing else repo.files.get(name)
             if data is None:
                 return self._error(404, sha, "EntryNotFound", served)
-            headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+            headers = {"X-Repo-Commit": sha, "ETag": repo.etag or f'"{hashlib.sha256(data).hexdigest()}"',
                        "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
             start, end, status = 0, len(data), 200
             m = _RANGE.fullmatch(rng or "")
@@ -224,13 +247,19 @@ def _handler(hub: FakeHub):
                     served.status = 416
                     return self._send(416, headers, b"", served)
                 status = 206
-                headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-            headers["Content-Length"] = str(end - start)
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{repo.claim_size or len(data)}"
+            headers["Content-Length"] = str(end - start if not (repo.claim_size and method == "HEAD")
+                                            else repo.claim_size)
             body = data[start:end] if method == "GET" else b""
             if repo.truncate and method == "GET":
                 body = body[: len(body) // 2]
             served.status = status
-            self._send(status, headers, body, served, offset=start, announce=False)
+            slow = method == "GET" and name == repo.slow_file and rng is None
+            if slow:
+                repo.slow_started.set()
+            self._send(status, headers, body, served, offset=start, announce=False,
+                       trickle=repo.trickle_s if "file" in repo.trickle else 0,
+                       piece=repo.slow_piece if slow else 16384, pause=0.1 if slow else 0)
 
         # -------------------------------------------------------------- answers
         def _error(self, status, sha, code, served: Served):
@@ -241,7 +270,8 @@ def _handler(hub: FakeHub):
             served.status = status
             self._send(status, headers, json.dumps({"error": code}).encode(), served)
 
-        def _send(self, status, headers, body: bytes, served: Served, *, offset=0, announce=True):
+        def _send(self, status, headers, body: bytes, served: Served, *, offset=0, announce=True,
+                  trickle=0.0, piece=16384, pause=0.0):
             self._served = served
             sent = 0
             try:
@@ -252,11 +282,16 @@ def _handler(hub: FakeHub):
                     self.send_header(k, v)
                 self.send_header("Connection", "close")
                 self.end_headers()
-                for i in range(0, len(body), 16384):
-                    self.wfile.write(body[i : i + 16384])
-                    sent += len(body[i : i + 16384])
+                if trickle:
+                    piece, pause = 1, trickle
+                for i in range(0, len(body), piece):
+                    self.wfile.write(body[i : i + piece])
+                    sent += len(body[i : i + piece])
+                    if pause:
+                        self.wfile.flush()
+                        time.sleep(pause)
                 self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 pass  # the client stopped reading (as it should when a server ignores Range)
             finally:
                 served.start, served.end = offset, offset + sent

@@ -22,8 +22,9 @@ from helpers import write_arrays
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gptq2xpu.contract import INDEX_NAME
 from gptq2xpu.errors import InputError
-from gptq2xpu.read.checkpoint import INDEX_NAME, open_checkpoint
+from gptq2xpu.read.checkpoint import open_checkpoint
 from gptq2xpu.read.quant_config import read_quant_config
 from gptq2xpu.safetensors_io import (
     DTYPE_SIZES,

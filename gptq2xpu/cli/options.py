@@ -20,6 +20,7 @@ from ..contract import ENCODINGS
 from ..errors import UsageError
 from ..plan import ConvertOptions
 from ..plan.options import OUTPUT_FORMATS, SCALE_DTYPE_CHOICES
+from ..read.resolve import check_revision
 
 DEVICES = ("auto", "xpu", "cuda", "cpu")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -108,7 +109,8 @@ SOURCE_ARG = source_arg("SOURCE", "name a checkpoint folder or a Hugging Face re
 SOURCE_OPT = source_arg("--source", "name the GPTQ checkpoint OUTPUT was made from, or leave it out")
 OUTPUT_ARG = path_arg("OUTPUT", "name a folder (. for the current one)")
 RevisionOpt = Annotated[str | None, typer.Option(
-    "--revision", metavar="REV", parser=nonempty("--revision", "name a branch, tag or commit, or leave it out"),
+    "--revision", metavar="REV",
+    parser=nonempty("--revision", "name a branch, tag or commit, or leave it out", check_revision),
     help="Hub revision (branch, tag or commit) when SOURCE is a repo id; refused for a local folder.")]
 TokenOpt = Annotated[str | None, typer.Option(
     "--token", metavar="TOKEN", envvar="HF_TOKEN", show_envvar=True,

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, T
 from rich.text import Text
 
 from .. import __version__
+from ..read.hubclient import progress_bars
 
 
 @dataclass
@@ -92,7 +93,8 @@ class Output:
         (binary units for bytes, ``3/48 layers`` otherwise) and the time remaining.  A bar appears
         only once its total is known; nothing is drawn off a terminal, in CI or with ``--quiet``."""
         if self.quiet or _in_ci():
-            yield _no_progress
+            with progress_bars(False):  # nor huggingface_hub's download bars
+                yield _no_progress
             return
         bar = Progress("[progress.description]{task.description}", BarColumn(), _AmountColumn(),
                        TimeRemainingColumn(), console=self.err, transient=True, redirect_stdout=False)

@@ -54,7 +54,7 @@ def build_plan(ckpt: Checkpoint, options: ConvertOptions | None = None) -> Plan:
         passthrough=sorted(passthrough, key=natural_key),
         shards=assign_shards(items, options.max_shard_size),
         bytes_in=ckpt.total_bytes,
-        warnings=_router_warnings(layers, options),
+        warnings=[*ckpt.warnings, *_router_warnings(layers, options)],
         routing=routing_params(ckpt.config, family, max((lyr.experts for lyr in layers), default=1)).to_dict(),
         provenance=dict(ckpt.provenance),
         linears=linears,

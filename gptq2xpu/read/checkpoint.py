@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import INDEX_NAME
 from ..errors import InputError
 from ..safetensors_io import (
     NUMPY_DTYPES,
@@ -40,8 +39,9 @@ from ..safetensors_io import (
     read_into,
 )
 from .paths import MAX_JSON_BYTES, Folder, check_member_name, parse_json
+from .shards import PICKLE_SUFFIXES as PICKLE_SUFFIXES  # the rule lives with shard discovery
+from .shards import Shards, find_shards
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: windows of tensor data per shard hashed by :meth:`Checkpoint.data_fingerprint`, and their size
 DATA_SAMPLES = 8
 DATA_SAMPLE_BYTES = 4096
@@ -78,6 +78,8 @@ class Checkpoint:
     #: what a published output may record about where the source came from (see
     #: :func:`gptq2xpu.read.resolve.provenance`): never a local path
     provenance: dict = field(default_factory=dict)
+    #: what reading found worth a word (a ``*.safetensors`` file left out, and why)
+    warnings: list[str] = field(default_factory=list)
     _stats: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _fds: OrderedDict[str, int] = field(default_factory=OrderedDict, repr=False)  # least recently used first
     _users: dict[str, int] = field(default_factory=dict, repr=False)
@@ -222,61 +224,25 @@ class Checkpoint:
         self.close()
 
 
-def find_shards(folder: Folder) -> tuple[list[str], dict[str, str] | None, str | None]:
-    """Decide which safetensors files make up the checkpoint.
-
-    Returns (shard files, the index's weight_map or None, index file name or None).
-    """
+def _local_shards(folder: Folder) -> Shards:
+    """:func:`~gptq2xpu.read.shards.find_shards` for a local folder; every shard is checked against
+    the folder's link policy."""
     root = folder.root
-    index_files = sorted(p.name for p in root.glob("*.safetensors.index.json"))
-    if INDEX_NAME in index_files:
-        index_files = [INDEX_NAME]
-    if len(index_files) > 1:
-        raise InputError(f"{root}: several safetensors index files ({', '.join(index_files)}); keep one")
-    if index_files:
-        name = index_files[0]
-        index = read_index(folder, name)
-        files = set(index.values())
-        for file in sorted(files):
-            try:
-                if not os.path.lexists(root / file):
-                    raise InputError(f"{name}: shard {file!r} named in the index does not exist")
-            except OSError as exc:  # ENAMETOOLONG, EACCES...
-                raise InputError(f"{name}: shard {file!r} cannot be checked ({exc.strerror or exc})") from None
-            folder.check(file, f"{name}: shard {file!r}")
-        return sorted(files), index, name
-
-    candidates = []
-    for p in sorted(root.glob("*.safetensors")):
-        folder.check(p.name)
-        if p.is_file():
-            candidates.append(p.name)
-    if not candidates:
-        pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise InputError(
-                f"{root}: only pickle weights found ({', '.join(pickles[:3])}); gptq2xpu never loads "
-                "pickles (they can run code when opened): convert them to safetensors first"
-            )
-        raise InputError(f"{root}: no *.safetensors files and no {INDEX_NAME}")
-    # Without an index, loaders read model.safetensors, or AutoGPTQ's model_file_base_name.
-    return _single_file_choice(folder, candidates), None, None
-
-
-def _single_file_choice(folder: Folder, candidates: list[str], where: str | None = None) -> list[str]:
-    """Which of several un-indexed ``*.safetensors`` files hold the model (``where`` names the folder in errors)."""
-    if "model.safetensors" in candidates:
-        return ["model.safetensors"]
-    if folder.exists("quantize_config.json"):
-        base = folder.read_json("quantize_config.json").get("model_file_base_name")
-        if isinstance(base, str) and f"{base}.safetensors" in candidates:
-            return [f"{base}.safetensors"]
-    if len(candidates) == 1:
-        return candidates
-    raise InputError(
-        f"{where or folder.root}: several safetensors files ({', '.join(candidates[:4])}) and no {INDEX_NAME}; "
-        "cannot tell which hold the model"
-    )
+    entries = sorted(root.iterdir())
+    indexed = any(p.name.endswith(".safetensors.index.json") for p in entries)
+    names = []
+    for p in entries:
+        # without an index every candidate is checked (and must be a file); with one, the shards it names are
+        if p.name.endswith(".safetensors") and not p.name.startswith(".") and not indexed:
+            folder.check(p.name)
+            if not p.is_file():
+                continue
+        names.append(p.name)
+    found = find_shards(folder, names, str(root), exists=lambda f: os.path.lexists(root / f))
+    if found.index_file:
+        for file in found.files:
+            folder.check(file, f"{found.index_file}: shard {file!r}")
+    return found
 
 
 def read_index(folder: Folder, name: str) -> dict[str, str]:
@@ -372,13 +338,14 @@ def open_checkpoint(root: Path, origin: str | None = None, *, trusted_root: Path
     # config.json goes into OUTPUT's config.json: an existing one must be a real file inside the folder
     config = folder.read_json("config.json") if folder.exists("config.json") else {}
 
-    files, weight_map, index_file = find_shards(folder)
+    found = _local_shards(folder)
+    files, weight_map, index_file = found.files, found.index, found.index_file
     shards: dict[str, SafetensorsHeader] = {}
     stats: dict[str, tuple[int, int]] = {}
     table = TensorTable()
     ckpt = Checkpoint(root=root, origin=origin or str(root), config=config, shards=shards, tensors=table,
                       index_file=index_file, folder=folder, revision=revision, _stats=stats,
-                      _keep_all=len(files) <= MAX_OPEN_SHARDS)
+                      _keep_all=len(files) <= MAX_OPEN_SHARDS, warnings=found.warnings(origin or str(root)))
     try:
         for file in files:
             with ckpt._shard(file) as fd:

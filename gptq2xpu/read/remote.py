@@ -2,23 +2,24 @@
 
 A plan needs the configs, the safetensors index and each shard's header: kilobytes to a few
 megabytes, where the shards hold gigabytes.  :func:`open_hub_headers` fetches exactly those
-through huggingface_hub's HTTP session (so its token, ``HF_ENDPOINT``, proxies and client factory
-apply, as for ``convert``'s download):
+through huggingface_hub (its session, token, ``HF_ENDPOINT``, proxies; every request bounded by
+:mod:`gptq2xpu.read.hubclient`):
 
-1. ``GET {endpoint}/api/models/{repo}[/revision/{rev}]``: the commit the revision points at and the
-   repository's file list; every later request names that commit, so a push during inspection
-   cannot mix two revisions;
+1. ``model_info``: the commit the revision points at and the repository's file list
+   (:func:`gptq2xpu.read.resolve.repo_files`, shared with ``convert``); every later request names
+   that commit, so a push during inspection cannot mix two revisions;
 2. the JSON files a plan reads (``config.json``, the safetensors index, ``quantization_config.json``,
    ``quantize_config.json``), each at most :data:`MAX_JSON_BYTES`;
 3. per shard, ``Range: bytes=0-7`` (the header length; ``Content-Range`` gives the file size) and
    ``Range: bytes=8-<8+N-1>`` (the header), validated by :func:`parse_header` exactly as a local
    header is.  The fingerprint is computed from those bytes with the formula a folder uses.
 
+Which files are the shards is decided by :func:`gptq2xpu.read.shards.find_shards`, as for a folder.
 Everything a server sends is untrusted and read bounded: the header length is checked against the
 cap and the file size before the header is asked for; a server that ignores ``Range`` and sends the
 whole file is read only as far as the header (and the report says so); a response that ends early,
-a compressed or mismatched partial response, and HTTP errors (404, 401, gated, ...) become one-line
-:class:`InputError` naming the repository and file.  Error bodies are never read.
+a compressed or mismatched partial response, and HTTP errors (``hf_raise_for_status``: 404, 401,
+gated, ...) become one-line :class:`InputError` naming the repository and file.
 
 When every ``*.json`` and ``*.safetensors`` file of that commit is already in the local Hugging
 Face cache, the cached snapshot is opened instead.  With ``HF_HUB_OFFLINE`` set, or when the hub
@@ -29,47 +30,43 @@ path was taken and how many bytes came over the network.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import importlib
-import json
-import os
 import re
 import struct
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
-from .. import __version__
 from ..contract import INDEX_NAME
 from ..errors import InputError
 from ..safetensors_io import MAX_HEADER_BYTES, SafetensorsHeader, parse_header
-from .checkpoint import (
-    PICKLE_SUFFIXES,
-    Checkpoint,
-    _single_file_choice,
-    fingerprint_headers,
-    open_checkpoint,
-    tensor_map,
-)
+from .checkpoint import Checkpoint, fingerprint_headers, open_checkpoint, tensor_map
+from .hubclient import COMMIT, Meter, bounded, bounded_each
 from .paths import MAX_JSON_BYTES, Folder, check_member_name
-from .resolve import cached_snapshot, looks_like_repo_id
+from .resolve import (
+    OFFLINE,
+    Unreachable,
+    check_revision,
+    endpoint,
+    from_cache_or_explain,
+    hub_error,
+    looks_like_repo_id,
+    repo_files,
+)
+from .shards import find_shards
 
-#: Bytes asked of the transport per read: what a server ignoring ``Range`` can push past the header.
+#: The most a read from the connection gives (httpcore's read size): what a server ignoring
+#: ``Range`` can push past the header.
 CHUNK = 64 * 1024
 #: Shard headers fetched at once.
 MAX_WORKERS = 8
 QUANT_FILES = ("quantization_config.json", "quantize_config.json")
 #: What ``convert``'s download takes of a repository that a plan reads (see resolve.ALLOW_PATTERNS).
 CACHE_PATTERNS = ("*.json", "*.safetensors")
-OFFLINE = "HF_HUB_OFFLINE is set"
 #: How :attr:`HubRead.files` names the model-info request (the commit and the file list).
 MODEL_INFO = "(model info)"
-#: Cap on the model-info answer (the commit and the file list).
-MAX_API_BYTES = 64 * 1024 * 1024
-_COMMIT = re.compile(r"[0-9a-f]{40}")
+#: Largest file size a server may claim (a file offset must fit in a signed 64-bit integer).
+MAX_FILE_SIZE = 2**63 - 1
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})")
 _LENGTH = re.compile(r"[0-9]{1,19}")
 
@@ -84,17 +81,22 @@ class HubRead:
     read_from: str = "hub"            # "hub" (headers over HTTP) | "cache" (local Hugging Face cache)
     reason: str = ""
     commit: str | None = None
-    requests: int = 0
-    bytes_fetched: int = 0            # response bodies received, every request together
-    tensor_bytes_fetched: int = 0     # of those, bytes past a shard's header (0 unless a server ignores Range)
-    files: dict[str, int] = field(default_factory=dict)   # bytes received per file, and for MODEL_INFO
+    meter: Meter = field(default_factory=Meter)   # requests, and bytes received per file and for MODEL_INFO
+    tensor_bytes_fetched: int = 0     # bytes past a shard's header (0 unless a server ignores Range)
     range_ignored: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count(self, file: str, n: int) -> None:
-        with self._lock:
-            self.bytes_fetched += n
-            self.files[file] = self.files.get(file, 0) + n
+    @property
+    def requests(self) -> int:
+        return self.meter.requests
+
+    @property
+    def bytes_fetched(self) -> int:
+        return self.meter.bytes
+
+    @property
+    def files(self) -> dict[str, int]:
+        return self.meter.files
 
     def to_dict(self) -> dict:
         return {
@@ -138,10 +140,6 @@ class HubHeaders(Checkpoint):
             self.workdir = None
 
 
-class _Unreachable(InputError):
-    """The hub could not be reached at all (connection refused, timeout, offline mode)."""
-
-
 # ------------------------------------------------------------------------------------- entry points
 
 
@@ -160,15 +158,15 @@ def open_hub_headers(repo_id: str, *, revision: str | None = None,
     """Open hub repository ``repo_id`` for planning; see the module docstring for what is fetched."""
     from huggingface_hub import constants
 
+    revision = check_revision(revision)
     origin = repo_id if revision is None else f"{repo_id}@{revision}"
-    read = HubRead(repo_id, revision, constants.ENDPOINT.rstrip("/"))
+    read = HubRead(repo_id, revision, endpoint())
     if constants.HF_HUB_OFFLINE:
         return _from_cache(repo_id, revision, token, origin, read, OFFLINE), read
-    http = _Http(read, token)
     try:
-        commit, files = http.repo_files()
-    except _Unreachable as exc:
-        return _from_cache(repo_id, revision, token, origin, read, f"the hub cannot be reached: {exc.message}"), read
+        commit, files = repo_files(repo_id, revision, token, read.meter, MODEL_INFO)
+    except Unreachable as exc:
+        return _from_cache(repo_id, revision, token, origin, read, exc.message), read
     read.commit = commit
     snapshot = _complete_cached_snapshot(repo_id, commit, files)
     if snapshot is not None:
@@ -176,7 +174,7 @@ def open_hub_headers(repo_id: str, *, revision: str | None = None,
         read.reason = "all *.json and *.safetensors files of the commit are cached"
         return open_checkpoint(snapshot, origin, trusted_root=snapshot.parent.parent, revision=revision), read
     read.reason = "configs, index and safetensors headers fetched with HTTP range requests"
-    return _open_over_http(http, repo_id, revision, origin, files), read
+    return _open_over_http(_Files(read, commit, token), origin, files), read
 
 
 # ------------------------------------------------------------------------------------- the cache
@@ -185,26 +183,19 @@ def open_hub_headers(repo_id: str, *, revision: str | None = None,
 def _from_cache(repo_id, revision, token, origin, read: HubRead, why: str) -> Checkpoint:
     read.read_from = "cache"
     read.reason = why
-    try:
-        folder, trusted, _ = cached_snapshot(repo_id, revision=revision, token=token)
-    except InputError as exc:
-        detail = exc.message.removeprefix(f"{repo_id}: ")
-        if why != OFFLINE:  # the cache's "the hub cannot be reached" is too vague: say why it was not
-            detail = (f"not in the local Hugging Face cache, and {why.replace(f'{repo_id}: ', '')}"
-                      if detail.startswith("not in the local Hugging Face cache") else f"{detail}; {why}")
-        raise InputError(f"{repo_id}: no such folder; as a Hugging Face repo id: {detail}") from None
-    if folder.parent.name == "snapshots" and _COMMIT.fullmatch(folder.name):
-        read.commit = folder.name
+    folder, trusted, _ = from_cache_or_explain(repo_id, revision, token, why)
+    read.commit = folder.name
     return open_checkpoint(folder, origin, trusted_root=trusted, revision=revision)
 
 
 def _complete_cached_snapshot(repo_id: str, commit: str, files: set[str]) -> Path | None:
-    """The cached snapshot folder of ``commit`` if it holds every file ``convert`` would download
-    that a plan reads (``*.json``, ``*.safetensors``), else None."""
+    """The cached snapshot folder of ``commit`` (checked: a commit id) if it holds every file
+    ``convert`` would download that a plan reads (``*.json``, ``*.safetensors``), else None."""
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import filter_repo_objects
 
-    wanted = sorted(f for f in files if any(fnmatch.fnmatch(f, p) for p in CACHE_PATTERNS))
-    if not wanted:
+    wanted = sorted(filter_repo_objects(files, allow_patterns=list(CACHE_PATTERNS)))
+    if not wanted or not COMMIT.fullmatch(commit):
         return None
     folder = None
     for f in wanted:
@@ -222,7 +213,7 @@ def _complete_cached_snapshot(repo_id: str, commit: str, files: set[str]) -> Pat
 # ------------------------------------------------------------------------------------- over HTTP
 
 
-def _open_over_http(http: _Http, repo_id: str, revision: str | None, origin: str, files: set[str]) -> HubHeaders:
+def _open_over_http(http: _Files, origin: str, files: set[str]) -> HubHeaders:
     workdir = tempfile.TemporaryDirectory(prefix="gptq2xpu-hub-")
     try:
         root = Path(workdir.name)
@@ -231,246 +222,115 @@ def _open_over_http(http: _Http, repo_id: str, revision: str | None, origin: str
             if name in top:
                 http.fetch_json(name, root)
         fetched_files = Folder(root, links="none")
+        repo_id = http.read.repo_id
         config = fetched_files.read_json("config.json", f"{repo_id}/config.json") if "config.json" in top else {}
-
-        index_files = sorted(f for f in top if f.endswith(".safetensors.index.json"))
-        if INDEX_NAME in index_files:
-            index_files = [INDEX_NAME]
-        if len(index_files) > 1:
-            raise InputError(f"{origin}: several safetensors index files ({', '.join(index_files)}); keep one")
-        weight_map = index_file = None
-        if index_files:
-            # as find_shards checks a local index
-            index_file = check_member_name(index_files[0], origin)
-            http.fetch_json(index_file, root)
-            doc = fetched_files.read_json(index_file, f"{repo_id}/{index_file}")
-            weight_map = doc.get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise InputError(f"{index_file}: 'weight_map' must be a non-empty object of tensor name -> shard file")
-            for tensor, file in weight_map.items():
-                check_member_name(file, f"{index_file}: tensor {tensor!r}")
-            shard_files = sorted(set(weight_map.values()))
-            for file in shard_files:
-                if file not in files:
-                    raise InputError(f"{index_file}: shard {file!r} named in the index does not exist in {origin}")
-        else:
-            candidates = sorted(f for f in top if f.endswith(".safetensors"))
-            if not candidates:
-                pickles = sorted(f for f in top if os.path.splitext(f)[1] in PICKLE_SUFFIXES)
-                if pickles:
-                    raise InputError(
-                        f"{origin}: only pickle weights found ({', '.join(pickles[:3])}); gptq2xpu never loads "
-                        "pickles (they can run code when opened): convert them to safetensors first")
-                raise InputError(f"{origin}: no *.safetensors files and no {INDEX_NAME}")
-            shard_files = _single_file_choice(fetched_files, candidates, where=origin)
-
-        fetched = http.fetch_headers(shard_files)
-        shards = {f: fetched[f][0] for f in shard_files}
-        tensors = tensor_map(shards, weight_map, index_file)
-        fp = fingerprint_headers((f, shards[f].file_size, fetched[f][1]) for f in shard_files)
+        index = sorted(f for f in top if f.endswith(".safetensors.index.json"))
+        if INDEX_NAME in index or len(index) == 1:  # the index find_shards reads
+            http.fetch_json(check_member_name(INDEX_NAME if INDEX_NAME in index else index[0], origin), root)
+        try:
+            found = find_shards(fetched_files, top, origin, exists=files.__contains__)
+        except InputError as exc:  # name a fetched file as the repository's, as the other errors do
+            fetched = next((f.name for f in root.iterdir() if exc.message.startswith(f"{f.name}:")), None)
+            if fetched is None:
+                raise
+            raise InputError(f"{repo_id}/{exc.message}") from None
+        fetched = http.fetch_headers(found.files)
+        shards = {f: fetched[f][0] for f in found.files}
+        tensors = tensor_map(shards, found.index, found.index_file)
+        fp = fingerprint_headers((f, shards[f].file_size, fetched[f][1]) for f in found.files)
         return HubHeaders(root=root, origin=origin, config=config, shards=shards, tensors=tensors,
-                          index_file=index_file, folder=fetched_files, revision=revision,
-                          header_fingerprint=fp, workdir=workdir)
+                          index_file=found.index_file, folder=fetched_files, revision=http.read.revision,
+                          header_fingerprint=fp, workdir=workdir, warnings=found.warnings(origin))
     except BaseException:
         workdir.cleanup()
         raise
 
 
-class _Body:
-    """A streamed response body, read in bounded pieces; every byte received is counted."""
+class _Files:
+    """Bounded GETs of one commit's files through huggingface_hub's session, with its headers
+    (token, user agent); every byte received is counted in :attr:`read`."""
 
-    def __init__(self, response, file: str, read: HubRead):
-        self.status = response.status_code
-        self.headers = response.headers
-        self._chunks = response.iter_raw(CHUNK)
-        self._buf = bytearray()
-        self._file = file
-        self._read = read
-        self.received = 0
+    def __init__(self, read: HubRead, commit: str, token: str | None):
+        from huggingface_hub.utils import build_hf_headers
 
-    def _pull(self) -> bool:
-        chunk = next(self._chunks, None)
-        if chunk is None:
-            return False
-        self._buf += chunk
-        self.received += len(chunk)
-        self._read.count(self._file, len(chunk))
-        return True
-
-    def read_exact(self, n: int, label: str) -> bytes:
-        while len(self._buf) < n:
-            if not self._pull():
-                raise InputError(f"{label}: the response ended after {self.received} bytes, {n - len(self._buf)} short "
-                                 "(truncated by the server or the connection)")
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    def read_at_most(self, limit: int) -> bytes:
-        """The whole body, or its first ``limit + 1`` bytes when it is longer than ``limit``."""
-        while len(self._buf) <= limit and self._pull():
-            pass
-        return bytes(self._buf[: limit + 1])
-
-
-class _Http:
-    """Bounded GETs through huggingface_hub's session, with its headers (token, user agent)."""
-
-    def __init__(self, read: HubRead, token: str | None):
-        from huggingface_hub.utils import build_hf_headers, get_session
+        from .. import __version__
 
         self.read = read
         self.repo_id = read.repo_id
-        self.session = get_session()
-        # huggingface_hub's session is an httpx-style client (httpx in 1.x, httpx2 in 2.x, or a user's
-        # subclass from set_client_factory): take the exception types from the package that defines it
-        pkg = next((m for c in type(self.session).__mro__
-                    if hasattr(m := importlib.import_module(c.__module__.split(".")[0]), "TransportError")), None)
-        if pkg is None or not hasattr(self.session, "stream"):
-            import huggingface_hub
-
-            raise InputError(f"{self.repo_id}: reading headers over HTTP needs huggingface_hub 1.0 or newer "
-                             f"(installed: {huggingface_hub.__version__})")
-        self._unreachable = (pkg.ConnectError, pkg.TimeoutException)
-        self._failures = (pkg.HTTPError, pkg.StreamError, pkg.InvalidURL)
-        self._cut_short = pkg.RemoteProtocolError
+        self.commit = commit
         try:
             self.headers = build_hf_headers(token=token, library_name="gptq2xpu", library_version=__version__)
         except (ValueError, OSError) as exc:
             raise InputError(f"{self.repo_id}: cannot build the request headers ({exc})") from None
         self.headers["Accept-Encoding"] = "identity"  # byte ranges of the file itself, never of a compressed body
-        from huggingface_hub import constants
 
-        self.timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
-        self.commit: str | None = None
-
-    # -------------------------------------------------------------------- one request
     @contextlib.contextmanager
-    def _get(self, url: str, label: str, file: str, first: int | None = None, last: int | None = None, *, api=False):
-        from huggingface_hub.errors import OfflineModeIsEnabled
+    def _get(self, file: str, first: int | None = None, last: int | None = None):
+        """The streamed answer to a GET of ``file`` (bytes ``first..last``), refused unless 200/206."""
+        import httpx2
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import get_session, hf_raise_for_status
 
+        label = f"{self.repo_id}/{file}"
         headers = dict(self.headers)
         if first is not None:
             headers["Range"] = f"bytes={first}-{last}"
+        url = hf_hub_url(self.repo_id, file, revision=self.commit, endpoint=self.read.endpoint)
         try:
-            with self.session.stream("GET", url, headers=headers, timeout=self.timeout) as response:
-                with self.read._lock:
-                    self.read.requests += 1
-                if response.status_code >= 300:
-                    raise self._status_error(response, label, headers.get("Range"), api)
+            with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response:
+                if response.status_code == 416:
+                    raise InputError(f"{label}: the server cannot serve {headers.get('Range')} (HTTP 416)")
+                hf_raise_for_status(response)
+                if response.status_code not in (200, 206):
+                    raise InputError(f"{label}: unexpected HTTP {response.status_code}")
                 encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
                 if encoding not in ("", "identity"):
                     raise InputError(f"{label}: the server sent a {encoding}-encoded body although gptq2xpu "
                                      "asked for the plain bytes (Accept-Encoding: identity)")
-                yield _Body(response, file, self.read)
+                yield response, response.iter_raw()  # as it arrives: nothing read ahead
         except InputError:
             raise
-        except OfflineModeIsEnabled:
-            raise _Unreachable(OFFLINE) from None
-        except self._unreachable as exc:
-            why = f"{type(exc).__name__}: {exc or 'no answer'}"
-            raise _Unreachable(f"{label}: cannot reach {self.read.endpoint} ({why})") from None
-        except self._failures as exc:
-            reason = str(exc) or type(exc).__name__
-            if isinstance(exc, self._cut_short):
-                reason = f"the response was cut short ({reason})"
-            raise InputError(f"{label}: {reason}") from None
-
-    def _status_error(self, response, label: str, rng: str | None, api: bool) -> InputError:
-        status = response.status_code
-        code = response.headers.get("X-Error-Code", "")
-        detail = " ".join(response.headers.get("X-Error-Message", "").split())[:200]
-        detail = f": {detail}" if detail else ""
-        repo, endpoint = self.repo_id, self.read.endpoint
-        if code == "GatedRepo":
-            return InputError(f"{repo}: gated repository; accept its terms on the hub and pass --token "
-                              f"(HTTP {status}{detail})")
-        if code == "RepoNotFound" or status == 401 or (api and status == 404 and code != "RevisionNotFound"):
-            return InputError(f"{repo}: repository not found at {endpoint} (or no access: pass --token) "
-                              f"(HTTP {status}{detail})")
-        if code == "RevisionNotFound":
-            return InputError(f"{repo}: revision {self.read.revision!r} not found (HTTP {status}{detail})")
-        if status == 404:
-            return InputError(f"{label}: not found at {endpoint} (HTTP 404{detail})")
-        if status == 403:
-            return InputError(f"{label}: access denied (HTTP 403{detail}); check --token")
-        if status == 416:
-            return InputError(f"{label}: the server cannot serve {rng} (HTTP 416{detail})")
-        if status < 400:
-            return InputError(f"{label}: unexpected HTTP {status} (redirect without a usable Location)")
-        return InputError(f"{label}: HTTP {status} from {endpoint}{detail}")
-
-    # -------------------------------------------------------------------- what a plan needs
-    def repo_files(self) -> tuple[str, set[str]]:
-        """The commit ``revision`` points at, and the repository's file names."""
-        rev = self.read.revision
-        url = f"{self.read.endpoint}/api/models/{self.repo_id}"
-        if rev is not None:
-            url += f"/revision/{quote(rev, safe='')}"
-        with self._get(url, self.repo_id, MODEL_INFO, api=True) as body:
-            raw = body.read_at_most(MAX_API_BYTES)
-        bad = f"{self.repo_id}: {self.read.endpoint} answered the model-info request with"
-        if len(raw) > MAX_API_BYTES:
-            raise InputError(f"{bad} more than {MAX_API_BYTES} bytes")
-        try:
-            doc = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise InputError(f"{bad} invalid JSON ({exc})") from None
-        sha = doc.get("sha") if isinstance(doc, dict) else None
-        siblings = doc.get("siblings") if isinstance(doc, dict) else None
-        if not isinstance(sha, str) or not _COMMIT.fullmatch(sha):
-            raise InputError(f"{bad} no commit id (40 hex digits) in 'sha'")
-        if not isinstance(siblings, list) or not all(isinstance(s, dict) and isinstance(s.get("rfilename"), str)
-                                                     for s in siblings):
-            raise InputError(f"{bad} no file list ('siblings' of {{'rfilename': ...}})")
-        self.commit = sha
-        return sha, {s["rfilename"] for s in siblings}
-
-    def _url(self, file: str) -> str:
-        # the hub's resolve URL (as hf_hub_url builds it), on the endpoint read at call time
-        return f"{self.read.endpoint}/{self.repo_id}/resolve/{self.commit}/{quote(file)}"
+        except (httpx2.HTTPError, OSError) as exc:
+            raise hub_error(exc, self.repo_id, self.read.revision, label) from None
 
     def fetch_json(self, name: str, folder: Path) -> None:
         """Download the small JSON file ``name`` into ``folder`` (at most MAX_JSON_BYTES)."""
         label = f"{self.repo_id}/{name}"
-        with self._get(self._url(name), label, name) as body:
-            if body.status != 200:
-                raise InputError(f"{label}: unexpected HTTP {body.status}")
-            data = body.read_at_most(MAX_JSON_BYTES)
+
+        def get() -> bytes:
+            with self._get(name) as (_, chunks):
+                return _read_at_most(chunks, MAX_JSON_BYTES)
+
+        data = bounded(get, label, meter=self.read.meter, file=name)
         if len(data) > MAX_JSON_BYTES:
             raise InputError(f"{label}: more than {MAX_JSON_BYTES} bytes is too large for a JSON config")
         (folder / name).write_bytes(data)
 
     def fetch_headers(self, files: list[str]) -> dict[str, tuple[SafetensorsHeader, bytes]]:
         """``{file: (validated header, its raw bytes)}`` for each shard, a few at a time."""
-        if not files:
-            return {}
-        pool = ThreadPoolExecutor(min(MAX_WORKERS, len(files)), thread_name_prefix="gptq2xpu-hub")
-        try:
-            return dict(zip(files, pool.map(self._header, files)))
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        return bounded_each(self._header, files, lambda f: f"{self.repo_id}/{f}", MAX_WORKERS, self.read.meter)
 
     def _header(self, file: str) -> tuple[SafetensorsHeader, bytes]:
         label = f"{self.repo_id}/{file}"
-        url = self._url(file)
         spans = []                     # (first, end) byte offsets of the file received
-        with self._get(url, label, file, 0, 7) as body:
-            size, first, avail = self._extent(body, label, file, 0, 7)
-            head = body.read_exact(min(8, avail), label)
+        with self._get(file, 0, 7) as (response, chunks):
+            size, first, avail = self._extent(response, label, file, 0, 7)
+            body = _Reader(chunks, label)
+            head = body.exact(min(8, avail))
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
             if len(head) < 8 or n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
                 parse_header(head, size, label)  # raises with the precise reason
-            rest = body.read_exact(n, label) if body.status == 200 else None  # Range ignored: read on, bounded
+            rest = body.exact(n) if response.status_code == 200 else None  # Range ignored: read on, bounded
             spans.append((first, first + body.received))
         if rest is None:
-            with self._get(url, label, file, 8, 7 + n) as body:
-                size2, first, _ = self._extent(body, label, file, 8, 7 + n)
+            with self._get(file, 8, 7 + n) as (response, chunks):
+                size2, first, _ = self._extent(response, label, file, 8, 7 + n)
                 if size2 != size:
                     raise InputError(f"{label}: the file size changed between two requests ({size} then {size2} bytes)")
-                if body.status == 200 and body.read_exact(8, label) != head:
+                body = _Reader(chunks, label)
+                if response.status_code == 200 and body.exact(8) != head:
                     raise InputError(f"{label}: the file changed between two requests")
-                rest = body.read_exact(n, label)
+                rest = body.exact(n)
                 spans.append((first, first + body.received))
         raw = head + rest
         hdr = parse_header(raw, size, label)
@@ -481,25 +341,61 @@ class _Http:
                 self.read.tensor_bytes_fetched += past_header
         return hdr, raw
 
-    def _extent(self, body: _Body, label: str, file: str, first: int, last: int) -> tuple[int, int, int]:
+    def _extent(self, response, label: str, file: str, first: int, last: int) -> tuple[int, int, int]:
         """(file size, offset of the body's first byte, body bytes to use) for a GET of bytes first..last."""
-        if body.status == 206:
-            value = body.headers.get("Content-Range", "").strip()
+        if response.status_code == 206:
+            value = response.headers.get("Content-Range", "").strip()
             m = _CONTENT_RANGE.fullmatch(value)
             if not m:
                 raise InputError(f"{label}: partial response without a usable Content-Range ({value[:80]!r})")
             a, b, size = map(int, m.groups())
+            _check_size(size, label)
             # exactly the range asked for, or its part up to the end of a shorter file
             if a != first or not a <= b <= last or b >= size or (b < last and b != size - 1):
                 raise InputError(f"{label}: asked for bytes {first}-{last}, the server sent {value[:80]!r}")
             return size, a, b - a + 1
-        if body.status == 200:
-            length = body.headers.get("Content-Length", "").strip()
-            if not _LENGTH.fullmatch(length):
-                raise InputError(f"{label}: the server ignored the byte range and sent no Content-Length, "
-                                 "so the file size is unknown")
-            with self.read._lock:
-                if file not in self.read.range_ignored:
-                    self.read.range_ignored.append(file)
-            return int(length), 0, int(length)
-        raise InputError(f"{label}: unexpected HTTP {body.status} for a byte-range request")
+        length = response.headers.get("Content-Length", "").strip()
+        if not _LENGTH.fullmatch(length):
+            raise InputError(f"{label}: the server ignored the byte range and sent no Content-Length, "
+                             "so the file size is unknown")
+        _check_size(int(length), label)
+        with self.read._lock:
+            if file not in self.read.range_ignored:
+                self.read.range_ignored.append(file)
+        return int(length), 0, int(length)
+
+
+def _check_size(size: int, label: str) -> None:
+    if size > MAX_FILE_SIZE:
+        raise InputError(f"{label}: the server claims a size of {size} bytes, past the 2^63-1 a file can hold")
+
+
+class _Reader:
+    """Exactly-n reads from a response's chunks; counts what arrived."""
+
+    def __init__(self, chunks, label: str):
+        self._chunks, self._label = chunks, label
+        self._buf = bytearray()
+        self.received = 0
+
+    def exact(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                raise InputError(f"{self._label}: the response ended after {self.received} bytes, "
+                                 f"{n - len(self._buf)} short (truncated by the server or the connection)")
+            self._buf += chunk
+            self.received += len(chunk)
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+
+def _read_at_most(chunks, limit: int) -> bytes:
+    """The whole body, or its first ``limit + 1`` bytes when it is longer than ``limit``."""
+    buf = bytearray()
+    for chunk in chunks:
+        buf += chunk
+        if len(buf) > limit:
+            break
+    return bytes(buf[: limit + 1])

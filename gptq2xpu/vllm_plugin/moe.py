@@ -8,7 +8,9 @@ copies) before ``convert_to_wna16_moe_kernel_format``.  A converted ``w13_qweigh
 stacked or transposed: each tensor-parallel rank copies its slice of N (gate rows, up rows, w2
 columns, their scales) straight from the checkpoint tensor into its parameter, and the views go to
 vLLM's step for the platform's backend (XPU first, then whatever vLLM offers: Marlin and others on
-CUDA/ROCm, the AMX int4 kernel on x86 CPUs).
+CUDA/ROCm, the AMX int4 kernel on x86 CPUs).  On XPU the kernel then gets the layer's own bytes, made
+signed in place, instead of making its own int8 copy (:mod:`.xpu_experts`).  What differs between the
+supported vLLM releases is in :mod:`.compat`.
 
 Everything else is vLLM's :class:`AutoGPTQMoEMethod` (quant config, kernel set-up, ``apply``), so
 a converted layer computes exactly what vLLM computes for the same source layer.
@@ -191,8 +193,11 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
         s2 = _repeat_groups(layer.w2_scales.data, self.entry.w2_group_size // self.group).to(dtype)
         num, rows, _ = w13.shape
         k, n = w2.shape[1], rows // 2
-        z13 = torch.full((num, rows // 8, k // self.group), _V1_SYMMETRIC_QZEROS, dtype=torch.int32, device=w13.device)
-        z2 = torch.full((num, k // 8, n // self.group), _V1_SYMMETRIC_QZEROS, dtype=torch.int32, device=w13.device)
+        z13 = z2 = None  # vLLM's XPU step reads no zero points (the kernel's int4 is symmetric)
+        if self.wna16_moe_backend.name != _XPU_BACKEND:
+            z13 = torch.full((num, rows // 8, k // self.group), _V1_SYMMETRIC_QZEROS, dtype=torch.int32,
+                             device=w13.device)
+            z2 = torch.full((num, k // 8, n // self.group), _V1_SYMMETRIC_QZEROS, dtype=torch.int32, device=w13.device)
         converted = to_kernel_format(
             backend=self.wna16_moe_backend, layer=layer, quant_config=self.quant_config,
             input_dtype=self.input_dtype, w13=w13, w2=w2, w13_scale=s13, w2_scale=s2,

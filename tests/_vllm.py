@@ -23,6 +23,14 @@ from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "vllm_runner.py"
+#: vLLM's CPU int4 MoE kernel (``CPUExpertsInt4``) allowed on an x86 CPU without AMX tiles, in every
+#: process vLLM starts (``tests/vllm_cpu_int4/sitecustomize.py``): vLLM offers it only with AMX, and
+#: without it has no int4 MoE backend on such a CPU at all, for a GPTQ source or a conversion alike.
+#: Every engine of a comparison runs with it, so both sides run the same kernel; on a CPU with AMX
+#: it changes nothing.
+CPU_INT4_ENV = {"GPTQ2XPU_TEST_CPU_INT4_WITHOUT_AMX": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE / "vllm_cpu_int4"),
+                                                            os.environ.get("PYTHONPATH")]))}
 #: What ``SOURCE`` folders may hold besides the model: the AutoRound fixture's test data.
 NOT_MODEL = ("reference.safetensors",)
 _EXPERT_QWEIGHT = re.compile(r"^(?P<module>.+\.experts\.\d+\.[^.]+)\.qweight$")

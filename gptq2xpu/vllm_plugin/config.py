@@ -125,23 +125,16 @@ class Gptq2XpuConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Gptq2XpuConfig:
         check_vllm_version(vllm.__version__)
-        if str(config.get("quant_method", "")).lower() != QUANT_METHOD:
-            return cls(config)  # an older output: its quantization_config is the source's own
         if config.get("format_version") != FORMAT_VERSION:
             raise InputError(f"quantization_config.format_version {config.get('format_version')!r} is not "
                              f"{FORMAT_VERSION} (written by another gptq2xpu?)")
         return cls(config.get("source_quantization_config"))
 
     @classmethod
-    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):  # noqa: ARG003 - vLLM passes it
         if user_quant not in (None, QUANT_METHOD):
             return None
-        method = str(hf_quant_cfg.get("quant_method", "")).lower()
-        if method == QUANT_METHOD:
-            return QUANT_METHOD
-        if method == "gptq" and hf_config is not None and getattr(hf_config, CONFIG_BLOCK, None) is not None:
-            return QUANT_METHOD  # converted before convert declared the method
-        return None
+        return QUANT_METHOD if str(hf_quant_cfg.get("quant_method", "")).lower() == QUANT_METHOD else None
 
     def get_cache_scale_mapper(self):
         return self._base.get_cache_scale_mapper()

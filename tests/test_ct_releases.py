@@ -21,14 +21,12 @@ import pytest
 import torch
 from _ct import CT_DEFECTS, plant_ct_defect
 from _planting import convert
-from vllm_layer.releases import RELEASES, run_in_release
+from vllm_layer import LAYER, LAYER_SPEC, ok, run_layer
+from vllm_layer.releases import RELEASES
 
 from gptq2xpu.testing.synth import make_checkpoint
 
-WORKER = __import__("vllm_layer.moe_worker", fromlist=["x"]).__file__
-LAYER = "model.layers.0.mlp"
-SPEC = dict(family="qwen3_moe", hidden=128, moe_intermediate=192, num_experts=4, top_k=2, group_size=64,
-            num_layers=1, attention=False, vocab=32, seed=11)
+SPEC = LAYER_SPEC
 N = SPEC["moe_intermediate"]
 
 
@@ -51,14 +49,7 @@ def release(request, checkpoints):
             {"name": "gptq/source", "method": "gptq", "checkpoint": src, "reference_source": src}]
     runs += [{"name": f"defect/{kind}", "method": "ct", "checkpoint": str(folder), "reference_source": src}
              for kind, folder in checkpoints.defects.items()]
-    result = run_in_release(request.param, WORKER, {"layer": LAYER, "tokens": 16, "runs": runs})
-    return types.SimpleNamespace(name=request.param, result=result, runs=result["runs"])
-
-
-def ok(release, name) -> dict:
-    r = release.runs[name]
-    assert "error" not in r, f"vLLM {release.name} {name}: {r['error']}\n{r.get('traceback', '')}"
-    return r
+    return run_layer(request.param, runs)
 
 
 def test_compressed_tensors_method_on_the_xpu_branch_matches_the_reference(release):

@@ -28,8 +28,9 @@ scales doubled, two inputs swapped) move the logprobs by far more and fail both 
 vLLM's CPU int4 kernel quantizes activations to int8 (W4A8): against the bf16 reference, most
 positions move by 0.004-0.008, and the few where a token's top-2 experts nearly tie by up to ~1.1
 (the int8 noise flips the choice); so that path is judged by its median position
-(``INT4_CPU_MEDIAN_BOUND``), which catches a defect that touches many tokens (gate/up swapped:
-0.23, scales doubled: 0.77) but not a subtle one (two inputs swapped: 0.012): the exact comparison
+(``INT4_CPU_MEDIAN_BOUND``), which catches a defect that touches many tokens (scales doubled:
+0.72 here) but not a subtler one (gate/up swapped in one expert: 0.015 here, 0.23 on an AMX CPU; two
+inputs swapped: 0.008-0.012); the exact comparison
 with vLLM on the source does.
 
 Also: the fixture converted with ``--nibble-encoding s4``, against the same anchors.
@@ -240,7 +241,7 @@ def test_planted_defects_fail_the_comparison(served, kind):
     assert int4_backend(bad_default) is not None
     source = ok(served.results, f"{name}/source")
     assert logprob_diff(bad_default["logprobs"], source["logprobs"]) > TOLERANCE
-    if kind != "inputs_swapped":  # too subtle for a median (see the module docstring)
+    if kind == "scales_doubled":  # the others are too subtle for a median (see the module docstring)
         assert median_position_diff(bad_default["logprobs"], ref["logprobs"]) > INT4_CPU_MEDIAN_BOUND
 
 

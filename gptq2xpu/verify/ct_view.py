@@ -28,7 +28,7 @@ from ..contract import (
     expert_linear_names,
 )
 from ..read.checkpoint import Checkpoint
-from ..safetensors_io import DTYPE_SIZES, NUMPY_DTYPES
+from ..safetensors_io import DTYPE_SIZES
 
 
 @dataclass(frozen=True)
@@ -102,12 +102,7 @@ class StackedView:
     def ref(self, name: str):
         return self._virtual.get(name) or self._ckpt.ref(name)
 
-    def read(self, name: str) -> np.ndarray:
-        ref = self.ref(name)
-        buf = np.empty(ref.nbytes, dtype=np.uint8)
-        self.read_into(ref, buf)
-        dt = NUMPY_DTYPES.get(ref.dtype)
-        return buf if dt is None else buf.view(dt).reshape(ref.shape)
+    read = Checkpoint.read  # Checkpoint's own: it needs only ref() and read_into(), which this view overrides
 
     def read_into(self, ref, out: np.ndarray, *, offset: int = 0) -> None:
         if not isinstance(ref, StackedRef):

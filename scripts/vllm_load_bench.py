@@ -5,7 +5,7 @@ gptq2xpu plugin on its conversion (default path, and experts dequantized).
 It generates a synthetic GPTQ Qwen3-MoE (``synth.make_checkpoint(fast=True)``; by default
 Qwen3-30B-A3B's layer shapes: hidden 2048, moe_intermediate 768, group 128, ``--experts 128``,
 ``--layers 4``), converts it, and loads each variant with vLLM in its own fresh process
-(``tests/vllm_runner.py``, the engine in that process: its peak RSS is the load's).  vLLM's GPTQ
+(``tests/support/vllm_runner.py``, the engine in that process: its peak RSS is the load's).  vLLM's GPTQ
 path needs an int4 MoE backend for the platform (x86 with AMX, XPU, CUDA); where there is none,
 that row shows vLLM's error.  Run it where vLLM and this package's plugin are installed:
 
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNNER = ROOT / "tests" / "vllm_runner.py"
+RUNNER = ROOT / "tests" / "support" / "vllm_runner.py"
 
 
 def load(model: Path, env: dict, work: Path, name: str) -> dict:

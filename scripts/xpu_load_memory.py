@@ -7,7 +7,7 @@
 ``gptq2xpu`` outputs through the plugin, a GPTQ source through vLLM's own ``AutoGPTQConfig``, any other
 method through ``vllm``'s ``get_quantization_config(quant_method)`` (e.g. ``compressed-tensors``) -- then
 loaded with vLLM's weight loader, ``process_weights_after_loading`` run, and one forward made through
-vLLM's XPU branch with the released vllm-xpu-kernels 0.1.16.2 emulated (``tests/vllm_layer/xpu_branch.py``:
+vLLM's XPU branch with the released vllm-xpu-kernels 0.1.16.2 emulated (``tests/support/vllm_layer/xpu_branch.py``:
 no Intel GPU is needed; what the kernel's constructor allocates is its own Python, run as released).
 Layers stay alive, as in a model, so the peak covers all of them.
 
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
-#: The released kernel's native operations, emulated in torch on this CPU (``tests/_released_kernel.py``).
+#: The released kernel's native operations, emulated in torch on this CPU (``tests/support/released_kernel.py``).
 NATIVE_OPS = (("_C", "silu_and_mul"), ("_moe_C", "remap_hidden_states"), ("_moe_C", "moe_gather"),
               ("_xpu_C", "cutlass_grouped_gemm_interface"), ("_moe_C", "topk_softmax"))
 
@@ -135,8 +135,8 @@ def experts_prefixes(folder: Path) -> list[str]:
 
 def measure(folder: Path, layers: int | None = None, tokens: int = 16) -> dict:
     import vllm
-    from vllm_layer import moe_layer
-    from vllm_layer.xpu_branch import XpuBranch
+    from support.vllm_layer import moe_layer
+    from support.vllm_layer.xpu_branch import XpuBranch
 
     folder = Path(folder)
     cfg = moe_layer.config(folder)

@@ -25,7 +25,7 @@ def synth(tmp_path):
 def cli():
     """Run the CLI in-process: ``cli("convert", src, out, "--json") -> (exit_code, stdout, stderr)``
     (``helpers.cli``)."""
-    from helpers import cli
+    from support.helpers import cli
 
     return cli
 
@@ -33,8 +33,8 @@ def cli():
 @pytest.fixture
 def released_kernel(monkeypatch):
     """The released vllm-xpu-kernels 0.1.16.2 Python interface, imported on CPU with its native ops
-    faked (``tests/_released_kernel.py``); skips, saying how to install it, when it is missing."""
-    from _released_kernel import install_released
+    faked (``tests/support/released_kernel.py``); skips, saying how to install it, when it is missing."""
+    from support.released_kernel import install_released
 
     return install_released(monkeypatch)
 

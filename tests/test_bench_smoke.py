@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from helpers import REPO
+from support.helpers import REPO
 
 
 def test_bench_smoke(tmp_path):

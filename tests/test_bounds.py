@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _hostile import edit_config, fixture_copy, one_error_line
-from _planting import copy_output, patch_tensor, shard_of
-from helpers import cli, read_tensors, run_cli, write_raw
+from support.helpers import cli, read_tensors, run_cli, write_raw
+from support.hostile import edit_config, fixture_copy, one_error_line
+from support.planting import copy_output, patch_tensor, shard_of
 
 from gptq2xpu.errors import EXIT_INPUT, InputError
 from gptq2xpu.read import checkpoint

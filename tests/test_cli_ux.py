@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _hostile import fixture_copy, one_error_line
-from _planting import edit_block
-from helpers import FIXTURE, REPO, run_cli
+from support.helpers import FIXTURE, REPO, run_cli
+from support.hostile import fixture_copy, one_error_line
+from support.planting import edit_block
 
 from gptq2xpu import __version__
 from gptq2xpu.cli import COMMANDS, ROOT_EXAMPLES, app

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _planting import convert, edit_block, failed_checks, output_tensor, patch_tensor, verify_json
-from helpers import CT_FIXTURE, load_tensors, read_tensor, write_arrays
+from support.helpers import CT_FIXTURE, load_tensors, read_tensor, write_arrays
+from support.planting import convert, edit_block, failed_checks, output_tensor, patch_tensor, verify_json
 
 from gptq2xpu.contract import CONFIG_BLOCK, parse_block
 from gptq2xpu.errors import EXIT_INPUT, EXIT_VERIFY

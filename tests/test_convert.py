@@ -1,7 +1,7 @@
 """End-to-end conversion: every family, the AutoRound fixture, options, determinism, split runs.
 
 Codes and scales are checked against the synthetic checkpoints' ground truth (the codes the
-generator drew before packing) through the test-local decoder in ``xpu_decode.py``: neither the
+generator drew before packing) through the test-local decoder in ``support/xpu_decode.py``: neither the
 converter's repack code nor the verifier's unpack code is involved in the comparison.
 """
 
@@ -11,8 +11,8 @@ import json
 
 import numpy as np
 import pytest
-from helpers import FIXTURE, read_tensors
-from xpu_decode import as_float32, check_layer_matches_truth, decode_layer, dequant, gptq_unpack
+from support.helpers import FIXTURE, read_tensors
+from support.xpu_decode import as_float32, check_layer_matches_truth, decode_layer, dequant, gptq_unpack
 
 from gptq2xpu.contract import CONFIG_BLOCK, MANIFEST_NAME
 from gptq2xpu.convert import convert
@@ -358,7 +358,7 @@ def test_scales_split_into_expert_groups_give_the_same_bytes(synth, tmp_path, mo
 def test_audit_over_several_threads_reports_as_one(synth, tmp_path):
     """Layers audited on several threads: the same warnings in the same order, and the first
     failing layer's error (not the first to fail in time)."""
-    from _hostile import mutate
+    from support.hostile import mutate
 
     from gptq2xpu.errors import InputError
 

@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from _planting import patch_tensor, reseal, verify_json
 from compressed_tensors.compressors import pack_to_int32, unpack_from_int32
 from compressed_tensors.quantization import QuantizationConfig
-from helpers import FIXTURE, cli
-from helpers import read_tensor as _read_file_tensor
+from support.helpers import FIXTURE, cli
+from support.helpers import read_tensor as _read_file_tensor
+from support.planting import patch_tensor, reseal, verify_json
 
 from gptq2xpu.testing.synth import make_checkpoint
 

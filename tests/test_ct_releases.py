@@ -1,13 +1,13 @@
 """``convert --format compressed-tensors`` outputs through each vLLM release's own compressed-tensors MoE
 method (``compressed_tensors_moe_wna16.py``; 0.32, 0.33, 0.34), no plugin, at the MoE-layer level on
-vLLM's XPU branch with the released vllm-xpu-kernels 0.1.16.2 emulated (``tests/vllm_layer``).
+vLLM's XPU branch with the released vllm-xpu-kernels 0.1.16.2 emulated (``tests/support/vllm_layer``).
 
-Per release, one subprocess (``tests/vllm_layer/moe_worker.py``): the release's ``FusedMoE`` layer with
+Per release, one subprocess (``tests/support/vllm_layer/moe_worker.py``): the release's ``FusedMoE`` layer with
 its ``CompressedTensorsConfig`` built from the output's ``quantization_config``, its weight loader fed
 the output's per-expert tensors, ``process_weights_after_loading`` (backend selection ->
 ``_process_weights_xpu``), one forward through ``XPUExpertsWNA16`` -> the released ``XpuFusedMoe``.
 Judged against (a) the reference int4 MoE of the GPTQ source (its experts dequantized with the GPTQ
-formula, ``tests/_vllm.py``) within the bf16 tolerance and (b) the same release's GPTQ MoE path on the
+formula, ``tests/support/vllm_engine.py``) within the bf16 tolerance and (b) the same release's GPTQ MoE path on the
 source: identical outputs.  Defects planted in the output's files (one expert's bytes, its gate and up
 swapped, a scale changed) must fail (a) and (b).
 """
@@ -19,10 +19,10 @@ import types
 
 import pytest
 import torch
-from _ct import CT_DEFECTS, plant_ct_defect
-from _planting import convert
-from vllm_layer import LAYER, LAYER_SPEC, ok, run_layer
-from vllm_layer.releases import RELEASES
+from support.ct import CT_DEFECTS, plant_ct_defect
+from support.planting import convert
+from support.vllm_layer import LAYER, LAYER_SPEC, ok, run_layer
+from support.vllm_layer.releases import RELEASES
 
 from gptq2xpu.testing.synth import make_checkpoint
 
@@ -91,8 +91,8 @@ def load_memory(tmp_path_factory):
     import subprocess
     import sys
 
-    from helpers import REPO
-    from vllm_layer.releases import release_env
+    from support.helpers import REPO
+    from support.vllm_layer.releases import release_env
 
     root = tmp_path_factory.mktemp("ct-memory")
     src = make_checkpoint(root / "source", **MEM_SPEC).path

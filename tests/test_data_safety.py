@@ -10,8 +10,8 @@ import signal
 import subprocess
 
 import pytest
-from _hostile import fixture_copy, leftovers, tree_hashes
-from helpers import FIXTURE, cli, run_cli
+from support.helpers import FIXTURE, cli, run_cli
+from support.hostile import fixture_copy, leftovers, tree_hashes
 
 from gptq2xpu.contract import MANIFEST_NAME
 from gptq2xpu.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from _hostile import L1, SHARD, assert_clean_failure, fixture_copy, leftovers, mutate
-from helpers import FIXTURE, run_cli
+from support.helpers import FIXTURE, run_cli
+from support.hostile import L1, SHARD, assert_clean_failure, fixture_copy, leftovers, mutate
 
 from gptq2xpu import errors
 from gptq2xpu.errors import (

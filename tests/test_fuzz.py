@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_arrays
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support.helpers import write_arrays
 
 from gptq2xpu.contract import INDEX_NAME
 from gptq2xpu.errors import InputError

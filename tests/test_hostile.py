@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _hostile import (
+from support.helpers import FIXTURE, load_tensors, raw_header, run_cli, write_raw
+from support.hostile import (
     L0,
     L1,
     SHARD,
@@ -39,7 +40,6 @@ from _hostile import (
     tree_hashes,
     write_pickle_trap,
 )
-from helpers import FIXTURE, load_tensors, raw_header, run_cli, write_raw
 
 INDEX = "model.safetensors.index.json"
 

@@ -10,10 +10,10 @@ import shutil
 
 import numpy as np
 import pytest
-from _hostile import L0, edit_config, fixture_copy, mutate, one_error_line
-from helpers import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.helpers import run_cli
+from support.hostile import L0, edit_config, fixture_copy, mutate, one_error_line
 
 from gptq2xpu.contract import CONFIG_BLOCK, parse_block
 from gptq2xpu.errors import EXIT_INPUT, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, InputError

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 
-from helpers import FIXTURE, run_cli
+from support.helpers import FIXTURE, run_cli
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

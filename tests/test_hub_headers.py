@@ -1,6 +1,6 @@
 """`inspect REPO_ID` reads only configs and safetensors headers over HTTP.
 
-The hub cannot be reached here: a local look-alike (tests/_hubserver.py) serves a small sharded
+The hub cannot be reached here: a local look-alike (tests/support/hubserver.py) serves a small sharded
 synthetic checkpoint on 127.0.0.1 with range support, and huggingface_hub is pointed at it.
 huggingface_hub reads ``HF_ENDPOINT`` once, at import, into ``constants.ENDPOINT`` and
 ``constants.HUGGINGFACE_CO_URL_TEMPLATE``: in-process tests patch those (and the cache folder);
@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _hostile import one_error_line
-from _hubserver import FakeHub
-from helpers import REPO
+from support.helpers import REPO
+from support.hostile import one_error_line
+from support.hubserver import FakeHub
 
 from gptq2xpu.cli.output import ENVELOPE_KEYS
 from gptq2xpu.convert import make_plan

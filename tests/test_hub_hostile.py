@@ -1,6 +1,6 @@
 """A hub (or an HF_ENDPOINT mirror) is as untrusted as a folder: what it answers cannot make
 gptq2xpu touch files outside its folders, wait for ever, ignore a signal, crash, or misname the
-failure.  The look-alike (tests/_hubserver.py) misbehaves on purpose."""
+failure.  The look-alike (tests/support/hubserver.py) misbehaves on purpose."""
 
 # ruff: noqa: F811  (pytest fixtures imported from test_hub_headers, used as arguments)
 from __future__ import annotations
@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from _hostile import fixture_copy, one_error_line
-from _hubserver import FakeHub
-from helpers import REPO
+from support.helpers import REPO
+from support.hostile import fixture_copy, one_error_line
+from support.hubserver import FakeHub
 from test_hub_headers import REPO_ID, folder, hub, point  # noqa: F401 (fixtures)
 
 ENV_TIMEOUT = "GPTQ2XPU_HUB_TIMEOUT"  # docs/hub.md

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
-from _hostile import SHARD, assert_clean_failure, fixture_copy, leftovers, tree_hashes
-from helpers import REPO, run_cli
+from support.helpers import REPO, run_cli
+from support.hostile import SHARD, assert_clean_failure, fixture_copy, leftovers, tree_hashes
 
 from gptq2xpu.write.output import STAGE_TAG
 

@@ -14,8 +14,8 @@ import sys
 import time
 
 import pytest
-from _hostile import fixture_copy, leftovers, one_error_line, split_into_index
-from helpers import REPO, run_cli
+from support.helpers import REPO, run_cli
+from support.hostile import fixture_copy, leftovers, one_error_line, split_into_index
 
 from gptq2xpu.errors import EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, EXIT_USAGE
 
@@ -166,7 +166,7 @@ def test_finalize_never_removes_the_temporary_file_of_a_live_part_run(tmp_path, 
         assert run_cli("convert", src, out, "--part", part, *args).returncode == EXIT_OK
     # part 1 again (a retry), stopped (SIGSTOP) while it writes its shard: its temporary file is open
     env = {k: v for k, v in os.environ.items() if k != "GPTQ2XPU_DEBUG"}
-    from helpers import _FAULTS
+    from support.helpers import _FAULTS
 
     faults = json.dumps([[target, action, 1]])
     live = subprocess.Popen([sys.executable, "-c", _FAULTS, faults, "convert", str(src), str(out), "--part", "1/2",

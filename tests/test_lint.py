@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from helpers import REPO
+from support.helpers import REPO
 
 
 def _lint(*args: str) -> subprocess.CompletedProcess:

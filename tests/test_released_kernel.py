@@ -1,7 +1,7 @@
 """``gptq2xpu.load`` and ``verify --backend xpu-kernels`` against the released vllm-xpu-kernels 0.1.16.2.
 
 The release's own ``fused_moe_interface.py`` / ``moe_utils.py`` run unchanged on CPU; only the
-native ops are replaced (``tests/_released_kernel.py``, fixture ``released_kernel``). Asserted on
+native ops are replaced (``tests/support/released_kernel.py``, fixture ``released_kernel``). Asserted on
 the object the release builds, i.e. what its kernel would be given: int4 recognised, inter size
 N, scales attached, int8 weights whose bytes equal the release's own ``implement_zp`` of the u4b8
 bytes, and for s4 no call to ``implement_zp`` and no new buffer. The forward then runs through the
@@ -15,9 +15,9 @@ import types
 
 import pytest
 import torch
-from _planting import convert, reference_moe, router_weight, verify_json
-from _released_kernel import implement_zp_all, readme_block
-from helpers import REPO
+from support.helpers import REPO
+from support.planting import convert, reference_moe, router_weight, verify_json
+from support.released_kernel import implement_zp_all, readme_block
 
 from gptq2xpu.errors import UsageError
 from gptq2xpu.load import make_xpu_fused_moe, open_converted

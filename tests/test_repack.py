@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import write_arrays
+from support.helpers import write_arrays
 
 from gptq2xpu.contract import LayerGeometry
 from gptq2xpu.formats import FORMATS

@@ -12,8 +12,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from _hostile import assert_clean_failure
-from helpers import FIXTURE, run_cli, write_raw
+from support.helpers import FIXTURE, run_cli, write_raw
+from support.hostile import assert_clean_failure
 
 from gptq2xpu import safetensors_io
 from gptq2xpu.errors import InputError

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import pytest
-from _planting import convert, reseal, verify_json
+from support.planting import convert, reseal, verify_json
 
 from gptq2xpu import __version__
 from gptq2xpu.contract import CONFIG_BLOCK, parse_block

@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from _hostile import L0, L1, edit_config, fixture_copy, mutate, one_error_line
-from helpers import cli, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.helpers import cli, run_cli
+from support.hostile import L0, L1, edit_config, fixture_copy, mutate, one_error_line
 
 from gptq2xpu.errors import EXIT_INPUT, EXIT_OK, EXIT_VERIFY, InputError
 
@@ -87,7 +87,7 @@ def test_verify_catches_a_converter_that_loses_one_experts_scales(tmp_path, monk
     assert code == EXIT_OK, err
     monkeypatch.undo()
     name = "model.safetensors"
-    from helpers import read_tensor
+    from support.helpers import read_tensor
 
     s13 = read_tensor(out / name, f"{L0}.experts.w13_scales")
     assert (s13[3] == 0).all() and (s13[2] != 0).any()  # the planted defect is there
@@ -196,7 +196,7 @@ def test_verify_names_a_router_that_cannot_route_instead_of_rel_nan(tmp_path):
     src = fixture_copy(tmp_path / "src")
     out = tmp_path / "out"
     assert run_cli("convert", src, out).returncode == EXIT_OK
-    from _planting import reseal
+    from support.planting import reseal
 
     shard = _reshape_tensor(out, f"{L1}.gate.weight", (16, 256))
     reseal(out, shard)
@@ -211,7 +211,7 @@ def test_verify_names_a_router_that_cannot_route_instead_of_rel_nan(tmp_path):
 def test_a_nan_in_the_reference_moe_reads_as_non_finite_not_rel_nan(tmp_path):
     """Plant: one row of a converted router made NaN (and resealed); the tokens it routes come out
     NaN on both sides, the relative error is NaN, and that must fail in words."""
-    from _planting import patch_output_tensor
+    from support.planting import patch_output_tensor
 
     src = fixture_copy(tmp_path / "src")
     out = tmp_path / "out"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import load_tensors
+from support.helpers import load_tensors
 
 from gptq2xpu.testing import synth as S
 from gptq2xpu.testing.synth import FAMILIES

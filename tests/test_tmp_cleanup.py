@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO
+from support.helpers import REPO
 
 PYPROJECT = REPO / "pyproject.toml"
 

@@ -8,7 +8,7 @@ rank, groups of 64).  T = 1 converts as-is.
 
 The loader is checked against slices of the full tensors read straight from the shards, and each
 rank's slice is built into the released vllm-xpu-kernels 0.1.16.2 ``XpuFusedMoe`` (its Python
-interface on CPU, native ops faked: ``tests/_released_kernel.py``); the ranks' outputs must sum to
+interface on CPU, native ops faked: ``tests/support/released_kernel.py``); the ranks' outputs must sum to
 the full layer.  The hand-over itself is tested in ``tests/test_released_kernel.py``.  No Intel GPU
 exists here.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _planting import (
+from support.helpers import cli, read_tensor
+from support.planting import (
     convert,
     copy_output,
     failed_checks,
@@ -34,7 +35,6 @@ from _planting import (
     router_weight,
     verify_json,
 )
-from helpers import cli, read_tensor
 
 from gptq2xpu.errors import EXIT_VERIFY, InputError, UsageError
 from gptq2xpu.load import make_xpu_fused_moe, open_converted

@@ -11,8 +11,8 @@ import json
 import shutil
 
 import pytest
-from _hostile import L0, fixture_copy, mutate
-from helpers import cli, run_cli
+from support.helpers import cli, run_cli
+from support.hostile import L0, fixture_copy, mutate
 
 from gptq2xpu.contract import CONFIG_BLOCK, MANIFEST_NAME
 from gptq2xpu.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Gptq2XpuError

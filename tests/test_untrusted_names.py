@@ -9,8 +9,8 @@ import os
 import shutil
 
 import pytest
-from _hostile import L0, SHARD, fixture_copy, one_error_line
-from helpers import FIXTURE, cli, raw_header, run_cli, write_raw
+from support.helpers import FIXTURE, cli, raw_header, run_cli, write_raw
+from support.hostile import L0, SHARD, fixture_copy, one_error_line
 from test_hub import SHA, make_cache
 
 from gptq2xpu.errors import EXIT_INPUT, EXIT_OK

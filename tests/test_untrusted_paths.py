@@ -8,8 +8,8 @@ import os
 import shutil
 
 import pytest
-from _hostile import fixture_copy, one_error_line, split_into_index, tree_hashes
-from helpers import run_cli
+from support.helpers import run_cli
+from support.hostile import fixture_copy, one_error_line, split_into_index, tree_hashes
 
 from gptq2xpu.contract import MANIFEST_NAME
 from gptq2xpu.errors import EXIT_INPUT, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, InputError

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _planting import (
+from support.helpers import FIXTURE, read_tensor, tensor_span
+from support.planting import (
     BASE,
     DEFECTS,
     INDEX,
@@ -34,7 +35,6 @@ from _planting import (
     tensor_name,
     verify_json,
 )
-from helpers import FIXTURE, read_tensor, tensor_span
 
 from gptq2xpu.contract import CONFIG_BLOCK, parse_block
 from gptq2xpu.errors import EXIT_VERIFY
@@ -63,7 +63,7 @@ def base_bf16(tmp_path_factory):
     return info, root / "good"
 
 
-# --------------------------------------------------------------------------- the defects (tests/_planting.py)
+# --------------------------------------------------------------------------- the defects (tests/support/planting.py)
 
 
 @pytest.mark.parametrize("defect", list(DEFECTS))

@@ -1,6 +1,6 @@
 """The verifier's math: independent unpackers, the reference MoE, routing, tolerances, the fixture.
 
-The packers and the naive loops used here (``tests/_int4.py``) are plain numpy shifts and loops
+The packers and the naive loops used here (``tests/support/int4.py``) are plain numpy shifts and loops
 written from the contract, so that the unpackers are checked against a definition of the formats
 and not against themselves.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _int4 import int4_layers, naive_gptq_dequant, naive_moe, pack_gptq_cols, pack_gptq_rows, pack_xpu
-from helpers import FIXTURE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.helpers import FIXTURE
+from support.int4 import int4_layers, naive_gptq_dequant, naive_moe, pack_gptq_cols, pack_gptq_rows, pack_xpu
 
 from gptq2xpu.verify.reference import (
     KERNEL_TOLERANCES,

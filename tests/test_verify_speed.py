@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _planting import convert, patch_output_tensor
+from support.planting import convert, patch_output_tensor
 
 from gptq2xpu.read import open_source
 from gptq2xpu.testing.synth import make_checkpoint

@@ -4,7 +4,7 @@ The fast paths must compute what the plain ones compute: the dequantized values 
 (same exact products, same single rounding), the MoE within execution noise of the plain
 whole-layer forward and of a float64 one, and the numerical check must fail planted defects
 exactly as hard as the whole-layer check does. The packers are the test-side numpy ones of
-tests/_int4.py, so everything is anchored to the format definitions.
+tests/support/int4.py, so everything is anchored to the format definitions.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _int4 import int4_layers, naive_gptq_dequant, naive_moe, pack_gptq_cols, pack_gptq_rows, pack_xpu
-from _planting import BASE, DEFECTS, L0, L1, convert, copy_output
-from helpers import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.helpers import REPO
+from support.int4 import int4_layers, naive_gptq_dequant, naive_moe, pack_gptq_cols, pack_gptq_rows, pack_xpu
+from support.planting import BASE, DEFECTS, L0, L1, convert, copy_output
 
 from gptq2xpu.contract import CONFIG_BLOCK, parse_block
 from gptq2xpu.read import open_source
@@ -548,7 +548,7 @@ def test_numeric_layer_streamed_in_16_bit_dtypes(dtype, outputs):
 
 
 # --------------------------------------------------------------------------- planted defects, both paths
-# The planters of tests/_planting.py (as tests/test_verify_defects.py uses them), on their base
+# The planters of tests/support/planting.py (as tests/test_verify_defects.py uses them), on their base
 # (K 128, N 64, 8 experts, top-2, group 32); one token, so most experts are reached only by the
 # every-expert pass.
 

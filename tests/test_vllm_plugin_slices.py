@@ -14,8 +14,8 @@ import json
 
 import pytest
 import torch
-from _planting import convert
 from safetensors import safe_open
+from support.planting import convert
 
 from gptq2xpu.contract import CONFIG_BLOCK, EXPERT_TENSORS, parse_block, rank_folder
 from gptq2xpu.vllm_plugin.slices import copy_rank_slice, rank_shape

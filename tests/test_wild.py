@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from _hostile import write_pickle_trap
-from helpers import read_tensors
-from xpu_decode import check_layer_matches_truth
+from support.helpers import read_tensors
+from support.hostile import write_pickle_trap
+from support.xpu_decode import check_layer_matches_truth
 
 from gptq2xpu.contract import CONFIG_BLOCK, MANIFEST_NAME
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from _hostile import one_error_line
-from helpers import FIXTURE, REPO
+from support.helpers import FIXTURE, REPO
+from support.hostile import one_error_line
 
 from gptq2xpu.errors import EXIT_OK, EXIT_USAGE
 from gptq2xpu.optional_torch import INSTALL_HINT

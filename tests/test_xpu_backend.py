@@ -1,7 +1,7 @@
 """Device selection and the optional vllm_xpu_kernels backend, tested without any Intel XPU.
 
 ``run_xpu_fused_moe`` and the status checks run the released vllm-xpu-kernels 0.1.16.2 Python
-interface on CPU with its native ops faked (fixture ``released_kernel``, ``tests/_released_kernel.py``).
+interface on CPU with its native ops faked (fixture ``released_kernel``, ``tests/support/released_kernel.py``).
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-from _planting import convert
-from helpers import REPO
-from vllm_layer.releases import release_env
+from support.helpers import REPO
+from support.planting import convert
+from support.vllm_layer.releases import release_env
 
 from gptq2xpu.testing.synth import make_checkpoint
 

@@ -33,14 +33,14 @@ _used_outside_the_scanned_code = (
     _.post_attention_layernorm,
     _.embed_tokens,
     _.lm_head,
-    # tests/_hubserver.py: http.server's request handler and server interface
+    # tests/support/hubserver.py: http.server's request handler and server interface
     _.daemon_threads,
     _.protocol_version,
     _.log_message,
     _.do_HEAD,
     _.do_GET,
     _.close_connection,
-    # tests/_released_kernel.py: the import system finds a package's modules through __path__
+    # tests/support/released_kernel.py: the import system finds a package's modules through __path__
     _.__path__,
     # gptq2xpu/read/regex.py: options google-re2 reads
     _.max_mem,
@@ -50,7 +50,7 @@ _used_outside_the_scanned_code = (
     _.pytest_sessionfinish,
     _.pytest_terminal_summary,
     _.pytestmark,
-    _._supports_current_device,  # tests/vllm_cpu_int4/sitecustomize.py: replaces vLLM's own method
+    _._supports_current_device,  # tests/support/vllm_cpu_int4/sitecustomize.py: replaces vLLM's own method
     # gptq2xpu/vllm_plugin/xpu_experts.py: an object's class is changed by assigning it
     _.__class__,
     # scripts/xpu_load_memory.py: vLLM's MoE runner calls what its _forward_entry holds

@@ -1,6 +1,6 @@
 """Worker (see :mod:`vllm_layer.releases`): converted MoE layers through one vLLM release's XPU branch.
 
-    python tests/vllm_layer/moe_worker.py JOB.json RESULT.json     (PYTHONPATH: release, repo, tests/)
+    python tests/support/vllm_layer/moe_worker.py JOB.json RESULT.json     (PYTHONPATH: release, repo, tests/)
 
 JOB: ``{"layer": "model.layers.0.mlp", "tokens": 16, "runs": [{"name", "method": "plugin" | "gptq" | "ct",
 "checkpoint": folder, "defect": null | one of DEFECTS, "reference_source": null | GPTQ folder}, ...]}``.
@@ -54,7 +54,7 @@ def plant(converted: dict, defect: str) -> dict:
 
 
 def quant_config(method: str, folder: Path):
-    from vllm_layer.moe_layer import config
+    from support.vllm_layer.moe_layer import config
 
     qc = config(folder)["quantization_config"]
     if method == "ct":  # stock vLLM's compressed-tensors method (convert --format compressed-tensors)
@@ -75,11 +75,10 @@ def quant_config(method: str, folder: Path):
 
 
 def one_run(branch, run: dict, layer: str, x: torch.Tensor) -> dict:
-    from _planting import reference_moe
-
     from gptq2xpu.verify.reference import compare, within_tolerance
     from gptq2xpu.vllm_plugin import moe as plugin_moe
-    from vllm_layer import moe_layer
+    from support.planting import reference_moe
+    from support.vllm_layer import moe_layer
 
     folder = Path(run["checkpoint"])
     cfg = moe_layer.config(folder)
@@ -131,11 +130,10 @@ def one_run(branch, run: dict, layer: str, x: torch.Tensor) -> dict:
 
 def source_reference_moe(folder: Path, prefix: str, x: torch.Tensor, top_k: int) -> torch.Tensor:
     """The reference int4 MoE (``gptq2xpu.verify.reference``) of a GPTQ source's layer: every expert
-    dequantized with the GPTQ formula (``tests/_vllm.py``; scales in x's dtype), routed by its router."""
-    from _vllm import _tensors, gptq_dequantize
-
+    dequantized with the GPTQ formula (``tests/support/vllm_engine.py``; scales in x's dtype), routed by its router."""
     from gptq2xpu.verify.reference import moe_forward, route
-    from vllm_layer.moe_layer import config
+    from support.vllm_engine import _tensors, gptq_dequantize
+    from support.vllm_layer.moe_layer import config
 
     t = _tensors(folder)
     cfg = config(folder)
@@ -163,7 +161,7 @@ def _find_impl(qm):
 def main(job_file: str, result_file: str) -> None:
     import vllm
 
-    from vllm_layer.xpu_branch import XpuBranch
+    from support.vllm_layer.xpu_branch import XpuBranch
 
     job = json.loads(Path(job_file).read_text())
     branch = XpuBranch()
@@ -174,7 +172,7 @@ def main(job_file: str, result_file: str) -> None:
     try:
         torch.manual_seed(0)
         first = Path(job["runs"][0]["checkpoint"])
-        from vllm_layer.moe_layer import config
+        from support.vllm_layer.moe_layer import config
 
         hidden = config(first)["hidden_size"]
         x = (torch.randn(job.get("tokens", 16), hidden, generator=torch.Generator().manual_seed(1)) / 4)

@@ -28,7 +28,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TESTS = REPO / "tests"
 #: Where the 0.33 / 0.34 wheels' Python is installed (``.gitignore``d).
 RELEASES_DIR = REPO / ".vllm-releases"

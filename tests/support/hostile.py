@@ -22,7 +22,7 @@ import pickle
 import shutil
 from pathlib import Path
 
-from helpers import FIXTURE, load_tensors, write_arrays
+from support.helpers import FIXTURE, load_tensors, write_arrays
 
 SHARD = "model.safetensors"
 L0 = "model.layers.0.mlp"

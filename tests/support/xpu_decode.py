@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from helpers import read_tensors
+
+from support.helpers import read_tensors
 
 
 def as_float32(dtype: str, shape, raw: bytes) -> np.ndarray:

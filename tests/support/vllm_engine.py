@@ -1,5 +1,5 @@
 """Helpers of the vLLM tests (``tests/test_vllm_serving.py``): references, planted defects, the
-logprob comparison, and running ``tests/vllm_runner.py``.
+logprob comparison, and running ``tests/support/vllm_runner.py``.
 
 Independent of the converter and of the plugin: GPTQ tensors are dequantized here with the GPTQ
 formula (zero points and ``g_idx`` honoured) in torch, and defects are planted by editing the
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "vllm_runner.py"
 #: vLLM's CPU int4 MoE kernel (``CPUExpertsInt4``) allowed on an x86 CPU without AMX tiles, in every
-#: process vLLM starts (``tests/vllm_cpu_int4/sitecustomize.py``): vLLM offers it only with AMX, and
+#: process vLLM starts (``tests/support/vllm_cpu_int4/sitecustomize.py``): vLLM offers it only with AMX, and
 #: without it has no int4 MoE backend on such a CPU at all, for a GPTQ source or a conversion alike.
 #: Every engine of a comparison runs with it, so both sides run the same kernel; on a CPU with AMX
 #: it changes nothing.

@@ -1,5 +1,5 @@
 """Helpers of the compressed-tensors output tests: planted defects in an output, and a GPTQ source
-regrouped by hand (independently of the converter).  Edits go through safetensors (``tests/_vllm.py``)."""
+regrouped by hand (independently of the converter).  Edits go through safetensors (``tests/support/vllm_engine.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import torch
-from _vllm import _save, _tensors, copy_model
+
+from support.vllm_engine import _save, _tensors, copy_model
 
 CT_DEFECTS = ("expert_bytes_changed", "gate_up_swapped", "scale_changed")
 

@@ -1,6 +1,6 @@
 """Run vLLM on a list of checkpoints in one process; print one JSON result per job.
 
-    python tests/vllm_runner.py JOBS.json RESULTS.json
+    python tests/support/vllm_runner.py JOBS.json RESULTS.json
 
 JOBS.json: ``{"prompts": [[token ids], ...], "jobs": [{"name", "model", "tp": 1, "env": {...},
 "fake_vllm_version": null}, ...]}``.  For each job: build ``LLM(model=...)`` (the gptq2xpu plugin

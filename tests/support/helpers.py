@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "qwen3moe-g128"
 CT_FIXTURE = REPO / "tests" / "fixtures" / "ct-pack-quantized"
 

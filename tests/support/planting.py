@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from helpers import cli, raw_header, read_tensor, tensor_span, write_raw
 
 from gptq2xpu.contract import MANIFEST_NAME
 from gptq2xpu.verify.reference import moe_forward, route
 from gptq2xpu.verify.unpack import xpu_dequant
+from support.helpers import cli, raw_header, read_tensor, tensor_span, write_raw
 
 INDEX = "model.safetensors.index.json"
 

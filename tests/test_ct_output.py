@@ -112,6 +112,29 @@ def test_verify_passes_standalone_and_against_the_source(qwen2):
     assert {"bit-exact experts", "bit-exact linears", "reference MoE", "quantization_config"} <= checks
 
 
+
+def test_a_quantization_config_kept_in_text_config_is_written_and_verified_there(tmp_path):
+    """A source that keeps its quantization description inside ``text_config`` gets the
+    compressed-tensors one there too, and verify reads it where it was written."""
+    info = make_checkpoint(tmp_path / "src", **BASE, config_location="text_config")
+    out = convert(info.path, tmp_path / "out")
+    cfg = config(out)
+    assert cfg["text_config"]["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert "quantization_config" not in cfg
+    for extra in ((), ("--source", str(info.path))):
+        code, report = verify_json(out, *extra)
+        assert code == 0, report["failures"]
+    # and a broken nested one is named where it is
+    bad = tmp_path / "bad"
+    convert(info.path, bad)
+    cfg = config(bad)
+    cfg["text_config"]["quantization_config"]["format"] = "float-quantized"
+    (bad / "config.json").write_text(json.dumps(cfg, indent=2))
+    reseal(bad, "config.json")
+    code, report = verify_json(bad)
+    assert code == 4 and any("text_config.quantization_config" in f for f in report["failures"]), report
+
+
 DEFECTS = {
     # tensor, how: a converter bug verify --source must catch (and which check)
     "expert bytes": ("model.layers.0.mlp.experts.2.down_proj.weight_packed", lambda a: a ^ np.int32(1), "bit-exact"),

@@ -28,6 +28,7 @@ from ..contract import (
     expert_linear_names,
 )
 from ..read.checkpoint import Checkpoint
+from ..read.quant_config import NESTED_CONFIG_KEYS
 from ..safetensors_io import DTYPE_SIZES
 
 
@@ -166,13 +167,27 @@ def linear_problems(ckpt: Checkpoint, block: ConvertedBlock, finite) -> list[str
 
 
 def config_problems(config: dict, block: ConvertedBlock) -> tuple[list[str], str]:
-    """``quantization_config`` of a compressed-tensors output: compressed-tensors' own pydantic
-    model accepts it (where the package is installed), it says 4-bit symmetric pack-quantized
-    groups, and every group size the block records has a config group.  Returns (problems, how
-    it was checked)."""
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict):
+    """Every ``quantization_config`` of a compressed-tensors output (at the top of config.json and
+    in each nested model config that holds one, where convert writes it after the source): each
+    checked by :func:`_one_config_problems`.  Returns (problems, how they were checked)."""
+    found = [("quantization_config", config["quantization_config"])] if "quantization_config" in config else []
+    found += [(f"{key}.quantization_config", sub["quantization_config"]) for key in NESTED_CONFIG_KEYS
+              if isinstance(sub := config.get(key), dict) and "quantization_config" in sub]
+    if not found:
         return ["config.json has no quantization_config"], ""
+    problems, how = [], ""
+    for where, qc in found:
+        these, how = _one_config_problems(qc, block)
+        problems += [f"{where}: {p}" for p in these] if len(found) > 1 or where != "quantization_config" else these
+    return problems, how
+
+
+def _one_config_problems(qc: object, block: ConvertedBlock) -> tuple[list[str], str]:
+    """One ``quantization_config``: compressed-tensors' own pydantic model accepts it (where the
+    package is installed), it says 4-bit symmetric pack-quantized groups, and every group size the
+    block records has a config group."""
+    if not isinstance(qc, dict):
+        return [f"expected an object, found {type(qc).__name__}"], ""
     problems = []
     how = "fields read directly"
     try:

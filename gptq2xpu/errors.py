@@ -85,8 +85,12 @@ RESOURCE_ERRNOS = frozenset({"EMFILE", "ENFILE", "ENOMEM", "ENOBUFS", "EIO"})
 
 
 def is_resource_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the system ran out of something: Python's MemoryError, or an OSError
+    of :data:`RESOURCE_ERRNOS`."""
     import errno
 
+    if isinstance(exc, MemoryError):
+        return True
     return isinstance(exc, OSError) and errno.errorcode.get(exc.errno or -1) in RESOURCE_ERRNOS
 
 
@@ -99,11 +103,14 @@ def read_error(what: str, exc: OSError, action: str = "cannot read") -> Gptq2Xpu
     return OutputError(text + resource_hint(exc))
 
 
-def resource_hint(exc: OSError) -> str:
+def resource_hint(exc: BaseException) -> str:
     """What to do about a resource error, as the tail of its message ("" when nothing to say)."""
     import errno
 
-    return "; raise the open-file limit (ulimit -n) and run again" if exc.errno in (errno.EMFILE, errno.ENFILE) else ""
+    if isinstance(exc, MemoryError):
+        return "out of memory; free memory or raise the memory limit (ulimit -v) and run again"
+    return "; raise the open-file limit (ulimit -n) and run again" if getattr(exc, "errno", None) in (
+        errno.EMFILE, errno.ENFILE) else ""
 
 
 def io_error(action: str, path, exc: OSError) -> OutputError:

@@ -189,3 +189,20 @@ def test_finalize_never_removes_the_temporary_file_of_a_live_part_run(tmp_path, 
     assert proc.returncode == EXIT_OK, proc.stderr
     assert not any(p.name.startswith(".") for p in out.iterdir())
     assert run_cli("verify", out, "--source", src, "--no-numeric").returncode == EXIT_OK
+
+
+def test_running_out_of_memory_is_an_io_error_not_a_bug(tmp_path, monkeypatch):
+    """A MemoryError (the process hit its memory limit) is exit 5 with a line saying what ran out,
+    never "internal error ... report it" (exit 1)."""
+    from support.helpers import FIXTURE, cli
+
+    import gptq2xpu.convert
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(gptq2xpu.convert, "make_plan", out_of_memory)
+    code, _, err = cli("inspect", str(FIXTURE))
+    assert code == EXIT_IO, err
+    line = one_error_line(err)
+    assert "out of memory" in line and "internal error" not in line, err

@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> None:
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())
         if is_resource_error(exc):  # no bug and no judgement of the data: an I/O error
             code, kind, message = EXIT_IO, OutputError.kind, " ".join(str(exc).split()) + resource_hint(exc)
+            if isinstance(exc, MemoryError):  # its text is empty or a size: say what ran out
+                message = resource_hint(exc)
         else:
             code, kind, message = EXIT_INTERNAL, "internal error", f"{detail} (re-run with --debug and report it)"
     interrupts.decide()  # the code is set: a signal from here on only gets a warning

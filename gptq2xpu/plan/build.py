@@ -68,7 +68,7 @@ def _refuse_converted(ckpt: Checkpoint) -> None:
     if CONFIG_BLOCK in ckpt.config or fused:
         why = (f'its config.json has a "{CONFIG_BLOCK}" block' if CONFIG_BLOCK in ckpt.config
                else f"it holds fused expert tensors such as {fused}")
-        raise InputError(f"{ckpt.origin}: already converted to the XPU layout ({why}); give the GPTQ checkpoint it "
+        raise InputError(f"{ckpt.origin}: already converted by gptq2xpu ({why}); give the GPTQ checkpoint it "
                          f"was made from, or check this one with `gptq2xpu verify {ckpt.origin}`")
 
 

@@ -306,3 +306,15 @@ def test_a_quantized_router_is_a_linear_or_with_dequantize_router_a_float_one(tm
     else:
         assert "model.layers.0.mlp.gate" not in qc["ignore"] and "model.layers.0.mlp.gate" in block["linears"]
     assert verify_json(out, "--source", str(info.path))[0] == 0
+
+
+def test_layers_kept_unchanged_cannot_be_written_as_compressed_tensors(tmp_path):
+    """An 8-bit MoE layer kept with --keep-unsupported has no pack-quantized 4-bit form: exit 3,
+    one line naming the layer and the format that keeps it."""
+    info = make_checkpoint(tmp_path / "src", **dict(BASE, family="qwen3_moe"),
+                           dynamic={r"+:.*layers\.1\.mlp\.experts\..*": {"bits": 8}})
+    code, _, err = cli("convert", str(info.path), str(tmp_path / "out"), *CT, "--keep-unsupported")
+    assert code == 3, err
+    line = err.strip().splitlines()[-1]
+    assert "model.layers.1.mlp" in line and "--keep-unsupported" in line and "--format xpu" in line, err
+    assert not (tmp_path / "out").exists()

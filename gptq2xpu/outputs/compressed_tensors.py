@@ -70,6 +70,10 @@ class CompressedTensorsOutput(OutputFormat):
     def items(self, ckpt, layers, options, quant):
         from ..plan.build import float_dtype
 
+        kept = [lyr.prefix for lyr in layers if lyr.kind == "unsupported" and lyr.action == "passthrough"]
+        if kept:
+            raise InputError(f"{kept[0]}: layers kept unchanged (--keep-unsupported) cannot be written as "
+                             "compressed-tensors pack-quantized 4-bit; use --format xpu")
         consumed = set()
         items: list[OutputItem] = []
         written: list[LinearPlan] = []

@@ -37,13 +37,8 @@ def build_plan(ckpt: Checkpoint, options: ConvertOptions | None = None) -> Plan:
     if not any(lyr.converts for lyr in layers) and not any(lyr.action == "refuse" for lyr in layers):
         raise InputError(f"{ckpt.origin}: no quantized MoE layers to convert (every MoE layer is float or kept "
                          "unchanged)")
-    from ..outputs import output_format
+    from ..outputs import output_format  # here: the output formats build on plan.model (no import cycle)
 
-    if options.compressed_tensors:
-        kept = [lyr.prefix for lyr in layers if lyr.kind == "unsupported" and lyr.action == "passthrough"]
-        if kept:
-            raise InputError(f"{kept[0]}: layers kept unchanged (--keep-unsupported) cannot be written as "
-                             "compressed-tensors pack-quantized 4-bit; use --format xpu")
     items, passthrough, linears, ignore = output_format(options.output_format).items(ckpt, layers, options, quant)
     return Plan(
         origin=ckpt.origin,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from .audit import audit, audit_linears
@@ -103,10 +103,14 @@ def convert(source, output, *, options: ConvertOptions | None = None, jobs: int 
         def before_publish() -> None:
             plan.warnings.extend(audited.result())
 
+        def stop_reading() -> None:  # the writing failed: the audit stops before the stage is removed
+            stop_audit.set()
+            wait([audited])
+
         try:
             if part is None:
                 files = write_checkpoint(plan, ckpt, Path(output), jobs=jobs, overwrite=overwrite, progress=tick,
-                                         before_publish=before_publish)
+                                         before_publish=before_publish, stop_reading=stop_reading)
             else:
                 files = write_part(plan, ckpt, Path(output), part[0], part[1], jobs=jobs, progress=tick,
                                    before_publish=before_publish)

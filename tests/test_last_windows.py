@@ -122,6 +122,56 @@ def test_convert_under_a_tiny_open_file_limit_leaves_no_stage_folder(many_shards
     assert codes == {EXIT_OK, EXIT_IO}
 
 
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_failed_run_holds_no_descriptor_but_its_stage_lock_when_removing_its_stage(many_shards, tmp_path,
+                                                                                      monkeypatch):
+    """Run out of descriptors and the stage must still go: by the time it is removed, the audit
+    beside the writing has stopped and the source's descriptors are closed (what the test above
+    met about once in fifty runs, made certain here: the writing fails while the audit reads)."""
+    import errno
+
+    import gptq2xpu.convert as convert_module
+    import gptq2xpu.write as write_module
+    from gptq2xpu.errors import io_error
+
+    src, _ = many_shards
+    out = tmp_path / "out"
+    real_audit, real_write, real_discard = convert_module.audit, write_module.write_shards, write_module.discard
+
+    auditing = []
+
+    def slow_audit(*args, **kwargs):  # still at work (reading, holding descriptors) when the writing fails
+        auditing.append(1)
+        try:
+            time.sleep(0.5)
+            return real_audit(*args, **kwargs)
+        finally:
+            auditing.pop()
+
+    def fail_after_one_shard(plan, ckpt, folder, indices, jobs, progress):
+        real_write(plan, ckpt, folder, list(indices)[:1], jobs, progress)
+        raise io_error("cannot create a file in", folder, OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+
+    held = []
+
+    def counting_discard(stage):
+        held.append((len(auditing), _open_descriptors() - baseline))
+        real_discard(stage)
+
+    monkeypatch.setattr(convert_module, "audit", slow_audit)
+    monkeypatch.setattr(write_module, "write_shards", fail_after_one_shard)
+    monkeypatch.setattr(write_module, "discard", counting_discard)
+    baseline = _open_descriptors()
+    with pytest.raises(Exception, match="Too many open files"):
+        convert_module.convert(src, out, jobs=8)
+    assert held == [(0, 1)], f"(audits running, descriptors open beyond the baseline) when removing the stage: {held}"
+    assert not out.exists() and leftovers(out) == []
+    assert _open_descriptors() == baseline
+
+
 # ------------------------------------------------------------------------------ the last window
 
 

@@ -28,9 +28,12 @@ __all__ = ["write_checkpoint", "write_part", "finalize"]
 
 def write_checkpoint(plan: Plan, ckpt: Checkpoint, output: Path, *, jobs: int = 1, overwrite: bool = False,
                      progress: Callable[[int], None] | None = None,
-                     before_publish: Callable[[], None] | None = None) -> dict:
+                     before_publish: Callable[[], None] | None = None,
+                     stop_reading: Callable[[], None] | None = None) -> dict:
     """Write the whole converted checkpoint at ``output`` (atomically: see :mod:`.output`).
-    Returns the manifest's file records."""
+    Returns the manifest's file records.  ``stop_reading`` (on failure, before the stage is
+    removed) stops whatever else reads ``ckpt``; then the checkpoint's descriptors are closed:
+    a run out of descriptors needs them to remove its stage folder."""
     output = Path(os.path.abspath(output))  # "." or "out/.." must name the folder, not the cwd entry
     plan.warnings.extend(prepare_output(output, ckpt.root, overwrite=overwrite))
     plan.warnings.extend(side_files(ckpt.folder)[1])  # refuses escaping links before writing anything
@@ -45,10 +48,16 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, output: Path, *, jobs: int = 
         ckpt.check_unchanged()
         if before_publish is not None:
             before_publish()
+        ckpt.close()  # reading is over; publishing may have to remove a folder, which takes descriptors
         late = publish(stage, output, overwrite, publishing)
     except BaseException:
         if not publishing.started:
-            discard(stage)
+            try:
+                if stop_reading is not None:
+                    stop_reading()
+                ckpt.close()  # reopened if read again
+            finally:
+                discard(stage)
         raise
     if late.signal is not None:
         plan.warnings.append(f"{late.name} arrived while OUTPUT was being published; the conversion completed "

@@ -97,7 +97,7 @@ def _root(
 from . import convert, demo, finalize, inspect, verify, version  # noqa: E402
 
 COMMANDS = {
-    "convert": (convert.convert, convert.EXAMPLES, "Convert a GPTQ checkpoint into the XPU layout."),
+    "convert": (convert.convert, convert.EXAMPLES, "Convert a GPTQ checkpoint for XPU (or to compressed-tensors)."),
     "inspect": (inspect.inspect, inspect.EXAMPLES, "Show the conversion plan, from headers alone."),
     "verify": (verify.verify, verify.EXAMPLES, "Check a converted checkpoint (against its source)."),
     "finalize": (finalize.finalize, finalize.EXAMPLES, "Finish a split conversion (convert --part)."),

@@ -240,6 +240,19 @@ def check_layout(ckpt: Checkpoint, block: ConvertedBlock, findings: Findings) ->
     return mismatched
 
 
+def check_config_dims(ckpt: Checkpoint, block: ConvertedBlock, findings: Findings) -> None:
+    """config.json's expert dimensions (what a runtime allocates each MoE layer with) are the ones
+    each converted layer's tensors hold (``docs/checks.md``, Config dimensions)."""
+    from ..naming import detect_family
+    from ..plan.runtime_dims import disagreement, runtime_dims
+
+    dims = runtime_dims(ckpt.config, detect_family(ckpt.config, ckpt.tensors))
+    problems = [f"{prefix}: {why}" for prefix, layer in block.layers.items()
+                if (why := disagreement(dims, layer.experts, layer.hidden_size, layer.intermediate_size))]
+    findings.add("config dimensions", not problems, listing(problems) if problems else
+                 f"config.json's {', '.join(dims) or 'no expert dimension keys'} agree with the tensors")
+
+
 def check_ranks(folder: Path, ckpt: Checkpoint, block: ConvertedBlock, findings: Findings) -> None:
     """Each tensor-parallel rank folder holds exactly its slice of the full tensors."""
     if not block.tp_ranks:
@@ -417,5 +430,6 @@ def verify_standalone(folder: Path, findings: Findings, jobs: int = 2, *, skip_m
     if block.compressed_tensors:
         ckpt = check_compressed_tensors(ckpt, block, findings)
     mismatched = check_layout(ckpt, block, findings)
+    check_config_dims(ckpt, block, findings)
     check_ranks(folder, ckpt, block, findings)
     return ckpt, block, mismatched

@@ -13,12 +13,14 @@ tensors they are made of.  Written from the format's definition, independently o
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..contract import (
     CT_FIELDS,
+    EXPERT_TENSORS,
     W2_QWEIGHT,
     W2_SCALES,
     W13_QWEIGHT,
@@ -29,6 +31,7 @@ from ..contract import (
 )
 from ..read.checkpoint import Checkpoint
 from ..read.quant_config import NESTED_CONFIG_KEYS
+from ..read.regex import Budget, Regex, Unsupported
 from ..safetensors_io import DTYPE_SIZES
 
 
@@ -49,7 +52,9 @@ class StackedRef:
 def part_problems(ckpt: Checkpoint, layer: ConvertedLayer) -> list[str]:
     """Why the layer's per-expert tensors cannot be stacked by the block's shapes (empty: they can)."""
     k, n, g, sd = layer.hidden_size, layer.intermediate_size, layer.w13_group_size, layer.scale_dtype
-    out = []
+    # the view presents the per-expert tensors under the stacked names: a real tensor there would be hidden by it
+    out = [f"{name}: a stacked tensor of the xpu format in a compressed-tensors output"
+           for name in (layer.tensor(what) for what in EXPERT_TENSORS) if name in ckpt.tensors]
     for _e, role, module in expert_linear_names(layer):
         rows, cols = (k, n) if role == "down" else (n, k)
         want = {"weight_packed": ("I32", (rows, cols // 8)), "weight_scale": (sd, (rows, cols // g)),
@@ -139,8 +144,10 @@ def shape_problems(ckpt: Checkpoint, layer: ConvertedLayer) -> list[str]:
     return out
 
 
-#: Source tensor fields a linear written as compressed-tensors must not keep.
-_LEFTOVER_FIELDS = ("qweight", "qzeros", "scales", "g_idx", "weight")
+#: Tensor fields a linear written as compressed-tensors must not have beside its three: the GPTQ
+#: source's, a float weight, and the zero points and row order of the asymmetric or act-order
+#: compressed-tensors schemes (a runtime loading this symmetric one has no place for them).
+_LEFTOVER_FIELDS = ("qweight", "qzeros", "scales", "g_idx", "weight", "weight_zero_point", "weight_g_idx")
 
 
 def linear_problems(ckpt: Checkpoint, block: ConvertedBlock, finite) -> list[str]:
@@ -163,6 +170,10 @@ def linear_problems(ckpt: Checkpoint, block: ConvertedBlock, finite) -> list[str
                 out.append(f"{name}: non-finite scales")
         out += [f"{module}.{f}: left beside its compressed-tensors form" for f in _LEFTOVER_FIELDS
                 if f"{module}.{f}" in ckpt.tensors]
+    experts = {m for layer in block.layers.values() for _, _, m in expert_linear_names(layer)}
+    unknown = sorted({name for name in ckpt.tensors if name.rpartition(".")[2] in CT_FIELDS
+                      and name.rpartition(".")[0] not in block.linears and name.rpartition(".")[0] not in experts})
+    out += [f"{name}: a compressed-tensors linear the config block does not describe" for name in unknown[:10]]
     return out
 
 
@@ -184,8 +195,10 @@ def config_problems(config: dict, block: ConvertedBlock) -> tuple[list[str], str
 
 def _one_config_problems(qc: object, block: ConvertedBlock) -> tuple[list[str], str]:
     """One ``quantization_config``: compressed-tensors' own pydantic model accepts it (where the
-    package is installed), it says 4-bit symmetric pack-quantized groups, and every group size the
-    block records has a config group."""
+    package is installed), it says weight-only 4-bit symmetric pack-quantized groups and nothing
+    else a runtime would apply (activation or KV-cache quantization, sparsity, transforms), and
+    its targets and ignore list give every quantized module the group size its tensors hold
+    (:func:`_target_problems`)."""
     if not isinstance(qc, dict):
         return [f"expected an object, found {type(qc).__name__}"], ""
     problems = []
@@ -197,22 +210,135 @@ def _one_config_problems(qc: object, block: ConvertedBlock) -> tuple[list[str], 
     if QuantizationConfig is not None:
         how = "validated by the compressed-tensors package's QuantizationConfig"
         try:
-            QuantizationConfig.model_validate(qc)
+            with warnings.catch_warnings():  # its warnings are not ours to print: the checks below judge
+                warnings.simplefilter("ignore")
+                QuantizationConfig.model_validate(qc)
         except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError, reported
             problems.append(f"compressed-tensors rejects it: {str(exc).splitlines()[0]}")
     if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
-        problems.append(f"quant_method/format {qc.get('quant_method')!r}/{qc.get('format')!r}, not "
+        problems.append(f"quant_method/format {_short(qc.get('quant_method'))}/{_short(qc.get('format'))}, not "
                         "compressed-tensors/pack-quantized")
+    if qc.get("quantization_status") != "compressed":
+        problems.append(f"quantization_status {_short(qc.get('quantization_status'))}, not 'compressed'")
+    problems += [f"{key}: {_short(qc[key])}; a 4-bit weight-only output sets none" for key in _UNSET_TOP
+                 if qc.get(key) not in (None, {})]
     groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
-    sizes = set()
+    schemes = {}
     for name, grp in groups.items():
         w = grp.get("weights") if isinstance(grp, dict) else None
         if not isinstance(w, dict) or (w.get("num_bits"), w.get("type"), w.get("symmetric"), w.get("strategy")) \
                 != (4, "int", True, "group"):
-            problems.append(f"config_groups.{name}: not a 4-bit symmetric int group scheme")
+            problems.append(f"config_groups.{name[:60]}: not a 4-bit symmetric int group scheme")
             continue
-        sizes.add(w.get("group_size"))
+        extra = [f"{key} {_short(grp[key])}" for key in _UNSET_GROUP if grp.get(key) is not None]
+        extra += [f"weights.{key} {_short(w[key])}" for key, unset in _UNSET_WEIGHTS.items()
+                  if w.get(key, unset) != unset]
+        if grp.get("format") not in (None, "pack-quantized"):
+            extra.append(f"format {_short(grp['format'])}")
+        if extra:
+            problems.append(f"config_groups.{name[:60]}: {', '.join(extra)}; the output is weight-only "
+                            "pack-quantized")
+            continue
+        schemes[name] = w.get("group_size")
     wanted = {lyr.w13_group_size for lyr in block.layers.values()} | {lin.group_size for lin in block.linears.values()}
-    if wanted - sizes:
-        problems.append(f"no config group for group size(s) {sorted(wanted - sizes)}")
+    if wanted - set(schemes.values()):
+        problems.append(f"no config group for group size(s) {sorted(wanted - set(schemes.values()))}")
+    elif not problems:
+        problems += _target_problems(qc, groups, block)
     return problems, how
+
+
+#: Top-level fields that would make a runtime apply more than the 4-bit weights (unset: None or {}).
+_UNSET_TOP = ("sparsity_config", "transform_config", "kv_cache_scheme")
+#: Config-group fields that quantize activations (unset: None).
+_UNSET_GROUP = ("input_activations", "output_activations")
+#: Weight-scheme fields and their one value for static groups in natural row order.
+_UNSET_WEIGHTS = {"actorder": None, "dynamic": False, "block_structure": None}
+#: The class-name target that matches every linear (vLLM and compressed-tensors match class names).
+LINEAR_TARGET = "Linear"
+
+
+def _short(value: object) -> str:
+    return repr(value)[:60]
+
+
+def _target_problems(qc: dict, groups: dict, block: ConvertedBlock) -> list[str]:
+    """What a runtime would load each module as, by the config's targets and ignore list, against
+    what the tensors hold: every 4-bit module (each expert projection, each linear of the block)
+    not ignored and matched first by a group of its group size, every float router ignored.
+
+    Matched as vLLM's compressed-tensors config does: a target maps to the last group naming it;
+    a module takes the first target equal to its name or ``re:`` pattern matching it (``re.match``)
+    and else the class target ``Linear``; ``ignore`` entries are names (also a name's last
+    components) or ``re:`` patterns.  Patterns are untrusted: matched by RE2 (linear time)."""
+    budget = Budget()
+    errors: list[str] = []
+
+    def compile_(entry: object, where: str):
+        if not isinstance(entry, str):
+            errors.append(f"{where}: {_short(entry)} is not a string")
+            return None
+        if not entry.startswith("re:"):
+            return entry
+        try:
+            return Regex(entry[3:], budget)
+        except Unsupported as exc:
+            errors.append(f"{where}: regular expression {entry[:80]!r}: {exc}")
+            return None
+
+    targets: dict[str, tuple[object, int]] = {}
+    for gname, grp in groups.items():
+        listed = grp.get("targets")
+        if not isinstance(listed, list):
+            errors.append(f"config_groups.{gname[:60]}.targets: {_short(listed)} is not a list")
+            continue
+        for t in listed:
+            compiled = compile_(t, f"config_groups.{gname[:60]}.targets")
+            if compiled is not None:
+                targets[t] = (compiled, grp["weights"]["group_size"])
+    ignore_list = qc.get("ignore") if qc.get("ignore") is not None else []
+    if not isinstance(ignore_list, list):
+        return [f"ignore: {_short(ignore_list)} is not a list"]
+    ignores = [(e, c) for e in ignore_list if (c := compile_(e, "ignore")) is not None]
+    if errors:
+        return errors[:5]
+
+    unmatched: list[str] = []
+
+    def hits(compiled, name: str, *, suffix: bool) -> bool:
+        if isinstance(compiled, Regex):
+            try:
+                return compiled.match(name)
+            except Unsupported as exc:  # a name this pattern cannot be matched on faithfully
+                unmatched.append(f"{name}: {exc}")
+                return False
+        return name == compiled or (suffix and name.endswith("." + compiled))
+
+    def ignored(name: str) -> str | None:
+        return next((e for e, c in ignores if hits(c, name, suffix=True)), None)
+
+    def group_of(name: str) -> int | None:
+        for t, (compiled, size) in targets.items():
+            if t != LINEAR_TARGET and hits(compiled, name, suffix=False):
+                return size
+        return targets[LINEAR_TARGET][1] if LINEAR_TARGET in targets else None
+
+    modules = [(m, layer.w13_group_size) for layer in block.layers.values() for _, _, m in expert_linear_names(layer)]
+    modules += [(m, lin.group_size) for m, lin in block.linears.items()]
+    out = [f"ignore {entry!r} lists {prefix}.experts, a 4-bit MoE layer" for prefix in block.layers
+           if (entry := ignored(f"{prefix}.experts"))]
+    for module, size in modules:
+        entry = ignored(module)
+        got = None if entry else group_of(module)
+        if entry:
+            out.append(f"ignore {entry[:80]!r} lists {module}, a 4-bit linear (a runtime would load it as a float one)")
+        elif got is None:
+            out.append(f"no config group targets {module}, a 4-bit linear")
+        elif got != size:
+            out.append(f"{module}: its config group says group_size {_short(got)}, its tensors hold groups of {size}")
+        if len(out) > 10:
+            return out
+    for name in (*block.routers, *block.dequantized_routers):
+        if name.endswith(".weight") and not ignored(router := name[: -len(".weight")]):
+            out.append(f"{router}: a float router missing from ignore (a runtime would load it as a 4-bit linear)")
+    return out + unmatched[:3]

@@ -205,6 +205,9 @@ CASES = {
                              f"{Q}.weight_g_idx"),
     "ct/linear-with-zero-points": ("ct", add_tensor(f"{Q}.weight_zero_point", "I32", np.zeros((32, 2), np.int32)),
                                    f"{Q}.weight_zero_point"),
+    "ct/block-says-xpu-format": ("ct", block(lambda b: b.__setitem__("output_format", "xpu")), "quant_method"),
+    "xpu/block-says-compressed-tensors": ("xpu", block(lambda b: b.__setitem__("output_format", "compressed-tensors")),
+                                          "gate_proj.weight_packed: missing"),
     "ct/linear-the-block-omits": ("ct", block(lambda b: b["linears"].pop(Q)), "does not describe"),
     "ct/unknown-linear-added": ("ct", add_tensor("model.layers.0.mlp.shared_expert.down_proj.weight_packed", "I32",
                                                  np.zeros((256, 32), np.int32)), "does not describe"),
@@ -221,13 +224,29 @@ CASES = {
     "ct/index-odd-unicode-shard": ("ct", index_entry(f"{Q}.weight_packed", "model\u202e.safetensors"),
                                    "does not exist"),
     "ct/config-a-link": ("ct", config_link, "link"),
+    # what an xpu output declares a runtime must serve it with
+    "xpu/quant-method-gptq": ("xpu", qc(lambda q: q.__setitem__("quant_method", "gptq")), "quant_method"),
+    "xpu/declared-compressed-tensors": ("xpu", top("quant_method", "compressed-tensors"), "quant_method"),
+    "xpu/no-quantization-config": ("xpu", config(lambda c: c.pop("quantization_config")), "no quantization_config"),
     "xpu/config-a-link": ("xpu", config_link, "link"),
 }
 #: edits the manifest is not re-sealed after (a corrupted download)
 UNSEALED = {"ct/truncated-shard": ("ct", truncate, "size"), "xpu/truncated-shard": ("xpu", truncate, "size")}
-#: a block that misdescribes a linear's groups: compared against the source, its tensors are not read by it
-WITH_SOURCE_ONLY = {"ct/block-linear-group-64": ("ct", block(lambda b: b["linears"][Q].__setitem__("group_size", 64)),
-                                                 f"{Q}.weight_scale")}
+#: what only the source can tell: a block that misdescribes a linear's groups (its tensors are then
+#: not read by it), an xpu output's description of the source's quantization (which serves its
+#: other layers) that is not the source's
+WITH_SOURCE_ONLY = {
+    "ct/block-linear-group-64": ("ct", block(lambda b: b["linears"][Q].__setitem__("group_size", 64)),
+                                 f"{Q}.weight_scale"),
+    "xpu/source-description-gptq-v2": ("xpu", qc(lambda q: q["source_quantization_config"].__setitem__(
+        "checkpoint_format", "gptq_v2")), "source_quantization_config differs"),
+    "xpu/source-description-asymmetric": ("xpu", qc(lambda q: q["source_quantization_config"].__setitem__(
+        "sym", False)), "source_quantization_config differs"),
+    # written before the method was declared, config.json held the source's description itself
+    "xpu/old-style-description-gptq-v2": ("xpu", config(lambda c: c.__setitem__("quantization_config", dict(
+        c["quantization_config"]["source_quantization_config"], checkpoint_format="gptq_v2"))),
+        "quantization_config differs"),
+}
 
 
 def _tampered(good: Path, tmp_path: Path, edit, *, seal: bool = True) -> Path:
@@ -283,7 +302,7 @@ def test_a_corrupted_download_fails_verify_with_one_line(outputs, tmp_path, name
 
 
 @pytest.mark.parametrize("name", list(WITH_SOURCE_ONLY))
-def test_a_block_that_misdescribes_a_linear_is_never_read_by_it(outputs, tmp_path, name):
+def test_what_only_the_source_can_tell_fails_verify_against_it(outputs, tmp_path, name):
     _check(outputs, tmp_path, WITH_SOURCE_ONLY[name], standalone=False)
 
 

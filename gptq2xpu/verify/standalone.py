@@ -429,6 +429,12 @@ def verify_standalone(folder: Path, findings: Findings, jobs: int = 2, *, skip_m
                  f"{len(block.layers)} converted layer(s){kind}")
     if block.compressed_tensors:
         ckpt = check_compressed_tensors(ckpt, block, findings)
+    else:
+        from .serving_config import declaration_problems
+
+        declared = declaration_problems(ckpt.config)
+        findings.add("quantization_config", not declared, listing(declared) if declared else
+                     "declares the gptq2xpu method, the xpu format and the source's description")
     mismatched = check_layout(ckpt, block, findings)
     check_config_dims(ckpt, block, findings)
     check_ranks(folder, ckpt, block, findings)

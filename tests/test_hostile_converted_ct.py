@@ -205,7 +205,7 @@ CASES = {
                              f"{Q}.weight_g_idx"),
     "ct/linear-with-zero-points": ("ct", add_tensor(f"{Q}.weight_zero_point", "I32", np.zeros((32, 2), np.int32)),
                                    f"{Q}.weight_zero_point"),
-    "ct/block-says-xpu-format": ("ct", block(lambda b: b.__setitem__("output_format", "xpu")), "quant_method"),
+    "ct/block-says-xpu-format": ("ct", block(lambda b: b.__setitem__("output_format", "xpu")), "check(s) failed"),
     "xpu/block-says-compressed-tensors": ("xpu", block(lambda b: b.__setitem__("output_format", "compressed-tensors")),
                                           "gate_proj.weight_packed: missing"),
     "ct/linear-the-block-omits": ("ct", block(lambda b: b["linears"].pop(Q)), "does not describe"),

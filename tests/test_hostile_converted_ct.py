@@ -354,6 +354,9 @@ FINALIZE = {
     "plan-config-num-experts-4": (_plan_config(lambda c: c.__setitem__("num_experts", 4)), EXIT_OK),
     "plan-parts-nan": (_plan(lambda d: d.__setitem__("parts", float("nan"))), EXIT_INPUT),
     "plan-shard-leaves-the-folder": (_plan(lambda d: d["shards"].append("../evil.safetensors")), EXIT_INPUT),
+    "plan-index-not-a-map": (_plan(lambda d: d.__setitem__("index", '{"weight_map": 5}')), EXIT_INPUT),
+    "plan-index-names-another-file": (_plan(lambda d: d.__setitem__("index", json.dumps(
+        {"weight_map": {"x.weight": "config.json"}}))), EXIT_INPUT),
 }
 
 

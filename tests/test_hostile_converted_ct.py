@@ -27,6 +27,7 @@ L0 = "model.layers.0.mlp"
 E0 = f"{L0}.experts.0"
 Q = "model.layers.0.self_attn.q_proj"
 K_PROJ = "model.layers.0.self_attn.k_proj"
+K_PROJ_PATTERN = r"re:model\.layers\.0\.self_attn\.k_proj$"
 INDEX = "model.safetensors.index.json"
 
 
@@ -85,11 +86,13 @@ def ignore_also(entry):
     return qc(lambda q: q["ignore"].append(entry))
 
 
-def second_group(targets, group_size):
+def second_group(targets, group_size, *more):
+    """Groups added after group_0: (targets, group size) each."""
     def edit(q):
-        g = json.loads(json.dumps(q["config_groups"]["group_0"]))
-        g["targets"], g["weights"]["group_size"] = targets, group_size
-        q["config_groups"]["group_1"] = g
+        for i, (listed, size) in enumerate(((targets, group_size), *more), 1):
+            g = json.loads(json.dumps(q["config_groups"]["group_0"]))
+            g["targets"], g["weights"]["group_size"] = listed, size
+            q["config_groups"][f"group_{i}"] = g
     return qc(edit)
 
 
@@ -155,7 +158,11 @@ def _inf_first(a):
 CASES = {
     # quantization_config: what a runtime would apply beyond 4-bit weights, or to other modules
     "ct/targets-empty": ("ct", group("targets", []), "no config group targets"),
-    "ct/targets-a-class-no-linear-is": ("ct", group("targets", ["Embedding"]), "no config group targets"),
+    "ct/targets-a-class-no-linear-is": ("ct", group("targets", ["Embedding"]), "names no 4-bit module"),
+    "ct/a-class-target-placed-first": ("ct", qc(lambda q: q.__setitem__("config_groups", {"first": dict(
+        q["config_groups"]["group_0"], targets=["RowParallelLinear"], weights=dict(
+            q["config_groups"]["group_0"]["weights"], group_size=32)), **q["config_groups"]})), "RowParallelLinear"),
+    "ct/a-pattern-matching-a-class": ("ct", second_group(["re:.*Experts$"], 64), "matches the module class"),
     "ct/group-format-int-quantized": ("ct", group("format", "int-quantized"), "int-quantized"),
     "ct/input-activations-int8": ("ct", group("input_activations", {"num_bits": 8, "type": "int", "symmetric": True,
                                                                        "strategy": "token", "dynamic": True}),
@@ -177,6 +184,8 @@ CASES = {
     "ct/linear-target-regrouped": ("ct", second_group(["Linear"], 32), "group_size 32"),
     "ct/one-linear-named-in-another-group": ("ct", second_group([K_PROJ], 64), f"{K_PROJ}: its config group says "
                                                                                 "group_size 64"),
+    "ct/a-pattern-placed-before-the-name-wins": ("ct", second_group([K_PROJ_PATTERN], 64, ([K_PROJ], 128)),
+                                                 "group_size 64"),
     "ct/ignore-pattern-not-matchable": ("ct", ignore_also("re:(?i)LM_HEAD"), "regular expression"),
     # what already failed, kept as it is
     "ct/no-quantization-config": ("ct", config(lambda c: c.pop("quantization_config")), "no quantization_config"),
@@ -306,12 +315,24 @@ def test_what_only_the_source_can_tell_fails_verify_against_it(outputs, tmp_path
     _check(outputs, tmp_path, WITH_SOURCE_ONLY[name], standalone=False)
 
 
-@pytest.mark.parametrize("entry", ["re:(a|aa)*c", "re:(x+x+)+y", "re:" + "(a?)" * 30 + "a" * 30])
-def test_a_backtracking_ignore_pattern_neither_hangs_nor_fails_a_good_output(outputs, tmp_path, entry):
-    """Patterns Python's re would backtrack on are matched by RE2; they match no module here, so the
-    output stays correct and passes."""
+#: edits after which a runtime still reads every module as its tensors hold it: verify passes
+HARMLESS = {
+    # patterns Python's re would backtrack on are matched by RE2 (they match no module here)
+    "ignore-backtracking-alternation": ignore_also("re:(a|aa)*c"),
+    "ignore-nested-plus": ignore_also("re:(x+x+)+y"),
+    "ignore-optional-run": ignore_also("re:" + "(a?)" * 30 + "a" * 30),
+    # a name placed before a pattern that matches it too wins
+    "a-name-placed-before-the-pattern-wins": second_group([K_PROJ], 128, ([K_PROJ_PATTERN], 64)),
+    # many names of modules the model does not have
+    "thousands-of-other-names": qc(lambda q: (q["config_groups"]["group_0"]["targets"].extend(
+        f"model.x.{i}.proj" for i in range(20_000)), q["ignore"].extend(f"model.y.{i}.proj" for i in range(20_000)))),
+}
+
+
+@pytest.mark.parametrize("name", list(HARMLESS))
+def test_a_config_a_runtime_reads_the_same_still_passes(outputs, tmp_path, name):
     src, outs = outputs
-    bad = _tampered(outs["ct"], tmp_path, ignore_also(entry))
+    bad = _tampered(outs["ct"], tmp_path, HARMLESS[name])
     for args in (("verify", bad), ("verify", bad, "--source", src, "--no-numeric")):
         code, _, stderr = cli(*args)
         assert code == EXIT_OK, stderr[-2000:]

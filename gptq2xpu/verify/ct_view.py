@@ -262,6 +262,33 @@ def _short(value: object) -> str:
     return repr(value)[:60]
 
 
+#: Class names of the modules a runtime quantizes (vLLM's linear, MoE and LM-head classes): it
+#: matches a target to them by containment (a name) or by pattern when no target names the module.
+RUNTIME_CLASSES = ("Linear", "LinearBase", "ReplicatedLinear", "ColumnParallelLinear", "MergedColumnParallelLinear",
+                   "QKVParallelLinear", "RowParallelLinear", "FusedMoE", "SharedFusedMoE", "RoutedExperts",
+                   "ParallelLMHead", "VocabParallelEmbedding")
+
+
+def _class_targets(targets: dict, modules: set[str]) -> list[str]:
+    """Targets other than ``Linear`` a runtime could match to module classes rather than names: a
+    name without dots that is no 4-bit module of the output, a pattern that matches a class name.  The
+    output's own are the class target ``Linear`` and names and patterns of its modules, so
+    matching by class is ``Linear``'s alone."""
+    out = []
+    for t, (compiled, _) in targets.items():
+        if t == LINEAR_TARGET:
+            continue
+        if isinstance(compiled, Regex):
+            hit = next((c for c in RUNTIME_CLASSES if compiled.match(c)), None)
+            if hit:
+                out.append(f"target {t[:80]!r} matches the module class {hit} (a runtime would apply it to every such "
+                           "module)")
+        elif t not in modules and "." not in t:  # a module path has dots, a class name none
+            out.append(f"target {t[:80]!r} names no 4-bit module of this output (a runtime matches it to module "
+                       "class names)")
+    return out
+
+
 def _target_problems(qc: dict, groups: dict, block: ConvertedBlock) -> list[str]:
     """What a runtime would load each module as, by the config's targets and ignore list, against
     what the tensors hold: every 4-bit module (each expert projection, each linear of the block)
@@ -296,6 +323,9 @@ def _target_problems(qc: dict, groups: dict, block: ConvertedBlock) -> list[str]
             compiled = compile_(t, f"config_groups.{gname[:60]}.targets")
             if compiled is not None:
                 targets[t] = (compiled, grp["weights"]["group_size"])
+    modules = [(m, layer.w13_group_size) for layer in block.layers.values() for _, _, m in expert_linear_names(layer)]
+    modules += [(m, lin.group_size) for m, lin in block.linears.items()]
+    errors += _class_targets(targets, {m for m, _ in modules})
     ignore_list = qc.get("ignore") if qc.get("ignore") is not None else []
     if not isinstance(ignore_list, list):
         return [f"ignore: {_short(ignore_list)} is not a list"]
@@ -314,17 +344,30 @@ def _target_problems(qc: dict, groups: dict, block: ConvertedBlock) -> list[str]
                 return False
         return name == compiled or (suffix and name.endswith("." + compiled))
 
+    plain_ignores = {c for _, c in ignores if not isinstance(c, Regex)}
+    pattern_ignores = [(e, c) for e, c in ignores if isinstance(c, Regex)]
+
     def ignored(name: str) -> str | None:
-        return next((e for e, c in ignores if hits(c, name, suffix=True)), None)
+        parts = name.split(".")
+        named = next((s for s in (".".join(parts[i:]) for i in range(len(parts))) if s in plain_ignores), None)
+        return named or next((e for e, c in pattern_ignores if hits(c, name, suffix=True)), None)
+
+    # names looked up, patterns tried in order before the named target's place: a config's many names
+    # cost no more than its few patterns (whose matching RE2 bounds)
+    order = {t: i for i, t in enumerate(targets)}
+    patterns = [(order[t], compiled, size) for t, (compiled, size) in targets.items() if isinstance(compiled, Regex)]
 
     def group_of(name: str) -> int | None:
-        for t, (compiled, size) in targets.items():
-            if t != LINEAR_TARGET and hits(compiled, name, suffix=False):
+        named = order.get(name) if name != LINEAR_TARGET else None
+        for place, compiled, size in patterns:
+            if named is not None and place > named:
+                break
+            if hits(compiled, name, suffix=False):
                 return size
+        if named is not None:
+            return targets[name][1]
         return targets[LINEAR_TARGET][1] if LINEAR_TARGET in targets else None
 
-    modules = [(m, layer.w13_group_size) for layer in block.layers.values() for _, _, m in expert_linear_names(layer)]
-    modules += [(m, lin.group_size) for m, lin in block.linears.items()]
     out = [f"ignore {entry!r} lists {prefix}.experts, a 4-bit MoE layer" for prefix in block.layers
            if (entry := ignored(f"{prefix}.experts"))]
     for module, size in modules:

@@ -217,6 +217,8 @@ CASES = {
     "ct/block-says-xpu-format": ("ct", block(lambda b: b.__setitem__("output_format", "xpu")), "check(s) failed"),
     "xpu/block-says-compressed-tensors": ("xpu", block(lambda b: b.__setitem__("output_format", "compressed-tensors")),
                                           "gate_proj.weight_packed: missing"),
+    "ct/block-claims-millions-of-experts": ("ct", block(lambda b: b["layers"].update(
+        {f"model.layers.{i}.mlp": dict(b["layers"][L0], experts=65536) for i in range(2, 20)})), "check(s) failed"),
     "ct/linear-the-block-omits": ("ct", block(lambda b: b["linears"].pop(Q)), "does not describe"),
     "ct/unknown-linear-added": ("ct", add_tensor("model.layers.0.mlp.shared_expert.down_proj.weight_packed", "I32",
                                                  np.zeros((256, 32), np.int32)), "does not describe"),

@@ -13,6 +13,7 @@ tensors they are made of.  Written from the format's definition, independently o
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -170,17 +171,28 @@ def linear_problems(ckpt: Checkpoint, block: ConvertedBlock, finite) -> list[str
                 out.append(f"{name}: non-finite scales")
         out += [f"{module}.{f}: left beside its compressed-tensors form" for f in _LEFTOVER_FIELDS
                 if f"{module}.{f}" in ckpt.tensors]
-    experts = {m for layer in block.layers.values() for _, _, m in expert_linear_names(layer)}
     unknown = sorted({name for name in ckpt.tensors if name.rpartition(".")[2] in CT_FIELDS
-                      and name.rpartition(".")[0] not in block.linears and name.rpartition(".")[0] not in experts})
+                      and name.rpartition(".")[0] not in block.linears and not _expert_module(name.rpartition(".")[0],
+                                                                                               block)})
     out += [f"{name}: a compressed-tensors linear the config block does not describe" for name in unknown[:10]]
     return out
 
 
-def config_problems(config: dict, block: ConvertedBlock) -> tuple[list[str], str]:
+_EXPERT_MODULE = re.compile(r"(?P<prefix>.+)\.experts\.(?P<e>\d{1,6})\.(?P<proj>[^.]+)")
+
+
+def _expert_module(module: str, block: ConvertedBlock) -> bool:
+    """Whether ``module`` is an expert projection of a converted layer (``<prefix>.experts.<e>.<proj>``)."""
+    m = _EXPERT_MODULE.fullmatch(module)
+    layer = block.layers.get(m["prefix"]) if m else None
+    return layer is not None and int(m["e"]) < layer.experts and m["proj"] in layer.source_projections.values()
+
+
+def config_problems(config: dict, block: ConvertedBlock, broken=()) -> tuple[list[str], str]:
     """Every ``quantization_config`` of a compressed-tensors output (at the top of config.json and
     in each nested model config that holds one, where convert writes it after the source): each
-    checked by :func:`_one_config_problems`.  Returns (problems, how they were checked)."""
+    checked by :func:`_one_config_problems`; the layers in ``broken`` (whose tensors disagree with the
+    block, reported elsewhere) are not matched to its targets.  Returns (problems, how they were checked)."""
     found = [("quantization_config", config["quantization_config"])] if "quantization_config" in config else []
     found += [(f"{key}.quantization_config", sub["quantization_config"]) for key in NESTED_CONFIG_KEYS
               if isinstance(sub := config.get(key), dict) and "quantization_config" in sub]
@@ -188,12 +200,12 @@ def config_problems(config: dict, block: ConvertedBlock) -> tuple[list[str], str
         return ["config.json has no quantization_config"], ""
     problems, how = [], ""
     for where, qc in found:
-        these, how = _one_config_problems(qc, block)
+        these, how = _one_config_problems(qc, block, broken)
         problems += [f"{where}: {p}" for p in these] if len(found) > 1 or where != "quantization_config" else these
     return problems, how
 
 
-def _one_config_problems(qc: object, block: ConvertedBlock) -> tuple[list[str], str]:
+def _one_config_problems(qc: object, block: ConvertedBlock, broken=()) -> tuple[list[str], str]:
     """One ``quantization_config``: compressed-tensors' own pydantic model accepts it (where the
     package is installed), it says weight-only 4-bit symmetric pack-quantized groups and nothing
     else a runtime would apply (activation or KV-cache quantization, sparsity, transforms), and
@@ -244,7 +256,7 @@ def _one_config_problems(qc: object, block: ConvertedBlock) -> tuple[list[str], 
     if wanted - set(schemes.values()):
         problems.append(f"no config group for group size(s) {sorted(wanted - set(schemes.values()))}")
     elif not problems:
-        problems += _target_problems(qc, groups, block)
+        problems += _target_problems(qc, groups, block, broken)
     return problems, how
 
 
@@ -289,7 +301,7 @@ def _class_targets(targets: dict, modules: set[str]) -> list[str]:
     return out
 
 
-def _target_problems(qc: dict, groups: dict, block: ConvertedBlock) -> list[str]:
+def _target_problems(qc: dict, groups: dict, block: ConvertedBlock, broken=()) -> list[str]:
     """What a runtime would load each module as, by the config's targets and ignore list, against
     what the tensors hold: every 4-bit module (each expert projection, each linear of the block)
     not ignored and matched first by a group of its group size, every float router ignored.
@@ -323,7 +335,8 @@ def _target_problems(qc: dict, groups: dict, block: ConvertedBlock) -> list[str]
             compiled = compile_(t, f"config_groups.{gname[:60]}.targets")
             if compiled is not None:
                 targets[t] = (compiled, grp["weights"]["group_size"])
-    modules = [(m, layer.w13_group_size) for layer in block.layers.values() for _, _, m in expert_linear_names(layer)]
+    layers = [layer for prefix, layer in block.layers.items() if prefix not in broken]  # each expert's tensors there
+    modules = [(m, layer.w13_group_size) for layer in layers for _, _, m in expert_linear_names(layer)]
     modules += [(m, lin.group_size) for m, lin in block.linears.items()]
     errors += _class_targets(targets, {m for m, _ in modules})
     ignore_list = qc.get("ignore") if qc.get("ignore") is not None else []
@@ -368,8 +381,8 @@ def _target_problems(qc: dict, groups: dict, block: ConvertedBlock) -> list[str]
             return targets[name][1]
         return targets[LINEAR_TARGET][1] if LINEAR_TARGET in targets else None
 
-    out = [f"ignore {entry!r} lists {prefix}.experts, a 4-bit MoE layer" for prefix in block.layers
-           if (entry := ignored(f"{prefix}.experts"))]
+    out = [f"ignore {entry!r} lists {layer.prefix}.experts, a 4-bit MoE layer" for layer in layers
+           if (entry := ignored(f"{layer.prefix}.experts"))]
     for module, size in modules:
         entry = ignored(module)
         got = None if entry else group_of(module)

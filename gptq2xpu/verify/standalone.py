@@ -358,7 +358,7 @@ def check_compressed_tensors(ckpt: Checkpoint, block: ConvertedBlock, findings: 
     lin = linear_problems(ckpt, block, _scales_finite)
     findings.add("compressed-tensors linears", not lin, listing(lin, 20) if lin else
                  f"{len(block.linears)} linear(s) outside the MoE layers: dtypes, shapes, weight_shape, finite scales")
-    cfg, how = config_problems(ckpt.config, block)
+    cfg, how = config_problems(ckpt.config, block, broken)
     findings.add("quantization_config", not cfg, listing(cfg) if cfg else
                  f"compressed-tensors pack-quantized, 4-bit symmetric groups ({how})")
     return StackedView(ckpt, block, skip=broken)

@@ -241,8 +241,25 @@ CASES = {
     "xpu/no-quantization-config": ("xpu", config(lambda c: c.pop("quantization_config")), "no quantization_config"),
     "xpu/config-a-link": ("xpu", config_link, "link"),
 }
-#: edits the manifest is not re-sealed after (a corrupted download)
-UNSEALED = {"ct/truncated-shard": ("ct", truncate, "size"), "xpu/truncated-shard": ("xpu", truncate, "size")}
+def manifest(fn):
+    def edit(folder):
+        doc = json.loads((folder / MANIFEST_NAME).read_text())
+        fn(doc["files"])
+        (folder / MANIFEST_NAME).write_text(json.dumps(doc))
+    return edit
+
+
+#: edits the manifest is not re-sealed after (a corrupted download, a crafted manifest)
+UNSEALED = {
+    "ct/truncated-shard": ("ct", truncate, "size"),
+    "xpu/truncated-shard": ("xpu", truncate, "size"),
+    "ct/manifest-names-a-dot-path": ("ct", manifest(lambda f: f.__setitem__("./model.safetensors", f["config.json"])),
+                                     "not a plain relative name"),
+    "ct/manifest-names-a-nul": ("ct", manifest(lambda f: f.__setitem__("a\x00b", f["config.json"])), "bad file name"),
+    "ct/manifest-size-a-boolean": ("ct", manifest(lambda f: f["config.json"].__setitem__("size", True)),
+                                   "needs sha256 and size"),
+    "ct/manifest-drops-the-shard": ("ct", manifest(lambda f: f.pop("model.safetensors")), "not listed"),
+}
 #: what only the source can tell: a block that misdescribes a linear's groups (its tensors are then
 #: not read by it), an xpu output's description of the source's quantization (which serves its
 #: other layers) that is not the source's

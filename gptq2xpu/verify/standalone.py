@@ -360,7 +360,8 @@ def check_compressed_tensors(ckpt: Checkpoint, block: ConvertedBlock, findings: 
                  f"{len(block.linears)} linear(s) outside the MoE layers: dtypes, shapes, weight_shape, finite scales")
     cfg, how = config_problems(ckpt.config, block, broken)
     findings.add("quantization_config", not cfg, listing(cfg) if cfg else
-                 f"compressed-tensors pack-quantized, 4-bit symmetric groups ({how})")
+                 f"compressed-tensors pack-quantized, weight-only 4-bit symmetric groups, every 4-bit module targeted "
+                 f"with its group size and every router ignored ({how})")
     return StackedView(ckpt, block, skip=broken)
 
 

@@ -343,7 +343,8 @@ def check_compressed_tensors(ckpt: Checkpoint, block: ConvertedBlock, findings: 
     returned view presents them stacked, so the checks of the stacked layout run on it), every
     ``weight_shape`` holds its projection's shape, the linears outside the MoE layers are as the
     block says, and config.json's ``quantization_config`` is a valid compressed-tensors one."""
-    from .ct_view import StackedView, config_problems, linear_problems, part_problems, shape_problems
+    from .ct_config import config_problems
+    from .ct_view import StackedView, linear_problems, part_problems, shape_problems
 
     broken, problems = set(), []
     for prefix, layer in block.layers.items():

@@ -526,6 +526,10 @@ def check_linear_bits(src: Checkpoint, out: Checkpoint, block: ConvertedBlock) -
         if missing:
             problems.append(f"{missing[0]}: missing from the source")
             continue
+        unfit = _linear_shape_problem(src, out, module, lin, src_name, ct)
+        if unfit:
+            problems.append(f"{module}: not compared: {unfit}")
+            continue
         words = src.read(src_name["packed"])
         words = words if ct else words.T
         if not np.array_equal(out.read(f"{module}.weight_packed"), words):
@@ -547,3 +551,24 @@ def check_linear_bits(src: Checkpoint, out: Checkpoint, block: ConvertedBlock) -
             problems.append(f"{module}.weight_scale: differs from the source's scales (regrouped "
                             f"{lin.source_group_size} -> {lin.group_size}, cast to {lin.scale_dtype})")
     return problems
+
+
+def _linear_shape_problem(src: Checkpoint, out: Checkpoint, module: str, lin, src_name: dict[str, str],
+                          ct: bool) -> str | None:
+    """Why a linear's tensors (the output's, the source's packed words and scales) do not have the
+    shapes the config block gives it, so nothing may read them by those shapes (None: they do)."""
+    n, k = lin.out_features, lin.in_features
+    groups = k // lin.source_group_size
+
+    def oriented(rows: int, cols: int) -> tuple[int, int]:
+        return (rows, cols) if ct else (cols, rows)
+
+    want = {f"{module}.{field}": (out, shape) for field, shape in lin.shapes.items() if field != "weight_shape"}
+    want[src_name["packed"]] = (src, oriented(n, k // 8))
+    want[src_name["scales"]] = (src, oriented(n, groups))
+    for name, (ckpt, shape) in want.items():
+        ref = ckpt.tensors.get(name)
+        if ref is None or tuple(ref.shape) != shape or ref.dtype not in ("I32", "F16", "BF16", "F32"):
+            found = f"{ref.dtype}{list(ref.shape)}" if ref is not None else "missing"
+            return f"{name} is {found}, the config block says {list(shape)}"
+    return None

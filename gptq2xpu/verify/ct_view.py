@@ -13,12 +13,14 @@ tensors they are made of.  Written from the format's definition, independently o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..contract import (
     CT_FIELDS,
+    EXPERT_TENSORS,
     W2_QWEIGHT,
     W2_SCALES,
     W13_QWEIGHT,
@@ -28,7 +30,6 @@ from ..contract import (
     expert_linear_names,
 )
 from ..read.checkpoint import Checkpoint
-from ..read.quant_config import NESTED_CONFIG_KEYS
 from ..safetensors_io import DTYPE_SIZES
 
 
@@ -49,7 +50,9 @@ class StackedRef:
 def part_problems(ckpt: Checkpoint, layer: ConvertedLayer) -> list[str]:
     """Why the layer's per-expert tensors cannot be stacked by the block's shapes (empty: they can)."""
     k, n, g, sd = layer.hidden_size, layer.intermediate_size, layer.w13_group_size, layer.scale_dtype
-    out = []
+    # the view presents the per-expert tensors under the stacked names: a real tensor there would be hidden by it
+    out = [f"{name}: a stacked tensor of the xpu format in a compressed-tensors output"
+           for name in (layer.tensor(what) for what in EXPERT_TENSORS) if name in ckpt.tensors]
     for _e, role, module in expert_linear_names(layer):
         rows, cols = (k, n) if role == "down" else (n, k)
         want = {"weight_packed": ("I32", (rows, cols // 8)), "weight_scale": (sd, (rows, cols // g)),
@@ -139,8 +142,10 @@ def shape_problems(ckpt: Checkpoint, layer: ConvertedLayer) -> list[str]:
     return out
 
 
-#: Source tensor fields a linear written as compressed-tensors must not keep.
-_LEFTOVER_FIELDS = ("qweight", "qzeros", "scales", "g_idx", "weight")
+#: Tensor fields a linear written as compressed-tensors must not have beside its three: the GPTQ
+#: source's, a float weight, and the zero points and row order of the asymmetric or act-order
+#: compressed-tensors schemes (a runtime loading this symmetric one has no place for them).
+_LEFTOVER_FIELDS = ("qweight", "qzeros", "scales", "g_idx", "weight", "weight_zero_point", "weight_g_idx")
 
 
 def linear_problems(ckpt: Checkpoint, block: ConvertedBlock, finite) -> list[str]:
@@ -163,56 +168,18 @@ def linear_problems(ckpt: Checkpoint, block: ConvertedBlock, finite) -> list[str
                 out.append(f"{name}: non-finite scales")
         out += [f"{module}.{f}: left beside its compressed-tensors form" for f in _LEFTOVER_FIELDS
                 if f"{module}.{f}" in ckpt.tensors]
+    unknown = sorted({name for name in ckpt.tensors if name.rpartition(".")[2] in CT_FIELDS
+                      and name.rpartition(".")[0] not in block.linears and not _expert_module(name.rpartition(".")[0],
+                                                                                               block)})
+    out += [f"{name}: a compressed-tensors linear the config block does not describe" for name in unknown[:10]]
     return out
 
 
-def config_problems(config: dict, block: ConvertedBlock) -> tuple[list[str], str]:
-    """Every ``quantization_config`` of a compressed-tensors output (at the top of config.json and
-    in each nested model config that holds one, where convert writes it after the source): each
-    checked by :func:`_one_config_problems`.  Returns (problems, how they were checked)."""
-    found = [("quantization_config", config["quantization_config"])] if "quantization_config" in config else []
-    found += [(f"{key}.quantization_config", sub["quantization_config"]) for key in NESTED_CONFIG_KEYS
-              if isinstance(sub := config.get(key), dict) and "quantization_config" in sub]
-    if not found:
-        return ["config.json has no quantization_config"], ""
-    problems, how = [], ""
-    for where, qc in found:
-        these, how = _one_config_problems(qc, block)
-        problems += [f"{where}: {p}" for p in these] if len(found) > 1 or where != "quantization_config" else these
-    return problems, how
+_EXPERT_MODULE = re.compile(r"(?P<prefix>.+)\.experts\.(?P<e>\d{1,6})\.(?P<proj>[^.]+)")
 
 
-def _one_config_problems(qc: object, block: ConvertedBlock) -> tuple[list[str], str]:
-    """One ``quantization_config``: compressed-tensors' own pydantic model accepts it (where the
-    package is installed), it says 4-bit symmetric pack-quantized groups, and every group size the
-    block records has a config group."""
-    if not isinstance(qc, dict):
-        return [f"expected an object, found {type(qc).__name__}"], ""
-    problems = []
-    how = "fields read directly"
-    try:
-        from compressed_tensors.quantization import QuantizationConfig
-    except ImportError:
-        QuantizationConfig = None  # noqa: N806 - the package's class, when installed
-    if QuantizationConfig is not None:
-        how = "validated by the compressed-tensors package's QuantizationConfig"
-        try:
-            QuantizationConfig.model_validate(qc)
-        except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError, reported
-            problems.append(f"compressed-tensors rejects it: {str(exc).splitlines()[0]}")
-    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
-        problems.append(f"quant_method/format {qc.get('quant_method')!r}/{qc.get('format')!r}, not "
-                        "compressed-tensors/pack-quantized")
-    groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
-    sizes = set()
-    for name, grp in groups.items():
-        w = grp.get("weights") if isinstance(grp, dict) else None
-        if not isinstance(w, dict) or (w.get("num_bits"), w.get("type"), w.get("symmetric"), w.get("strategy")) \
-                != (4, "int", True, "group"):
-            problems.append(f"config_groups.{name}: not a 4-bit symmetric int group scheme")
-            continue
-        sizes.add(w.get("group_size"))
-    wanted = {lyr.w13_group_size for lyr in block.layers.values()} | {lin.group_size for lin in block.linears.values()}
-    if wanted - sizes:
-        problems.append(f"no config group for group size(s) {sorted(wanted - sizes)}")
-    return problems, how
+def _expert_module(module: str, block: ConvertedBlock) -> bool:
+    """Whether ``module`` is an expert projection of a converted layer (``<prefix>.experts.<e>.<proj>``)."""
+    m = _EXPERT_MODULE.fullmatch(module)
+    layer = block.layers.get(m["prefix"]) if m else None
+    return layer is not None and int(m["e"]) < layer.experts and m["proj"] in layer.source_projections.values()

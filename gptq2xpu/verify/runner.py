@@ -169,6 +169,8 @@ def _against_source(out, block: ConvertedBlock, mismatched: set[str], source, fi
     chosen = select_layers(prefixes, layers)
     with open_source(source, revision=revision, token=token) as src:
         check_same_source(src, out, block, source)
+        if not block.compressed_tensors:
+            _same_description(src, out, findings)
         unread = _unreadable_layers(src, block, mismatched, source_header_problems)
         setup = _numeric_setup(device, dtype, backend, report) if numeric else None
         if setup is None:
@@ -193,6 +195,17 @@ def _against_source(out, block: ConvertedBlock, mismatched: set[str], source, fi
             findings.add("reference MoE", not bad, "; ".join(map(reference_failure, bad[:5])) if bad else
                          f"{len(rows)} layer(s) within {report['dtype']} tolerance on {setup[0].type}")
     return rows
+
+
+def _same_description(src, out, findings: Findings) -> None:
+    """An ``xpu`` output serves its other layers with the source's quantization description: it
+    must be the source's own (:mod:`.serving_config`)."""
+    from ..read.quant_config import read_quant_config
+    from .serving_config import source_problems
+
+    problems = source_problems(out.config, read_quant_config(src.folder, src.config).raw)
+    findings.add("source quantization description", not problems, "; ".join(problems) if problems else
+                 "source_quantization_config is the source's own description")
 
 
 def reference_failure(row: dict) -> str:

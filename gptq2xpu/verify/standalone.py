@@ -240,6 +240,19 @@ def check_layout(ckpt: Checkpoint, block: ConvertedBlock, findings: Findings) ->
     return mismatched
 
 
+def check_config_dims(ckpt: Checkpoint, block: ConvertedBlock, findings: Findings) -> None:
+    """config.json's expert dimensions (what a runtime allocates each MoE layer with) are the ones
+    each converted layer's tensors hold (``docs/checks.md``, Config dimensions)."""
+    from ..naming import detect_family
+    from ..plan.runtime_dims import disagreement, runtime_dims
+
+    dims = runtime_dims(ckpt.config, detect_family(ckpt.config, ckpt.tensors))
+    problems = [f"{prefix}: {why}" for prefix, layer in block.layers.items()
+                if (why := disagreement(dims, layer.experts, layer.hidden_size, layer.intermediate_size))]
+    findings.add("config dimensions", not problems, listing(problems) if problems else
+                 f"config.json's {', '.join(dims) or 'no expert dimension keys'} agree with the tensors")
+
+
 def check_ranks(folder: Path, ckpt: Checkpoint, block: ConvertedBlock, findings: Findings) -> None:
     """Each tensor-parallel rank folder holds exactly its slice of the full tensors."""
     if not block.tp_ranks:
@@ -330,7 +343,8 @@ def check_compressed_tensors(ckpt: Checkpoint, block: ConvertedBlock, findings: 
     returned view presents them stacked, so the checks of the stacked layout run on it), every
     ``weight_shape`` holds its projection's shape, the linears outside the MoE layers are as the
     block says, and config.json's ``quantization_config`` is a valid compressed-tensors one."""
-    from .ct_view import StackedView, config_problems, linear_problems, part_problems, shape_problems
+    from .ct_config import config_problems
+    from .ct_view import StackedView, linear_problems, part_problems, shape_problems
 
     broken, problems = set(), []
     for prefix, layer in block.layers.items():
@@ -345,9 +359,10 @@ def check_compressed_tensors(ckpt: Checkpoint, block: ConvertedBlock, findings: 
     lin = linear_problems(ckpt, block, _scales_finite)
     findings.add("compressed-tensors linears", not lin, listing(lin, 20) if lin else
                  f"{len(block.linears)} linear(s) outside the MoE layers: dtypes, shapes, weight_shape, finite scales")
-    cfg, how = config_problems(ckpt.config, block)
+    cfg, how = config_problems(ckpt.config, block, broken)
     findings.add("quantization_config", not cfg, listing(cfg) if cfg else
-                 f"compressed-tensors pack-quantized, 4-bit symmetric groups ({how})")
+                 f"compressed-tensors pack-quantized, weight-only 4-bit symmetric groups, every 4-bit module targeted "
+                 f"with its group size and every router ignored ({how})")
     return StackedView(ckpt, block, skip=broken)
 
 
@@ -416,6 +431,13 @@ def verify_standalone(folder: Path, findings: Findings, jobs: int = 2, *, skip_m
                  f"{len(block.layers)} converted layer(s){kind}")
     if block.compressed_tensors:
         ckpt = check_compressed_tensors(ckpt, block, findings)
+    else:
+        from .serving_config import declaration_problems
+
+        declared = declaration_problems(ckpt.config)
+        findings.add("quantization_config", not declared, listing(declared) if declared else
+                     "declares the gptq2xpu method, the xpu format and the source's description")
     mismatched = check_layout(ckpt, block, findings)
+    check_config_dims(ckpt, block, findings)
     check_ranks(folder, ckpt, block, findings)
     return ckpt, block, mismatched

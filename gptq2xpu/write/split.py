@@ -283,7 +283,11 @@ def _read_plan(reader: Folder) -> dict:
         raise InputError(f"{where}: 'manifest' is not what convert --part writes")
     if not isinstance(doc.get("index"), str) or not isinstance(doc.get("config"), str):
         raise InputError(f"{where}: 'index' and 'config' must be the documents' text")
-    parse_json(doc["index"].encode("utf-8"), f"{where}: index")
+    index = parse_json(doc["index"].encode("utf-8"), f"{where}: index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+            and set(weight_map.values()) == set(shards)):
+        raise InputError(f"{where}: 'index' does not map the tensors to the planned shards")
     config = parse_json(doc["config"].encode("utf-8"), f"{where}: config")
     parse_block(config.get(CONFIG_BLOCK), f"{where}: config.json:{CONFIG_BLOCK}")
     return doc

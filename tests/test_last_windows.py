@@ -75,6 +75,14 @@ def _run_limited(n: int, *args) -> subprocess.CompletedProcess:
                           timeout=300, cwd=REPO, env=env, preexec_fn=_limited(n))
 
 
+#: Open-file limits to run under: from one too small for any run (6: the three standard streams,
+#: the stage's lock, a source shard, an output shard...) to one with room for every file of the
+#: run at once (64: 10 source and 11 output shards), so that both outcomes are certain to occur.
+#: Between them, which limits suffice depends on how the threads interleave (at 13 or 14 files,
+#: --jobs 8 fits one run and not the next).
+LIMITS = [*range(6, 15), 64]
+
+
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory):
     """A source of 10 shards and its correct conversion into 11."""
@@ -92,7 +100,7 @@ def test_a_correct_output_verified_under_a_tiny_open_file_limit_is_ok_or_an_io_e
     descriptors says nothing about the output."""
     src, out = many_shards
     codes = set()
-    for n in range(6, 15):
+    for n in LIMITS:
         proc = _run_limited(n, "verify", out, "--source", src, "--jobs", "8", "--no-numeric")
         codes.add(proc.returncode)
         assert proc.returncode in (EXIT_OK, EXIT_IO), f"ulimit -n {n}: exit {proc.returncode}: {proc.stderr}"
@@ -109,7 +117,7 @@ def test_a_correct_output_verified_under_a_tiny_open_file_limit_is_ok_or_an_io_e
 def test_convert_under_a_tiny_open_file_limit_leaves_no_stage_folder(many_shards, tmp_path):
     src, _ = many_shards
     codes = set()
-    for n in range(6, 15):
+    for n in LIMITS:
         out = tmp_path / f"n{n}" / "out"
         out.parent.mkdir()
         proc = _run_limited(n, "convert", src, out, "--jobs", "8", "--max-shard-size", "200KB")

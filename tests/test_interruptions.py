@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.helpers import _FAULTS, REPO, run_cli
+from support.helpers import REPO, run_cli, start_cli, wait_stopped
 from support.hostile import SHARD, assert_clean_failure, fixture_copy, leftovers, tree_hashes
 
 from gptq2xpu.write.output import STAGE_TAG
@@ -49,31 +49,14 @@ def big_source(tmp_path_factory):
 def start_convert(src: Path, out: Path, *extra) -> subprocess.Popen:
     """``convert`` in a fresh interpreter that stops itself (SIGSTOP) right after writing its first
     chunk: :func:`wait_mid_write` then finds it mid-write, however loaded the machine is."""
-    env = dict(os.environ)
-    env.pop("GPTQ2XPU_DEBUG", None)
-    faults = json.dumps([["gptq2xpu.write.shards:_write_all", "after:SIGSTOP", 1]])
-    return subprocess.Popen([sys.executable, "-c", _FAULTS, faults, "convert", str(src), str(out), *map(str, extra)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_cli("convert", src, out, *extra, faults=[("gptq2xpu.write.shards:_write_all", "after:SIGSTOP", 1)])
 
 
-def _stopped(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
-
-
-def wait_mid_write(proc: subprocess.Popen, out: Path, timeout: float = 300) -> Path:
-    """Block until the run has stopped itself mid-write (see :func:`start_convert`); returns its
+def wait_mid_write(proc: subprocess.Popen, out: Path) -> Path:
+    """Wait until the run has stopped itself mid-write (see :func:`start_convert`); returns its
     hidden partial folder, which holds the shards being filled.  The run stays stopped: SIGKILL
-    ends it as it is, other signals wait in the queue until :func:`resume` (the timeout only
-    guards against a hang)."""
-    deadline = time.monotonic() + timeout
-    while not _stopped(proc.pid):
-        if proc.poll() is not None:
-            raise AssertionError(f"convert ended (exit {proc.returncode}) before it could be interrupted: "
-                                 f"{proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("the run never reached its first write")
-        time.sleep(0.01)
+    ends it as it is, other signals wait in the queue until :func:`resume`."""
+    wait_stopped(proc)
     [stage] = out.parent.glob(f".{out.name}{STAGE_TAG}*")
     assert any(p.stat().st_size > 0 for p in stage.iterdir() if f".tmp-{proc.pid}-" in p.name)
     return stage

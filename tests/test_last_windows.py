@@ -5,7 +5,6 @@ of a run that is gone -- and never removes one of a run that is still going."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal
@@ -14,7 +13,7 @@ import sys
 import time
 
 import pytest
-from support.helpers import REPO, run_cli
+from support.helpers import REPO, run_cli, start_cli, wait_stopped
 from support.hostile import fixture_copy, leftovers, one_error_line, split_into_index
 
 from gptq2xpu.errors import EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, EXIT_USAGE
@@ -140,6 +139,7 @@ def test_a_failed_run_holds_no_descriptor_but_its_stage_lock_when_removing_its_s
     beside the writing has stopped and the source's descriptors are closed (what the test above
     met about once in fifty runs, made certain here: the writing fails while the audit reads)."""
     import errno
+    import gc
 
     import gptq2xpu.convert as convert_module
     import gptq2xpu.write as write_module
@@ -172,6 +172,7 @@ def test_a_failed_run_holds_no_descriptor_but_its_stage_lock_when_removing_its_s
     monkeypatch.setattr(convert_module, "audit", slow_audit)
     monkeypatch.setattr(write_module, "write_shards", fail_after_one_shard)
     monkeypatch.setattr(write_module, "discard", counting_discard)
+    gc.collect()  # no file an earlier test dropped may be closed by a collection during the run
     baseline = _open_descriptors()
     with pytest.raises(Exception, match="Too many open files"):
         convert_module.convert(src, out, jobs=8)
@@ -223,18 +224,12 @@ def test_finalize_never_removes_the_temporary_file_of_a_live_part_run(tmp_path, 
     for part in ("1/2", "2/2"):
         assert run_cli("convert", src, out, "--part", part, *args).returncode == EXIT_OK
     # part 1 again (a retry), stopped (SIGSTOP) while it writes its shard: its temporary file is open
-    env = {k: v for k, v in os.environ.items() if k != "GPTQ2XPU_DEBUG"}
-    from support.helpers import _FAULTS
-
-    faults = json.dumps([[target, action, 1]])
-    live = subprocess.Popen([sys.executable, "-c", _FAULTS, faults, "convert", str(src), str(out), "--part", "1/2",
-                             *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # and locked (waiting for the file to appear instead would race the lock taken just after it)
+    live = start_cli("convert", src, out, "--part", "1/2", *args, faults=[(target, action, 1)])
     try:
-        deadline = time.monotonic() + 60
-        while not _temps(out):
-            assert live.poll() is None and time.monotonic() < deadline, live.communicate()
-            time.sleep(0.05)
+        wait_stopped(live)
         temps = _temps(out)
+        assert temps
         proc = run_cli("finalize", out)
         assert proc.returncode == EXIT_USAGE, proc.stderr
         assert "still writing" in one_error_line(proc.stderr), proc.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .audit import audit, audit_linears
 from .errors import InputError
+from .interrupts import signals_to_the_main_thread
 from .memory import settle
 from .parallel import default_jobs
 from .plan import ConvertOptions, Plan, build_plan
@@ -53,7 +54,8 @@ def audit_layers(plan: Plan, ckpt: Checkpoint, jobs: int, stop: threading.Event 
     if threads == 1:
         found = [w for layer in layers for w in one(layer)]
     else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="gptq2xpu-audit") as pool:
+        with ThreadPoolExecutor(threads, thread_name_prefix="gptq2xpu-audit",
+                                initializer=signals_to_the_main_thread) as pool:
             found = [w for part in pool.map(one, layers) for w in part]
     return found + audit_linears(plan, ckpt)  # compressed-tensors: the linears outside MoE layers
 
@@ -87,7 +89,7 @@ def convert(source, output, *, options: ConvertOptions | None = None, jobs: int 
         # writing; a failure stops the writing at the next chunk, and nothing is published before
         # the audit has passed.  Either way a failed run leaves nothing at OUTPUT.
         # Split runs write into a shared folder without a staging area: audit them first.
-        bg = ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-audit")
+        bg = ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-audit", initializer=signals_to_the_main_thread)
         stop_audit = threading.Event()
         audited = bg.submit(audit_layers, plan, ckpt, jobs, stop_audit)
         if part is not None:

@@ -61,6 +61,16 @@ class _Run:
     late: signal.Signals | None = None
 
 
+def signals_to_the_main_thread() -> None:
+    """A worker thread's initializer: SIGINT and SIGTERM are blocked in this thread, so the kernel
+    hands them to the main thread, the one Python runs handlers in.  A signal the kernel gives to a
+    worker is only acted on once the main thread next runs Python code: while it waits for the
+    workers, that can be after they are done (several whole shards).  That happens when a signal
+    reaches a stopped process (``kill %1`` sends SIGTERM, then SIGCONT): the first thread to resume
+    takes it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+
+
 def begin() -> None:
     """A new run: nothing decided yet."""
     _Run.decided, _Run.late = False, None

@@ -257,11 +257,10 @@ def test_broken_repositories_are_one_line(hub, folder, cli, monkeypatch, case):
 
 
 def test_unreachable_hub_falls_back_to_the_cache_or_says_both(point, cli):
-    with socket.socket() as s:  # a port nothing listens on
+    with socket.socket() as s:  # a port nothing listens on: held (bound, not listening) so no one else takes it
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    point(f"http://127.0.0.1:{port}")
-    code, _, err = cli("inspect", REPO_ID)
+        point(f"http://127.0.0.1:{s.getsockname()[1]}")
+        code, _, err = cli("inspect", REPO_ID)
     _one_line_error(code, err, REPO_ID, "not in the local Hugging Face cache", "cannot reach")
 
 

@@ -173,12 +173,11 @@ def test_a_server_error_is_named_not_taken_for_no_network(hub, folder, cli, tmp_
 def test_inspect_and_convert_word_an_unreachable_hub_the_same(point, cli, tmp_path):
     import socket
 
-    with socket.socket() as s:
+    with socket.socket() as s:  # a port nothing listens on: held (bound, not listening) so no one else takes it
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    point(f"http://127.0.0.1:{port}")
-    _, _, err_inspect = cli("inspect", REPO_ID)
-    code, _, err_convert = cli("convert", REPO_ID, tmp_path / "out")
+        point(f"http://127.0.0.1:{s.getsockname()[1]}")
+        _, _, err_inspect = cli("inspect", REPO_ID)
+        code, _, err_convert = cli("convert", REPO_ID, tmp_path / "out")
     line = _fails(code, err_convert, 3, REPO_ID, "not in the local Hugging Face cache", "cannot reach")
     assert one_error_line(err_inspect) == line
 
@@ -225,7 +224,7 @@ def test_a_signal_during_a_download_stops_within_seconds(tmp_path, sig):
     src = fixture_copy(tmp_path / "src")
     parent = tmp_path / "outdir"
     parent.mkdir()
-    with FakeHub(lifetime_s=120) as hub:
+    with FakeHub() as hub:
         repo = hub.add_folder(REPO_ID, src, slow_file="model.safetensors")
         proc = subprocess.Popen([sys.executable, "-m", "gptq2xpu", "convert", REPO_ID, str(parent / "out")],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(hub, tmp_path))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.helpers import REPO, run_cli
+from support.helpers import REPO, run_cli, start_cli, wait_stopped
 from support.hostile import SHARD, assert_clean_failure, fixture_copy, leftovers, tree_hashes
 
 from gptq2xpu.write.output import STAGE_TAG
@@ -33,8 +33,8 @@ from gptq2xpu.write.output import STAGE_TAG
 
 @pytest.fixture(scope="module")
 def big_source(tmp_path_factory):
-    """A synthetic GPTQ MoE checkpoint of ~210 MB: converting it takes about a second here, long
-    enough to signal a run while it is writing (``wait_mid_write`` polls every 2 ms)."""
+    """A synthetic GPTQ MoE checkpoint of ~210 MB: one shard of it is hundreds of chunks, so a run
+    stopped after its first chunk is far from done."""
     from gptq2xpu.testing.synth import make_checkpoint
 
     root = tmp_path_factory.mktemp("big") / "src"
@@ -47,26 +47,30 @@ def big_source(tmp_path_factory):
 
 
 def start_convert(src: Path, out: Path, *extra) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.pop("GPTQ2XPU_DEBUG", None)
-    return subprocess.Popen([sys.executable, "-m", "gptq2xpu", "convert", str(src), str(out), *map(str, extra)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """``convert`` in a fresh interpreter that stops itself (SIGSTOP) right after writing its first
+    chunk: :func:`wait_mid_write` then finds it mid-write, however loaded the machine is."""
+    return start_cli("convert", src, out, *extra, faults=[("gptq2xpu.write.shards:_write_all", "after:SIGSTOP", 1)])
 
 
-def wait_mid_write(proc: subprocess.Popen, out: Path, timeout: float = 60) -> Path:
-    """Block until the run is writing: its hidden partial folder holds a shard being filled."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"convert ended (exit {proc.returncode}) before it could be interrupted: "
-                                 f"{proc.stderr.read()}")
-        for stage in out.parent.glob(f".{out.name}{STAGE_TAG}*"):
-            with contextlib.suppress(OSError):
-                if any(p.stat().st_size > 0 for p in stage.iterdir() if f".tmp-{proc.pid}-" in p.name):
-                    return stage
-        time.sleep(0.002)
-    proc.kill()
-    raise AssertionError("the partial folder never appeared")
+def wait_mid_write(proc: subprocess.Popen, out: Path) -> Path:
+    """Wait until the run has stopped itself mid-write (see :func:`start_convert`); returns its
+    hidden partial folder, which holds the shards being filled.  The run stays stopped: SIGKILL
+    ends it as it is, other signals wait in the queue until :func:`resume`."""
+    wait_stopped(proc)
+    [stage] = out.parent.glob(f".{out.name}{STAGE_TAG}*")
+    assert any(p.stat().st_size > 0 for p in stage.iterdir() if f".tmp-{proc.pid}-" in p.name)
+    return stage
+
+
+def resume(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Let the stopped run go on (SIGCONT) and wait for its end (the timeout only guards against a hang)."""
+    proc.send_signal(signal.SIGCONT)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def check_output_manifest(out: Path) -> dict:
@@ -83,7 +87,7 @@ def test_sigkill_mid_run_then_clean_rerun(big_source, tmp_path):
     proc = start_convert(big_source, out, "--jobs", "1")
     stage = wait_mid_write(proc, out)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
+    proc.wait(300)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists(), "a killed run must leave no OUTPUT"
     assert stage.is_dir(), "expected the killed run's hidden partial folder (nothing else could remove it)"
@@ -105,7 +109,8 @@ def test_sigkill_during_overwrite_keeps_old_output(big_source, tmp_path):
     proc = start_convert(big_source, out, "--overwrite", "--jobs", "1")
     wait_mid_write(proc, out)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
+    proc.wait(300)
+    assert proc.returncode == -signal.SIGKILL
     assert tree_hashes(out) == before, "a killed --overwrite run touched the previous OUTPUT"
     check_output_manifest(out)
 
@@ -114,25 +119,171 @@ def test_sigkill_during_overwrite_keeps_old_output(big_source, tmp_path):
 
 
 @pytest.mark.parametrize("sig,jobs,shards", [(signal.SIGINT, 1, 1), (signal.SIGINT, 2, 1), (signal.SIGTERM, 2, 1),
-                                              (signal.SIGINT, 8, 4), (signal.SIGTERM, 8, 4)],
+                                              (signal.SIGINT, 8, 3), (signal.SIGTERM, 8, 3)],
                          ids=["sigint-jobs1", "sigint-jobs2", "sigterm-jobs2", "sigint-jobs8-shards-at-once",
                               "sigterm-jobs8-shards-at-once"])
 def test_signal_mid_run_exits_130_and_cleans_up(big_source, tmp_path, sig, jobs, shards):
+    """The signal reaches the run while it is stopped after its first chunk (as ``kill %1`` does to
+    a stopped job: SIGTERM, then SIGCONT), so whichever of its threads resumes first could take it.
+    It exits 130 without finishing any shard it had begun: kept through hard links, each partial
+    shard is still short of its planned size (a run that finished the shards under way before it
+    stopped would have completed them)."""
+    from gptq2xpu.convert import make_plan
+    from gptq2xpu.plan import ConvertOptions
+    from gptq2xpu.read import open_checkpoint
+
     out = tmp_path / "out"
-    size = [] if shards == 1 else ["--max-shard-size", "50MB"]  # ~210 MB: 4 shards, written at once
+    size = [] if shards == 1 else ["--max-shard-size", "100MB"]  # ~210 MB: 3 shards, written at once
+    with open_checkpoint(big_source) as ckpt:
+        options = ConvertOptions(**({} if shards == 1 else {"max_shard_size": 100_000_000}))
+        planned = {s.name: s.layout.file_size for s in make_plan(ckpt, options).shards}
+    assert len(planned) == shards
     proc = start_convert(big_source, out, "--jobs", jobs, *size)
-    wait_mid_write(proc, out)
-    t0 = time.monotonic()
+    stage = wait_mid_write(proc, out)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for part in stage.glob(f".*.tmp-{proc.pid}-*"):
+        os.link(part, kept / part.name)
     proc.send_signal(sig)
-    try:
-        stdout, stderr = proc.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"{sig.name}: the run did not exit within 5 s")
-    elapsed = time.monotonic() - t0
-    assert elapsed < 5
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    result = resume(proc)
     assert_clean_failure(result, 130, out, "interrupted", "SIGINT" if sig == signal.SIGINT else "SIGTERM")
+    sizes = {p.name.split(".tmp-")[0][1:]: p.stat().st_size for p in kept.iterdir()}
+    assert sizes and all(sizes[name] < planned[name] for name in sizes), (sizes, planned)
+
+
+@contextlib.contextmanager
+def _plan(src: Path, max_shard_size: int):
+    """``(plan, checkpoint)`` of ``src`` converted into shards of at most ``max_shard_size`` bytes."""
+    from gptq2xpu.convert import make_plan
+    from gptq2xpu.plan import ConvertOptions
+    from gptq2xpu.read import open_checkpoint
+
+    with open_checkpoint(src) as ckpt:
+        yield make_plan(ckpt, ConvertOptions(max_shard_size=max_shard_size)), ckpt
+
+
+def test_an_interrupt_while_the_shards_are_handed_out_stops_the_started_ones(tmp_path, monkeypatch):
+    """Ctrl-C between starting the first shard's thread and the second's: the first stops at its
+    next chunk instead of being written to the end (for a model, gigabytes) before the run exits.
+    The first shard waits, after its first chunk, until the writing is stopped, so nothing here
+    depends on which thread runs when (the timeout only guards against a hang)."""
+    import threading
+
+    from gptq2xpu.errors import Interrupted
+    from gptq2xpu.write import shards as module
+
+    begun, stopped = threading.Event(), threading.Event()
+    waited = []
+    real_stop = module.ShardWriter.stop
+
+    def stop(self):
+        stopped.set()
+        real_stop(self)
+
+    def progress(_n):  # the first shard's first chunk is written
+        if not waited:
+            begun.set()
+            waited.append(stopped.wait(60))
+
+    class Executor(module.ThreadPoolExecutor):
+        shards_handed_out = 0
+
+        def submit(self, fn, *args, **kwargs):
+            if self._thread_name_prefix == "gptq2xpu-shard":
+                Executor.shards_handed_out += 1
+                if Executor.shards_handed_out == 2:  # the handler raises as the second is handed out
+                    assert begun.wait(60), "the first shard never wrote a chunk"
+                    raise Interrupted("stopped by SIGINT (Ctrl-C)")
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(module.ShardWriter, "stop", stop)
+    monkeypatch.setattr(module, "ThreadPoolExecutor", Executor)
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    with _plan(fixture_copy(tmp_path / "src"), 1_000_000) as (plan, ckpt), pytest.raises(Interrupted):
+        assert len(plan.shards) >= 2
+        module.write_shards(plan, ckpt, folder, range(len(plan.shards)), jobs=4, progress=progress)
+    assert waited == [True], "the writing went on after the interrupt"
+    assert list(folder.iterdir()) == []  # the first shard stopped: its temporary file is gone, none was named
+
+
+def test_a_signal_taken_by_a_thread_the_run_did_not_start_still_stops_the_writing(tmp_path, monkeypatch):
+    """A thread the run did not start (a progress bar's, say) may take the signal: the main thread,
+    waiting for the shards, still acts on it (it wakes every POLL_S) and stops them.  The first
+    shard waits, after its first chunk, until the writing is stopped (the timeout only guards
+    against a hang)."""
+    import threading
+
+    from gptq2xpu.errors import Interrupted
+    from gptq2xpu.write import shards as module
+
+    stopped = threading.Event()
+    waited = []
+    real_stop = module.ShardWriter.stop
+
+    def stop(self):
+        stopped.set()
+        real_stop(self)
+
+    def foreign():  # a thread that does not block the signal (made by a writer thread, it starts blocking
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])  # it) signals itself: it takes the signal
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    def progress(_n):  # a shard's first chunk is written: that shard waits until the writing is stopped
+        if not waited:
+            thread = threading.Thread(target=foreign)
+            thread.start()
+            thread.join()
+            waited.append(stopped.wait(60))
+
+    def handler(_signum, _frame):
+        raise Interrupted("terminated by SIGTERM")
+
+    monkeypatch.setattr(module.ShardWriter, "stop", stop)
+    previous = signal.signal(signal.SIGTERM, handler)
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    try:
+        with _plan(fixture_copy(tmp_path / "src"), 1_000_000) as (plan, ckpt), pytest.raises(Interrupted):
+            module.write_shards(plan, ckpt, folder, range(len(plan.shards)), jobs=4, progress=progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert waited == [True], "the writing went on after the signal"
+    # the waiting shard stopped at its next chunk (another may have been completed meanwhile)
+    names = sorted(p.name for p in folder.iterdir())
+    assert len(names) < len(plan.shards) and not any(".tmp-" in n for n in names), names
+
+
+def test_the_writing_threads_leave_signals_to_the_main_thread(tmp_path, monkeypatch):
+    """The kernel gives a signal to any thread that does not block it, and Python acts on it only
+    when its main thread next runs: every thread a conversion starts (builders, shard hashers,
+    audit) blocks SIGINT and SIGTERM."""
+    import threading
+
+    import gptq2xpu.convert as convert_module
+    from gptq2xpu.plan import ConvertOptions
+    from gptq2xpu.write import shards as module
+
+    masks: dict[str, set] = {}
+
+    def record():
+        name = threading.current_thread().name.rsplit("_", 1)[0]
+        masks.setdefault(name, set()).add(frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+    def recording(real):
+        def wrapper(*args, **kwargs):
+            record()
+            return real(*args, **kwargs)
+        return wrapper
+
+    for owner, name in ((module, "_write_all"), (module, "_write_one"), (convert_module, "audit")):
+        monkeypatch.setattr(owner, name, recording(getattr(owner, name)))
+    convert_module.convert(fixture_copy(tmp_path / "src"), tmp_path / "out", jobs=8,
+                           options=ConvertOptions(max_shard_size=1_000_000))
+    assert set(masks) == {"gptq2xpu", "gptq2xpu-shard", "gptq2xpu-audit"}, masks
+    for name, seen in masks.items():
+        assert all({signal.SIGINT, signal.SIGTERM} <= mask for mask in seen), (name, seen)
+    assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # this thread's
 
 
 # ------------------------------------------------------------------------------ mounts
@@ -257,10 +408,9 @@ def test_source_touched_during_real_run(big_source, tmp_path):
     try:
         wait_mid_write(proc, out)
         os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-        stdout, stderr = proc.communicate(timeout=60)
+        result = resume(proc)
     finally:
         os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert_clean_failure(result, 3, out, SHARD, "changed during the run")
 
 

@@ -5,7 +5,6 @@ of a run that is gone -- and never removes one of a run that is still going."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal
@@ -14,7 +13,7 @@ import sys
 import time
 
 import pytest
-from support.helpers import REPO, run_cli
+from support.helpers import REPO, run_cli, start_cli, wait_stopped
 from support.hostile import fixture_copy, leftovers, one_error_line, split_into_index
 
 from gptq2xpu.errors import EXIT_INTERRUPTED, EXIT_IO, EXIT_OK, EXIT_USAGE
@@ -75,6 +74,14 @@ def _run_limited(n: int, *args) -> subprocess.CompletedProcess:
                           timeout=300, cwd=REPO, env=env, preexec_fn=_limited(n))
 
 
+#: Open-file limits to run under: from one too small for any run (6: the three standard streams,
+#: the stage's lock, a source shard, an output shard...) to one with room for every file of the
+#: run at once (64: 10 source and 11 output shards), so that both outcomes are certain to occur.
+#: Between them, which limits suffice depends on how the threads interleave (at 13 or 14 files,
+#: --jobs 8 fits one run and not the next).
+LIMITS = [*range(6, 15), 64]
+
+
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory):
     """A source of 10 shards and its correct conversion into 11."""
@@ -92,7 +99,7 @@ def test_a_correct_output_verified_under_a_tiny_open_file_limit_is_ok_or_an_io_e
     descriptors says nothing about the output."""
     src, out = many_shards
     codes = set()
-    for n in range(6, 15):
+    for n in LIMITS:
         proc = _run_limited(n, "verify", out, "--source", src, "--jobs", "8", "--no-numeric")
         codes.add(proc.returncode)
         assert proc.returncode in (EXIT_OK, EXIT_IO), f"ulimit -n {n}: exit {proc.returncode}: {proc.stderr}"
@@ -109,7 +116,7 @@ def test_a_correct_output_verified_under_a_tiny_open_file_limit_is_ok_or_an_io_e
 def test_convert_under_a_tiny_open_file_limit_leaves_no_stage_folder(many_shards, tmp_path):
     src, _ = many_shards
     codes = set()
-    for n in range(6, 15):
+    for n in LIMITS:
         out = tmp_path / f"n{n}" / "out"
         out.parent.mkdir()
         proc = _run_limited(n, "convert", src, out, "--jobs", "8", "--max-shard-size", "200KB")
@@ -132,6 +139,7 @@ def test_a_failed_run_holds_no_descriptor_but_its_stage_lock_when_removing_its_s
     beside the writing has stopped and the source's descriptors are closed (what the test above
     met about once in fifty runs, made certain here: the writing fails while the audit reads)."""
     import errno
+    import gc
 
     import gptq2xpu.convert as convert_module
     import gptq2xpu.write as write_module
@@ -164,6 +172,7 @@ def test_a_failed_run_holds_no_descriptor_but_its_stage_lock_when_removing_its_s
     monkeypatch.setattr(convert_module, "audit", slow_audit)
     monkeypatch.setattr(write_module, "write_shards", fail_after_one_shard)
     monkeypatch.setattr(write_module, "discard", counting_discard)
+    gc.collect()  # no file an earlier test dropped may be closed by a collection during the run
     baseline = _open_descriptors()
     with pytest.raises(Exception, match="Too many open files"):
         convert_module.convert(src, out, jobs=8)
@@ -215,18 +224,12 @@ def test_finalize_never_removes_the_temporary_file_of_a_live_part_run(tmp_path, 
     for part in ("1/2", "2/2"):
         assert run_cli("convert", src, out, "--part", part, *args).returncode == EXIT_OK
     # part 1 again (a retry), stopped (SIGSTOP) while it writes its shard: its temporary file is open
-    env = {k: v for k, v in os.environ.items() if k != "GPTQ2XPU_DEBUG"}
-    from support.helpers import _FAULTS
-
-    faults = json.dumps([[target, action, 1]])
-    live = subprocess.Popen([sys.executable, "-c", _FAULTS, faults, "convert", str(src), str(out), "--part", "1/2",
-                             *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # and locked (waiting for the file to appear instead would race the lock taken just after it)
+    live = start_cli("convert", src, out, "--part", "1/2", *args, faults=[(target, action, 1)])
     try:
-        deadline = time.monotonic() + 60
-        while not _temps(out):
-            assert live.poll() is None and time.monotonic() < deadline, live.communicate()
-            time.sleep(0.05)
+        wait_stopped(live)
         temps = _temps(out)
+        assert temps
         proc = run_cli("finalize", out)
         assert proc.returncode == EXIT_USAGE, proc.stderr
         assert "still writing" in one_error_line(proc.stderr), proc.stderr

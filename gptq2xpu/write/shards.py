@@ -24,6 +24,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..errors import io_error
+from ..interrupts import signals_to_the_main_thread
 from ..plan import Plan, ShardPlan
 from ..read import Checkpoint
 from .chunks import BufferPool, Chunk, ShardSource
@@ -34,6 +35,9 @@ WRITE_PIECE = 1 << 20
 #: Chunks built ahead per builder thread (all shards together): keeps the builders busy while the
 #: hashers drain, and bounds memory to a few chunks per thread whatever the model size.
 AHEAD_PER_JOB = 3
+#: How often the main thread, waiting for the shards, runs Python code: a signal the kernel gave to
+#: a thread this module did not start is acted on within this time.
+POLL_S = 0.05
 
 
 def _write_all(fd: int, data: memoryview, path, offset: int) -> None:
@@ -71,7 +75,8 @@ class ShardWriter:
         self._progress_lock = threading.Lock()
         self._stop = threading.Event()
         self.ahead = max(4, AHEAD_PER_JOB * self.jobs // max(1, shards_at_once))
-        self._builders = ThreadPoolExecutor(self.jobs, thread_name_prefix="gptq2xpu") if self.jobs > 1 else None
+        self._builders = ThreadPoolExecutor(self.jobs, thread_name_prefix="gptq2xpu",
+                                            initializer=signals_to_the_main_thread) if self.jobs > 1 else None
 
     def stop(self) -> None:
         self._stop.set()
@@ -169,11 +174,16 @@ def write_shards(plan: Plan, ckpt: Checkpoint, folder: Path, indices, jobs: int,
     try:
         if at_once == 1:
             return {plan.shards[i].name: _write_one(writer, plan, ckpt, folder, i) for i in indices}
-        with ThreadPoolExecutor(at_once, thread_name_prefix="gptq2xpu-shard") as shards:
-            futures = [shards.submit(_write_one, writer, plan, ckpt, folder, i) for i in indices]
+        with ThreadPoolExecutor(at_once, thread_name_prefix="gptq2xpu-shard",
+                                initializer=signals_to_the_main_thread) as shards:
+            futures = []
             try:
-                wait(futures, return_when=FIRST_EXCEPTION)
-            finally:  # a failed shard, or an interrupt in this thread: the others stop too
+                futures.extend(shards.submit(_write_one, writer, plan, ckpt, folder, i) for i in indices)
+                _wait_for_shards(futures)
+            except BaseException:  # an interrupt, even while the shards are handed out: the started ones stop
+                writer.stop()
+                raise
+            finally:  # a failed shard: the others stop too
                 if not all(f.done() and f.exception() is None for f in futures):
                     writer.stop()
                     for f in futures:
@@ -186,6 +196,14 @@ def write_shards(plan: Plan, ckpt: Checkpoint, folder: Path, indices, jobs: int,
             return {plan.shards[i].name: f.result() for i, f in zip(indices, futures)}
     finally:
         writer.close()
+
+
+def _wait_for_shards(futures) -> None:
+    """Until every shard is written or one failed, running Python code every :data:`POLL_S`."""
+    while True:
+        done, pending = wait(futures, timeout=POLL_S, return_when=FIRST_EXCEPTION)
+        if not pending or any(f.exception() is not None for f in done):
+            return
 
 
 def _write_one(writer: ShardWriter, plan: Plan, ckpt: Checkpoint, folder: Path, i: int) -> dict:

@@ -9,7 +9,8 @@
   :func:`write_arrays`.  BF16 comes back as its raw uint16 bit patterns, float8 as uint8.
 * :func:`cli` runs ``gptq2xpu ...`` in this process (the ``cli`` fixture of ``conftest.py``);
   :func:`run_cli` runs it in a fresh interpreter, optionally with faults injected at chosen
-  moments (a signal, SIGKILL, an unexpected exception).
+  moments (a signal, SIGKILL, an unexpected exception); :func:`start_cli` starts it that way
+  without waiting, and :func:`wait_stopped` waits until such a run has stopped itself (SIGSTOP).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +196,25 @@ def run_cli(*args, faults=(), env: dict | None = None, timeout: float = 120) -> 
     run = ["-c", _FAULTS, json.dumps(list(faults))] if faults else ["-m", "gptq2xpu"]
     return subprocess.run([sys.executable, *run, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=e)
+
+
+def start_cli(*args, faults=()) -> subprocess.Popen:
+    """:func:`run_cli` without waiting: the running ``gptq2xpu *args`` (stdout and stderr piped, as text)."""
+    e = {k: v for k, v in os.environ.items() if k != "GPTQ2XPU_DEBUG"}
+    run = ["-c", _FAULTS, json.dumps(list(faults))] if faults else ["-m", "gptq2xpu"]
+    return subprocess.Popen([sys.executable, *run, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, env=e)
+
+
+def wait_stopped(proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until ``proc`` has stopped itself (a ``"SIGSTOP"`` fault): from then on it is still, at
+    a known point, however loaded the machine is.  Fails if it ends first; the timeout only guards
+    against a hang."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before it stopped: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run did not stop within {timeout:g} s")
+        time.sleep(0.01)

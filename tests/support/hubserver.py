@@ -17,7 +17,8 @@ for file bodies the log holds the byte range actually written, so a test can pro
 left the server.
 
 The server listens on 127.0.0.1 with port 0, answers at most ``max_requests`` requests, and stops
-by itself after ``lifetime_s`` seconds even if the test never stops it.
+by itself after ``lifetime_s`` seconds even if the test never stops it (a guard against a test
+that hangs, not a limit a test should ever meet: a loaded machine may run a test ten times slower).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Served:
 @dataclass
 class FakeHub:
     max_requests: int = 400
-    lifetime_s: float = 60.0
+    lifetime_s: float = 900.0
     repos: dict[str, FakeRepo] = field(default_factory=dict)
     log: list[Served] = field(default_factory=list)
 

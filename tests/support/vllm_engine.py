@@ -187,9 +187,13 @@ def median_position_diff(a, b) -> float:
 
 
 def run_vllm(jobs: list[dict], prompt_ids, workdir: Path, *, env: dict | None = None,
-             timeout: int = 900) -> tuple[dict, str]:
+             timeout: float | None = None) -> tuple[dict, str]:
     """Run ``jobs`` in one ``vllm_runner.py`` process: ``({job name: result}, vLLM's log)``.  A job
-    missing from the results (the process died) gets the exit status and the log's tail as its error."""
+    missing from the results (the process died) gets the exit status and the log's tail as its error.
+
+    The timeout only guards against a hang: by default 15 minutes and 2 more per job (the largest
+    call starts about 40 engines, one after another), so a slow or loaded machine never meets it."""
+    timeout = 900 + 120 * len(jobs) if timeout is None else timeout
     workdir.mkdir(parents=True, exist_ok=True)
     spec, results = workdir / "jobs.json", workdir / "results.json"
     spec.write_text(json.dumps({"prompts": prompt_ids, "jobs": jobs}))

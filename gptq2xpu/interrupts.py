@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, wait
 
 from .errors import Interrupted
 
@@ -69,6 +71,30 @@ def signals_to_the_main_thread() -> None:
     reaches a stopped process (``kill %1`` sends SIGTERM, then SIGCONT): the first thread to resume
     takes it."""
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+
+
+#: How often a main thread waiting for workers runs Python code: a signal a thread that does not
+#: block it took (one the run did not start) is acted on within this time.
+POLL_S = 0.05
+
+
+def result_of(future: Future):
+    """``future.result()``, the waiting main thread waking every :data:`POLL_S` meanwhile."""
+    while not future.done():
+        wait([future], timeout=POLL_S)
+    return future.result()
+
+
+def mapped(pool: Executor, fn: Callable, items: Iterable) -> Iterator:
+    """``pool.map(fn, items)``: results in order, each waited for as by :func:`result_of`; the
+    items not yet started are cancelled when the caller stops early."""
+    futures = [pool.submit(fn, item) for item in items]
+    try:
+        for future in futures:
+            yield result_of(future)
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 def begin() -> None:

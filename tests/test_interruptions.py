@@ -286,6 +286,80 @@ def test_the_writing_threads_leave_signals_to_the_main_thread(tmp_path, monkeypa
     assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # this thread's
 
 
+def test_the_verifying_threads_leave_signals_to_the_main_thread(tmp_path, monkeypatch):
+    """As for a conversion: every thread ``verify --source`` starts (the manifest's hashers, the
+    bit-exact comparison's) blocks SIGINT and SIGTERM, and the main thread waiting for them wakes
+    every POLL_S, so Ctrl-C stops a verification within moments, not after the last file is hashed."""
+    import threading
+
+    import gptq2xpu.convert as convert_module
+    import gptq2xpu.verify.bits as bits_module
+    import gptq2xpu.verify.standalone as standalone_module
+    from gptq2xpu.plan import ConvertOptions
+    from gptq2xpu.verify.runner import verify
+
+    src, out = fixture_copy(tmp_path / "src"), tmp_path / "out"
+    convert_module.convert(src, out, jobs=2, options=ConvertOptions(max_shard_size=1_000_000))
+    masks: dict[str, set] = {}
+
+    def recording(real):
+        def wrapper(*args, **kwargs):
+            name = threading.current_thread().name.rsplit("_", 1)[0]
+            masks.setdefault(name, set()).add(frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+            return real(*args, **kwargs)
+        return wrapper
+
+    for owner, name in ((standalone_module, "sha256_fd"), (bits_module, "check_layer_bits")):
+        monkeypatch.setattr(owner, name, recording(getattr(owner, name)))
+    report = verify(out, src, numeric=False, jobs=4)
+    assert report["status"] == "pass", report["failures"]
+    assert set(masks) == {"gptq2xpu-hash", "gptq2xpu-bits"}, masks
+    for name, seen in masks.items():
+        assert all({signal.SIGINT, signal.SIGTERM} <= mask for mask in seen), (name, seen)
+    assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # this thread's
+
+
+def test_a_main_thread_waiting_for_a_worker_acts_on_a_signal_another_thread_took():
+    """``result_of`` (what verify waits for its hashers with): a signal that a thread not blocking
+    it took is acted on while the worker is still busy, not once it is done (the worker's own
+    wait of 20 s only guards against a hang).  The signal comes once the main thread is waiting
+    (after 0.3 s; should the main thread be slower, it is acted on before and the test proves less)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gptq2xpu.errors import Interrupted
+    from gptq2xpu.interrupts import result_of, signals_to_the_main_thread
+
+    release = threading.Event()
+
+    def busy():
+        release.wait(20)
+        return "done"
+
+    def foreign():  # does not block SIGTERM, and signals itself: the kernel hands it the signal
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+        time.sleep(0.3)
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    def handler(_signum, _frame):
+        raise Interrupted("terminated by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with ThreadPoolExecutor(1, initializer=signals_to_the_main_thread) as pool:
+            future = pool.submit(busy)
+            try:
+                with pytest.raises(Interrupted):
+                    threading.Thread(target=foreign).start()
+                    result_of(future)
+                assert not future.done(), "the signal was acted on only once the worker had finished"
+            finally:
+                release.set()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ------------------------------------------------------------------------------ mounts
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..contract import ConvertedBlock
 from ..errors import InputError, UsageError
+from ..interrupts import mapped, result_of, signals_to_the_main_thread
 from . import MAX_SEED, MAX_TOKENS
 from .standalone import Findings, check_manifest, check_output_folder, check_some_output, verify_standalone
 
@@ -118,7 +119,7 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
 
         _import_torch_in_background()
     # hashing every file is one long serial read per file: overlap it with everything else
-    with ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-hash") as bg:
+    with ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-hash", initializer=signals_to_the_main_thread) as bg:
         hashing = bg.submit(check_manifest, folder, manifest, max(1, jobs - 1),
                             progress=lambda done, total: progress("hashing", done, total, "bytes"))
         out, block, mismatched = verify_standalone(folder, findings, jobs, skip_manifest=True)
@@ -131,7 +132,7 @@ def verify(output, source=None, *, revision=None, token=None, device: str = "aut
         finally:
             if out is not None:
                 out.close()
-            hashing.result()
+            result_of(hashing)
     findings.checks[:0] = manifest.checks
     report.update(
         status="pass" if findings.ok else "fail",
@@ -181,7 +182,8 @@ def _against_source(out, block: ConvertedBlock, mismatched: set[str], source, fi
 
         # On a GPU or XPU the reference MoE (reads, then device math) overlaps the bit-exact checks
         # (CPU threads); on a CPU both compete for the same cores, so they run one after the other.
-        with ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-reference") as side:
+        with ThreadPoolExecutor(1, thread_name_prefix="gptq2xpu-reference",
+                                initializer=signals_to_the_main_thread) as side:
             overlapped = side.submit(reference) if setup is not None and overlaps(setup[0]) else None
             try:
                 _bit_exact(src, out, block, prefixes, unread, findings, exhaustive, jobs, report, progress)
@@ -189,7 +191,7 @@ def _against_source(out, block: ConvertedBlock, mismatched: set[str], source, fi
                 if overlapped is not None:
                     overlapped.cancel()
                 raise
-            rows = overlapped.result() if overlapped is not None else (reference() if setup is not None else [])
+            rows = result_of(overlapped) if overlapped is not None else (reference() if setup is not None else [])
         if setup is not None:
             bad = [r for r in rows if not r["ok"]]
             findings.add("reference MoE", not bad, "; ".join(map(reference_failure, bad[:5])) if bad else
@@ -251,8 +253,9 @@ def _bit_exact(src, out, block: ConvertedBlock, prefixes, unread: dict[str, str]
     # layers are independent; numpy, pread and torch release the GIL
     progress("bit-exact", 0, len(prefixes), "layers")
     try:
-        with ThreadPoolExecutor(max(1, jobs)) as pool:
-            for i, problems in enumerate(pool.map(bits, prefixes), 1):
+        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="gptq2xpu-bits",
+                                initializer=signals_to_the_main_thread) as pool:
+            for i, problems in enumerate(mapped(pool, bits, prefixes), 1):
                 bit_problems += problems
                 progress("bit-exact", i, len(prefixes), "layers")
     finally:

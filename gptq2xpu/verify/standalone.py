@@ -39,6 +39,7 @@ from ..contract import (
     parse_block,
 )
 from ..errors import InputError
+from ..interrupts import mapped, signals_to_the_main_thread
 from ..read.checkpoint import Checkpoint, open_checkpoint
 from ..read.paths import Folder, check_member_name, walk
 from ..safetensors_io import DTYPE_SIZES
@@ -164,8 +165,9 @@ def check_manifest(folder: Path, findings: Findings, jobs: int = 2,
                 progress(hashed[0], total)
         return problem
 
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        problems = [p for p in pool.map(counted, items) if p]
+    with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="gptq2xpu-hash",
+                            initializer=signals_to_the_main_thread) as pool:
+        problems = [p for p in mapped(pool, counted, items) if p]
     problems += [f"{name}: is {kind}; a gptq2xpu output holds plain files only"
                  for name, kind in sorted(tree.others.items())]
     extra = sorted(set(tree.files) - set(files) - {MANIFEST_NAME})

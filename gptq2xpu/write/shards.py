@@ -24,7 +24,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..errors import io_error
-from ..interrupts import signals_to_the_main_thread
+from ..interrupts import POLL_S, signals_to_the_main_thread
 from ..plan import Plan, ShardPlan
 from ..read import Checkpoint
 from .chunks import BufferPool, Chunk, ShardSource
@@ -35,9 +35,6 @@ WRITE_PIECE = 1 << 20
 #: Chunks built ahead per builder thread (all shards together): keeps the builders busy while the
 #: hashers drain, and bounds memory to a few chunks per thread whatever the model size.
 AHEAD_PER_JOB = 3
-#: How often the main thread, waiting for the shards, runs Python code: a signal the kernel gave to
-#: a thread this module did not start is acted on within this time.
-POLL_S = 0.05
 
 
 def _write_all(fd: int, data: memoryview, path, offset: int) -> None:

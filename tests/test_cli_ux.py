@@ -214,6 +214,9 @@ def test_help_lists_real_choices_and_bounds(cli):
     assert "--nibble-encoding [u4b8|s4]" in convert_help
     assert "--tp-size T" in convert_help and "[default: 1; 1<=x<=1024]" in convert_help
     assert "-j, --jobs N" in convert_help and "--part I/N" in convert_help and "--max-shard-size SIZE" in convert_help
+    from gptq2xpu.convert import MAX_DEFAULT_JOBS
+
+    assert f"(default: the cores available, at most {MAX_DEFAULT_JOBS};" in convert_help  # the default it takes
     verify_help = " ".join(_help(cli, "verify").split())
     assert "--device [auto|xpu|cuda|cpu]" in verify_help and "--backend [auto|reference|xpu-kernels]" in verify_help
     assert "--dtype [auto|bfloat16|float16|float32]" in verify_help
@@ -582,3 +585,27 @@ def test_numbers_are_ascii_digits_and_long_values_are_cut_short(cli, tmp_path):
     code, _, err = cli("convert", FIXTURE, tmp_path / "out", "--max-shard-size", "1" * 5000)
     line = one_error_line(err)
     assert code == EXIT_USAGE and "(5000 characters)" in line and len(line) < 300, line
+
+
+def test_a_split_conversion_says_what_is_left_to_do(cli, tmp_path):
+    """Every step of a split conversion names the next one: a part run says finalize, verify before
+    finalize says finalize, finalize with a part missing names the part run, a second finalize says
+    verify."""
+    out = tmp_path / "split"
+    split = ("--max-shard-size", "1MB")
+    code, stdout, _ = cli("convert", FIXTURE, out, "--part", "1/2", *split)
+    assert code == EXIT_OK and f"run `gptq2xpu finalize {out}`" in stdout
+    code, _, err = cli("verify", out)
+    line = one_error_line(err)
+    assert code == EXIT_INPUT and "split conversion not finalized yet" in line and f"gptq2xpu finalize {out}" in line
+    code, _, err = cli("finalize", out)
+    line = one_error_line(err)
+    assert code == EXIT_USAGE and "part(s) 2 of 2 not finished yet" in line
+    assert f"gptq2xpu convert SOURCE {out} --part 2/2" in line
+    code, stdout, _ = cli("convert", FIXTURE, out, "--part", "2/2", *split, "--json")
+    message = envelope_of(stdout, code)["message"]
+    assert f"(part 2/2); once every part has finished, run `gptq2xpu finalize {out}`" in message
+    assert cli("finalize", out)[0] == EXIT_OK
+    code, _, err = cli("finalize", out)
+    assert code == EXIT_USAGE and f"already finalized, nothing to do; check it with `gptq2xpu verify {out}`" in err
+    assert cli("verify", out)[0] == EXIT_OK

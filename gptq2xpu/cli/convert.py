@@ -25,7 +25,7 @@ from .options import (
     unused_token,
 )
 from .output import session_output
-from .render import render_convert
+from .render import finalize_step, render_convert
 
 EXAMPLES = [
     "gptq2xpu convert Qwen/Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu",
@@ -92,5 +92,5 @@ def convert(
         message = f"dry run: {result['converted_layers']} MoE layer(s) would be converted; nothing written"
     else:
         message = (f"converted {result['converted_layers']} MoE layer(s) of {source} into {output}"
-                   + (f" (part {result['part']})" if result.get("part") else ""))
+                   + (f" (part {result['part']}); {finalize_step(output)}" if result.get("part") else ""))
     out.result(result, render_convert, message)

@@ -133,8 +133,11 @@ KeepOpt = Annotated[bool, typer.Option("--keep-unsupported", help="Write MoE lay
                                        "8-bit) unchanged instead of refusing.")]
 RouterOpt = Annotated[bool, typer.Option("--dequantize-router", help="Write a GPTQ-quantized router as a float "
                                          "weight instead of passing it through.")]
+#: ``convert``'s --jobs (its default is capped at gptq2xpu.convert.MAX_DEFAULT_JOBS, not imported here: that
+#: would load the converter for every command's help).
 JobsOpt = Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", min=1, max=MAX_JOBS,
-                                             help="Worker threads (default: the cores available).")]
+                                             help="Worker threads (default: the cores available, at most 8; the "
+                                                  "page cache, not the cores, bounds the writing).")]
 
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,

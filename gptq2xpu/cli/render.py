@@ -87,3 +87,10 @@ def render_convert(console, data: dict) -> None:
     console.print(f"{data['files']} files, {human_bytes(data['bytes_written'])} written in {data['seconds']} s "
                   f"with {data['jobs']} job(s); {data['passthrough_layers']} MoE layer(s) passed through, "
                   f"{data['passthrough_tensors']} other tensors byte-identical")
+    if data.get("part"):
+        console.print(f"next: {finalize_step(data['output'])}")
+
+
+def finalize_step(output) -> str:
+    """What a part run leaves to do: the output is no checkpoint until ``finalize`` ran."""
+    return f"once every part has finished, run `gptq2xpu finalize {output}`"

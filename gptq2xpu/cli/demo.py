@@ -6,6 +6,7 @@ AutoRound-style config, float router, attention and norms), written to a tempora
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -62,8 +63,8 @@ def demo(
     require_torch("demo (it verifies against the source)")
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="gptq2xpu-demo-"))
     try:
-        if keep and (root / "source").exists():
-            raise UsageError(f"{root}/source exists; choose an empty --keep folder")
+        if keep:
+            _check_keep(root)
         spec = dict(family=family, hidden=512, moe_intermediate=256, num_experts=16, top_k=4, num_layers=3,
                     group_size=128)
         info = make_checkpoint(root / "source", **spec)
@@ -96,3 +97,13 @@ def demo(
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _check_keep(root: Path) -> None:
+    """--keep DIR must be able to take the demo's two folders; said before anything is made (demo
+    takes no --overwrite, so the conversion's own refusal would point at an option it lacks)."""
+    if os.path.lexists(root) and (root.is_symlink() or not root.is_dir()):
+        raise UsageError(f"--keep {root}: not a folder; name a new or empty folder")
+    for name in ("source", "converted"):
+        if os.path.lexists(root / name):
+            raise UsageError(f"{root / name} exists; choose a new or empty --keep folder")

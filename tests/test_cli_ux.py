@@ -419,6 +419,9 @@ def test_options_that_would_do_nothing(cli, converted, tmp_path, monkeypatch):
     code, out, err = cli("verify", converted, "--device", "cpu", "--seed", "3", "--json")
     assert code == EXIT_OK and "warning: --device, --seed ignored" in err
     assert envelope_of(out, code)["warnings"] == ["--device, --seed ignored without --source"]
+    for flag in ("--no-numeric", "--numeric"):  # the flag named as typed
+        code, _, err = cli("verify", converted, flag)
+        assert code == EXIT_OK and f"warning: {flag} ignored: only the checks against the GPTQ source" in err, err
     code, _, err = cli("verify", converted)
     assert code == EXIT_OK and "warning" not in err
     # HF_TOKEN in the environment is not an option typed to no purpose; --token typed is
@@ -693,3 +696,18 @@ def test_demo_keep_refuses_what_it_cannot_use_before_making_anything(cli, tmp_pa
         line = one_error_line(err)
         assert code == EXIT_USAGE and f"{keep / name} exists; choose a new or empty --keep folder" in line
         assert "--overwrite" not in line and sorted(p.name for p in keep.iterdir()) == [name]
+
+
+def test_names_holding_brackets_are_printed_as_they_are(cli, tmp_path):
+    """The human summaries (rich, which reads ``[...]`` as a style) print paths and names as they
+    are: a source ``models/[v2]`` is not shown as ``models/``."""
+    src = fixture_copy(tmp_path / "src[v2]")
+    out = tmp_path / "out[b]"
+    code, stdout, _ = cli("inspect", src)
+    assert code == EXIT_OK and stdout.startswith(f"{src}  family")
+    code, stdout, err = cli("convert", src, out)
+    assert code == EXIT_OK and f"of {src} -> {out}\n" in stdout, stdout
+    code, stdout, _ = cli("verify", out)
+    assert code == EXIT_OK and stdout.splitlines()[-1].startswith(f"PASS {out} in ")
+    code, _, err = cli("inspect", src, "--token", "hf_y")  # a warning naming the path
+    assert code == EXIT_OK and f"warning: --token ignored: SOURCE {src} is a local folder" in err

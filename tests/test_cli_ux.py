@@ -626,7 +626,11 @@ def test_a_split_conversion_says_what_is_left_to_do(cli, tmp_path):
     code, stdout, _ = cli("convert", FIXTURE, out, "--part", "2/2", *split, "--json")
     message = envelope_of(stdout, code)["message"]
     assert f"(part 2/2); once every part has finished, run `gptq2xpu finalize {out}`" in message
-    assert cli("finalize", out)[0] == EXIT_OK
+    code, stdout, _ = cli("finalize", out)
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    listed = sorted(json.loads((out / "gptq2xpu-manifest.json").read_text())["files"])
+    assert on_disk == sorted([*listed, "gptq2xpu-manifest.json"])  # the summary's count: all but the manifest
+    assert code == EXIT_OK and f"{len(listed)} files and gptq2xpu-manifest.json, which lists them" in stdout
     code, _, err = cli("finalize", out)
     assert code == EXIT_USAGE and f"already finalized, nothing to do; check it with `gptq2xpu verify {out}`" in err
     assert cli("verify", out)[0] == EXIT_OK
@@ -707,6 +711,8 @@ def test_names_holding_brackets_are_printed_as_they_are(cli, tmp_path):
     assert code == EXIT_OK and stdout.startswith(f"{src}  family")
     code, stdout, err = cli("convert", src, out)
     assert code == EXIT_OK and f"of {src} -> {out}\n" in stdout, stdout
+    files = sum(1 for p in out.rglob("*") if p.is_file()) - 1  # the summary counts what the manifest lists
+    assert f"\n{files} files and gptq2xpu-manifest.json, which lists them; " in stdout, stdout
     code, stdout, _ = cli("verify", out)
     assert code == EXIT_OK and stdout.splitlines()[-1].startswith(f"PASS {out} in ")
     code, _, err = cli("inspect", src, "--token", "hf_y")  # a warning naming the path

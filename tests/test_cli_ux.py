@@ -293,6 +293,9 @@ def test_layers_outside_the_checkpoint_are_usage_errors(cli, converted):
     for spec in ("5-99", "2", "1-0", "x"):
         code, _, err = cli("verify", converted, "--source", FIXTURE, "--layers", spec, "--no-numeric")
         assert code == EXIT_USAGE and "--layers" in one_error_line(err), (spec, err)
+        if spec in ("5-99", "2", "x"):  # well formed but outside: the message says what is inside
+            assert "names no layer of OUTPUT's 2 converted MoE layer(s); give indices 0..1" in err, err
+            assert "a layer prefix such as model.layers.0.mlp" in err, err
 
 
 @pytest.mark.parametrize("text, size", [
@@ -461,7 +464,15 @@ def test_an_existing_empty_output_folder_is_accepted(cli, tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     code, _, err = cli("convert", FIXTURE, other)
-    assert code == EXIT_USAGE and "already exists" in one_error_line(err)
+    line = one_error_line(err)
+    assert code == EXIT_USAGE and "already exists" in line
+    # the next step it names is one that works: not --overwrite, which refuses a folder gptq2xpu did not write
+    assert "a folder gptq2xpu did not write" in line and "choose a new or empty folder" in line, line
+    assert cli("convert", FIXTURE, other, "--overwrite")[0] == EXIT_USAGE
+    code, _, err = cli("convert", FIXTURE, other / "notes.txt")
+    assert code == EXIT_USAGE and "already exists and is not a folder; choose a new or empty folder" in err
+    code, _, err = cli("convert", FIXTURE, out)  # a gptq2xpu output: --overwrite is the way
+    assert code == EXIT_USAGE and "pass --overwrite to replace it" in one_error_line(err)
     assert (other / "notes.txt").read_text() == "mine"
 
 
@@ -656,6 +667,10 @@ def test_a_dry_run_ends_as_the_conversion_would(cli, tmp_path, converted):
     warning = f"{converted}: OUTPUT already exists; the conversion itself will refuse it unless given --overwrite"
     assert code == EXIT_OK and warning in envelope_of(out, code)["warnings"] and warning in err
     assert cli("convert", FIXTURE, converted)[0] == EXIT_USAGE
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    code, _, err = cli("convert", FIXTURE, tmp_path / "mine", "--dry-run")
+    assert code == EXIT_OK and "will refuse it (it is not a gptq2xpu output: choose a new or empty folder)" in err
     for args in (("--overwrite",), ()):
         target = converted if args else tmp_path / "new"
         code, out, err = cli("convert", FIXTURE, target, "--dry-run", "--json", *args)

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..contract import MANIFEST_NAME
 from ..errors import UsageError
 from .inspect import refuse_as_convert_would
 from .options import (
@@ -87,8 +88,10 @@ def convert(
                      part=parse_part(part), revision=revision, token=token,
                      progress=lambda done, total: update("converting", done, total))
     if dry_run and not overwrite and part is None and _holds_files(output):
+        unless = ("unless given --overwrite" if os.path.lexists(output / MANIFEST_NAME) else
+                  "(it is not a gptq2xpu output: choose a new or empty folder)")
         result.setdefault("warnings", []).append(f"{output}: OUTPUT already exists; the conversion itself will "
-                                                 "refuse it unless given --overwrite")
+                                                 f"refuse it {unless}")
     token_note = unused_token(ctx, source)
     if token_note:
         result.setdefault("warnings", []).insert(0, token_note)

@@ -82,8 +82,11 @@ def select_layers(prefixes: list[str], spec: str | None) -> list[str]:
             else:
                 raise ValueError
         except (ValueError, IndexError):
-            raise UsageError(f"--layers {spec!r}: {part!r} is not a layer index (0..{len(prefixes) - 1}), range or "
-                             "prefix") from None
+            n = len(prefixes)
+            example = f", or a layer prefix such as {prefixes[0]}" if prefixes else ""
+            raise UsageError(f"--layers {spec!r}: {part!r} names no layer of OUTPUT's {n} converted MoE layer(s); "
+                             f"give indices 0..{n - 1} (negative: from the end), ranges a-b within them"
+                             f"{example}") from None
     return list(dict.fromkeys(chosen))
 
 

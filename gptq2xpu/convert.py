@@ -22,7 +22,7 @@ from .parallel import default_jobs
 from .plan import ConvertOptions, Plan, build_plan
 from .read import Checkpoint, open_source
 from .write import write_checkpoint, write_part
-from .write.split import part_shards
+from .write.split import check_part, part_shards
 
 #: Default --jobs ceiling (see convert()).
 MAX_DEFAULT_JOBS = 8
@@ -75,6 +75,8 @@ def convert(source, output, *, options: ConvertOptions | None = None, jobs: int 
         summary = plan.to_dict()
         summary["output"] = str(output)
         if dry_run:
+            if part is not None:
+                check_part(plan, *part)  # what the run would refuse before writing
             summary["dry_run"] = True
             return summary
         plan.raise_refusals()

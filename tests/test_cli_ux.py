@@ -667,6 +667,11 @@ def test_a_dry_run_ends_as_the_conversion_would(cli, tmp_path, converted):
     warning = f"{converted}: OUTPUT already exists; the conversion itself will refuse it unless given --overwrite"
     assert code == EXIT_OK and warning in envelope_of(out, code)["warnings"] and warning in err
     assert cli("convert", FIXTURE, converted)[0] == EXIT_USAGE
+    code, _, err = cli("convert", FIXTURE, tmp_path / "parts", "--dry-run", "--part", "2/2")  # one shard
+    assert code == EXIT_USAGE == cli("convert", FIXTURE, tmp_path / "parts", "--part", "2/2")[0]
+    assert "--part 2/2: the output has 1 shard(s)" in one_error_line(err)
+    assert cli("convert", FIXTURE, tmp_path / "parts", "--dry-run", "--part", "1/1")[0] == EXIT_OK
+    assert not (tmp_path / "parts").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
     code, _, err = cli("convert", FIXTURE, tmp_path / "mine", "--dry-run")

@@ -55,15 +55,20 @@ def part_shards(plan: Plan, part: int, parts: int) -> list[int]:
     return [i for i in range(len(plan.shards)) if i % parts == part - 1]
 
 
+def check_part(plan: Plan, part: int, parts: int) -> None:
+    """Every part writes at least one shard: n is at most the number of shards (also said by a dry run)."""
+    if parts > len(plan.shards):
+        raise UsageError(f"--part {part}/{parts}: the output has {len(plan.shards)} shard(s), so n can be at most "
+                         f"{len(plan.shards)} (a smaller --max-shard-size makes more shards)")
+
+
 def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int, *, jobs: int = 1,
                progress: Callable[[int], None] | None = None,
                before_publish: Callable[[], None] | None = None) -> dict:
     """Write this part's shards into the shared OUTPUT folder, plus what ``finalize`` needs."""
     output = Path(os.path.abspath(output))
     check_not_source(output, ckpt.root)
-    if parts > len(plan.shards):
-        raise UsageError(f"--part {part}/{parts}: the output has {len(plan.shards)} shard(s), so n can be at most "
-                         f"{len(plan.shards)} (a smaller --max-shard-size makes more shards)")
+    check_part(plan, part, parts)
     plan.warnings.extend(side_files(ckpt.folder)[1])  # refuses escaping links before writing anything
     side = sorted(side_documents(plan, ckpt))
     docs = {

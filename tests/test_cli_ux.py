@@ -672,6 +672,10 @@ def test_a_dry_run_ends_as_the_conversion_would(cli, tmp_path, converted):
     assert "--part 2/2: the output has 1 shard(s)" in one_error_line(err)
     assert cli("convert", FIXTURE, tmp_path / "parts", "--dry-run", "--part", "1/1")[0] == EXIT_OK
     assert not (tmp_path / "parts").exists()
+    for extra in (("--dry-run",), ()):
+        code, _, err = cli("convert", FIXTURE, FIXTURE / "out", *extra)
+        assert code == EXIT_USAGE and "OUTPUT is the source folder or inside it" in one_error_line(err), extra
+    assert not (FIXTURE / "out").exists()  # OUTPUT inside SOURCE: refused by the dry run as by the run
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
     code, _, err = cli("convert", FIXTURE, tmp_path / "mine", "--dry-run")

@@ -741,3 +741,23 @@ def test_names_holding_brackets_are_printed_as_they_are(cli, tmp_path):
     assert code == EXIT_OK and stdout.splitlines()[-1].startswith(f"PASS {out} in ")
     code, _, err = cli("inspect", src, "--token", "hf_y")  # a warning naming the path
     assert code == EXIT_OK and f"warning: --token ignored: SOURCE {src} is a local folder" in err
+
+
+def test_a_key_means_one_thing_in_every_command(cli, tmp_path):
+    """A key two commands' JSON objects share holds the same kind of value: demo reports what
+    convert and verify report under their names (``device`` and ``backend`` objects, ``bytes_in``),
+    not a string under the same name or the same number under another."""
+    code, out, _ = cli("demo", "--device", "cpu", "--keep", tmp_path / "demo", "--json")
+    demo = envelope_of(out, code)
+    code, out, _ = cli("convert", FIXTURE, tmp_path / "out", "--json")
+    converted = envelope_of(out, code)
+    code, out, _ = cli("verify", tmp_path / "out", "--source", FIXTURE, "--device", "cpu", "--json")
+    verified = envelope_of(out, code)
+    for other in (converted, verified):
+        for key in set(demo) & set(other):
+            assert type(demo[key]) is type(other[key]), (key, demo[key], other[key])
+            if isinstance(demo[key], dict):
+                assert set(demo[key]) == set(other[key]), key
+    assert isinstance(demo["bytes_in"], int) and demo["bytes_in"] > 0
+    assert {"device", "backend", "failures", "checks", "layers", "bytes_in"} <= set(demo)
+    assert demo["device"]["device_type"] == "cpu" and demo["backend"] == verified["backend"] and not demo["failures"]

@@ -30,14 +30,15 @@ EXAMPLES = [
 def _render(console, d: dict) -> None:
     console.print(f"[bold]gptq2xpu demo[/]: {d['family']} model, {d['moe_layers']} MoE layers x {d['experts']} experts "
                   f"(K={d['hidden_size']}, N={d['intermediate_size']}, group {d['group_size']})")
-    console.print(f"  source  {d['source']}  ({human_bytes(d['source_bytes'])}, GPTQ int4)")
+    gone = "" if d["kept"] else "; removed afterwards, --keep DIR keeps it"
+    console.print(f"  source  {d['source']}  ({human_bytes(d['bytes_in'])}, GPTQ int4{gone})")
     console.print(f"  convert -> {d['output']}  {d['converted_layers']} layers converted in {d['convert_seconds']} s")
     for c in d["checks"]:
         console.print(f"  verify  {'[green]ok[/]  ' if c['ok'] else '[red]FAIL[/]'} {c['check']}: {c['detail']}")
     worst = max((r["rel"] for r in d["layers"]), default=0.0)
     console.print(f"  reference MoE: {len(d['layers'])} layers, worst relative error {worst:.3g} "
-                  f"({d['device']}, {d['dtype']}); {d['kernel']}")
-    verdict = "[green]PASS[/]" if d["status"] == "pass" else "[red]FAIL[/]"
+                  f"({d['device'].get('device_type')}, {d['dtype']}); {d['backend'].get('detail', '')}")
+    verdict = "[red]FAIL[/]" if d["failures"] else "[green]PASS[/]"
     console.print(f"{verdict}  next: gptq2xpu inspect <your GPTQ MoE checkpoint>, then gptq2xpu convert SOURCE OUTPUT")
 
 
@@ -79,16 +80,17 @@ def demo(
             "intermediate_size": spec["moe_intermediate"],
             "group_size": spec["group_size"],
             "source": str(root / "source"),
-            "source_bytes": result["bytes_in"],
+            "bytes_in": result["bytes_in"],
             "output": str(root / "converted"),
             "converted_layers": result["converted_layers"],
             "convert_seconds": result["seconds"],
-            "status": report["status"],
+            # verify's own keys and values, as `verify --json` gives them
             "checks": report["checks"],
             "layers": report["layers"],
-            "device": report.get("device", {}).get("device_type"),
+            "failures": report["failures"],
+            "device": report.get("device", {}),
             "dtype": report.get("dtype"),
-            "kernel": report.get("backend", {}).get("detail", ""),
+            "backend": report.get("backend", {}),
             "kept": bool(keep),
         }
         out.result(data, _render, f"demo {family}: converted and verified {data['converted_layers']} MoE layer(s)")

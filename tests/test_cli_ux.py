@@ -761,3 +761,13 @@ def test_a_key_means_one_thing_in_every_command(cli, tmp_path):
     assert isinstance(demo["bytes_in"], int) and demo["bytes_in"] > 0
     assert {"device", "backend", "failures", "checks", "layers", "bytes_in"} <= set(demo)
     assert demo["device"]["device_type"] == "cpu" and demo["backend"] == verified["backend"] and not demo["failures"]
+
+
+def test_a_device_or_backend_that_cannot_run_names_the_option_that_can(cli, converted, monkeypatch):
+    code, _, err = cli("verify", converted, "--source", FIXTURE, "--device", "cpu", "--backend", "xpu-kernels")
+    line = one_error_line(err)
+    assert code == EXIT_USAGE and "the kernel runs only on xpu; --backend auto runs the kernel where it can" in line
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    code, _, err = cli("verify", converted, "--source", FIXTURE, "--device", "cuda")
+    line = one_error_line(err)
+    assert code == EXIT_USAGE and "no CUDA device is available" in line and "--device auto takes the best" in line

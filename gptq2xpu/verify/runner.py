@@ -295,7 +295,8 @@ def _numeric_setup(device, dtype, backend, report):
         available, why = False, "the kernel runs bfloat16/float16 activations only (--dtype float32 asked)"
     run_kernel = backend != "reference" and available
     if backend == "xpu-kernels" and not available:
-        raise UsageError(f"--backend xpu-kernels: {why}")
+        raise UsageError(f"--backend xpu-kernels: {why}; --backend auto runs the kernel where it can and says "
+                         "why it did not")
     report["device"] = runtime_info(dev)
     report["dtype"] = str(tdtype).replace("torch.", "")
     report["backend"] = {"requested": backend, "kernel_ran": run_kernel,

@@ -396,6 +396,10 @@ def test_a_converted_folder_as_source(cli, converted):
 
 
 def test_messages_for_the_wrong_kind_of_folder(cli, converted, tmp_path):
+    for args in (("inspect", FIXTURE / "config.json"), ("convert", FIXTURE / "model.safetensors", tmp_path / "o")):
+        code, _, err = cli(*args)
+        line = one_error_line(err)
+        assert code == EXIT_INPUT and f"not a file: give the folder holding it, {FIXTURE}" in line, line
     code, _, err = cli("verify", converted / "model.safetensors")
     assert code == EXIT_INPUT and "is a file; verify takes the converted folder" in one_error_line(err)
     code, _, err = cli("verify", FIXTURE)

@@ -6,7 +6,8 @@ Usage examples::
     gptq2xpu inspect Qwen/Qwen3-30B-A3B-GPTQ-Int4        # what would happen, from headers only
     gptq2xpu convert ./Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu --jobs 8
     gptq2xpu verify ./qwen3-xpu --source ./Qwen3-30B-A3B-GPTQ-Int4
-    gptq2xpu convert SRC OUT --part 2/4 && gptq2xpu finalize OUT   # split over a job runner
+    gptq2xpu convert SRC OUT --part 2/4                  # one of 4 parts, over a job runner
+    gptq2xpu finalize OUT                                # once all 4 parts have finished
 
 ``--json``, ``--quiet`` and ``--debug`` work on every command, before or after the command name.
 Errors are one line on stderr (``gptq2xpu: bad input: <file/tensor>: <what is wrong>``) with an

@@ -34,7 +34,7 @@ EXAMPLES = [
     "gptq2xpu convert Qwen/Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu",
     "gptq2xpu convert ./Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu --scale-dtype bfloat16 --jobs 8",
     "gptq2xpu convert Qwen/Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu-tp4 --tp-size 4 --emit-ranks",
-    "gptq2xpu convert SOURCE /shared/out --part 2/4 && gptq2xpu finalize /shared/out",
+    "gptq2xpu convert SOURCE /shared/out --part 2/4 --max-shard-size 2GB",
 ]
 
 

@@ -18,7 +18,7 @@ serve)::
     cli/           thin typer commands over the above
     testing/       synthetic checkpoints with ground truth (tests, the demo, benchmarks)
 
-torch is optional (``pip install 'gptq2xpu[torch]'``, see :mod:`gptq2xpu.optional_torch`): only
+torch is optional (``pip install -e '.[torch]'``, see :mod:`gptq2xpu.optional_torch`): only
 ``verify --source``, ``demo``, ``load`` and the vLLM plugin import it; ``convert``, ``inspect``,
 ``finalize`` and a standalone ``verify`` run on numpy alone.
 """

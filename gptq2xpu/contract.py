@@ -41,6 +41,9 @@ MANIFEST_FORMAT = "gptq2xpu-manifest"  # the manifest's "format" field
 FORMAT_VERSION = 1
 #: The Hugging Face index of a sharded checkpoint.
 INDEX_NAME = "model.safetensors.index.json"
+#: The folder a split conversion (``convert --part``) keeps its plan and part records in until
+#: ``finalize``.
+PARTS_DIR = ".gptq2xpu-parts"
 
 W13_QWEIGHT, W13_SCALES, W2_QWEIGHT, W2_SCALES = "w13_qweight", "w13_scales", "w2_qweight", "w2_scales"
 #: The four tensors a converted layer has, in this order.

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from .parallel import default_jobs
 from .plan import ConvertOptions, Plan, build_plan
 from .read import Checkpoint, open_source
 from .write import write_checkpoint, write_part
-from .write.split import part_shards
+from .write.output import check_not_source
+from .write.split import check_part, part_shards
 
 #: Default --jobs ceiling (see convert()).
 MAX_DEFAULT_JOBS = 8
@@ -75,6 +77,9 @@ def convert(source, output, *, options: ConvertOptions | None = None, jobs: int 
         summary = plan.to_dict()
         summary["output"] = str(output)
         if dry_run:
+            check_not_source(Path(os.path.abspath(output)), ckpt.root)  # what the run refuses before writing
+            if part is not None:
+                check_part(plan, *part)
             summary["dry_run"] = True
             return summary
         plan.raise_refusals()

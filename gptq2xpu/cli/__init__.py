@@ -6,7 +6,8 @@ Usage examples::
     gptq2xpu inspect Qwen/Qwen3-30B-A3B-GPTQ-Int4        # what would happen, from headers only
     gptq2xpu convert ./Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu --jobs 8
     gptq2xpu verify ./qwen3-xpu --source ./Qwen3-30B-A3B-GPTQ-Int4
-    gptq2xpu convert SRC OUT --part 2/4 && gptq2xpu finalize OUT   # split over a job runner
+    gptq2xpu convert SRC OUT --part 2/4                  # one of 4 parts, over a job runner
+    gptq2xpu finalize OUT                                # once all 4 parts have finished
 
 ``--json``, ``--quiet`` and ``--debug`` work on every command, before or after the command name.
 Errors are one line on stderr (``gptq2xpu: bad input: <file/tensor>: <what is wrong>``) with an
@@ -135,8 +136,10 @@ def scan_flags(argv: list[str]) -> tuple[Flags, list[str]]:
 
 
 def _command_name(argv: list[str]) -> str | None:
-    """The command word: the first word that is not an option (the root options take no value)."""
-    return next((w for w in argv if not w.startswith("-")), None) if argv else None
+    """The command: the first word that is not an option (the root options take no value), when it
+    names one (an unknown word is no command: ``--json`` reports ``null`` for it)."""
+    word = next((w for w in argv if not w.startswith("-")), None)
+    return word if word in COMMANDS else None
 
 
 def _traceback() -> None:
@@ -188,7 +191,9 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> None:
         code, report = exc.exit_code, False
     except typer.TyperException as exc:  # bad option / missing argument: one line, like every other error
         _traceback()
-        code, kind, message = exc.exit_code or EXIT_USAGE, UsageError.kind, " ".join(exc.format_message().split())
+        help_command = "gptq2xpu" + (f" {command}" if command else "")
+        code, kind, message = (exc.exit_code or EXIT_USAGE, UsageError.kind,
+                               " ".join(exc.format_message().split()) + f" (see `{help_command} --help`)")
     except BrokenPipeError:
         code, report = 0, False
     except Exception as exc:  # a bug (one line unless --debug), or the system out of a resource

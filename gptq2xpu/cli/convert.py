@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ..contract import MANIFEST_NAME
 from ..errors import UsageError
+from .inspect import refuse_as_convert_would
 from .options import (
     OUTPUT_ARG,
     SOURCE_ARG,
@@ -25,13 +28,13 @@ from .options import (
     unused_token,
 )
 from .output import session_output
-from .render import render_convert
+from .render import finalize_step, render_convert
 
 EXAMPLES = [
     "gptq2xpu convert Qwen/Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu",
     "gptq2xpu convert ./Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu --scale-dtype bfloat16 --jobs 8",
     "gptq2xpu convert Qwen/Qwen3-30B-A3B-GPTQ-Int4 ./qwen3-xpu-tp4 --tp-size 4 --emit-ranks",
-    "gptq2xpu convert SOURCE /shared/out --part 2/4 && gptq2xpu finalize /shared/out",
+    "gptq2xpu convert SOURCE /shared/out --part 2/4 --max-shard-size 2GB",
 ]
 
 
@@ -60,7 +63,8 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing converted OUTPUT (only once "
                                             "the new one is complete).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (from headers alone) and write "
-                                          "nothing.")] = False,
+                                          "nothing; exits 3, as the conversion would, when it refuses a "
+                                          "layer.")] = False,
 ):
     """Convert a GPTQ int4 MoE checkpoint into the XPU fused-MoE layout.
 
@@ -83,6 +87,11 @@ def convert(
         result = run(source, output, options=options, jobs=jobs, overwrite=overwrite, dry_run=dry_run,
                      part=parse_part(part), revision=revision, token=token,
                      progress=lambda done, total: update("converting", done, total))
+    if dry_run and not overwrite and part is None and _holds_files(output):
+        unless = ("unless given --overwrite" if os.path.lexists(output / MANIFEST_NAME) else
+                  "(it is not a gptq2xpu output: choose a new or empty folder)")
+        result.setdefault("warnings", []).append(f"{output}: OUTPUT already exists; the conversion itself will "
+                                                 f"refuse it {unless}")
     token_note = unused_token(ctx, source)
     if token_note:
         result.setdefault("warnings", []).insert(0, token_note)
@@ -92,5 +101,14 @@ def convert(
         message = f"dry run: {result['converted_layers']} MoE layer(s) would be converted; nothing written"
     else:
         message = (f"converted {result['converted_layers']} MoE layer(s) of {source} into {output}"
-                   + (f" (part {result['part']})" if result.get("part") else ""))
+                   + (f" (part {result['part']}); {finalize_step(output)}" if result.get("part") else ""))
     out.result(result, render_convert, message)
+    if dry_run:
+        refuse_as_convert_would(result)
+
+
+def _holds_files(output: Path) -> bool:
+    """Whether OUTPUT is there and is not an empty folder (what the conversion accepts as new)."""
+    from ..write.output import is_empty_folder
+
+    return os.path.lexists(output) and not is_empty_folder(output)

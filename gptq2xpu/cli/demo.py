@@ -6,6 +6,7 @@ AutoRound-style config, float router, attention and norms), written to a tempora
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,14 +30,15 @@ EXAMPLES = [
 def _render(console, d: dict) -> None:
     console.print(f"[bold]gptq2xpu demo[/]: {d['family']} model, {d['moe_layers']} MoE layers x {d['experts']} experts "
                   f"(K={d['hidden_size']}, N={d['intermediate_size']}, group {d['group_size']})")
-    console.print(f"  source  {d['source']}  ({human_bytes(d['source_bytes'])}, GPTQ int4)")
+    gone = "" if d["kept"] else "; removed afterwards, --keep DIR keeps it"
+    console.print(f"  source  {d['source']}  ({human_bytes(d['bytes_in'])}, GPTQ int4{gone})")
     console.print(f"  convert -> {d['output']}  {d['converted_layers']} layers converted in {d['convert_seconds']} s")
     for c in d["checks"]:
         console.print(f"  verify  {'[green]ok[/]  ' if c['ok'] else '[red]FAIL[/]'} {c['check']}: {c['detail']}")
     worst = max((r["rel"] for r in d["layers"]), default=0.0)
     console.print(f"  reference MoE: {len(d['layers'])} layers, worst relative error {worst:.3g} "
-                  f"({d['device']}, {d['dtype']}); {d['kernel']}")
-    verdict = "[green]PASS[/]" if d["status"] == "pass" else "[red]FAIL[/]"
+                  f"({d['device'].get('device_type')}, {d['dtype']}); {d['backend'].get('detail', '')}")
+    verdict = "[red]FAIL[/]" if d["failures"] else "[green]PASS[/]"
     console.print(f"{verdict}  next: gptq2xpu inspect <your GPTQ MoE checkpoint>, then gptq2xpu convert SOURCE OUTPUT")
 
 
@@ -62,8 +64,8 @@ def demo(
     require_torch("demo (it verifies against the source)")
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="gptq2xpu-demo-"))
     try:
-        if keep and (root / "source").exists():
-            raise UsageError(f"{root}/source exists; choose an empty --keep folder")
+        if keep:
+            _check_keep(root)
         spec = dict(family=family, hidden=512, moe_intermediate=256, num_experts=16, top_k=4, num_layers=3,
                     group_size=128)
         info = make_checkpoint(root / "source", **spec)
@@ -78,16 +80,17 @@ def demo(
             "intermediate_size": spec["moe_intermediate"],
             "group_size": spec["group_size"],
             "source": str(root / "source"),
-            "source_bytes": result["bytes_in"],
+            "bytes_in": result["bytes_in"],
             "output": str(root / "converted"),
             "converted_layers": result["converted_layers"],
             "convert_seconds": result["seconds"],
-            "status": report["status"],
+            # verify's own keys and values, as `verify --json` gives them
             "checks": report["checks"],
             "layers": report["layers"],
-            "device": report.get("device", {}).get("device_type"),
+            "failures": report["failures"],
+            "device": report.get("device", {}),
             "dtype": report.get("dtype"),
-            "kernel": report.get("backend", {}).get("detail", ""),
+            "backend": report.get("backend", {}),
             "kept": bool(keep),
         }
         out.result(data, _render, f"demo {family}: converted and verified {data['converted_layers']} MoE layer(s)")
@@ -96,3 +99,13 @@ def demo(
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _check_keep(root: Path) -> None:
+    """--keep DIR must be able to take the demo's two folders; said before anything is made (demo
+    takes no --overwrite, so the conversion's own refusal would point at an option it lacks)."""
+    if os.path.lexists(root) and (root.is_symlink() or not root.is_dir()):
+        raise UsageError(f"--keep {root}: not a folder; name a new or empty folder")
+    for name in ("source", "converted"):
+        if os.path.lexists(root / name):
+            raise UsageError(f"{root / name} exists; choose a new or empty --keep folder")

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..contract import MANIFEST_NAME
 from .options import OUTPUT_ARG
 from .output import session_output
 
@@ -29,5 +30,6 @@ def finalize(
     out = session_output()
     files = run(output)
     data = {"output": str(output), "files": len(files), "finalized": True}
-    out.result(data, lambda c, d: c.print(f"[green]finalized[/] {d['output']}: {d['files']} files"),
-               f"finalized {output}: {len(files)} files")
+    listed = f"{len(files)} files and {MANIFEST_NAME}, which lists them"
+    out.result(data, lambda c, d: c.print(f"[green]finalized[/] {d['output']}: {listed}"),
+               f"finalized {output}: {listed}")

@@ -76,6 +76,12 @@ def inspect(
         out.warn(w)
     out.result(data, render_inspect, f"{data['moe_layers']} MoE layer(s): {data['converted_layers']} to convert, "
                f"{data['passthrough_layers']} passed through, {data['refused_layers']} refused")
-    if data["refusals"]:
-        more = f" (and {len(data['refusals']) - 1} more)" if len(data["refusals"]) > 1 else ""
-        raise InputError(f"convert would refuse {data['refusals'][0]}{more}")
+    refuse_as_convert_would(data)
+
+
+def refuse_as_convert_would(plan: dict) -> None:
+    """A plan with refused layers ends as ``convert`` would (bad input, exit 3), once it is shown:
+    ``inspect`` and ``convert --dry-run`` say what the conversion would do, its exit code included."""
+    if plan["refusals"]:
+        more = f" (and {len(plan['refusals']) - 1} more)" if len(plan["refusals"]) > 1 else ""
+        raise InputError(f"convert would refuse {plan['refusals'][0]}{more}")

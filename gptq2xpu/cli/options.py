@@ -118,8 +118,10 @@ TokenOpt = Annotated[str | None, typer.Option(
     help="Hugging Face token for private or gated repos (default: the cached login).")]
 
 # --- what the converted experts look like (convert and inspect)
-ScaleDtypeOpt = Annotated[str, choice("--scale-dtype", SCALE_DTYPE_CHOICES, help="Scale dtype; the kernel reads "
-                                      "scales in the activation dtype.")]
+ScaleDtypeOpt = Annotated[str, choice("--scale-dtype", SCALE_DTYPE_CHOICES, help="Dtype of the written scales: "
+                                      "keep (the source's) or a cast, refused where it would lose a scale; the "
+                                      "kernel reads scales in the activation dtype, so pick the one the model runs "
+                                      "in.")]
 EncodingOpt = Annotated[str, choice("--nibble-encoding", ENCODINGS, help="u4b8: offset-8 codes, what vLLM's XPU "
                                     "path feeds the kernel; s4: signed nibbles (byte ^ 0x88).")]
 DeviceOpt = Annotated[str, choice("--device", DEVICES, help="Where the reference MoE runs (auto: xpu, else cuda, "
@@ -128,13 +130,17 @@ FormatOpt = Annotated[str, choice("--format", OUTPUT_FORMATS, help="xpu: stacked
                                   "takes without a copy (vLLM with the gptq2xpu plugin); compressed-tensors: "
                                   "pack-quantized W4A16, served by stock vLLM of any current release and platform.")]
 TpOpt = Annotated[int, typer.Option("--tp-size", metavar="T", min=1, max=MAX_TP, help="Make every tensor-parallel "
-                                    "rank's slice of N hold whole supported groups (regroup, else zero-pad).")]
+                                    "rank's slice of N hold whole supported groups (regroup, else zero-pad); serve "
+                                    "the output with vLLM's --tensor-parallel-size T.")]
 KeepOpt = Annotated[bool, typer.Option("--keep-unsupported", help="Write MoE layers the kernel cannot run (e.g. "
                                        "8-bit) unchanged instead of refusing.")]
 RouterOpt = Annotated[bool, typer.Option("--dequantize-router", help="Write a GPTQ-quantized router as a float "
                                          "weight instead of passing it through.")]
+#: ``convert``'s --jobs (its default is capped at gptq2xpu.convert.MAX_DEFAULT_JOBS, not imported here: that
+#: would load the converter for every command's help).
 JobsOpt = Annotated[int | None, typer.Option("--jobs", "-j", metavar="N", min=1, max=MAX_JOBS,
-                                             help="Worker threads (default: the cores available).")]
+                                             help="Worker threads (default: the cores available, at most 8; the "
+                                                  "page cache, not the cores, bounds the writing).")]
 
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,

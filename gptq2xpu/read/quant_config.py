@@ -140,9 +140,11 @@ def read_quant_config(folder: Folder | Path, config: dict) -> QuantConfig:
         folder = Folder(Path(folder))
     found = _locate(folder, config)
     if found is None:
+        ask = ("; is this a GPTQ checkpoint?" if folder.exists("config.json") else
+               "; it has no config.json either: is it the checkpoint's folder?")
         raise InputError(
             f"{folder.root}: no quantization config (looked in config.json quantization_config, nested "
-            "text_config, quantization_config.json, quantize_config.json); is this a GPTQ checkpoint?"
+            f"text_config, quantization_config.json, quantize_config.json){ask}"
         )
     raw, where = found
     if not isinstance(raw, dict):

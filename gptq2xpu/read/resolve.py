@@ -81,7 +81,8 @@ def resolve_source(source: str, *, revision: str | None = None, token: str | Non
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise InputError(f"{source}: SOURCE must be a checkpoint folder, not a file")
+            raise InputError(f"{source}: SOURCE must be a checkpoint folder, not a file: give the folder holding "
+                             f"it, {path.parent}")
         if revision is not None:
             raise UsageError(f"--revision {revision!r}: SOURCE {source} is a local folder; --revision selects a "
                              "commit of a Hugging Face repo id (drop it, or name the repo id)")

@@ -89,9 +89,11 @@ def select_device(preference: str = "auto") -> torch.device:
         return torch.device("cpu")
     if preference == "xpu" and not xpu_available():
         why = f" ({ipex_error})" if ipex_error else ""
-        raise UsageError(f"--device xpu: no Intel XPU is available to torch {torch.__version__}{why}")
+        raise UsageError(f"--device xpu: no Intel XPU is available to torch {torch.__version__}{why}; "
+                         "--device auto takes the best device there is")
     if preference == "cuda" and not cuda_available():
-        raise UsageError(f"--device cuda: no CUDA device is available to torch {torch.__version__}")
+        raise UsageError(f"--device cuda: no CUDA device is available to torch {torch.__version__}; "
+                         "--device auto takes the best device there is")
     return torch.device(preference)
 
 

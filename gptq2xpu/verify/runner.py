@@ -82,8 +82,11 @@ def select_layers(prefixes: list[str], spec: str | None) -> list[str]:
             else:
                 raise ValueError
         except (ValueError, IndexError):
-            raise UsageError(f"--layers {spec!r}: {part!r} is not a layer index (0..{len(prefixes) - 1}), range or "
-                             "prefix") from None
+            n = len(prefixes)
+            example = f", or a layer prefix such as {prefixes[0]}" if prefixes else ""
+            raise UsageError(f"--layers {spec!r}: {part!r} names no layer of OUTPUT's {n} converted MoE layer(s); "
+                             f"give indices 0..{n - 1} (negative: from the end), ranges a-b within them"
+                             f"{example}") from None
     return list(dict.fromkeys(chosen))
 
 
@@ -292,7 +295,8 @@ def _numeric_setup(device, dtype, backend, report):
         available, why = False, "the kernel runs bfloat16/float16 activations only (--dtype float32 asked)"
     run_kernel = backend != "reference" and available
     if backend == "xpu-kernels" and not available:
-        raise UsageError(f"--backend xpu-kernels: {why}")
+        raise UsageError(f"--backend xpu-kernels: {why}; --backend auto runs the kernel where it can and says "
+                         "why it did not")
     report["device"] = runtime_info(dev)
     report["dtype"] = str(tdtype).replace("torch.", "")
     report["backend"] = {"requested": backend, "kernel_ran": run_kernel,

@@ -29,6 +29,7 @@ from ..contract import (
     FORMAT_VERSION,
     MANIFEST_FORMAT,
     MANIFEST_NAME,
+    PARTS_DIR,
     W2_QWEIGHT,
     W2_SCALES,
     W13_QWEIGHT,
@@ -400,6 +401,9 @@ def check_some_output(folder: Path) -> None:
     """A folder holding neither a manifest nor a config.json is no gptq2xpu output at all (bad
     input, exit 3); one holding either is judged by the checks (a damaged output fails them)."""
     if not any(os.path.lexists(folder / name) for name in (MANIFEST_NAME, "config.json")):
+        if os.path.isdir(folder / PARTS_DIR):
+            raise InputError(f"{folder}: a split conversion not finalized yet: once every `convert --part` "
+                             f"has finished, run `gptq2xpu finalize {folder}`, then verify it")
         raise InputError(f"{folder}: not a gptq2xpu output: it holds neither {MANIFEST_NAME} nor config.json")
 
 

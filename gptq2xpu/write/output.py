@@ -100,6 +100,11 @@ def check_output(output: Path, source_root: Path, *, overwrite: bool) -> None:
                          f"the {_name_max(output.parent)} this file system allows")
     check_not_source(output, source_root)
     if os.path.lexists(output) and not is_empty_folder(output):
+        if not overwrite and not os.path.lexists(output / MANIFEST_NAME):  # --overwrite would not help
+            what = ("and is a folder gptq2xpu did not write (it has no " + MANIFEST_NAME + ")"
+                    if output.is_dir() and not output.is_symlink() else "and is not a folder")
+            raise UsageError(f"{output}: OUTPUT already exists {what}; choose a new or empty folder (--overwrite "
+                             "replaces only a gptq2xpu output)")
         if not overwrite:
             raise UsageError(f"{output}: OUTPUT already exists; pass --overwrite to replace it")
         if output.is_symlink() or not output.is_dir():

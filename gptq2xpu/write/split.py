@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ..contract import CONFIG_BLOCK, INDEX_NAME, MANIFEST_NAME, parse_block
+from ..contract import CONFIG_BLOCK, INDEX_NAME, MANIFEST_NAME, PARTS_DIR, parse_block
 from ..errors import InputError, UsageError, io_error
 from ..plan import Plan
 from ..read import Checkpoint
@@ -41,7 +41,6 @@ from .documents import (
 from .output import check_not_source, lock_file, lock_folder, make_parent, unlock_folder
 from .shards import write_shards
 
-PARTS_DIR = ".gptq2xpu-parts"
 PLAN_DOC = "plan.json"
 MAX_PARTS = 10_000
 _TEMP = re.compile(r"\.(?P<name>.+)\.tmp-\d+-[A-Za-z0-9_]+")
@@ -56,15 +55,20 @@ def part_shards(plan: Plan, part: int, parts: int) -> list[int]:
     return [i for i in range(len(plan.shards)) if i % parts == part - 1]
 
 
+def check_part(plan: Plan, part: int, parts: int) -> None:
+    """Every part writes at least one shard: n is at most the number of shards (also said by a dry run)."""
+    if parts > len(plan.shards):
+        raise UsageError(f"--part {part}/{parts}: the output has {len(plan.shards)} shard(s), so n can be at most "
+                         f"{len(plan.shards)} (a smaller --max-shard-size makes more shards)")
+
+
 def write_part(plan: Plan, ckpt: Checkpoint, output: Path, part: int, parts: int, *, jobs: int = 1,
                progress: Callable[[int], None] | None = None,
                before_publish: Callable[[], None] | None = None) -> dict:
     """Write this part's shards into the shared OUTPUT folder, plus what ``finalize`` needs."""
     output = Path(os.path.abspath(output))
     check_not_source(output, ckpt.root)
-    if parts > len(plan.shards):
-        raise UsageError(f"--part {part}/{parts}: the output has {len(plan.shards)} shard(s), so n can be at most "
-                         f"{len(plan.shards)} (a smaller --max-shard-size makes more shards)")
+    check_part(plan, part, parts)
     plan.warnings.extend(side_files(ckpt.folder)[1])  # refuses escaping links before writing anything
     side = sorted(side_documents(plan, ckpt))
     docs = {
@@ -112,7 +116,8 @@ def finalize(output: Path) -> dict:
     reader = Folder(output, links="none")
     if not reader.exists(f"{PARTS_DIR}/{PLAN_DOC}"):
         if reader.exists(MANIFEST_NAME):
-            raise UsageError(f"{output}: already finalized")
+            raise UsageError(f"{output}: already finalized, nothing to do; check it with "
+                             f"`gptq2xpu verify {output}`")
         raise UsageError(f"{output}: no split conversion found here (missing {PARTS_DIR}/{PLAN_DOC})")
     try:
         lock = lock_folder(output / PARTS_DIR)
@@ -144,7 +149,9 @@ def _finalize(output: Path, reader: Folder) -> dict:
         files.update(listed)
         written.update(stats)
     if missing:
-        raise UsageError(f"{output}: part(s) {', '.join(missing[:10])} of {parts} not finished yet")
+        raise UsageError(f"{output}: part(s) {', '.join(missing[:10])} of {parts} not finished yet; run "
+                         f"`gptq2xpu convert SOURCE {output} --part {missing[0]}/{parts}` (with the options the "
+                         "other parts had) for each, or wait for the runs still writing, then finalize again")
     for name in plan_doc["shards"]:
         if name not in files:
             raise InputError(f"{output}: no part wrote shard {name}")

@@ -55,7 +55,7 @@ from .contract import (
 from .errors import InputError, UsageError
 from .read.checkpoint import Checkpoint, open_checkpoint
 from .safetensors_io import BITS_DTYPES
-from .torch_io import read_tensor, torch_dtype
+from .torch_io import read_tensor, refuse_nonfinite, torch_dtype
 from .xpu_handover import SKIP_CONVERSION_ATTR, build_fused_moe, kernel_class
 
 
@@ -151,6 +151,8 @@ class ConvertedCheckpoint:
             parts = geo.rank_slices(tp_rank, tp_size)
             shapes = geo.shapes(tp_size)
             w13, s13, w2, s2 = (_rank_part(self._ckpt, names[w], parts[w], shapes[w]) for w in EXPERT_TENSORS)
+        for what, scales in (("w13_scales", s13), ("w2_scales", s2)):
+            refuse_nonfinite(names[what], scales, "" if tp_size == 1 else f" of rank {tp_rank}'s slice of {tp_size}")
         want_signed = (self.encoding == "s4") if signed is None else bool(signed)
         if want_signed != (self.encoding == "s4"):
             for t in (w13, w2):

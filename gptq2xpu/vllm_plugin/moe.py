@@ -34,9 +34,10 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import QuantKey, 
 from vllm.model_executor.utils import replace_parameter
 from vllm.scalar_type import scalar_types
 
-from ..contract import EXPERT_TENSORS, W2_QWEIGHT, W13_QWEIGHT, ConvertedBlock, ConvertedLayer
+from ..contract import CONFIG_BLOCK, EXPERT_TENSORS, W2_QWEIGHT, W13_QWEIGHT, ConvertedBlock, ConvertedLayer
 from ..errors import InputError
 from ..serving import EXPERTS_ENV
+from ..torch_io import refuse_nonfinite
 from .compat import marlin_input_dtype, to_kernel_format
 from .slices import copy_rank_slice, rank_shape
 from .xpu_experts import hand_over_signed
@@ -157,8 +158,14 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
     # ------------------------------------------------------------------------------ loading
 
     def _loader(self, name: str):
-        def load(param: torch.nn.Parameter, loaded: torch.Tensor) -> None:
-            self.load_rank_slice(name, param.data, loaded)
+        def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, **per_expert) -> None:
+            if per_expert:  # vLLM's loader mapped a per-expert checkpoint tensor onto this stacked parameter
+                raise InputError(
+                    f"{self.prefix}: the checkpoint holds a per-expert tensor (expert {per_expert.get('expert_id')}, "
+                    f"which vLLM's loader maps onto {per_expert.get('weight_name')}) for a MoE layer that "
+                    f"config.json's {CONFIG_BLOCK!r} block lists as converted (four stacked tensors only): the "
+                    "checkpoint mixes layouts; check it with `gptq2xpu verify`")
+            self.load_rank_slice(name, param.data, loaded_weight)
             self._loaded.add(name)
 
         return load
@@ -170,7 +177,9 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
         dtype = torch.uint8 if name in (W13_QWEIGHT, W2_QWEIGHT) else _SCALE_DTYPES[e.scale_dtype]
         if tuple(full.shape) != want or full.dtype != dtype:
             raise InputError(f"{e.tensor(name)}: {full.dtype} {list(full.shape)} in the checkpoint, expected {dtype} "
-                             f"{list(want)} (config.json block)")
+                             f"{list(want)} (config.json block); check the folder with `gptq2xpu verify`")
+        if dtype != torch.uint8:
+            refuse_nonfinite(e.tensor(name), full)
         copy_rank_slice(e, name, full, dst, self.moe.tp_rank, self.moe.tp_size)
 
     # ------------------------------------------------------------------------------ after loading
@@ -179,7 +188,8 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
         missing = [name for name in EXPERT_TENSORS if name not in self._loaded]
         if missing:
             raise InputError(f"{self.entry.tensor(missing[0])}: was not loaded (vLLM's weight loader for this model "
-                             "did not hand it to gptq2xpu, or the checkpoint lacks it)")
+                             "did not hand it to gptq2xpu, or the checkpoint lacks it: check it with "
+                             "`gptq2xpu verify`)")
         if self.encoding == "s4":  # signed nibbles -> the offset-8 codes vLLM's kernels take, in place
             for name in (W13_QWEIGHT, W2_QWEIGHT):
                 getattr(layer, name).data.bitwise_xor_(0x88)
@@ -257,6 +267,35 @@ def routed_experts_child() -> str:
     return param.default if param is not None and isinstance(param.default, str) else ""
 
 
+def _stacked_names() -> dict[str, str]:
+    """The names under which an experts module receives a converted layer's four tensors -> the tensor."""
+    child = routed_experts_child()
+    return {**{n: n for n in EXPERT_TENSORS}, **({f"{child}.{n}": n for n in EXPERT_TENSORS} if child else {})}
+
+
+def refuse_stacked_tensors(layer, prefix: str, listed: list[str]) -> None:
+    """For an experts module the config block does not list as converted: refuse a converted layer's
+    stacked tensors, which vLLM's GPTQ MoE method would otherwise take (its parameters have the same
+    names) and run as garbage."""
+    original = layer.load_weights
+    ours = _stacked_names()
+
+    def load_weights(weights):
+        def checked():
+            for name, tensor in weights:
+                if name in ours:
+                    raise InputError(
+                        f"{prefix}.{ours[name]}: a converted expert tensor, but config.json's {CONFIG_BLOCK!r} block "
+                        f"does not list MoE layer {prefix} as converted (it lists {', '.join(listed[:3])}"
+                        f"{', ...' if len(listed) > 3 else ''}); the block or the tensors were changed: check the "
+                        "folder with `gptq2xpu verify`")
+                yield name, tensor
+
+        yield from original(checked())
+
+    layer.load_weights = load_weights
+
+
 def _route_stacked_tensors(layer) -> None:
     """Send the four converted tensors straight to their parameters' loaders.
 
@@ -267,8 +306,7 @@ def _route_stacked_tensors(layer) -> None:
     ``Gptq2XpuConfig.get_checkpoint_weight_mapper``).
     """
     original = layer.load_weights
-    child = routed_experts_child()
-    ours = {**{n: n for n in EXPERT_TENSORS}, **({f"{child}.{n}": n for n in EXPERT_TENSORS} if child else {})}
+    ours = _stacked_names()
 
     def load_weights(weights):
         loaded = []

@@ -1,0 +1,164 @@
+"""Tampered or damaged ``--format xpu`` folders handed to vLLM with the plugin, and to ``gptq2xpu.load``.
+
+Each tampered folder must be refused at load with one line that names the tensor or key and what is
+wrong, and points to ``gptq2xpu verify``; never served (as NaN or as wrong numbers), never a traceback
+from deep inside vLLM.  The plugin runs at the MoE-layer level (vLLM 0.32's ``FusedMoE`` on its XPU
+branch, one worker process: ``tests/support/vllm_layer/hostile_worker.py``) and through vLLM's own
+start-up path for a model's quantization (``ModelConfig`` -> ``get_quant_config``).  The untampered
+folder is served and matches the reference MoE, so every refusal below comes from the tampering.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from support.planting import convert, edit_block, patch_output_tensor, remove_tensor
+from support.vllm_layer import LAYER, LAYER_SPEC
+from support.vllm_layer.releases import run_in_release
+
+from gptq2xpu.errors import InputError
+from gptq2xpu.testing.synth import make_checkpoint
+
+HOSTILE_WORKER = __import__("pathlib").Path(__file__).parent / "support" / "vllm_layer" / "hostile_worker.py"
+EXPERTS = f"{LAYER}.experts"
+
+
+def _nan_at(index):
+    def fn(a):
+        a[index] = float("nan")
+        return a
+    return fn
+
+
+def _inf_at(index):
+    def fn(a):
+        a[index] = float("inf")
+        return a
+    return fn
+
+
+def _edit_config(folder, fn):
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    fn(cfg)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+#: tampered folder -> how it is made from a good copy (``folder`` is that copy).
+TAMPER = {
+    # the block no longer lists the layer whose stacked tensors are there (renamed): vLLM's GPTQ MoE
+    # method got the layer and loaded the stacked tensors into its same-named parameters (served NaN)
+    "unlisted_layer": lambda f: edit_block(f, lambda b: b.update(layers={"model.layers.5.mlp": b["layers"][LAYER]})),
+    "nan_scale": lambda f: patch_output_tensor(f, f"{EXPERTS}.w13_scales", _nan_at((1, 3, 0))),
+    "inf_scale": lambda f: patch_output_tensor(f, f"{EXPERTS}.w2_scales", _inf_at((0, 0, 0))),
+    # a GPTQ per-expert tensor beside the stacked ones: vLLM's loader called the plugin's loader with
+    # per-expert arguments (TypeError from inside vLLM)
+    "per_expert_tensor": lambda f: save_file(
+        {f"{EXPERTS}.0.gate_proj.qweight": torch.zeros(LAYER_SPEC["hidden"] // 8, LAYER_SPEC["moe_intermediate"],
+                                                       dtype=torch.int32)}, str(f / "extra.safetensors")),
+    # refused before this file too (kept as regressions): lying shapes, dtypes, a missing tensor
+    "experts_lie": lambda f: (edit_block(f, lambda b: b["layers"][LAYER].update(experts=8)),
+                              _edit_config(f, lambda c: c.update(num_experts=8))),
+    "scale_dtype_lie": lambda f: edit_block(f, lambda b: b["layers"][LAYER].update(scale_dtype="bfloat16")),
+    "missing_tensor": lambda f: remove_tensor(f, f"{EXPERTS}.w2_scales"),
+    # quantization_config changed; the block stays
+    "quant_method_gptq": lambda f: _edit_config(f, lambda c: c["quantization_config"].update(quant_method="gptq")),
+    "source_quant_config_restored": lambda f: _edit_config(
+        f, lambda c: c.update(quantization_config=c["quantization_config"]["source_quantization_config"])),
+}
+#: tampered folder -> what the one-line error must name.
+NAMES = {
+    "unlisted_layer": [f"{EXPERTS}.w13_qweight", "does not list"],
+    "nan_scale": [f"{EXPERTS}.w13_scales", "not finite", "[1, 3, 0]"],
+    "inf_scale": [f"{EXPERTS}.w2_scales", "not finite", "[0, 0, 0]"],
+    "per_expert_tensor": [EXPERTS, "per-expert tensor", "expert 0"],
+    "experts_lie": [f"{EXPERTS}.w13_qweight", "[4, 384, 64]", "[8, 384, 64]"],
+    "scale_dtype_lie": [f"{EXPERTS}.w13_scales", "torch.float16", "torch.bfloat16"],
+    "missing_tensor": [f"{EXPERTS}.w2_scales", "was not loaded"],
+    "quant_method_gptq": ["quantization_config.quant_method", "'gptq'"],
+    "source_quant_config_restored": ["quantization_config.quant_method", "'gptq'"],
+}
+LAYER_CASES = [n for n in TAMPER if not n.startswith(("quant_method", "source_quant"))]
+CLAIM_CASES = [n for n in TAMPER if n not in LAYER_CASES]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile-served")
+    src = make_checkpoint(root / "source", **LAYER_SPEC).path
+    good = root / "good"
+    convert(src, good)
+    convert(src, root / "ct", "--format", "compressed-tensors")
+    out = {"good": good, "ct": root / "ct"}
+    for name, tamper in TAMPER.items():
+        out[name] = shutil.copytree(good, root / name)
+        tamper(out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(folders):
+    """Every case through vLLM 0.32 with the plugin, in one worker process."""
+    runs = [{"name": n, "method": "plugin", "checkpoint": str(folders[n])} for n in ["good", *LAYER_CASES]]
+    claims = [str(folders[n]) for n in ["good", "ct", *CLAIM_CASES]]
+    result = run_in_release("0.32", HOSTILE_WORKER, {"layer": LAYER, "tokens": 8, "runs": runs, "claims": claims})
+    return types.SimpleNamespace(runs=result["runs"], claims={k.rsplit("/", 1)[-1]: v
+                                                               for k, v in result["claims"].items()})
+
+
+def _assert_one_clear_line(error: str, case: str) -> None:
+    assert error.startswith("InputError: "), error  # the plugin's refusal, not an error from inside vLLM
+    assert "\n" not in error, error
+    for word in NAMES[case] + ["gptq2xpu verify"]:
+        assert word in error, (case, word, error)
+
+
+@pytest.mark.vllm
+def test_the_untampered_folder_is_served_and_right(served):
+    good = served.runs["good"]
+    assert "error" not in good, good
+    assert good["finite"] and good["vs_reference"]["ok"], good["vs_reference"]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_a_tampered_layer_is_refused_at_load_with_one_line(served, case):
+    r = served.runs[case]
+    assert "error" in r, f"{case}: served (finite output: {r.get('finite')})"
+    _assert_one_clear_line(r["error"], case)
+
+
+@pytest.mark.vllm
+def test_vllm_picks_the_plugin_for_converted_folders_only(served):
+    assert served.claims["good"] == {"quantization": "gptq2xpu", "config": "Gptq2XpuConfig"}
+    # a compressed-tensors output carries a config block too: stock vLLM's method keeps it
+    assert served.claims["ct"] == {"quantization": "compressed-tensors", "config": "CompressedTensorsConfig"}
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("case", CLAIM_CASES)
+def test_a_converted_folder_under_another_quant_method_is_refused(served, case):
+    """Without the claim vLLM's own GPTQ method took the folder ('Cannot find any of ['bits']', or,
+    with the source's description restored, its MoE method loading the stacked tensors as GPTQ ones)."""
+    r = served.claims[case]
+    assert "error" in r, f"{case}: vLLM chose {r}"
+    _assert_one_clear_line(r["error"], case)
+
+
+# ------------------------------------------------------------------------------ gptq2xpu.load (no vLLM)
+
+
+@pytest.mark.parametrize("case", ["nan_scale", "inf_scale"])
+def test_the_loader_refuses_non_finite_scales(folders, case):
+    from gptq2xpu.load import open_converted
+
+    with open_converted(folders["good"]) as ckpt:
+        assert torch.isfinite(ckpt.layer(LAYER).w13_scales).all()
+    with open_converted(folders[case]) as ckpt, pytest.raises(InputError) as exc:
+        ckpt.layer(LAYER)
+    assert all(w in exc.value.message for w in NAMES[case] + ["gptq2xpu verify"]), exc.value.message

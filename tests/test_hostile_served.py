@@ -2,9 +2,9 @@
 
 Each tampered folder must be refused at load with one line that names the tensor or key and what is
 wrong, and points to ``gptq2xpu verify``; never served (as NaN or as wrong numbers), never a traceback
-from deep inside vLLM.  The plugin runs at the MoE-layer level (vLLM 0.32's ``FusedMoE`` on its XPU
-branch, one worker process: ``tests/support/vllm_layer/hostile_worker.py``) and through vLLM's own
-start-up path for a model's quantization (``ModelConfig`` -> ``get_quant_config``).  The untampered
+from deep inside vLLM.  The plugin runs at the MoE-layer level (each supported release's ``FusedMoE`` on its
+XPU branch, one worker process per release: ``tests/support/vllm_layer/hostile_worker.py``) and through
+vLLM 0.32's own start-up path for a model's quantization (``ModelConfig`` -> ``get_quant_config``).  The untampered
 folder is served and matches the reference MoE, so every refusal below comes from the tampering.
 """
 
@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from support.planting import convert, edit_block, patch_output_tensor, remove_tensor
 from support.vllm_layer import LAYER, LAYER_SPEC
-from support.vllm_layer.releases import run_in_release
+from support.vllm_layer.releases import INSTALLED, RELEASES, run_in_release
 
 from gptq2xpu.errors import InputError
 from gptq2xpu.testing.synth import make_checkpoint
@@ -101,14 +101,19 @@ def folders(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def served(folders):
-    """Every case through vLLM 0.32 with the plugin, in one worker process."""
+@pytest.fixture(scope="module", params=list(RELEASES))
+def served(request, folders):
+    """Every layer case through one supported vLLM release with the plugin, in one worker process."""
     runs = [{"name": n, "method": "plugin", "checkpoint": str(folders[n])} for n in ["good", *LAYER_CASES]]
+    return run_in_release(request.param, HOSTILE_WORKER, {"layer": LAYER, "tokens": 8, "runs": runs})["runs"]
+
+
+@pytest.fixture(scope="module")
+def started(folders):
+    """vLLM 0.32's start-up path for each claim case (the other releases' wheels run no engine)."""
     claims = [str(folders[n]) for n in ["good", "ct", *CLAIM_CASES]]
-    result = run_in_release("0.32", HOSTILE_WORKER, {"layer": LAYER, "tokens": 8, "runs": runs, "claims": claims})
-    return types.SimpleNamespace(runs=result["runs"], claims={k.rsplit("/", 1)[-1]: v
-                                                               for k, v in result["claims"].items()})
+    result = run_in_release(INSTALLED, HOSTILE_WORKER, {"layer": LAYER, "claims": claims})["claims"]
+    return {k.rsplit("/", 1)[-1]: v for k, v in result.items()}
 
 
 def _assert_one_clear_line(error: str, case: str) -> None:
@@ -120,7 +125,7 @@ def _assert_one_clear_line(error: str, case: str) -> None:
 
 @pytest.mark.vllm
 def test_the_untampered_folder_is_served_and_right(served):
-    good = served.runs["good"]
+    good = served["good"]
     assert "error" not in good, good
     assert good["finite"] and good["vs_reference"]["ok"], good["vs_reference"]
 
@@ -128,24 +133,24 @@ def test_the_untampered_folder_is_served_and_right(served):
 @pytest.mark.vllm
 @pytest.mark.parametrize("case", LAYER_CASES)
 def test_a_tampered_layer_is_refused_at_load_with_one_line(served, case):
-    r = served.runs[case]
+    r = served[case]
     assert "error" in r, f"{case}: served (finite output: {r.get('finite')})"
     _assert_one_clear_line(r["error"], case)
 
 
 @pytest.mark.vllm
-def test_vllm_picks_the_plugin_for_converted_folders_only(served):
-    assert served.claims["good"] == {"quantization": "gptq2xpu", "config": "Gptq2XpuConfig"}
+def test_vllm_picks_the_plugin_for_converted_folders_only(started):
+    assert started["good"] == {"quantization": "gptq2xpu", "config": "Gptq2XpuConfig"}
     # a compressed-tensors output carries a config block too: stock vLLM's method keeps it
-    assert served.claims["ct"] == {"quantization": "compressed-tensors", "config": "CompressedTensorsConfig"}
+    assert started["ct"] == {"quantization": "compressed-tensors", "config": "CompressedTensorsConfig"}
 
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("case", CLAIM_CASES)
-def test_a_converted_folder_under_another_quant_method_is_refused(served, case):
+def test_a_converted_folder_under_another_quant_method_is_refused(started, case):
     """Without the claim vLLM's own GPTQ method took the folder ('Cannot find any of ['bits']', or,
     with the source's description restored, its MoE method loading the stacked tensors as GPTQ ones)."""
-    r = served.claims[case]
+    r = started[case]
     assert "error" in r, f"{case}: vLLM chose {r}"
     _assert_one_clear_line(r["error"], case)
 

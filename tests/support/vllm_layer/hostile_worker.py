@@ -2,7 +2,8 @@
 
     python tests/support/vllm_layer/hostile_worker.py JOB.json RESULT.json     (PYTHONPATH: release, repo, tests/)
 
-JOB: ``{"layer": "model.layers.0.mlp", "tokens": 16, "claims": [folder, ...], "runs": [<moe_worker run>, ...]}``.
+JOB: ``{"layer": "model.layers.0.mlp", "tokens": 16, "claims": [folder, ...], "runs": [<moe_worker run>, ...]}``
+(either list may be empty or absent).
 
 * ``claims``: each folder goes through vLLM's own start-up path for a model's quantization: ``ModelConfig``
   (which asks every registered method's ``override_quantization_method``, the plugin's included) and
@@ -42,6 +43,9 @@ def main(job_file: str, result_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     register_config()  # what vLLM's plugin loading does in each of its processes (VLLM_PLUGINS is empty here)
     result = {"claims": {folder: claim(folder) for folder in job.get("claims", [])}, "runs": {}}
+    if not job.get("runs"):
+        Path(result_file).write_text(json.dumps(result))
+        return
     from support.vllm_layer.moe_layer import config
     from support.vllm_layer.xpu_branch import XpuBranch
 

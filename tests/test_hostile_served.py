@@ -104,6 +104,8 @@ def folders(tmp_path_factory):
 def served(request, folders):
     """Every layer case through one supported vLLM release with the plugin, in one worker process."""
     runs = [{"name": n, "method": "plugin", "checkpoint": str(folders[n])} for n in ["good", *LAYER_CASES]]
+    runs += [{"name": f"by_name/{n}", "method": "plugin", "checkpoint": str(folders[n]), "by_name": True}
+             for n in ("good", "unlisted_layer")]
     return run_in_release(request.param, HOSTILE_WORKER, {"layer": LAYER, "tokens": 8, "runs": runs})["runs"]
 
 
@@ -135,6 +137,16 @@ def test_a_tampered_layer_is_refused_at_load_with_one_line(served, case):
     r = served[case]
     assert "error" in r, f"{case}: served (finite output: {r.get('finite')})"
     _assert_one_clear_line(r["error"], case)
+
+
+@pytest.mark.vllm
+def test_an_unlisted_layer_is_refused_when_loaded_by_parameter_name(served):
+    """DeepSeek-V2/V3's loader hands each tensor to its parameter's loader by name: vLLM's GPTQ MoE
+    parameters' loaders were called without an expert (TypeError inside vLLM)."""
+    assert served["by_name/good"] == {"method": "ConvertedMoEMethod"}
+    r = served["by_name/unlisted_layer"]
+    assert "error" in r, r
+    _assert_one_clear_line(r["error"], "unlisted_layer")
 
 
 @pytest.mark.vllm

@@ -189,9 +189,11 @@ class Gptq2XpuConfig(QuantizationConfig):
                 return ConvertedMoEMethod(self._block.layers[hf_prefix], self._block, layer.moe_config, prefix)
             from .moe import refuse_stacked_tensors
 
-            refuse_stacked_tensors(layer, prefix, list(index["converted"]))
+            listed = list(index["converted"])
             if index["passthrough"].get(prefix) in FLOAT_KINDS:
-                return UnquantizedFusedMoEMethod(layer.moe_config)
+                return refuse_stacked_tensors(layer, prefix, listed, UnquantizedFusedMoEMethod(layer.moe_config))
+            method = self._base.get_quant_method(layer, prefix)
+            return method if method is None else refuse_stacked_tensors(layer, prefix, listed, method)
         elif isinstance(layer, LinearBase) and prefix in index["float_linears"]:
             return UnquantizedLinearMethod()
         return self._base.get_quant_method(layer, prefix)

@@ -273,27 +273,54 @@ def _stacked_names() -> dict[str, str]:
     return {**{n: n for n in EXPERT_TENSORS}, **({f"{child}.{n}": n for n in EXPERT_TENSORS} if child else {})}
 
 
-def refuse_stacked_tensors(layer, prefix: str, listed: list[str]) -> None:
-    """For an experts module the config block does not list as converted: refuse a converted layer's
-    stacked tensors, which vLLM's GPTQ MoE method would otherwise take (its parameters have the same
-    names) and run as garbage."""
-    original = layer.load_weights
-    ours = _stacked_names()
+def refuse_stacked_tensors(layer, prefix: str, listed: list[str], method):
+    """``method`` (vLLM's own, for an experts module the config block does not list as converted), made to
+    refuse a converted layer's stacked tensors with one line.  vLLM's GPTQ MoE method has parameters of
+    the same names: module by module (Qwen, Mixtral, GLM) its loader took them as fused tensors and the
+    layer ran as garbage (NaN); by parameter name (DeepSeek) its parameters' loaders were called without
+    the per-expert arguments they need (TypeError inside vLLM)."""
+    def refuse(name: str):
+        return InputError(
+            f"{prefix}.{name}: a converted expert tensor, but config.json's {CONFIG_BLOCK!r} block does not list "
+            f"MoE layer {prefix} as converted (it lists {', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''})"
+            "; the block or the tensors were changed: check the folder with `gptq2xpu verify`")
 
-    def load_weights(weights):
+    original_load, ours = layer.load_weights, _stacked_names()
+
+    def load_weights(weights):  # module by module: vLLM's loader for the experts module
         def checked():
             for name, tensor in weights:
                 if name in ours:
-                    raise InputError(
-                        f"{prefix}.{ours[name]}: a converted expert tensor, but config.json's {CONFIG_BLOCK!r} block "
-                        f"does not list MoE layer {prefix} as converted (it lists {', '.join(listed[:3])}"
-                        f"{', ...' if len(listed) > 3 else ''}); the block or the tensors were changed: check the "
-                        "folder with `gptq2xpu verify`")
+                    raise refuse(ours[name])
                 yield name, tensor
 
-        yield from original(checked())
+        yield from original_load(checked())
 
     layer.load_weights = load_weights
+    original_create = method.create_weights
+
+    def create_weights(layer, *args, **kwargs):  # by parameter name: a stacked tensor comes with no expert
+        original_create(layer, *args, **kwargs)
+        for name in EXPERT_TENSORS:
+            param = getattr(layer, name, None)
+            loader = getattr(param, "weight_loader", None)
+            if loader is not None:
+                param.weight_loader = _per_expert_only(loader, refuse(name))
+
+    method.create_weights = create_weights
+    return method
+
+
+def _per_expert_only(loader, error: InputError):
+    """vLLM's per-expert ``weight_loader`` (its attributes kept: vLLM's loaders read some); a call without
+    any expert (a whole stacked tensor, by parameter name) raises ``error``."""
+    @functools.wraps(loader)
+    def load(param, loaded_weight, *args, **kwargs):
+        if not args and not kwargs:
+            raise error
+        return loader(param, loaded_weight, *args, **kwargs)
+
+    return load
 
 
 def _route_stacked_tensors(layer) -> None:

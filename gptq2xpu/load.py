@@ -151,8 +151,11 @@ class ConvertedCheckpoint:
             parts = geo.rank_slices(tp_rank, tp_size)
             shapes = geo.shapes(tp_size)
             w13, s13, w2, s2 = (_rank_part(self._ckpt, names[w], parts[w], shapes[w]) for w in EXPERT_TENSORS)
+        where = "" if tp_size == 1 else f" of rank {tp_rank}'s slice of {tp_size}"
+        if source is not None:
+            where += f" (read from {self.block.tp_ranks[tp_rank]})"
         for what, scales in (("w13_scales", s13), ("w2_scales", s2)):
-            refuse_nonfinite(names[what], scales, "" if tp_size == 1 else f" of rank {tp_rank}'s slice of {tp_size}")
+            refuse_nonfinite(names[what], scales, where)
         want_signed = (self.encoding == "s4") if signed is None else bool(signed)
         if want_signed != (self.encoding == "s4"):
             for t in (w13, w2):

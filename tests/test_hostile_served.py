@@ -16,7 +16,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-from support.planting import convert, edit_block, patch_output_tensor, remove_tensor
+from support.planting import convert, edit_block, patch_output_tensor, patch_tensor, remove_tensor
 from support.vllm_layer import LAYER, LAYER_SPEC
 from support.vllm_layer.releases import INSTALLED, RELEASES, run_in_release
 
@@ -93,7 +93,8 @@ def folders(tmp_path_factory):
     good = root / "good"
     convert(src, good)
     convert(src, root / "ct", "--format", "compressed-tensors")
-    out = {"good": good, "ct": root / "ct"}
+    convert(src, root / "ranks", "--tp-size", "2", "--emit-ranks")
+    out = {"good": good, "ct": root / "ct", "ranks": root / "ranks"}
     for name, tamper in TAMPER.items():
         out[name] = shutil.copytree(good, root / name)
         tamper(out[name])
@@ -178,3 +179,19 @@ def test_the_loader_refuses_non_finite_scales(folders, case):
     with open_converted(folders[case]) as ckpt, pytest.raises(InputError) as exc:
         ckpt.layer(LAYER)
     assert all(w in exc.value.message for w in NAMES[case] + ["gptq2xpu verify"]), exc.value.message
+
+
+def test_the_loader_refuses_non_finite_scales_in_a_rank_folder(folders, tmp_path):
+    """``convert --emit-ranks``: a rank reads its own folder, whose scales are checked too."""
+    from gptq2xpu.load import open_converted
+
+    folder = shutil.copytree(folders["ranks"], tmp_path / "ranks")
+    rank1 = folder / "tp-ranks" / "rank-001-of-002"
+    patch_tensor(rank1 / "model.safetensors", f"{EXPERTS}.w2_scales", _nan_at((2, 5, 1)))
+    with open_converted(folder) as ckpt:
+        assert torch.isfinite(ckpt.layer(LAYER, tp_rank=0, tp_size=2).w2_scales).all()  # rank 0's folder is intact
+        with pytest.raises(InputError) as exc:
+            ckpt.layer(LAYER, tp_rank=1, tp_size=2)
+    for word in (f"{EXPERTS}.w2_scales", "not finite", "[2, 5, 1]", "rank 1", "tp-ranks/rank-001-of-002",
+                 "gptq2xpu verify"):
+        assert word in exc.value.message, (word, exc.value.message)

@@ -53,6 +53,12 @@ TAMPER = {
     # the block no longer lists the layer whose stacked tensors are there (renamed): vLLM's GPTQ MoE
     # method got the layer and loaded the stacked tensors into its same-named parameters (served NaN)
     "unlisted_layer": lambda f: edit_block(f, lambda b: b.update(layers={"model.layers.5.mlp": b["layers"][LAYER]})),
+    # the layer moved to the block's float pass-through layers (vLLM's unquantized MoE got it and loaded
+    # nothing into its weights) or to its unconverted layers (vLLM's GPTQ MoE method: served NaN)
+    "listed_as_float": lambda f: edit_block(f, lambda b: b.update(
+        passthrough_layers={LAYER: {"kind": "float"}}, layers={"model.layers.5.mlp": b["layers"][LAYER]})),
+    "listed_as_unconverted": lambda f: edit_block(f, lambda b: b.update(
+        unconverted_layers={LAYER: "kept"}, layers={"model.layers.5.mlp": b["layers"][LAYER]})),
     "nan_scale": lambda f: patch_output_tensor(f, f"{EXPERTS}.w13_scales", _nan_at((1, 3, 0))),
     "inf_scale": lambda f: patch_output_tensor(f, f"{EXPERTS}.w2_scales", _inf_at((0, 0, 0))),
     # a GPTQ per-expert tensor beside the stacked ones: vLLM's loader called the plugin's loader with
@@ -73,6 +79,8 @@ TAMPER = {
 #: tampered folder -> what the one-line error must name.
 NAMES = {
     "unlisted_layer": [f"{EXPERTS}.w13_qweight", "does not list"],
+    "listed_as_float": [f"{EXPERTS}.w13_qweight", "does not list"],
+    "listed_as_unconverted": [f"{EXPERTS}.w13_qweight", "does not list"],
     "nan_scale": [f"{EXPERTS}.w13_scales", "not finite", "[1, 3, 0]"],
     "inf_scale": [f"{EXPERTS}.w2_scales", "not finite", "[0, 0, 0]"],
     "per_expert_tensor": [EXPERTS, "per-expert tensor", "expert 0"],

@@ -41,6 +41,13 @@ def _inf_at(index):
     return fn
 
 
+def _set_at(index, value):
+    def fn(a):
+        a[index] = value
+        return a
+    return fn
+
+
 def _edit_config(folder, fn):
     path = folder / "config.json"
     cfg = json.loads(path.read_text())
@@ -66,6 +73,11 @@ TAMPER = {
     "per_expert_tensor": lambda f: save_file(
         {f"{EXPERTS}.0.gate_proj.qweight": torch.zeros(LAYER_SPEC["hidden"] // 8, LAYER_SPEC["moe_intermediate"],
                                                        dtype=torch.int32)}, str(f / "extra.safetensors")),
+    # N padded to P by convert --tp-size (code 8, scale 0): padding that is not weight 0 was served; with
+    # its scale set too it adds to the output of every token routed to the expert
+    "padding_w13": lambda f: (patch_output_tensor(f, f"{EXPERTS}.w13_qweight", _set_at((2, 256 + 200, 7), 0x99)),
+                              patch_output_tensor(f, f"{EXPERTS}.w13_scales", _set_at((2, 256 + 200, 0), 0.5))),
+    "padding_w2": lambda f: patch_output_tensor(f, f"{EXPERTS}.w2_qweight", _set_at((1, 5, 100), 0x80)),
     # refused before this file too (kept as regressions): lying shapes, dtypes, a missing tensor
     "experts_lie": lambda f: (edit_block(f, lambda b: b["layers"][LAYER].update(experts=8)),
                               _edit_config(f, lambda c: c.update(num_experts=8))),
@@ -84,6 +96,8 @@ NAMES = {
     "nan_scale": [f"{EXPERTS}.w13_scales", "not finite", "[1, 3, 0]"],
     "inf_scale": [f"{EXPERTS}.w2_scales", "not finite", "[0, 0, 0]"],
     "per_expert_tensor": [EXPERTS, "per-expert tensor", "expert 0"],
+    "padding_w13": [f"{EXPERTS}.w13_qweight", "[2, 456, 7]", "0x99", "192..255"],
+    "padding_w2": [f"{EXPERTS}.w2_qweight", "[1, 5, 100]", "0x80", "192..255"],
     "experts_lie": [f"{EXPERTS}.w13_qweight", "[4, 384, 64]", "[8, 384, 64]"],
     "scale_dtype_lie": [f"{EXPERTS}.w13_scales", "torch.float16", "torch.bfloat16"],
     "missing_tensor": [f"{EXPERTS}.w2_scales", "was not loaded"],
@@ -102,9 +116,12 @@ def folders(tmp_path_factory):
     convert(src, good)
     convert(src, root / "ct", "--format", "compressed-tensors")
     convert(src, root / "ranks", "--tp-size", "2", "--emit-ranks")
-    out = {"good": good, "ct": root / "ct", "ranks": root / "ranks"}
+    convert(src, root / "padded", "--tp-size", "4")  # N = 192 zero-padded to 256 (64 a rank)
+    out = {"good": good, "ct": root / "ct", "ranks": root / "ranks", "padded": root / "padded"}
+    assert json.loads((root / "padded" / "config.json").read_text())["gptq2xpu"]["layers"][LAYER][
+        "padded_intermediate_size"] == 256
     for name, tamper in TAMPER.items():
-        out[name] = shutil.copytree(good, root / name)
+        out[name] = shutil.copytree(out["padded"] if name.startswith("padding") else good, root / name)
         tamper(out[name])
     return out
 
@@ -112,7 +129,7 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module", params=list(RELEASES))
 def served(request, folders):
     """Every layer case through one supported vLLM release with the plugin, in one worker process."""
-    runs = [{"name": n, "method": "plugin", "checkpoint": str(folders[n])} for n in ["good", *LAYER_CASES]]
+    runs = [{"name": n, "method": "plugin", "checkpoint": str(folders[n])} for n in ["good", "padded", *LAYER_CASES]]
     runs += [{"name": f"by_name/{n}", "method": "plugin", "checkpoint": str(folders[n]), "by_name": True}
              for n in ("good", "unlisted_layer")]
     return run_in_release(request.param, HOSTILE_WORKER, {"layer": LAYER, "tokens": 8, "runs": runs})["runs"]
@@ -135,9 +152,10 @@ def _assert_one_clear_line(error: str, case: str) -> None:
 
 @pytest.mark.vllm
 def test_the_untampered_folder_is_served_and_right(served):
-    good = served["good"]
-    assert "error" not in good, good
-    assert good["finite"] and good["vs_reference"]["ok"], good["vs_reference"]
+    for name in ("good", "padded"):
+        r = served[name]
+        assert "error" not in r, r
+        assert r["finite"] and r["vs_reference"]["ok"], r["vs_reference"]
 
 
 @pytest.mark.vllm

@@ -180,7 +180,25 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
                              f"{list(want)} (config.json block); check the folder with `gptq2xpu verify`")
         if dtype != torch.uint8:
             refuse_nonfinite(e.tensor(name), full)
+        else:
+            self._refuse_nonzero_padding(name, full)
         copy_rank_slice(e, name, full, dst, self.moe.tp_rank, self.moe.tp_size)
+
+    def _refuse_nonzero_padding(self, name: str, full: torch.Tensor) -> None:
+        """N zero-padded to P (``convert --tp-size``): the padding must hold weight 0, or it adds to the output."""
+        n, p = self.entry.intermediate_size, self.entry.padded_intermediate_size
+        if p == n:
+            return
+        zero = 0x00 if self.encoding == "s4" else 0x88  # code 8 = weight 0 in both nibbles
+        parts = ((full[:, n:p], (0, n, 0)), (full[:, p + n:], (0, p + n, 0))) if name == W13_QWEIGHT \
+            else ((full[:, :, n // 2:], (0, 0, n // 2)),)
+        for part, origin in parts:
+            bad = part != zero
+            if bool(bad.any()):
+                first = [int(i) + o for i, o in zip(bad.nonzero()[0], origin, strict=True)]
+                raise InputError(f"{self.entry.tensor(name)}: byte {list(first)} of the padding (intermediate values "
+                                 f"{n}..{p - 1}) is 0x{int(full[tuple(first)]):02X}, not weight 0 "
+                                 f"(0x{zero:02X}); the checkpoint is damaged: check it with `gptq2xpu verify`")
 
     # ------------------------------------------------------------------------------ after loading
 

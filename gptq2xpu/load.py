@@ -52,10 +52,11 @@ from .contract import (
     parse_block,
     tensor_dtype,
 )
+from .damage import refuse_nonfinite, refuse_nonzero_padding
 from .errors import InputError, UsageError
 from .read.checkpoint import Checkpoint, open_checkpoint
 from .safetensors_io import BITS_DTYPES
-from .torch_io import read_tensor, refuse_nonfinite, torch_dtype
+from .torch_io import read_tensor, torch_dtype
 from .xpu_handover import SKIP_CONVERSION_ATTR, build_fused_moe, kernel_class
 
 
@@ -156,6 +157,11 @@ class ConvertedCheckpoint:
             where += f" (read from {self.block.tp_ranks[tp_rank]})"
         for what, scales in (("w13_scales", s13), ("w2_scales", s2)):
             refuse_nonfinite(names[what], scales, where)
+        share = geo.padded // tp_size  # this rank's intermediate values [tp_rank*share, +share); real ones < N
+        valid = min(max(geo.intermediate - tp_rank * share, 0), share)
+        for what, packed in (("w13_qweight", w13), ("w2_qweight", w2)):
+            refuse_nonzero_padding(names[what], packed, w13=what == "w13_qweight", valid=valid, n=geo.intermediate,
+                                   p=geo.padded, encoding=self.encoding, where=where)
         want_signed = (self.encoding == "s4") if signed is None else bool(signed)
         if want_signed != (self.encoding == "s4"):
             for t in (w13, w2):

@@ -59,13 +59,3 @@ def read_tensor(ckpt: Checkpoint, name: str, device=None) -> torch.Tensor:
     """One tensor of the checkpoint as torch (on ``device`` when given)."""
     return read_stacked(ckpt, [name], device)[0]
 
-
-def refuse_nonfinite(name: str, scales: torch.Tensor, what: str = "") -> None:
-    """:class:`InputError` naming tensor ``name`` when ``scales`` holds a NaN or an infinity: every
-    weight of its group would come out non-finite, and so would every token routed to that expert."""
-    bad = ~torch.isfinite(scales)
-    if bool(bad.any()):
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise InputError(f"{name}: {int(bad.sum())} scale(s) are not finite (NaN or infinity), the first "
-                         f"{float(scales[first])} at {list(first)}{what}; the checkpoint is damaged: check it with "
-                         "`gptq2xpu verify`")

@@ -221,3 +221,21 @@ def test_the_loader_refuses_non_finite_scales_in_a_rank_folder(folders, tmp_path
     for word in (f"{EXPERTS}.w2_scales", "not finite", "[2, 5, 1]", "rank 1", "tp-ranks/rank-001-of-002",
                  "gptq2xpu verify"):
         assert word in exc.value.message, (word, exc.value.message)
+
+
+def test_the_loader_refuses_padding_that_is_not_weight_0(folders):
+    """N = 192 padded to 256 (``--tp-size 4``): every rank of the intact folder loads; the tampered byte
+    lies in the up rows' padding, which only rank 3 (values 192..255, all padding) holds."""
+    from gptq2xpu.load import open_converted
+
+    with open_converted(folders["padded"]) as ckpt:
+        for size in (1, 2, 4):
+            for rank in range(size):
+                ckpt.layer(LAYER, tp_rank=rank, tp_size=size)
+    with open_converted(folders["padding_w13"]) as ckpt:
+        ckpt.layer(LAYER, tp_rank=0, tp_size=4)
+        for size, rank, byte in ((1, 0, "[2, 456, 7]"), (4, 3, "[2, 72, 7]")):
+            with pytest.raises(InputError) as exc:
+                ckpt.layer(LAYER, tp_rank=rank, tp_size=size)
+            for word in (f"{EXPERTS}.w13_qweight", byte, "0x99", "192..255", "gptq2xpu verify"):
+                assert word in exc.value.message, (word, exc.value.message)

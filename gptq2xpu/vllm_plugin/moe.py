@@ -35,9 +35,9 @@ from vllm.model_executor.utils import replace_parameter
 from vllm.scalar_type import scalar_types
 
 from ..contract import CONFIG_BLOCK, EXPERT_TENSORS, W2_QWEIGHT, W13_QWEIGHT, ConvertedBlock, ConvertedLayer
+from ..damage import refuse_nonfinite, refuse_nonzero_padding
 from ..errors import InputError
 from ..serving import EXPERTS_ENV
-from ..torch_io import refuse_nonfinite
 from .compat import marlin_input_dtype, to_kernel_format
 from .slices import copy_rank_slice, rank_shape
 from .xpu_experts import hand_over_signed
@@ -181,24 +181,9 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
         if dtype != torch.uint8:
             refuse_nonfinite(e.tensor(name), full)
         else:
-            self._refuse_nonzero_padding(name, full)
+            refuse_nonzero_padding(e.tensor(name), full, w13=name == W13_QWEIGHT, valid=e.intermediate_size,
+                                   n=e.intermediate_size, p=e.padded_intermediate_size, encoding=self.encoding)
         copy_rank_slice(e, name, full, dst, self.moe.tp_rank, self.moe.tp_size)
-
-    def _refuse_nonzero_padding(self, name: str, full: torch.Tensor) -> None:
-        """N zero-padded to P (``convert --tp-size``): the padding must hold weight 0, or it adds to the output."""
-        n, p = self.entry.intermediate_size, self.entry.padded_intermediate_size
-        if p == n:
-            return
-        zero = 0x00 if self.encoding == "s4" else 0x88  # code 8 = weight 0 in both nibbles
-        parts = ((full[:, n:p], (0, n, 0)), (full[:, p + n:], (0, p + n, 0))) if name == W13_QWEIGHT \
-            else ((full[:, :, n // 2:], (0, 0, n // 2)),)
-        for part, origin in parts:
-            bad = part != zero
-            if bool(bad.any()):
-                first = [int(i) + o for i, o in zip(bad.nonzero()[0], origin, strict=True)]
-                raise InputError(f"{self.entry.tensor(name)}: byte {list(first)} of the padding (intermediate values "
-                                 f"{n}..{p - 1}) is 0x{int(full[tuple(first)]):02X}, not weight 0 "
-                                 f"(0x{zero:02X}); the checkpoint is damaged: check it with `gptq2xpu verify`")
 
     # ------------------------------------------------------------------------------ after loading
 

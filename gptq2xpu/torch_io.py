@@ -58,4 +58,3 @@ def read_stacked(ckpt: Checkpoint, names: list[str], device=None) -> torch.Tenso
 def read_tensor(ckpt: Checkpoint, name: str, device=None) -> torch.Tensor:
     """One tensor of the checkpoint as torch (on ``device`` when given)."""
     return read_stacked(ckpt, [name], device)[0]
-

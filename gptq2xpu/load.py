@@ -52,6 +52,7 @@ from .contract import (
     parse_block,
     tensor_dtype,
 )
+from .damage import refuse_nonfinite, refuse_nonzero_padding
 from .errors import InputError, UsageError
 from .read.checkpoint import Checkpoint, open_checkpoint
 from .safetensors_io import BITS_DTYPES
@@ -151,6 +152,16 @@ class ConvertedCheckpoint:
             parts = geo.rank_slices(tp_rank, tp_size)
             shapes = geo.shapes(tp_size)
             w13, s13, w2, s2 = (_rank_part(self._ckpt, names[w], parts[w], shapes[w]) for w in EXPERT_TENSORS)
+        where = "" if tp_size == 1 else f" of rank {tp_rank}'s slice of {tp_size}"
+        if source is not None:
+            where += f" (read from {self.block.tp_ranks[tp_rank]})"
+        for what, scales in (("w13_scales", s13), ("w2_scales", s2)):
+            refuse_nonfinite(names[what], scales, where)
+        share = geo.padded // tp_size  # this rank's intermediate values [tp_rank*share, +share); real ones < N
+        valid = min(max(geo.intermediate - tp_rank * share, 0), share)
+        for what, packed in (("w13_qweight", w13), ("w2_qweight", w2)):
+            refuse_nonzero_padding(names[what], packed, w13=what == "w13_qweight", valid=valid, n=geo.intermediate,
+                                   p=geo.padded, encoding=self.encoding, where=where)
         want_signed = (self.encoding == "s4") if signed is None else bool(signed)
         if want_signed != (self.encoding == "s4"):
             for t in (w13, w2):

@@ -13,8 +13,10 @@ The block names modules as the checkpoint does; vLLM's models may rename them (e
 wrappers): names go through the model's own mapping, which vLLM hands over in
 :meth:`Gptq2XpuConfig.apply_vllm_mapper`.
 
-An output written before ``convert`` declared the method still says ``quant_method: gptq`` and
-carries the block; :meth:`Gptq2XpuConfig.override_quantization_method` claims it too.
+A config.json that carries an xpu-format block under another ``quant_method`` (a tampered or
+hand-edited file) is claimed too, by :meth:`Gptq2XpuConfig.override_quantization_method`, and refused
+with one line by :meth:`Gptq2XpuConfig.from_config`: vLLM's own GPTQ MoE method would otherwise take
+the stacked tensors (its parameters have the same names) and run them as garbage.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ..contract import (
     CONFIG_BLOCK,
     EXPERT_TENSORS,
     FORMAT_VERSION,
+    OUTPUT_XPU,
     W13_QWEIGHT,
     ConvertedBlock,
     expert_tensor,
@@ -125,16 +128,27 @@ class Gptq2XpuConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Gptq2XpuConfig:
         check_vllm_version(vllm.__version__)
+        if str(config.get("quant_method", "")).lower() != QUANT_METHOD:  # claimed by override_quantization_method
+            raise InputError(f"quantization_config.quant_method {config.get('quant_method')!r}: config.json holds "
+                             f"the {CONFIG_BLOCK!r} block of a gptq2xpu conversion, whose quant_method is "
+                             f"{QUANT_METHOD!r}; the file was changed: check the folder with `gptq2xpu verify`")
         if config.get("format_version") != FORMAT_VERSION:
             raise InputError(f"quantization_config.format_version {config.get('format_version')!r} is not "
                              f"{FORMAT_VERSION} (written by another gptq2xpu?)")
         return cls(config.get("source_quantization_config"))
 
     @classmethod
-    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):  # noqa: ARG003 - vLLM passes it
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
+        """Ours: ``quant_method: gptq2xpu``, and any config.json that carries an xpu-format config block
+        (another quant_method there would have vLLM's own method load the stacked tensors as garbage;
+        :meth:`from_config` refuses it with one line)."""
         if user_quant not in (None, QUANT_METHOD):
             return None
-        return QUANT_METHOD if str(hf_quant_cfg.get("quant_method", "")).lower() == QUANT_METHOD else None
+        if str(hf_quant_cfg.get("quant_method", "")).lower() == QUANT_METHOD:
+            return QUANT_METHOD
+        block = getattr(hf_config, CONFIG_BLOCK, None) if hf_config is not None else None
+        return QUANT_METHOD if isinstance(block, dict) and block.get("output_format", OUTPUT_XPU) == OUTPUT_XPU \
+            else None
 
     def get_cache_scale_mapper(self):
         return self._base.get_cache_scale_mapper()
@@ -173,8 +187,13 @@ class Gptq2XpuConfig(QuantizationConfig):
                 from .moe import ConvertedMoEMethod
 
                 return ConvertedMoEMethod(self._block.layers[hf_prefix], self._block, layer.moe_config, prefix)
+            from .moe import refuse_stacked_tensors
+
+            listed = list(index["converted"])
             if index["passthrough"].get(prefix) in FLOAT_KINDS:
-                return UnquantizedFusedMoEMethod(layer.moe_config)
+                return refuse_stacked_tensors(layer, prefix, listed, UnquantizedFusedMoEMethod(layer.moe_config))
+            method = self._base.get_quant_method(layer, prefix)
+            return method if method is None else refuse_stacked_tensors(layer, prefix, listed, method)
         elif isinstance(layer, LinearBase) and prefix in index["float_linears"]:
             return UnquantizedLinearMethod()
         return self._base.get_quant_method(layer, prefix)

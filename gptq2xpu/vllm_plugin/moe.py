@@ -34,7 +34,8 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import QuantKey, 
 from vllm.model_executor.utils import replace_parameter
 from vllm.scalar_type import scalar_types
 
-from ..contract import EXPERT_TENSORS, W2_QWEIGHT, W13_QWEIGHT, ConvertedBlock, ConvertedLayer
+from ..contract import CONFIG_BLOCK, EXPERT_TENSORS, W2_QWEIGHT, W13_QWEIGHT, ConvertedBlock, ConvertedLayer
+from ..damage import refuse_nonfinite, refuse_nonzero_padding
 from ..errors import InputError
 from ..serving import EXPERTS_ENV
 from .compat import marlin_input_dtype, to_kernel_format
@@ -157,8 +158,14 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
     # ------------------------------------------------------------------------------ loading
 
     def _loader(self, name: str):
-        def load(param: torch.nn.Parameter, loaded: torch.Tensor) -> None:
-            self.load_rank_slice(name, param.data, loaded)
+        def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, **per_expert) -> None:
+            if per_expert:  # vLLM's loader mapped a per-expert checkpoint tensor onto this stacked parameter
+                raise InputError(
+                    f"{self.prefix}: the checkpoint holds a per-expert tensor (expert {per_expert.get('expert_id')}, "
+                    f"which vLLM's loader maps onto {per_expert.get('weight_name')}) for a MoE layer that "
+                    f"config.json's {CONFIG_BLOCK!r} block lists as converted (four stacked tensors only): the "
+                    "checkpoint mixes layouts; check it with `gptq2xpu verify`")
+            self.load_rank_slice(name, param.data, loaded_weight)
             self._loaded.add(name)
 
         return load
@@ -170,7 +177,12 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
         dtype = torch.uint8 if name in (W13_QWEIGHT, W2_QWEIGHT) else _SCALE_DTYPES[e.scale_dtype]
         if tuple(full.shape) != want or full.dtype != dtype:
             raise InputError(f"{e.tensor(name)}: {full.dtype} {list(full.shape)} in the checkpoint, expected {dtype} "
-                             f"{list(want)} (config.json block)")
+                             f"{list(want)} (config.json block); check the folder with `gptq2xpu verify`")
+        if dtype != torch.uint8:
+            refuse_nonfinite(e.tensor(name), full)
+        else:
+            refuse_nonzero_padding(e.tensor(name), full, w13=name == W13_QWEIGHT, valid=e.intermediate_size,
+                                   n=e.intermediate_size, p=e.padded_intermediate_size, encoding=self.encoding)
         copy_rank_slice(e, name, full, dst, self.moe.tp_rank, self.moe.tp_size)
 
     # ------------------------------------------------------------------------------ after loading
@@ -179,7 +191,8 @@ class ConvertedMoEMethod(AutoGPTQMoEMethod):
         missing = [name for name in EXPERT_TENSORS if name not in self._loaded]
         if missing:
             raise InputError(f"{self.entry.tensor(missing[0])}: was not loaded (vLLM's weight loader for this model "
-                             "did not hand it to gptq2xpu, or the checkpoint lacks it)")
+                             "did not hand it to gptq2xpu, or the checkpoint lacks it: check it with "
+                             "`gptq2xpu verify`)")
         if self.encoding == "s4":  # signed nibbles -> the offset-8 codes vLLM's kernels take, in place
             for name in (W13_QWEIGHT, W2_QWEIGHT):
                 getattr(layer, name).data.bitwise_xor_(0x88)
@@ -257,6 +270,62 @@ def routed_experts_child() -> str:
     return param.default if param is not None and isinstance(param.default, str) else ""
 
 
+def _stacked_names() -> dict[str, str]:
+    """The names under which an experts module receives a converted layer's four tensors -> the tensor."""
+    child = routed_experts_child()
+    return {**{n: n for n in EXPERT_TENSORS}, **({f"{child}.{n}": n for n in EXPERT_TENSORS} if child else {})}
+
+
+def refuse_stacked_tensors(layer, prefix: str, listed: list[str], method):
+    """``method`` (vLLM's own, for an experts module the config block does not list as converted), made to
+    refuse a converted layer's stacked tensors with one line.  vLLM's GPTQ MoE method has parameters of
+    the same names: module by module (Qwen, Mixtral, GLM) its loader took them as fused tensors and the
+    layer ran as garbage (NaN); by parameter name (DeepSeek) its parameters' loaders were called without
+    the per-expert arguments they need (TypeError inside vLLM)."""
+    def refuse(name: str):
+        return InputError(
+            f"{prefix}.{name}: a converted expert tensor, but config.json's {CONFIG_BLOCK!r} block does not list "
+            f"MoE layer {prefix} as converted (it lists {', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''})"
+            "; the block or the tensors were changed: check the folder with `gptq2xpu verify`")
+
+    original_load, ours = layer.load_weights, _stacked_names()
+
+    def load_weights(weights):  # module by module: vLLM's loader for the experts module
+        def checked():
+            for name, tensor in weights:
+                if name in ours:
+                    raise refuse(ours[name])
+                yield name, tensor
+
+        yield from original_load(checked())
+
+    layer.load_weights = load_weights
+    original_create = method.create_weights
+
+    def create_weights(layer, *args, **kwargs):  # by parameter name: a stacked tensor comes with no expert
+        original_create(layer, *args, **kwargs)
+        for name in EXPERT_TENSORS:
+            param = getattr(layer, name, None)
+            loader = getattr(param, "weight_loader", None)
+            if loader is not None:
+                param.weight_loader = _per_expert_only(loader, refuse(name))
+
+    method.create_weights = create_weights
+    return method
+
+
+def _per_expert_only(loader, error: InputError):
+    """vLLM's per-expert ``weight_loader`` (its attributes kept: vLLM's loaders read some); a call without
+    any expert (a whole stacked tensor, by parameter name) raises ``error``."""
+    @functools.wraps(loader)
+    def load(param, loaded_weight, *args, **kwargs):
+        if not args and not kwargs:
+            raise error
+        return loader(param, loaded_weight, *args, **kwargs)
+
+    return load
+
+
 def _route_stacked_tensors(layer) -> None:
     """Send the four converted tensors straight to their parameters' loaders.
 
@@ -267,8 +336,7 @@ def _route_stacked_tensors(layer) -> None:
     ``Gptq2XpuConfig.get_checkpoint_weight_mapper``).
     """
     original = layer.load_weights
-    child = routed_experts_child()
-    ours = {**{n: n for n in EXPERT_TENSORS}, **({f"{child}.{n}": n for n in EXPERT_TENSORS} if child else {})}
+    ours = _stacked_names()
 
     def load_weights(weights):
         loaded = []

@@ -120,6 +120,14 @@ def _compile(pattern: str, where: str, budget: Budget) -> Regex:
         raise InputError(f"{where}: regular expression {pattern[:100]!r}: {exc}") from None
 
 
+def config_json_descriptions(config: dict) -> list[tuple[str, object]]:
+    """``(where, value)`` of every ``quantization_config`` key config.json holds (at the top and in each
+    nested model config), whatever its value: what a converted output declares, as its checks read it."""
+    found = [("quantization_config", config["quantization_config"])] if "quantization_config" in config else []
+    return found + [(f"{key}.quantization_config", sub["quantization_config"]) for key in NESTED_CONFIG_KEYS
+                    if isinstance(sub := config.get(key), dict) and "quantization_config" in sub]
+
+
 def _locate(folder: Folder, config: dict) -> tuple[dict, str] | None:
     qc = config.get("quantization_config")
     if qc is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 
 from ..contract import ConvertedBlock, expert_linear_names
-from ..read.quant_config import NESTED_CONFIG_KEYS
+from ..read.quant_config import config_json_descriptions
 from ..read.regex import Budget, Regex, Unsupported
 
 
@@ -22,9 +22,7 @@ def config_problems(config: dict, block: ConvertedBlock, broken=()) -> tuple[lis
     in each nested model config that holds one, where convert writes it after the source): each
     checked by :func:`_one_config_problems`; the layers in ``broken`` (whose tensors disagree with the
     block, reported elsewhere) are not matched to its targets.  Returns (problems, how they were checked)."""
-    found = [("quantization_config", config["quantization_config"])] if "quantization_config" in config else []
-    found += [(f"{key}.quantization_config", sub["quantization_config"]) for key in NESTED_CONFIG_KEYS
-              if isinstance(sub := config.get(key), dict) and "quantization_config" in sub]
+    found = config_json_descriptions(config)
     if not found:
         return ["config.json has no quantization_config"], ""
     problems, how = [], ""

@@ -16,25 +16,18 @@ from __future__ import annotations
 import json
 
 from ..contract import CONFIG_BLOCK, FORMAT_VERSION
-from ..read.quant_config import NESTED_CONFIG_KEYS
+from ..read.quant_config import config_json_descriptions
 
 #: The method the plugin claims and the format it serves (spelled here, not imported from the
 #: converter that writes them).
 QUANT_METHOD, XPU_FORMAT = "gptq2xpu", "xpu-int4-moe"
 
 
-def declarations(config: dict) -> list[tuple[str, object]]:
-    """``(where, quantization_config)`` of every place config.json holds one."""
-    found = [("quantization_config", config["quantization_config"])] if "quantization_config" in config else []
-    return found + [(f"{key}.quantization_config", sub["quantization_config"]) for key in NESTED_CONFIG_KEYS
-                    if isinstance(sub := config.get(key), dict) and "quantization_config" in sub]
-
-
 def declaration_problems(config: dict) -> list[str]:
     """Every quantization_config of the output declares the plugin's method, this format and a
     source description; one written before the method was declared (it holds none of these) is
     the source's own description, of the method the config block records (standalone)."""
-    found = declarations(config)
+    found = config_json_descriptions(config)
     if not found:
         return ["config.json has no quantization_config (a runtime would load it as a float model)"]
     problems = []
@@ -65,7 +58,7 @@ def source_problems(config: dict, source_description: dict) -> list[str]:
     want = _canonical(source_description)
     return [f"{where}{'.source_quantization_config' if _declares_plugin(qc) else ''} differs from the source's "
             "quantization description (a runtime would read the layers it serves from the source's tensors otherwise)"
-            for where, qc in declarations(config)
+            for where, qc in config_json_descriptions(config)
             if isinstance(qc, dict) and _canonical(qc.get("source_quantization_config") if _declares_plugin(qc)
                                                    else qc) != want]
 

@@ -8,7 +8,6 @@ before ``finalize``, is caught by ``finalize`` or by the ``verify`` that follows
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from support.helpers import cli, raw_header, write_raw
 from support.hostile import fixture_copy, tree_hashes
-from support.planting import patch_tensor, shard_of
+from support.planting import patch_tensor, reseal_all, shard_of
 
 from gptq2xpu.contract import MANIFEST_NAME
 from gptq2xpu.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_VERIFY, Gptq2XpuError
@@ -44,17 +43,6 @@ def outputs(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ tampering
-
-
-def _reseal(folder: Path) -> None:
-    """The manifest updated to every listed file as it is now: only the content checks can object."""
-    manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    for name in manifest["files"]:
-        path = folder / name
-        if path.is_file() and not path.is_symlink():
-            data = path.read_bytes()
-            manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
 
 
 def config(fn):
@@ -282,7 +270,7 @@ def _tampered(good: Path, tmp_path: Path, edit, *, seal: bool = True) -> Path:
     shutil.copytree(good, bad)
     edit(bad)
     if seal:
-        _reseal(bad)
+        reseal_all(bad)
     return bad
 
 

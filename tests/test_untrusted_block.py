@@ -6,15 +6,15 @@ failures naming the layer."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
 import pytest
 from support.helpers import cli, run_cli
 from support.hostile import L0, fixture_copy, mutate
+from support.planting import reseal_all
 
-from gptq2xpu.contract import CONFIG_BLOCK, MANIFEST_NAME
+from gptq2xpu.contract import CONFIG_BLOCK
 from gptq2xpu.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Gptq2XpuError
 from gptq2xpu.load import open_converted
 
@@ -97,17 +97,8 @@ def _tampered(converted, tmp_path, edit):
     cfg = json.loads((bad / "config.json").read_text())
     edit(cfg[CONFIG_BLOCK])
     (bad / "config.json").write_text(json.dumps(cfg))
-    _reseal(bad)
+    reseal_all(bad)
     return bad
-
-
-def _reseal(folder):
-    """The manifest updated to the files as they are now."""
-    manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    for name in manifest["files"]:
-        data = (folder / name).read_bytes()
-        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
 
 
 def _runs(converted, bad, numeric: bool) -> list[tuple[tuple, int, str]]:
@@ -147,7 +138,7 @@ def test_a_router_recorded_as_dequantized_is_still_compared_when_the_source_has_
     bad = _tampered(converted, tmp_path, _set(("dequantized_routers",), [f"{L0}.gate.weight"]))
     router = f"{L0}.gate.weight"
     mutate(bad, lambda t: t.__setitem__(router, (t[router][0], t[router][1] * 2)))
-    _reseal(bad)
+    reseal_all(bad)
     src, _ = converted
     code, stdout, _ = cli("verify", bad, "--source", src, "--no-numeric", "--json")
     assert code == EXIT_VERIFY and any(router in f for f in json.loads(stdout)["failures"]), stdout

@@ -167,6 +167,14 @@ def reseal(folder: Path, *names: str) -> None:
     mpath.write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def reseal_all(folder: Path) -> None:
+    """Re-seal every file the manifest lists that is a plain file now (a link or a missing file is left
+    as listed): only the content checks can object to what was changed."""
+    folder = Path(folder)
+    listed = json.loads((folder / MANIFEST_NAME).read_text())["files"]
+    reseal(folder, *(n for n in listed if (folder / n).is_file() and not (folder / n).is_symlink()))
+
+
 def edit_block(folder: Path, fn) -> None:
     """Edit the gptq2xpu block of ``folder/config.json`` with ``fn(block)`` and re-seal the manifest."""
     path = Path(folder) / "config.json"

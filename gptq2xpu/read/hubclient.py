@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ..errors import InputError, UsageError
+from ..interrupts import POLL_S
 
 ENV_TIMEOUT = "GPTQ2XPU_HUB_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0
@@ -45,7 +46,6 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 #: Largest file size a server may claim (a file offset must fit in a signed 64-bit integer).
 MAX_SIZE = 2**63 - 1
 _ETAG = re.compile(r'(?:W/)?"?([A-Za-z0-9._+=-]{1,200})"?')
-_POLL_S = 0.05
 #: huggingface_hub's own user-agent registry lookup (at most once a day): bounded, not counted as
 #: reading the repository.
 _NOT_COUNTED = "/api/agent-harnesses"
@@ -190,7 +190,7 @@ def bounded(fn: Callable[[], T], label: str, *, meter: Meter | None = None, file
     ctx = contextvars.copy_context()
     threading.Thread(target=ctx.run, args=(work,), name="gptq2xpu-hub", daemon=True).start()
     try:
-        while not done.wait(_POLL_S):
+        while not done.wait(POLL_S):
             if op.cancel.is_set():
                 raise _Cancelled()
             if time.monotonic() - op.stamp > op.bound:
@@ -240,7 +240,7 @@ def bounded_each(fn: Callable[[str], T], files: list[str], label: Callable[[str]
             t.start()
         for t in threads:
             while t.is_alive():
-                t.join(_POLL_S)
+                t.join(POLL_S)
     except BaseException:
         stop.set()
         raise
